@@ -1,0 +1,72 @@
+"""Plain data types that cross the hook boundary. Framework-free: numpy and the standard library only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What ``cxrbench backends`` lists. Building one must not import the framework."""
+
+    name: str  #: the ``--backend`` name, e.g. ``"pytorch"``
+    framework: str  #: the framework's distribution name, e.g. ``"torch"``
+    version: str  #: the framework's version, read from package metadata
+    plugin: str = ""  #: the plugin module that answered (filled in by the core)
+    #: Input layout of the exported ONNX model ("NCHW" or "NHWC").
+    onnx_layout: str = "NCHW"
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EpochRecord:
+    """One epoch as reported to the :class:`~cxrbench.recorder.Recorder`. Times are seconds."""
+
+    epoch: int  #: 1-based
+    warmup: bool  #: the first epoch: includes compilation, cuDNN autotuning and cache warm-up
+    train_loss: float
+    val_loss: float
+    train_time_s: float  #: synchronised wall time of the training loop (data wait included)
+    val_time_s: float
+    data_wait_s: float | None  #: time the training loop waited for input; None if not observable
+    images: int  #: training images processed (all ranks)
+    images_per_s: float  #: images / train_time_s
+    lr: float  #: learning rate used during this epoch
+    steps: int
+    best: bool = False  #: validation loss is the best so far (these weights are kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """Class activation maps at the feature map's resolution, before any upsampling.
+
+    ``maps[n, j]`` is ``sum_k w[c_j, k] * F[n, k]`` with F the final feature map after the last
+    BatchNorm and ReLU, so ``maps[n, j].mean() + bias[j]`` equals the logit of class ``c_j``.
+    The core upsamples them to the input size (:func:`cxrbench.metrics.localisation.upsample`).
+    """
+
+    maps: np.ndarray  #: float32 (N, len(classes), h, w)
+    bias: np.ndarray  #: float32 (len(classes),)
+    logits: np.ndarray  #: float32 (N, len(classes)), computed in the same forward pass
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """Where and how a backend wrote its ONNX model."""
+
+    path: str
+    layout: str  #: "NCHW" or "NHWC" (float32, ImageNet-normalised, 3 channels)
+    opset: int
+    input_name: str
+    output_name: str
+    seconds: float
+    exporter: str  #: e.g. "torch.onnx (dynamo=False)" or "keras model.export"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Framework-free checks: ONNX models in onnxruntime, cross-backend equivalence."""

@@ -1,0 +1,118 @@
+"""Prepared images plus the core's batch order: what every backend trains and evaluates on.
+
+The per-epoch sample order and the horizontal-flip decisions are derived from the seed alone, so
+every backend, every rank and every later run sees the same batches. Flips are applied here, on
+the host, to the uint8 images; backends normalise on their device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from cxrbench.data.index import Box, DataIndex
+
+#: Streams of the seeded generator, so order and flips never share random numbers.
+_ORDER_STREAM, _FLIP_STREAM = 1, 2
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Positions ``0..n-1`` in the order epoch ``epoch`` (1-based) visits them."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch, _ORDER_STREAM]).permutation(n)
+
+
+def flip_decisions(n: int, seed: int, epoch: int, probability: float = 0.5) -> np.ndarray:
+    """Whether position ``i`` is mirrored left-right in epoch ``epoch``."""
+    return np.random.default_rng([seed, epoch, _FLIP_STREAM]).random(n) < probability
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  #: uint8 (B, S, S), flips applied
+    labels: np.ndarray  #: float32 (B, C)
+    positions: np.ndarray  #: positions within the split (for tracing and tests)
+
+
+@dataclass
+class PreparedData:
+    """A data index with its decoded images (a memory-mapped uint8 array from the cache)."""
+
+    index: DataIndex
+    images: np.ndarray  #: uint8 (N, S, S), rows aligned with ``index``
+    key: str  #: the cache key (changes when any input changes)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    def rows(self, split: str) -> np.ndarray:
+        return self.index.rows(split)
+
+    def split_images(self, split: str) -> np.ndarray:
+        return self.images[self.rows(split)]
+
+    def split_labels(self, split: str) -> np.ndarray:
+        return self.index.labels[self.rows(split)].astype(np.float32)
+
+    def num_batches(self, split: str, batch_size: int, world: int = 1, drop_last: bool = True, max_steps: int = 0) -> int:
+        n = len(self.rows(split))
+        global_batch = batch_size * world
+        steps = n // global_batch if drop_last else -(-n // global_batch)
+        return min(steps, max_steps) if max_steps else steps
+
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        epoch: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        hflip: bool = False,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = True,
+        max_steps: int = 0,
+    ) -> Iterator[Batch]:
+        """Yield this rank's batches of one epoch.
+
+        The global batch is ``batch_size * world``; rank ``r`` takes slice ``r`` of every global
+        batch, so the ranks' batches concatenated are exactly the single-process batch of size
+        ``batch_size * world``. Training uses ``drop_last`` so every rank takes the same number of
+        equal-sized steps.
+        """
+        rows = self.rows(split)
+        labels = self.index.labels
+        order = epoch_order(len(rows), seed, epoch, shuffle)
+        flips = flip_decisions(len(rows), seed, epoch) if hflip else np.zeros(len(rows), dtype=bool)
+        global_batch = batch_size * world
+        for step in range(self.num_batches(split, batch_size, world, drop_last, max_steps)):
+            chunk = order[step * global_batch : (step + 1) * global_batch]
+            mine = chunk[rank * batch_size : (rank + 1) * batch_size]
+            if len(mine) == 0:
+                continue
+            take = rows[mine]
+            sort = np.argsort(take)  # memory-mapped reads are fastest in file order
+            images = np.empty((len(take), self.size, self.size), dtype=np.uint8)
+            images[sort] = self.images[take[sort]]
+            flip = flips[mine]
+            images[flip] = images[flip, :, ::-1]
+            yield Batch(images, labels[take].astype(np.float32), mine)
+
+    def boxes(self, split: str = "test") -> list[tuple[int, Box]]:
+        """``(position within split, box in prepared-image pixels)`` for the split's boxed images."""
+        rows = self.rows(split)
+        position = {int(r): i for i, r in enumerate(rows)}
+        row_of = self.index.row_of()
+        out = []
+        for box in self.index.boxes:
+            row = row_of.get(box.image)
+            if row is None or row not in position:
+                continue
+            width, height = self.index.sizes[row]
+            out.append((position[row], box.scaled(self.size / width, self.size / height)))
+        return out

@@ -1,0 +1,33 @@
+"""Errors that reach the user as one line, never as a traceback."""
+
+
+class CxrError(Exception):
+    """A problem the user can fix; the CLI prints ``str(error)`` on one line and exits non-zero.
+
+    Messages name the file (or setting) and the problem, e.g.
+    ``data/Data_Entry_2017.csv: missing column 'Finding Labels'``.
+    """
+
+
+class DataError(CxrError):
+    """A data set file is missing, malformed or inconsistent."""
+
+
+class SuiteError(CxrError):
+    """A suite file or command-line override is invalid."""
+
+
+class WeightsError(CxrError):
+    """A weights file or canonical weight dict is missing a tensor, has a wrong shape, or is corrupt."""
+
+
+class BackendError(CxrError):
+    """A backend cannot do what was asked (unknown backend, image too small, out of memory...)."""
+
+
+class TrainingDiverged(CxrError):
+    """The loss became NaN or infinite; names the epoch and step so the run can be diagnosed."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"training diverged: loss is {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss

@@ -1,0 +1,197 @@
+"""Every hook a cxrbench plugin can implement, each with its contract.
+
+Two kinds of plugin answer these hooks:
+
+* a **backend** (``pytorch``, ``keras``, or a third party's) implements the model hooks for one
+  framework. A worker process holds exactly one backend, so the ``firstresult`` hooks below reach
+  that backend and no other. A backend imports its framework only inside its hook bodies, never at
+  module import, so that discovery (``cxrbench backends``) stays cheap;
+* any plugin may contribute to the **all-plugins** hooks (evaluation metrics, report sections,
+  data sets).
+
+Data crosses the boundary as numpy arrays and the plain types of :mod:`cxrbench.api`. Images are
+always ``uint8`` gray arrays ``(N, S, S)`` from the prepared cache; the backend replicates them to
+three channels and normalises them with ImageNet mean/std *on its device*. Weights cross as
+canonical dicts (:mod:`cxrbench.weights`). Classes are always in :data:`cxrbench.classes.CLASSES`.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "cxrbench"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- discovery -----------------------------------------------------------------------------------
+
+
+@hookspec
+def cxrbench_backend_info():
+    """Describe the backend this plugin provides.
+
+    Called by ``cxrbench backends`` and when the orchestrator resolves ``--backend`` names, in the
+    parent process, for every registered plugin. Must be cheap and must **not** import the
+    framework (read versions with :func:`importlib.metadata.version`).
+
+    :return: a :class:`cxrbench.api.BackendInfo`, or ``None`` for plugins that are not backends.
+        All answers are collected.
+    """
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cxrbench_dataset(settings):
+    """Open the data set that ``settings.data`` names, as an index of images, labels and boxes.
+
+    The core answers for ``source = "phantom"`` (generating the embedded data set on first use) and
+    ``"chestxray14"`` (an NIH folder as distributed). A plugin may answer for a source of its own;
+    it must return the same type so the prepared cache, splits and batch order stay the core's.
+
+    :param settings: the run's :class:`cxrbench.suite.Settings`.
+    :return: a :class:`cxrbench.data.index.DataIndex`, or ``None`` if this plugin does not know
+        ``settings.data.source``. The first non-``None`` answer wins.
+    """
+
+
+# -- model (the selected backend answers) --------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cxrbench_build_model(settings, weights):
+    """Build a DenseNet with ``len(CLASSES)`` logit outputs (no sigmoid or softmax inside).
+
+    The block configuration is ``settings.model.block_config`` (DenseNet-121 or a smaller
+    variant for tests); growth 32, bottleneck 4, 64 initial features, BatchNorm epsilon 1e-5 and
+    momentum 0.1 in PyTorch's convention, so that equal weights give the same function.
+
+    :param settings: the run's :class:`cxrbench.suite.Settings` (numerics options apply here too,
+        e.g. channels_last or a precision policy).
+    :param weights: canonical weights (:mod:`cxrbench.weights`) to load, or ``None``. When ``None``
+        the backend initialises by ``settings.model.init``: ``"framework"`` (the framework's own
+        initialiser, seeded from ``settings.run.seed``), ``"imagenet"`` (the framework's ImageNet
+        weights, from its local cache or the network, with the classifier re-initialised; a
+        one-line :class:`~cxrbench.errors.WeightsError` when unavailable) or a weights file path
+        (loaded without unpickling arbitrary objects). ``"shared"`` never reaches the backend: the
+        core passes the shared weights instead.
+    :return: the backend's model object; the core treats it as opaque. Raise
+        :class:`~cxrbench.errors.BackendError` for an image size the network cannot take.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_get_weights(model):
+    """Return the model's current weights in the canonical layout.
+
+    :return: ``dict[str, numpy.ndarray]`` (float32) with exactly the names and shapes of
+        :func:`cxrbench.weights.densenet_spec`; a get/set round trip must be exact.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_set_weights(model, weights):
+    """Load canonical weights into ``model`` in place.
+
+    :param weights: a canonical dict; validate it with :func:`cxrbench.weights.validate` so a
+        missing or misshapen tensor raises :class:`~cxrbench.errors.WeightsError` naming it.
+    :return: ``True`` (so the call is known to have been answered).
+    """
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cxrbench_train(model, data, settings, recorder):
+    """Train ``model`` in place with the suite's recipe (CheXNet's by default).
+
+    Contract: binary cross-entropy on logits averaged over the classes; Adam with
+    ``settings.train`` betas, epsilon and weight decay; learning rate scaled for several GPUs by
+    ``settings.train.lr_scaling``; ReduceLROnPlateau on the validation loss; after training the
+    model holds the weights of the epoch with the lowest validation loss.
+
+    Input: batches from ``data.batches(...)`` (:class:`cxrbench.data.prepared.PreparedData`),
+    which fixes the sample order and the (already applied) horizontal flips for every epoch and
+    rank, so every backend sees identical batches. Wrap them in the framework's own pipeline.
+
+    Reporting: ``recorder.epoch_started`` / ``recorder.phase`` / ``recorder.epoch_ended`` for every
+    epoch (the first is the warm-up), with device synchronisation at the edges of each timed
+    region (:class:`cxrbench.recorder.Stopwatch`). ``recorder.step`` is optional progress and must
+    not force a host synchronisation per batch. A NaN or infinite loss raises
+    :class:`~cxrbench.errors.TrainingDiverged`; running out of device memory raises
+    :class:`~cxrbench.errors.BackendError` naming the batch size.
+
+    Several GPUs (``settings.run.gpus > 1``): the backend starts its framework's own
+    data-parallel engine (DDP, ``tf.distribute``); rank 0 reports.
+
+    :return: a dict with at least ``best_epoch`` and ``best_val_loss``, plus the numerics settings
+        actually in force (``"numerics": {...}``) so they are recorded with the result.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_predict(model, images, settings):
+    """Logits for ``images`` in eval mode, without gradients, batched by the backend.
+
+    :param images: ``uint8`` array ``(N, S, S)``.
+    :param settings: ``settings.eval.tta_hflip`` averages the logits of each image and its
+        horizontal mirror; ``settings.train.batch_size`` bounds the inference batch.
+    :return: ``float32`` array ``(N, len(CLASSES))`` of logits (the core applies the sigmoid).
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_cam(model, images, classes):
+    """Class activation maps for the given classes, at the final feature map's resolution.
+
+    :param images: ``uint8`` array ``(N, S, S)``.
+    :param classes: indices into :data:`cxrbench.classes.CLASSES`.
+    :return: a :class:`cxrbench.api.CamResult`; its identity ``maps.mean((2, 3)) + bias == logits``
+        is checked by the conformance kit.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_export_onnx(model, path, settings):
+    """Export the model to ONNX at ``path``.
+
+    Input: float32, ImageNet-normalised, three channels, dynamic batch axis, in the backend's
+    layout (NCHW or NHWC, stated in the result); output: logits. Opset ``settings.export.opset``.
+    The backend stamps the metadata of :func:`cxrbench.checks.onnx.model_metadata` with
+    :func:`cxrbench.checks.onnx.stamp_metadata`; the core checks it with ``onnx.checker`` and
+    compares onnxruntime with :func:`cxrbench_predict`.
+
+    :return: a :class:`cxrbench.api.ExportInfo`.
+    """
+
+
+# -- all plugins ---------------------------------------------------------------------------------
+
+
+@hookspec
+def cxrbench_evaluate(labels, scores, classes, settings):
+    """Metrics of predicted scores against labels. Every plugin may contribute.
+
+    The core's built-in plugin answers with per-class and mean AUROC and bootstrap confidence
+    intervals (:mod:`cxrbench.metrics.auroc`).
+
+    :param labels: ``(N, C)`` array of 0/1.
+    :param scores: ``(N, C)`` float array (probabilities or logits: AUROC is rank-based).
+    :param classes: the C class names, in column order.
+    :return: a dict of JSON-serialisable metrics whose top-level keys do not collide with other
+        plugins' (namespace them), or ``None``. The core merges all answers.
+    """
+
+
+@hookspec
+def cxrbench_report_sections(run):
+    """Extra sections for the HTML report.
+
+    :param run: the merged run folder contents (``run.json`` as a dict, plus ``"path"``).
+    :return: a list of ``(title, html)`` pairs, or ``None``. ``title`` is escaped by the report;
+        ``html`` is inserted as given, so a plugin must escape its own data.
+    """
