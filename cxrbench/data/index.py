@@ -16,8 +16,8 @@ SPLITS = ("train", "val", "test")
 class Box:
     """A radiologist's (or the phantom's) box, in pixels of the image as stored on disk.
 
-    ``x, y`` is the top-left corner, ``w, h`` the size (NIH's ``Bbox [x,y,w,h]``, scaled from
-    the 1024-pixel frame to the file's actual size).
+    ``x, y`` is the top-left corner, ``w, h`` the size: NIH's ``Bbox [x,y,w,h]``, scaled from
+    the 1024-pixel frame to the file's actual ``frame_w x frame_h`` pixels.
     """
 
     image: str
@@ -26,9 +26,13 @@ class Box:
     y: float
     w: float
     h: float
+    frame_w: int  #: width of the image file the box refers to
+    frame_h: int
 
-    def scaled(self, factor_x: float, factor_y: float) -> "Box":
-        return Box(self.image, self.label, self.x * factor_x, self.y * factor_y, self.w * factor_x, self.h * factor_y)
+    def resized(self, size: int) -> "Box":
+        """The same box on the image resized to ``size x size`` (the prepared cache)."""
+        fx, fy = size / self.frame_w, size / self.frame_h
+        return Box(self.image, self.label, self.x * fx, self.y * fy, self.w * fx, self.h * fy, size, size)
 
 
 @dataclass
@@ -46,7 +50,6 @@ class DataIndex:
     patients: np.ndarray  #: int64 (N,)
     views: list[str]  #: "PA" / "AP"
     split: np.ndarray  #: str (N,), one of SPLITS, patient-disjoint
-    sizes: np.ndarray  #: int (N, 2): original width, height from the CSV
     boxes: list[Box] = field(default_factory=list)
     classes: tuple[str, ...] = CLASSES
     #: Notes for the user (e.g. "excluded 12 images listed in quality.txt").

@@ -113,6 +113,5 @@ class PreparedData:
             row = row_of.get(box.image)
             if row is None or row not in position:
                 continue
-            width, height = self.index.sizes[row]
-            out.append((position[row], box.scaled(self.size / width, self.size / height)))
+            out.append((position[row], box.resized(self.size)))
         return out
