@@ -114,3 +114,19 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path}: weights file not found") from None
     except (ValueError, OSError, EOFError) as exc:
         raise WeightsError(f"{path}: not a readable .npz weights file ({exc})") from None
+
+
+#: DenseNet downsamples by 32 (stride-2 stem, max pool, three transitions).
+DOWNSAMPLING = 32
+
+
+def check_image_size(image_size: int) -> int:
+    """Return the final feature map's side, or raise if the network cannot take ``image_size``."""
+    from cxrbench.errors import BackendError
+
+    if image_size < DOWNSAMPLING:
+        raise BackendError(
+            f"image size {image_size} px is too small for DenseNet: it downsamples by {DOWNSAMPLING}, "
+            f"so images must be at least {DOWNSAMPLING} px (data.image_size)"
+        )
+    return image_size // DOWNSAMPLING
