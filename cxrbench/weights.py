@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import zipfile
+
 import numpy as np
 
 from cxrbench.classes import NUM_CLASSES
@@ -112,7 +114,7 @@ def load(path: str | Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found") from None
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise WeightsError(f"{path}: not a readable .npz weights file ({exc})") from None
 
 

@@ -1,0 +1,150 @@
+"""The ``cxrbench`` command. Imports stay lazy so ``--help`` and ``backends`` start fast and never
+load a framework."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cxrbench import __version__
+from cxrbench.errors import CxrError
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from cxrbench.env import gpu_inventory
+    from cxrbench.plugins import load_plugins
+
+    plugins = load_plugins(args.plugin)
+    gpus = gpu_inventory()
+    devices = ", ".join(["cpu"] + [f"cuda:{d['index']} {d['name']}" for d in gpus["devices"]])
+    rows = [(info.name, info.framework, info.version, info.plugin, devices) for info in plugins.backends.values()]
+    if args.json:
+        print(json.dumps({"backends": [dict(zip(("name", "framework", "version", "plugin", "devices"), r)) for r in rows],
+                          "failures": [{"plugin": f.name, "error": f.error} for f in plugins.failures]}, indent=2))
+    else:
+        _print_table(("backend", "framework", "version", "plugin", "devices"), rows)
+        for failure in plugins.failures:
+            print(f"warning: {failure}", file=sys.stderr)
+    return 0
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from cxrbench.env import capture
+
+    print(json.dumps(capture(), indent=2))
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from cxrbench.data import phantom
+
+    out = phantom.synthesize(Path(args.out), args.images, args.size, args.seed)
+    print(f"wrote a phantom ChestX-ray14 data set of {args.images} images ({args.size} px) to {out}")
+    return 0
+
+
+def _read_index(args: argparse.Namespace):
+    from cxrbench.data import nih
+
+    return nih.read_index(
+        Path(args.data),
+        split=args.split,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        exclude=Path(args.exclude) if args.exclude else None,
+    )
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from cxrbench.data import cache
+
+    index = _read_index(args)
+    prepared = cache.prepare(index, args.size, cache_dir=Path(args.cache) if args.cache else None,
+                             workers=args.workers, progress=not args.quiet)
+    for note in index.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"prepared {len(index)} images at {args.size} px: key {prepared.key[:16]} ({prepared.images.filename})")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from cxrbench.data import check
+
+    summary = check.summarize(_read_index(args), verify_images=not args.no_verify)
+    print(json.dumps(summary, indent=2) if args.json else check.format_summary(summary))
+    return 0 if check.is_usable(summary) else 1
+
+
+def _add_index_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="NIH ChestX-ray14 folder (or a phantom one)")
+    parser.add_argument("--split", default="official", choices=("official", "random-70-10-20"))
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="validation patients carved out of train_val")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude", help="exclusion list: one image file name per line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxrbench",
+        description="Compare deep-learning frameworks on CheXNet-style DenseNet-121 chest X-ray classification.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxrbench {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    backends = commands.add_parser("backends", help="list installed backends (no framework is imported)")
+    backends.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
+    backends.add_argument("--json", action="store_true")
+    backends.set_defaults(func=_cmd_backends)
+
+    env = commands.add_parser("env", help="print the environment capture as JSON")
+    env.set_defaults(func=_cmd_env)
+
+    data = commands.add_parser("data", help="generate, prepare and check data sets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    synth = data_commands.add_parser("synth", help="write a phantom data set in the NIH ChestX-ray14 format")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--images", type=int, default=720)
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_data_synth)
+
+    prepare = data_commands.add_parser("prepare", help="decode, gray and resize every image once into the cache")
+    _add_index_options(prepare)
+    prepare.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
+    prepare.add_argument("--cache", help="cache folder (default: $CXRBENCH_CACHE/prepared or ~/.cache/cxrbench/prepared)")
+    prepare.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(func=_cmd_data_prepare)
+
+    check = data_commands.add_parser("check", help="report counts, splits and problems; non-zero exit if unusable")
+    _add_index_options(check)
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
+    check.add_argument("--no-verify", action="store_true", help="do not decode every image")
+    check.set_defaults(func=_cmd_data_check)
+
+    from cxrbench.report import cli as report_cli
+    from cxrbench.run import cli as run_cli
+
+    run_cli.add_parser(commands)
+    report_cli.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CxrError as exc:
+        print(f"cxrbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxrbench: interrupted", file=sys.stderr)
+        return 130

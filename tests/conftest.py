@@ -1,0 +1,18 @@
+"""Shared test set-up: every test writes into temporary folders, never into the user's cache."""
+
+import os
+import tempfile
+
+import pytest
+
+# Before any cxrbench module reads it: generated data sets and prepared caches go to a throw-away folder.
+os.environ.setdefault("CXRBENCH_CACHE", tempfile.mkdtemp(prefix="cxrbench-test-cache-"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private cache folder for one test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CXRBENCH_CACHE", str(path))
+    return path

@@ -1,0 +1,58 @@
+"""Plugin discovery: built-ins, entry points and --plugin modules; failures named; one backend per worker."""
+
+import importlib.metadata
+
+import pytest
+
+from cxrbench import plugins
+from cxrbench.errors import BackendError
+
+
+def _names(pm):
+    return {name for name, _ in pm.list_name_plugin()}
+
+
+def test_builtin_backends_come_from_entry_points():
+    found = plugins.load_plugins()
+    assert {"pytorch", "keras"} <= set(found.backends)
+    assert found.backends["pytorch"].plugin == "cxrbench_pytorch"
+    assert "cxrbench.builtin" in _names(found.manager)
+
+
+def test_extra_module_and_failures_are_reported_by_name():
+    found = plugins.load_plugins(["tests.core_plugins.echo_backend", "tests.core_plugins.broken_at_import"])
+    assert "echo" in found.backends
+    [failure] = [f for f in found.failures if f.name == "tests.core_plugins.broken_at_import"]
+    assert "ImportError: libfoo.so.1" in str(failure)
+    assert "pytorch" in found.backends  # the others still load
+
+
+def test_broken_entry_point_does_not_stop_the_others(monkeypatch):
+    real = importlib.metadata.entry_points
+
+    def with_broken(group):
+        broken = importlib.metadata.EntryPoint("shiny", "tests.core_plugins.broken_at_import", group)
+        return list(real(group=group)) + [broken]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", with_broken)
+    found = plugins.load_plugins()
+    assert [f.name for f in found.failures] == ["shiny"]
+    assert {"pytorch", "keras"} <= set(found.backends)
+
+
+def test_worker_manager_holds_exactly_one_backend():
+    found = plugins.load_plugins(
+        ["tests.core_plugins.echo_backend", "tests.core_plugins.metric_plugin"], backend="echo"
+    )
+    registered = _names(found.manager)
+    assert "tests.core_plugins.echo_backend" in registered
+    assert "pytorch" not in registered and "keras" not in registered
+    assert "tests.core_plugins.metric_plugin" in registered  # non-backend plugins stay
+    assert found.hook.cxrbench_predict(model=None, images=None, settings=None) == "echo"
+    results = found.hook.cxrbench_evaluate(labels=[[1, 0]], scores=[[0.5, 0.5]], classes=["a", "b"], settings=None)
+    assert {"positives_fraction": 0.5} in results
+
+
+def test_unknown_backend_lists_installed_and_broken():
+    with pytest.raises(BackendError, match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import"):
+        plugins.load_plugins(["tests.core_plugins.broken_at_import"], backend="mxnet")
