@@ -31,3 +31,7 @@ class TrainingDiverged(CxrError):
     def __init__(self, epoch: int, step: int, loss: float):
         super().__init__(f"training diverged: loss is {loss} at epoch {epoch}, step {step}")
         self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class MetricsError(CxrError):
+    """Labels, scores, heat maps or boxes given to a metric have the wrong shape or values."""

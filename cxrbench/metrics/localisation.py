@@ -1,0 +1,216 @@
+"""Class activation maps against boxes: upsampling, heat map to boxes, IoU / IoBB, localisation accuracy.
+
+The recipe is ChestX-ray8's (Wang et al. 2017): normalise the map to 0-255, threshold, box the
+connected regions; a ground-truth box is found at T when a predicted box for the same image and
+class reaches IoU or IoBB >= T. Boxes are ``(x, y, w, h)`` in pixels, (x, y) the top-left corner,
+pixel i covering [i, i + 1).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from cxrbench.classes import CLASSES
+from cxrbench.errors import MetricsError
+
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+BoxTuple = tuple[float, float, float, float]
+
+
+# -- upsampling -----------------------------------------------------------------------------------
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) interpolation weights along one axis, torch's align_corners=False rule.
+
+    Source coordinate (i + 0.5) * n_in / n_out - 0.5, clamped at 0; the far neighbour is
+    clamped to the last pixel.
+    """
+    source = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    near = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    far = np.minimum(near + 1, n_in - 1)
+    frac = source - near
+    weights = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    np.add.at(weights, (rows, near), 1.0 - frac)
+    np.add.at(weights, (rows, far), frac)
+    return weights
+
+
+def upsample(maps, size: int) -> np.ndarray:
+    """Bilinear resize of ``(N, C, h, w)`` maps to ``(N, C, size, size)`` (same as torch's
+    ``F.interpolate(mode="bilinear", align_corners=False)``), as two small matrix products."""
+    maps = np.asarray(maps)
+    if maps.ndim != 4 or not np.issubdtype(maps.dtype, np.floating) or not np.isfinite(maps).all():
+        raise MetricsError(f"upsample: maps must be a finite float (N, C, h, w) array, got {maps.dtype} {maps.shape}")
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise MetricsError(f"upsample: size must be a positive whole number, got {size!r}")
+    rows = _bilinear_matrix(maps.shape[2], size)
+    cols = _bilinear_matrix(maps.shape[3], size)
+    return np.einsum("yh,nchw,xw->ncyx", rows, maps, cols, optimize=True).astype(maps.dtype)
+
+
+# -- heat map to boxes ----------------------------------------------------------------------------
+
+
+def heatmap_to_boxes(heatmap, threshold: float = 0.5) -> list[BoxTuple]:
+    """Boxes around the 8-connected regions where the min-max normalised map is >= threshold * 255.
+
+    Largest region (pixel count) first. A flat map carries no location, so it gives no box.
+    """
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    if heatmap.ndim != 2 or not np.isfinite(heatmap).all():
+        raise MetricsError(f"heatmap_to_boxes: heat map must be a finite 2-D array, got shape {heatmap.shape}")
+    if not 0.0 <= threshold <= 1.0:
+        raise MetricsError(f"heatmap_to_boxes: threshold must lie in [0, 1], got {threshold!r}")
+    low, high = heatmap.min(), heatmap.max()
+    if high == low:
+        return []
+    scaled = (heatmap - low) / (high - low) * 255.0
+    regions, count = ndimage.label(scaled >= threshold * 255.0, structure=np.ones((3, 3)))
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+    slices = ndimage.find_objects(regions)
+    order = np.argsort(-sizes, kind="stable")
+    return [_slice_box(*slices[k]) for k in order]
+
+
+def _slice_box(rows: slice, cols: slice) -> BoxTuple:
+    return (float(cols.start), float(rows.start), float(cols.stop - cols.start), float(rows.stop - rows.start))
+
+
+# -- box overlap ----------------------------------------------------------------------------------
+
+
+def _as_box(box: Any) -> BoxTuple:
+    """An ``(x, y, w, h)`` tuple from a tuple or a Box-like object, sizes non-negative."""
+    x, y, w, h = (box.x, box.y, box.w, box.h) if hasattr(box, "w") else box
+    if not (w >= 0 and h >= 0):
+        raise MetricsError(f"box {box!r}: width and height must be >= 0")
+    return float(x), float(y), float(w), float(h)
+
+
+def _intersection(a: BoxTuple, b: BoxTuple) -> float:
+    width = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    height = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(width, 0.0) * max(height, 0.0)
+
+
+def iou(a, b) -> float:
+    """Intersection over union of two boxes (0 when both are empty)."""
+    a, b = _as_box(a), _as_box(b)
+    inter = _intersection(a, b)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iobb(gt, pred) -> float:
+    """Intersection over the area of the PREDICTED box (ChestX-ray8's IoBB; 0 for an empty box)."""
+    gt, pred = _as_box(gt), _as_box(pred)
+    area = pred[2] * pred[3]
+    return _intersection(gt, pred) / area if area > 0 else 0.0
+
+
+_OVERLAPS = {"iobb": iobb, "iou": iou}
+
+
+# -- localisation accuracy ------------------------------------------------------------------------
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    thresholds = tuple(float(t) for t in thresholds)
+    if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
+        raise MetricsError(f"localisation thresholds must lie in (0, 1], got {list(thresholds)}")
+    return thresholds
+
+
+def _group_truth(truth: Iterable[tuple[int, Any]]) -> dict[tuple[int, str], list[BoxTuple]]:
+    """Ground-truth boxes keyed by (image position, class name)."""
+    grouped = defaultdict(list)
+    for pos, box in truth:
+        grouped[(int(pos), box.label)].append(_as_box(box))
+    return dict(grouped)
+
+
+def _summary(truth_best: list[float], pred_best: list[float], images: int, thresholds) -> dict:
+    """Accuracy and average false positives per image at each threshold, from best overlaps."""
+    truth_best, pred_best = np.asarray(truth_best), np.asarray(pred_best)
+    return {
+        "accuracy": {f"{t:g}": float((truth_best >= t).mean()) for t in thresholds},
+        "avg_fp": {f"{t:g}": float((pred_best < t).sum() / images) for t in thresholds},
+        "boxes": int(truth_best.size),
+        "images": int(images),
+        "predicted": int(pred_best.size),
+    }
+
+
+def localisation_accuracy(predicted: dict, truth, *, metric: str = "iobb", thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """Per class and overall localisation accuracy and average false positives per image.
+
+    ``predicted[(image_pos, class_name)]`` lists boxes; ``truth`` lists ``(image_pos, box)`` with
+    ``box.label, .x, .y, .w, .h``. Only (image, class) pairs with a ground-truth box are evaluated
+    (ChestX-ray8's protocol); boxes predicted for other pairs are counted in
+    ``unevaluated_predictions``. A truth box is found at T when any predicted box reaches T; a
+    predicted box is a false positive at T when it reaches T with no truth box. Per class,
+    ``images`` counts the images with that class's box; overall, the distinct images.
+    """
+    if metric not in _OVERLAPS:
+        raise MetricsError(f"localisation metric must be one of {sorted(_OVERLAPS)}, got {metric!r}")
+    overlap, thresholds = _OVERLAPS[metric], _check_thresholds(thresholds)
+    truth_by_key = _group_truth(truth)
+    truth_best, pred_best = defaultdict(list), defaultdict(list)
+    for (pos, label), gts in truth_by_key.items():
+        preds = [_as_box(p) for p in predicted.get((pos, label), [])]
+        truth_best[label] += [max((overlap(g, p) for p in preds), default=0.0) for g in gts]
+        pred_best[label] += [max(overlap(g, p) for g in gts) for p in preds]
+    images = defaultdict(set)
+    for pos, label in truth_by_key:
+        images[label].add(pos)
+    per_class = {
+        label: _summary(truth_best[label], pred_best[label], len(images[label]), thresholds) for label in sorted(images)
+    }
+    overall = _summary(
+        sum(truth_best.values(), []), sum(pred_best.values(), []), len({pos for pos, _ in truth_by_key}), thresholds
+    )
+    return {
+        "metric": metric,
+        "thresholds": list(thresholds),
+        "per_class": per_class,
+        "overall": overall,
+        "unevaluated_predictions": sum(len(v) for k, v in predicted.items() if k not in truth_by_key),
+    }
+
+
+def centred_box_baseline(truth, size: int, fraction: float = 0.5) -> dict[tuple[int, str], list[BoxTuple]]:
+    """One centred square box (side ``fraction * size``) for every ground-truth (image, class):
+    the score a model must beat to show its maps know where to look."""
+    if not 0.0 < fraction <= 1.0 or size <= 0:
+        raise MetricsError(f"centred_box_baseline: need size > 0 and 0 < fraction <= 1, got {size!r}, {fraction!r}")
+    side = fraction * size
+    corner = (size - side) / 2.0
+    return {key: [(corner, corner, side, side)] for key in _group_truth(truth)}
+
+
+def cam_localisation(cams_upsampled, truth, class_indices: Sequence[int], threshold: float = 0.5) -> dict:
+    """Boxes from each (image, class) heat map, scored with IoBB and IoU.
+
+    ``cams_upsampled[pos, j]`` is the map of ``CLASSES[class_indices[j]]`` at the truth boxes' frame.
+    """
+    cams, truth = np.asarray(cams_upsampled), list(truth)
+    if cams.ndim != 4 or cams.shape[1] != len(class_indices):
+        raise MetricsError(f"cam_localisation: maps {cams.shape} must be (N, {len(class_indices)}, H, W)")
+    column = {CLASSES[c]: j for j, c in enumerate(class_indices)}
+    predicted = {}
+    for pos, label in _group_truth(truth):
+        if label not in column or not 0 <= pos < cams.shape[0]:
+            raise MetricsError(f"cam_localisation: no heat map for image {pos}, class {label!r}")
+        predicted[(pos, label)] = heatmap_to_boxes(cams[pos, column[label]], threshold)
+    return {
+        "threshold": float(threshold),
+        "iobb": localisation_accuracy(predicted, truth, metric="iobb"),
+        "iou": localisation_accuracy(predicted, truth, metric="iou"),
+    }
