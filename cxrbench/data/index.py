@@ -54,6 +54,10 @@ class DataIndex:
     classes: tuple[str, ...] = CLASSES
     #: Notes for the user (e.g. "excluded 12 images listed in quality.txt").
     notes: list[str] = field(default_factory=list)
+    #: Files listed in the metadata but found in no images folder (dropped from the rows).
+    missing: list[str] = field(default_factory=list)
+    #: Files dropped by the exclusion list.
+    excluded: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)

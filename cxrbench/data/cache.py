@@ -1,0 +1,250 @@
+"""The prepared cache: every image decoded once into one memory-mapped ``uint8 (N, S, S)`` array.
+
+Layout: ``<cache_dir>/<key>/images.npy`` plus ``manifest.json``. The key is a sha256 over
+everything the pixels and rows depend on: the file list with each image's size and mtime, the
+content of the metadata files, the exclusion list's effect, the image size and the preprocessing
+version. A build writes into a unique temporary folder (workers fill row chunks straight into
+the memmap), fsyncs, writes the manifest last, then renames the folder into place in one atomic
+step: an interrupted build or a concurrent one never leaves a folder that loads as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from cxrbench.data import images
+from cxrbench.data.index import DataIndex
+from cxrbench.data.nih import METADATA_FILES
+from cxrbench.data.prepared import PreparedData
+from cxrbench.errors import DataError
+
+CACHE_FORMAT = 1
+#: Below this many images per worker, starting processes costs more than it saves (measured here).
+IMAGES_PER_WORKER = 500
+IMAGES_FILE, MANIFEST_FILE = "images.npy", "manifest.json"
+
+
+def cache_root() -> Path:
+    """``$CXRBENCH_CACHE`` or ``~/.cache/cxrbench``: the phantom data set and prepared arrays live here."""
+    return Path(os.environ.get("CXRBENCH_CACHE") or Path.home() / ".cache" / "cxrbench")
+
+
+def prepare(
+    index: DataIndex,
+    size: int,
+    *,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> PreparedData:
+    """The index's images at ``size x size``, from the cache or built into it (in parallel) first.
+
+    ``workers`` defaults to :func:`default_workers`; ``progress`` draws a progress line on stderr.
+    """
+    if len(index) == 0:
+        raise DataError(f"{index.root}: no images to prepare")
+    if size < 1:
+        raise DataError(f"image size {size}: must be positive")
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "prepared"
+    key = cache_key(index, size)
+    folder = cache_dir / key
+    if not is_valid(folder, key, len(index), size):
+        _build(index, size, folder, workers or default_workers(len(index)), progress)
+    return PreparedData(index, np.load(folder / IMAGES_FILE, mmap_mode="r"), key)
+
+
+def default_workers(images: int) -> int:
+    """All cores for real data sets; fewer (down to this process alone) for small ones."""
+    return max(1, min(os.cpu_count() or 1, images // IMAGES_PER_WORKER))
+
+
+def cache_key(index: DataIndex, size: int) -> str:
+    """sha256 over every input of the prepared array; any change gives a new key."""
+    digest = hashlib.sha256()
+    _update(digest, {"format": CACHE_FORMAT, "preprocessing": images.PREPROCESSING, "size": size, "source": index.source})
+    for name, path in zip(index.files, index.paths):
+        stat = _stat(path)
+        _update(digest, [name, stat.st_size, stat.st_mtime_ns])
+    for name in METADATA_FILES:
+        if (index.root / name).is_file():
+            _update(digest, [name, _file_sha256(index.root / name)])
+    _update(digest, {"excluded": sorted(index.excluded)})
+    return digest.hexdigest()
+
+
+def _update(digest, value) -> None:
+    digest.update(json.dumps(value, sort_keys=True).encode() + b"\n")
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_valid(folder: Path, key: str, count: int, size: int) -> bool:
+    """A complete build for this key: manifest present and matching, array of the right shape."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        array = np.load(folder / IMAGES_FILE, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    expected = {"key": key, "count": count, "size": size, "complete": True, "format": CACHE_FORMAT}
+    return all(manifest.get(k) == v for k, v in expected.items()) and array.shape == (count, size, size) and array.dtype == np.uint8
+
+
+def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.", dir=folder.parent))
+    try:
+        started = time.monotonic()
+        array = np.lib.format.open_memmap(building / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(index), size, size))
+        del array  # created at full size; every worker opens it itself
+        report = ProgressReport(len(index), "preparing images") if progress else None
+        jobs = [(building / IMAGES_FILE, start, paths, size) for start, paths in _chunks(index.paths, workers)]
+        run_parallel(_fill_rows, jobs, workers, report.advance if report else _ignore)
+        _fsync(building / IMAGES_FILE)
+        _write_manifest(building, index, size, folder.name, workers, time.monotonic() - started)
+        _fsync(building)
+        _publish(building, folder, lambda: is_valid(folder, folder.name, len(index), size))
+        _fsync(folder.parent)
+        if report:
+            report.finish()
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _ignore(_done: int) -> None:
+    """Progress sink when nobody watches."""
+
+
+def _chunks(paths: list[Path], workers: int) -> list[tuple[int, list[Path]]]:
+    """Row chunks small enough to balance the workers and report progress, large enough to be cheap."""
+    step = max(8, min(256, len(paths) // (workers * 8) or 1))
+    return [(start, paths[start : start + step]) for start in range(0, len(paths), step)]
+
+
+def _fill_rows(npy: Path, start: int, paths: list[Path], size: int) -> int:
+    """Decode a chunk of images straight into rows ``start...`` of the memmap (runs in a worker)."""
+    array = np.load(npy, mmap_mode="r+")
+    for offset, path in enumerate(paths):
+        array[start + offset] = images.load_gray(path, size)
+    array.flush()
+    return len(paths)
+
+
+def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers: int, advance: Callable) -> None:
+    """Run ``function(*job)`` for every job over ``workers`` processes (in this one for 1).
+
+    The first failure cancels the rest and is raised as is (a :class:`DataError` names its file).
+    ``advance`` receives each job's return value, in completion order (progress, results).
+    """
+    jobs = list(jobs)
+    if workers <= 1:
+        for job in jobs:
+            advance(function(*job))
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context()) as pool:
+        pending = {pool.submit(function, *job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
+                advance(future.result())
+
+
+def _context():
+    """forkserver: safe when the caller's process already runs threads (forking those is not)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # workers fork with numpy and Pillow already imported
+    return context
+
+
+def _write_manifest(building: Path, index: DataIndex, size: int, key: str, workers: int, seconds: float) -> None:
+    manifest = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "count": len(index),
+        "size": size,
+        "dtype": "uint8",
+        "preprocessing": images.PREPROCESSING,
+        "source": index.source,
+        "root": str(index.root),
+        "files_sha256": hashlib.sha256("\n".join(index.files).encode()).hexdigest(),
+        "workers": workers,
+        "build_seconds": round(seconds, 3),
+        "complete": True,  # written last: a manifest without it is never loaded
+    }
+    path = building / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(building: Path, folder: Path, is_current: Callable[[], bool]) -> None:
+    """Rename the finished build into place; keep a concurrent build's if it got there first."""
+    try:
+        os.rename(building, folder)
+        return
+    except OSError:
+        if is_current():
+            return
+    stale = folder.with_name(f"{building.name}.stale")  # an invalid leftover: move it aside atomically
+    os.rename(folder, stale)
+    os.rename(building, folder)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+class ProgressReport:
+    """A plain-text progress line on stderr, redrawn at most twice a second."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.done = total, what, 0
+        self.started = self.shown = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if time.monotonic() - self.shown >= 0.5:
+            self._show("\r")
+
+    def finish(self) -> None:
+        self._show("\r")
+        sys.stderr.write("\n")
+
+    def _show(self, prefix: str) -> None:
+        self.shown = time.monotonic()
+        rate = self.done / max(self.shown - self.started, 1e-9)
+        sys.stderr.write(f"{prefix}{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%, {rate:.0f}/s)")
+        sys.stderr.flush()

@@ -1,0 +1,80 @@
+"""Patient-disjoint splits: official lists with a carved-out validation split, and seeded 70/10/20."""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+from helpers.nih_files import entries, write_dataset
+
+from cxrbench.classes import CLASSES
+from cxrbench.data import nih, splits
+
+
+def synthetic_rows(patients: int, seed: int = 0, rare_patients: int = 12):
+    """Rows of ``patients`` patients with 1-5 images each; the first ``rare_patients`` carry Hernia."""
+    rng = np.random.default_rng(seed)
+    per_patient = rng.integers(1, 6, size=patients)
+    patient_of_row = np.repeat(np.arange(1000, 1000 + patients), per_patient)
+    labels = (rng.random((len(patient_of_row), len(CLASSES))) < 0.08).astype(np.uint8)
+    labels[:, CLASSES.index("Hernia")] = patient_of_row < 1000 + rare_patients
+    return patient_of_row, labels
+
+
+def assert_patient_disjoint(split: np.ndarray, patients: np.ndarray) -> None:
+    for a, b in combinations(("train", "val", "test"), 2):
+        assert not set(patients[split == a]) & set(patients[split == b]), (a, b)
+
+
+def test_random_split_is_patient_disjoint_seeded_and_70_10_20():
+    patients, labels = synthetic_rows(1000)
+    split = splits.random_split(patients, labels, seed=3).split
+    assert_patient_disjoint(split, patients)
+    shares = {s: len(set(patients[split == s])) / 1000 for s in ("train", "val", "test")}
+    assert shares == pytest.approx({"train": 0.7, "val": 0.1, "test": 0.2}, abs=0.01)
+    assert (splits.random_split(patients, labels, seed=3).split == split).all()
+    assert (splits.random_split(patients, labels, seed=4).split != split).any()
+
+
+def test_rare_class_reaches_every_split():
+    patients, labels = synthetic_rows(400, rare_patients=6)
+    for seed in range(5):
+        split = splits.random_split(patients, labels, seed).split
+        hernia = labels[:, CLASSES.index("Hernia")] == 1
+        assert {s: hernia[split == s].any() for s in ("train", "val", "test")} == {"train": True, "val": True, "test": True}
+
+
+def test_official_carve_out_is_by_patient_and_keeps_the_test_list():
+    patients, labels = synthetic_rows(300)
+    files = [f"{p:08d}_{i:03d}.png" for i, p in enumerate(patients)]
+    test = {f for f, p in zip(files, patients) if p % 5 == 0}
+    train_val = set(files) - test
+    result = splits.official_split(files, patients, labels, train_val, test, val_fraction=0.1, seed=0)
+    assert {f for f, s in zip(files, result.split) if s == "test"} == test
+    assert_patient_disjoint(result.split, patients)
+    val_patients = len(set(patients[result.split == "val"]))
+    assert val_patients == round(0.1 * len(set(patients[result.split != "test"])))
+    assert result.notes == []
+
+
+def test_tiny_data_sets_still_fill_every_split():
+    patients = np.arange(3)
+    split = splits.random_split(patients, np.zeros((3, len(CLASSES)), np.uint8), seed=0).split
+    assert sorted(split) == ["test", "train", "val"]
+
+
+def test_read_index_random_split_is_patient_disjoint(tmp_path):
+    items = entries(patients=40, per_patient=3, label_cycle=["No Finding", "Effusion", "Mass|Nodule"])
+    index = nih.read_index(write_dataset(tmp_path / "nih", items, test_patients=(1,)), split="random-70-10-20", seed=1)
+    assert_patient_disjoint(index.split, index.patients)
+    assert [len(set(index.patients[index.rows(s)])) for s in ("train", "val", "test")] == [28, 4, 8]
+
+
+def test_official_validation_from_read_index_is_patient_disjoint(tmp_path):
+    items = entries(patients=50, per_patient=2, label_cycle=["No Finding", "Effusion", "Atelectasis|Effusion"])
+    root = write_dataset(tmp_path / "nih", items, test_patients=range(1, 11))
+    index = nih.read_index(root, val_fraction=0.2, seed=5)
+    assert_patient_disjoint(index.split, index.patients)
+    assert len(set(index.patients[index.rows("val")])) == 8
+    assert set(index.patients[index.rows("test")]) == set(range(1, 11))
