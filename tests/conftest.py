@@ -5,6 +5,14 @@ import tempfile
 
 import pytest
 
+try:
+    # torch must be imported before tensorflow in a process that holds both (the cross-backend tests,
+    # the conformance kit's reference): importing torch._dynamo after tensorflow segfaults in
+    # triton/knobs.py with torch 2.14.1 + tensorflow 2.21. Workers hold one framework each.
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
+
 # Before any cxrbench module reads it: generated data sets and prepared caches go to a throw-away folder.
 os.environ.setdefault("CXRBENCH_CACHE", tempfile.mkdtemp(prefix="cxrbench-test-cache-"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

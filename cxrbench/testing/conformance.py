@@ -1,0 +1,495 @@
+"""The conformance kit: the contract every cxrbench backend must meet, as ordinary pytest tests.
+
+Run it with ``pytest --cxrbench-backend NAME`` (see :mod:`cxrbench.testing.pytest_plugin`). The
+backend is reached exactly as a worker reaches it: through its own plugin manager
+(:func:`cxrbench.plugins.load_plugins` with ``backend=NAME``), by hook calls only. Models are tiny
+(``densenet-tiny``, 32 and 64 px) so the whole kit takes seconds to a minute on a CPU.
+
+Tolerances: logits computed twice on the same weights agree within 1e-6 (bitwise on a CPU; a GPU
+may pick kernels nondeterministically); the CAM identity holds within 1e-4; ONNX Runtime matches
+``cxrbench_predict`` within atol 1e-4 / rtol 1e-3 (the float32 gate of ``export.atol/rtol``); two
+backends on the same canonical weights agree within ``run.equivalence_atol`` (1e-4); the reference
+backend computes its logits in a child process of its own (see :func:`reference_logits`).
+
+Divergence is injected with an infinite learning rate: after the first Adam step every trained
+weight is infinite or NaN, so the next loss (training or validation) is not finite, whatever the
+framework. No other way works for every backend: labels cannot make BCE NaN, and a merely huge
+learning rate stays finite for a backend that trains only a linear layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cxrbench.api import BackendInfo, CamResult, EpochRecord, ExportInfo
+from cxrbench.checks import onnx as onnx_checks
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.index import DataIndex
+from cxrbench.data.prepared import PreparedData
+from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
+from cxrbench.plugins import Plugins, load_plugins, require_answer
+from cxrbench.recorder import Recorder
+from cxrbench.suite import Settings
+from cxrbench.weights import densenet_spec, init_canonical
+
+SIZES = (32, 64)
+ARCH = "densenet-tiny"
+REPEAT_ATOL = 1e-6
+CAM_ATOL = 1e-4
+#: Frameworks whose import would make discovery slow (plus the backend's own framework).
+HEAVY_MODULES = frozenset({"torch", "tensorflow", "keras", "jax", "mxnet", "paddle"})
+
+
+# -- helpers any test of a backend can use --------------------------------------------------------
+
+
+def kit_settings(image_size: int = 32, **dotted: Any) -> Settings:
+    """Small validated settings: tiny DenseNet, framework init, batch 4; ``dotted`` overrides."""
+    base = {"model.arch": ARCH, "model.init": "framework", "data.image_size": image_size, "train.batch_size": 4}
+    return Settings().replace(**{**base, **dotted})
+
+
+def random_canonical(block_config: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
+    """Seeded canonical weights with random BatchNorm affine parameters and statistics and a
+    random classifier bias, so no layer is an identity and a wrongly mapped tensor shows."""
+    rng = np.random.default_rng([seed, 1])
+    weights = init_canonical(block_config, seed)
+    for name, value in weights.items():
+        is_norm_scale = name.endswith("running_var") or (name.endswith(".weight") and value.ndim == 1)
+        if is_norm_scale:
+            weights[name] = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+        elif name.endswith(("running_mean", "bias")):
+            weights[name] = rng.normal(0.0, 0.2, value.shape).astype(np.float32)
+    return weights
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, 2]).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def synthetic_data(size: int, train: int = 8, val: int = 8, seed: int = 0) -> PreparedData:
+    """A prepared data set built in memory (random images and labels, one patient per image)."""
+    n = train + val
+    files = [f"{i + 1:08d}_000.png" for i in range(n)]
+    labels = (np.random.default_rng([seed, 3]).random((n, NUM_CLASSES)) < 0.3).astype(np.uint8)
+    index = DataIndex(
+        root=Path("<conformance-kit>"),
+        source="conformance-kit",
+        files=files,
+        paths=[Path(f) for f in files],
+        labels=labels,
+        patients=np.arange(1, n + 1, dtype=np.int64),
+        views=["PA"] * n,
+        split=np.array(["train"] * train + ["val"] * val),
+    )
+    return PreparedData(index, random_images(n, size, seed), key=f"conformance-kit-{size}-{seed}")
+
+
+def bce_with_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy over every element, computed in float64 as the independent reference."""
+    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def assert_one_line(error: BaseException) -> None:
+    message = str(error)
+    assert message and "\n" not in message, f"error message must be one line: {message!r}"
+
+
+@dataclass
+class Backend:
+    """One backend behind its own plugin manager; every call must be answered."""
+
+    name: str
+    plugins: Plugins
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.plugins.backends[self.name]
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        return require_answer(getattr(self.plugins.hook, hook)(**kwargs), hook, self.name)
+
+    def build(self, settings: Settings, weights: dict[str, np.ndarray] | None = None) -> Any:
+        return self.call("cxrbench_build_model", settings=settings, weights=weights)
+
+    def weights(self, model: Any) -> dict[str, np.ndarray]:
+        return self.call("cxrbench_get_weights", model=model)
+
+    def predict(self, model: Any, images: np.ndarray, settings: Settings) -> np.ndarray:
+        return self.call("cxrbench_predict", model=model, images=images, settings=settings)
+
+    def cam(self, model: Any, images: np.ndarray, classes: list[int]) -> CamResult:
+        return self.call("cxrbench_cam", model=model, images=images, classes=classes)
+
+
+def open_backend(name: str, extra_modules: list[str]) -> Backend:
+    return Backend(name, load_plugins(extra_modules, backend=name))
+
+
+def equivalence_inputs(size: int) -> tuple[Settings, dict[str, np.ndarray], np.ndarray]:
+    """Settings, weights and images of the equivalence test: seeded, so every process makes the same."""
+    settings = kit_settings(size)
+    return settings, random_canonical(settings.model.block_config, seed=10), random_images(4, size)
+
+
+def reference_worker(name: str, extra_modules: list[str], out: str) -> None:
+    """Child-process side of the equivalence test: backend ``name``'s logits for every kit size."""
+    reference = open_backend(name, extra_modules)
+    logits = {}
+    for size in SIZES:
+        settings, weights, images = equivalence_inputs(size)
+        logits[str(size)] = reference.predict(reference.build(settings, weights), images, settings)
+    np.savez(out, **logits)
+
+
+def logits_in_child_process(name: str, extra_modules: list[str], out: Path) -> dict[int, np.ndarray]:
+    """Run :func:`reference_worker` in a fresh Python and read back its logits by image size."""
+    script = "import json, sys\nfrom cxrbench.testing.conformance import reference_worker\nreference_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])\n"
+    command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"reference backend {name!r} failed in its process (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    with np.load(out) as npz:
+        return {int(size): npz[size] for size in npz.files}
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child Python that must import what this one can (plugins on sys.path)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def backend(pytestconfig: pytest.Config) -> Backend:
+    name = pytestconfig.getoption("cxrbench_backend")
+    if name is None:
+        pytest.skip("the conformance kit runs with --cxrbench-backend NAME")
+    return open_backend(name, pytestconfig.getoption("cxrbench_plugin"))
+
+
+@pytest.fixture(scope="session")
+def reference_logits(pytestconfig: pytest.Config, backend: Backend, tmp_path_factory) -> tuple[str, dict[int, np.ndarray]]:
+    """The reference backend's logits on :func:`equivalence_inputs`, computed in a child process.
+
+    The reference is ``--cxrbench-reference``, or pytorch when installed. It runs in its own
+    process, like every cxrbench worker: two frameworks in one process can crash outright
+    (here, importing torch._dynamo after tensorflow segfaults) and fight over GPU memory.
+    """
+    extras = pytestconfig.getoption("cxrbench_plugin")
+    name = pytestconfig.getoption("cxrbench_reference") or "pytorch"
+    if name == backend.name:
+        pytest.skip(f"the reference backend {name!r} is the backend under test (choose another with --cxrbench-reference)")
+    if name not in load_plugins(extras).backends:
+        pytest.skip(f"no reference backend: {name!r} is not installed")
+    return name, logits_in_child_process(name, extras, tmp_path_factory.mktemp("reference") / "logits.npz")
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"{s}px")
+def exported(request, backend: Backend, tmp_path_factory) -> tuple[Settings, Any, ExportInfo]:
+    """A model with random weights, exported once per image size."""
+    settings = kit_settings(request.param)
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=11))
+    path = tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx"
+    info = backend.call("cxrbench_export_onnx", model=model, path=str(path), settings=settings)
+    return settings, model, info
+
+
+# -- discovery ------------------------------------------------------------------------------------
+
+
+def test_backend_info_describes_the_backend(backend: Backend):
+    info = backend.info
+    assert info.name == backend.name
+    assert info.version == importlib.metadata.version(info.framework), "version must come from the framework's package metadata"
+    assert info.onnx_layout in ("NCHW", "NHWC")
+
+
+def test_backend_info_imports_no_framework(backend: Backend):
+    """Discovery must stay cheap: importing the plugin and asking for its info loads no framework."""
+    script = (
+        "import importlib, json, sys\n"
+        "import cxrbench.plugins\n"
+        "before = set(sys.modules)\n"
+        "importlib.import_module(sys.argv[1]).cxrbench_backend_info()\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, backend.info.plugin], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    new_roots = {name.partition(".")[0] for name in json.loads(done.stdout)}
+    framework_roots = {m for m, dists in importlib.metadata.packages_distributions().items() if backend.info.framework in dists}
+    assert not new_roots & (HEAVY_MODULES | framework_roots)
+
+
+# -- shapes and dtypes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_predict_returns_float32_logits(backend: Backend, size: int):
+    settings = kit_settings(size)
+    logits = backend.predict(backend.build(settings), random_images(3, size), settings)
+    assert isinstance(logits, np.ndarray) and logits.dtype == np.float32
+    assert logits.shape == (3, NUM_CLASSES)
+    assert np.isfinite(logits).all()
+
+
+def test_predict_is_independent_of_the_batch_size(backend: Backend):
+    settings = kit_settings(32)
+    model = backend.build(settings)
+    images = random_images(5, 32)
+    whole = backend.predict(model, images, settings.replace(**{"train.batch_size": 8}))
+    batched = backend.predict(model, images, settings.replace(**{"train.batch_size": 2}))
+    np.testing.assert_allclose(batched, whole, rtol=0, atol=CAM_ATOL)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cam_shapes_and_dtypes(backend: Backend, size: int):
+    model = backend.build(kit_settings(size))
+    classes = [13, 0, 5]
+    cam = backend.cam(model, random_images(2, size), classes)
+    side = size // 32
+    assert cam.maps.dtype == np.float32 and cam.maps.shape == (2, len(classes), side, side)
+    assert cam.bias.dtype == np.float32 and cam.bias.shape == (len(classes),)
+    assert cam.logits.dtype == np.float32 and cam.logits.shape == (2, len(classes))
+
+
+def test_get_weights_has_the_canonical_layout(backend: Backend):
+    settings = kit_settings()
+    weights = backend.weights(backend.build(settings))
+    spec = densenet_spec(settings.model.block_config)
+    assert set(weights) == set(spec)
+    for name, shape in spec.items():
+        assert isinstance(weights[name], np.ndarray) and weights[name].dtype == np.float32, name
+        assert weights[name].shape == shape, name
+
+
+# -- determinism ----------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_same_weights_and_logits(backend: Backend):
+    settings = kit_settings(**{"run.seed": 3})
+    first, second = backend.build(settings), backend.build(settings)
+    a, b = backend.weights(first), backend.weights(second)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    images = random_images(2, 32)
+    np.testing.assert_allclose(backend.predict(first, images, settings), backend.predict(second, images, settings), rtol=0, atol=REPEAT_ATOL)
+
+
+def test_different_seed_gives_different_weights(backend: Backend):
+    a = backend.weights(backend.build(kit_settings(**{"run.seed": 3})))
+    b = backend.weights(backend.build(kit_settings(**{"run.seed": 4})))
+    assert not np.array_equal(a["features.conv0.weight"], b["features.conv0.weight"]), "run.seed is ignored"
+
+
+# -- canonical weights ----------------------------------------------------------------------------
+
+
+def _assert_same_weights(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == np.float32, name
+        np.testing.assert_array_equal(got[name], value, err_msg=f"tensor {name} changed in the round trip")
+
+
+def test_weight_round_trip_is_bitwise(backend: Backend):
+    settings = kit_settings()
+    weights = random_canonical(settings.model.block_config, seed=5)
+    model = backend.build(settings)
+    assert backend.call("cxrbench_set_weights", model=model, weights=weights) is True
+    _assert_same_weights(backend.weights(model), weights)
+
+
+def test_build_with_weights_loads_them_exactly(backend: Backend):
+    settings = kit_settings()
+    weights = random_canonical(settings.model.block_config, seed=6)
+    _assert_same_weights(backend.weights(backend.build(settings, weights)), weights)
+
+
+@pytest.mark.parametrize("tensor", ["features.conv0.weight", "features.norm5.running_var"])
+@pytest.mark.parametrize("problem", ["missing", "misshapen"])
+def test_set_weights_names_the_bad_tensor(backend: Backend, tensor: str, problem: str):
+    settings = kit_settings()
+    weights = random_canonical(settings.model.block_config, seed=7)
+    if problem == "missing":
+        del weights[tensor]
+    else:
+        weights[tensor] = weights[tensor][:-1]
+    model = backend.build(settings)
+    with pytest.raises(WeightsError) as caught:
+        backend.call("cxrbench_set_weights", model=model, weights=weights)
+    assert tensor in str(caught.value)
+    assert_one_line(caught.value)
+
+
+# -- class activation maps ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_cam_identity(backend: Backend, size: int):
+    """maps.mean((2, 3)) + bias equals the logits of cxrbench_predict, class by class."""
+    settings = kit_settings(size)
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=8))
+    images = random_images(3, size)
+    logits = backend.predict(model, images, settings)
+    classes = [13, 2, 7]
+    cam = backend.cam(model, images, classes)
+    np.testing.assert_allclose(cam.maps.mean(axis=(2, 3)) + cam.bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
+    np.testing.assert_allclose(cam.logits, logits[:, classes], rtol=0, atol=CAM_ATOL)
+    every = backend.cam(model, images, list(range(NUM_CLASSES)))
+    np.testing.assert_allclose(cam.maps, every.maps[:, classes], rtol=0, atol=CAM_ATOL, err_msg="maps follow `classes` order")
+
+
+def test_tta_hflip_averages_the_mirror(backend: Backend):
+    settings = kit_settings()
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=9))
+    images = random_images(3, 32)
+    plain = backend.predict(model, images, settings)
+    mirrored = backend.predict(model, np.ascontiguousarray(images[:, :, ::-1]), settings)
+    tta = backend.predict(model, images, settings.replace(**{"eval.tta_hflip": True}))
+    np.testing.assert_allclose(tta, (plain + mirrored) / 2, rtol=0, atol=CAM_ATOL)
+
+
+# -- ONNX export ----------------------------------------------------------------------------------
+
+
+def test_onnx_export_passes_the_checker(exported):
+    settings, _, info = exported
+    onnx_checks.check_model(info.path)
+    assert info.opset == settings.export.opset
+    assert info.seconds >= 0 and info.exporter
+
+
+def test_onnx_metadata_says_what_the_model_expects(backend: Backend, exported):
+    settings, _, info = exported
+    assert info.layout == backend.info.onnx_layout
+    expected = onnx_checks.model_metadata(info.layout, settings.data.image_size, backend.name)
+    stamped = onnx_checks.read_metadata(info.path)
+    for key, value in expected.items():
+        assert stamped.get(key) == value, f"metadata {key}"
+    sess = onnx_checks.session(info.path)
+    [model_input], [model_output] = sess.get_inputs(), sess.get_outputs()
+    assert (model_input.name, model_output.name) == (info.input_name, info.output_name)
+    assert not isinstance(model_input.shape[0], int), f"batch axis must be dynamic, got {model_input.shape}"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_runtime_matches_predict(backend: Backend, exported, batch: int):
+    settings, model, info = exported
+    images = random_images(batch, settings.data.image_size, seed=batch)
+    native = backend.predict(model, images, settings)
+    onnx_logits = onnx_checks.run_onnx(info.path, images, info.layout)
+    stats = onnx_checks.diff_stats(native, onnx_logits, settings.export.atol, settings.export.rtol)
+    assert stats["passed"], stats
+
+
+# -- equivalence with a reference backend ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_same_logits_as_the_reference_backend(backend: Backend, reference_logits, size: int):
+    reference, logits = reference_logits
+    settings, weights, images = equivalence_inputs(size)
+    ours = backend.predict(backend.build(settings, weights), images, settings)
+    stats = onnx_checks.diff_stats(logits[size], ours, settings.run.equivalence_atol, 0.0)
+    assert stats["passed"], f"{backend.name} vs {reference}: {stats}"
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def test_short_training_run_reports_and_keeps_the_best_weights(backend: Backend):
+    settings = kit_settings(**{"train.epochs": 2, "train.max_steps": 1})
+    data = synthetic_data(32)
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=12))
+    before = backend.weights(model)
+    events: list[tuple[str, dict]] = []
+    recorder = Recorder([lambda event, payload: events.append((event, payload))])
+    result = backend.call("cxrbench_train", model=model, data=data, settings=settings, recorder=recorder)
+
+    history = recorder.history
+    assert all(isinstance(r, EpochRecord) for r in history)
+    assert [(r.epoch, r.warmup, r.steps, r.images) for r in history] == [(1, True, 1, 4), (2, False, 1, 4)]
+    for r in history:
+        assert all(math.isfinite(v) for v in (r.train_loss, r.val_loss, r.lr, r.images_per_s)), r
+        assert r.train_time_s > 0 and r.val_time_s > 0 and r.lr > 0
+    reported = [payload.get("phase", event) for event, payload in events if event != "step"]
+    assert reported == ["epoch_started", "train", "validate", "epoch_ended"] * 2
+
+    val_losses = [r.val_loss for r in history]
+    assert result["best_epoch"] == 1 + int(np.argmin(val_losses))
+    assert result["best_val_loss"] == pytest.approx(min(val_losses), rel=1e-6)
+    assert isinstance(result.get("numerics"), dict)
+    assert history[result["best_epoch"] - 1].best
+
+    after = backend.weights(model)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(before[k], after[k]) for k in before), "training changed no weight"
+    kept = bce_with_logits(backend.predict(model, data.split_images("val"), settings), data.split_labels("val"))
+    assert kept == pytest.approx(result["best_val_loss"], rel=1e-3), "the model must hold the best epoch's weights"
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_image_too_small_is_a_backend_error(backend: Backend):
+    """Suites refuse sizes under 32 px; a backend driven directly must refuse them too."""
+    settings = kit_settings()
+    tiny = dataclasses.replace(settings, data=dataclasses.replace(settings.data, image_size=16))
+    with pytest.raises(BackendError) as caught:
+        backend.build(tiny)
+    assert "16" in str(caught.value)
+    assert_one_line(caught.value)
+
+
+def _corrupt_file(path: Path) -> str:
+    path.write_bytes(b"these bytes are not an npz archive")
+    return path.name
+
+
+def _no_file(path: Path) -> str:
+    return path.name
+
+
+def _incomplete_file(path: Path) -> str:
+    weights = init_canonical(kit_settings().model.block_config, seed=0)
+    del weights["classifier.bias"]
+    np.savez(path, **weights)
+    return "classifier.bias"
+
+
+#: Ways a weights file can be bad -> a writer that returns what the error message must name.
+BAD_WEIGHTS_FILES = {"corrupt": _corrupt_file, "missing": _no_file, "incomplete": _incomplete_file}
+
+
+@pytest.mark.parametrize("kind", BAD_WEIGHTS_FILES)
+def test_bad_weights_file_is_a_weights_error(backend: Backend, tmp_path: Path, kind: str):
+    path = tmp_path / f"{kind}.npz"
+    named = BAD_WEIGHTS_FILES[kind](path)
+    with pytest.raises(WeightsError) as caught:
+        backend.build(kit_settings(**{"model.init": str(path)}))
+    assert named in str(caught.value)
+    assert_one_line(caught.value)
+
+
+def test_non_finite_loss_raises_training_diverged(backend: Backend):
+    settings = kit_settings(**{"train.learning_rate": math.inf, "train.max_steps": 2})
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=13))
+    with pytest.raises(TrainingDiverged) as caught:
+        backend.call("cxrbench_train", model=model, data=synthetic_data(32), settings=settings, recorder=Recorder())
+    assert caught.value.epoch == 1
+    assert_one_line(caught.value)
