@@ -1,0 +1,1 @@
+"""Background sampling of GPUs (NVML, else GPUtil) and of the worker's CPU and memory, per phase."""

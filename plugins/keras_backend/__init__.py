@@ -1,0 +1,86 @@
+"""cxrbench backend plugin: Keras 3 on TensorFlow (keras.applications DenseNet, tf.distribute).
+
+Only hook implementations live here. TensorFlow and Keras are imported inside the hooks (through
+the sibling modules), never at plugin import, so discovery stays cheap; KERAS_BACKEND is fixed to
+"tensorflow" before any Keras import.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+
+from cxrbench.api import BackendInfo
+from cxrbench.hookspecs import hookimpl
+
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+NAME = "keras"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@hookimpl
+def cxrbench_backend_info():
+    return BackendInfo(
+        name=NAME,
+        framework="keras",
+        version=_version("keras"),
+        onnx_layout="NHWC",
+        extra={"tensorflow": _version("tensorflow"), "tf2onnx": _version("tf2onnx")},
+    )
+
+
+@hookimpl
+def cxrbench_build_model(settings, weights):
+    from cxrbench_keras.model import build
+
+    return build(settings, weights)
+
+
+@hookimpl
+def cxrbench_get_weights(model):
+    from cxrbench_keras.weights import get_weights
+
+    return get_weights(model.network)
+
+
+@hookimpl
+def cxrbench_set_weights(model, weights):
+    from cxrbench_keras.weights import set_weights
+
+    set_weights(model.network, weights, model.block_config)
+    return True
+
+
+@hookimpl
+def cxrbench_train(model, data, settings, recorder):
+    from cxrbench_keras.loop import train
+
+    return train(model, data, settings, recorder)
+
+
+@hookimpl
+def cxrbench_predict(model, images, settings):
+    from cxrbench_keras.infer import predict
+
+    return predict(model, images, settings)
+
+
+@hookimpl
+def cxrbench_cam(model, images, classes):
+    from cxrbench_keras.infer import cam
+
+    return cam(model, images, classes)
+
+
+@hookimpl
+def cxrbench_export_onnx(model, path, settings):
+    from cxrbench_keras.export import export_onnx
+
+    return export_onnx(model, path, settings)

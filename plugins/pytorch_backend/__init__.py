@@ -1,0 +1,79 @@
+"""cxrbench's PyTorch backend: torchvision DenseNet, DDP for several GPUs, legacy ONNX export.
+
+Only the hook implementations live here, and they import torch lazily: importing this plugin (as
+``cxrbench backends`` does for discovery) must not import the framework.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from cxrbench.api import BackendInfo
+from cxrbench.hookspecs import hookimpl
+
+NAME = "pytorch"
+
+
+@hookimpl
+def cxrbench_backend_info():
+    return BackendInfo(
+        name=NAME,
+        framework="torch",
+        version=importlib.metadata.version("torch"),
+        onnx_layout="NCHW",
+        extra={"torchvision": importlib.metadata.version("torchvision")},
+    )
+
+
+@hookimpl
+def cxrbench_build_model(settings, weights):
+    from cxrbench_pytorch.model import build
+
+    return build(settings, weights)
+
+
+@hookimpl
+def cxrbench_get_weights(model):
+    from cxrbench_pytorch import weights
+
+    return weights.get(model.net)
+
+
+@hookimpl
+def cxrbench_set_weights(model, weights):
+    from cxrbench_pytorch import weights as tv_weights
+
+    tv_weights.put(model.net, weights, model.block_config)
+    return True
+
+
+@hookimpl
+def cxrbench_train(model, data, settings, recorder):
+    if settings.run.gpus > 1:
+        from cxrbench_pytorch import distributed
+
+        return distributed.train(model, data, settings, recorder, world=settings.run.gpus, device_type="cuda")
+    from cxrbench_pytorch import loop
+
+    return loop.train(model, data, settings, recorder)
+
+
+@hookimpl
+def cxrbench_predict(model, images, settings):
+    from cxrbench_pytorch import infer
+
+    return infer.predict(model, images, settings.train.batch_size, settings.eval.tta_hflip)
+
+
+@hookimpl
+def cxrbench_cam(model, images, classes):
+    from cxrbench_pytorch import infer
+
+    return infer.cam(model, images, classes)
+
+
+@hookimpl
+def cxrbench_export_onnx(model, path, settings):
+    from cxrbench_pytorch import export
+
+    return export.export_onnx(model, path, settings)
