@@ -1,0 +1,171 @@
+"""Read a run folder (/tmp/run_contract.md, schema_version 1) into one tolerant structure.
+
+``run.json`` is required; everything else is optional. A missing or unreadable optional file
+becomes a note the report shows, never a crash, so a failed backend or a stage not run still
+gives a useful page. Backend summaries come from ``run.json`` and, where it lacks them (a run
+still in progress, a parent that died), from the backend's own files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbench.classes import CLASSES
+from cxrbench.errors import CxrError
+
+#: run.json backend key -> (file in the backend folder, key inside that file or None for all of it).
+_BACKEND_FILES: dict[str, tuple[str, str | None]] = {
+    "history": ("history.json", None),
+    "train": ("train.json", None),
+    "auroc": ("metrics.json", "auroc"),
+    "localisation": ("localisation.json", None),
+    "throughput": ("throughput.json", None),
+    "gpu": ("monitor.json", None),
+    "onnx": ("onnx.json", None),
+}
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class BackendRun:
+    """One backend's results; any summary may be ``None`` when its stage did not run."""
+
+    name: str
+    folder: Path
+    summary: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.summary.get("status") or "pending")
+
+    @property
+    def error(self) -> str | None:
+        return self.summary.get("error")
+
+    def get(self, key: str) -> Any:
+        return self.summary.get(key)
+
+    @cached_property
+    def monitor_samples(self) -> list[dict[str, Any]]:
+        """monitor.jsonl, read once: several sections summarise it."""
+        return load_monitor_samples(self)
+
+
+@dataclass
+class Run:
+    """A run folder: ``run.json``, ``comparison.json`` and the backends, in run.json order."""
+
+    path: Path
+    meta: dict[str, Any]
+    comparison: dict[str, Any]
+    backends: dict[str, BackendRun]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in (self.meta.get("data") or {}).get("classes") or CLASSES]
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CxrError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_optional_json(path: Path, notes: list[str]) -> Any:
+    """A JSON file's content, or ``None`` (with a note when the file exists but is unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        return _read_json_file(path)
+    except CxrError as exc:
+        notes.append(str(exc))
+        return None
+
+
+def _backend_names(run_dir: Path, meta: dict) -> list[str]:
+    """run.json's order first, then any backend folder the parent never merged (it has status.json)."""
+    names = [str(n) for n in (meta.get("backends") or {})]
+    extra = sorted(p.name for p in run_dir.iterdir() if (p / "status.json").is_file() and p.name not in names)
+    return names + extra
+
+
+def _load_backend(run_dir: Path, name: str, merged: dict, notes: list[str]) -> BackendRun:
+    folder = run_dir / name
+    summary = dict(merged)
+    status = read_optional_json(folder / "status.json", notes) or {}
+    if summary.get("status") in (None, "pending") and status.get("status"):
+        summary["status"] = status["status"]  # the parent has not merged yet: the worker's own record is fresher
+    if summary.get("error") is None and status.get("error") is not None:
+        summary["error"] = status["error"]
+    for key, (file_name, inner) in _BACKEND_FILES.items():
+        if summary.get(key) is None:
+            content = read_optional_json(folder / file_name, notes)
+            summary[key] = content.get(inner) if inner and isinstance(content, dict) else content
+    return BackendRun(name, folder, summary)
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a run folder; a one-line :class:`CxrError` when it is not one."""
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise CxrError(f"{run_json}: not found (is {run_dir} a cxrbench run folder?)")
+    meta = _read_json_file(run_json)
+    if not isinstance(meta, dict) or meta.get("schema_version") != 1:
+        found = meta.get("schema_version") if isinstance(meta, dict) else type(meta).__name__
+        raise CxrError(f"{run_json}: schema_version must be 1, found {found!r}")
+    notes: list[str] = []
+    comparison = read_optional_json(run_dir / "comparison.json", notes) or {}
+    merged = meta.get("backends") or {}
+    backends = {name: _load_backend(run_dir, name, merged.get(name) or {}, notes) for name in _backend_names(run_dir, meta)}
+    return Run(run_dir, meta, comparison, backends, notes)
+
+
+def load_predictions(backend: BackendRun) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, logits) of the test split from predictions.npz, or None when absent or unreadable."""
+    path = backend.folder / "predictions.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return np.asarray(npz["labels"]), np.asarray(npz["logits"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def load_monitor_samples(backend: BackendRun) -> list[dict[str, Any]]:
+    """monitor.jsonl samples; a torn last line (a killed worker) is skipped."""
+    path = backend.folder / "monitor.jsonl"
+    if not path.is_file():
+        return []
+    samples = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(sample, dict) and isinstance(sample.get("t"), (int, float)):
+            samples.append(sample)
+    return samples
+
+
+def log_tail(backend: BackendRun, lines: int = LOG_TAIL_LINES) -> list[str] | None:
+    """The last ``lines`` lines of ``<backend>/log.txt`` (read as a stream: logs can be large)."""
+    path = backend.folder / "log.txt"
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]

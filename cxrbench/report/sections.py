@@ -1,0 +1,320 @@
+"""The report's sections as plain data (lists and dicts) for the template.
+
+Each builder takes a loaded :class:`~cxrbench.report.load.Run` and returns what its section shows;
+missing pieces come back as ``None`` or empty, and the template says so in words. No HTML here:
+the template escapes every string.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cxrbench.errors import CxrError
+from cxrbench.report import charts
+from cxrbench.report.figures import gpu_train_utilisation, headline_values, no_gpu_reason, ratio_sentences
+from cxrbench.report.gallery import backend_tiles, gallery_rows
+from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
+from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
+
+FAILED = ("failed", "interrupted")
+_METRIC_NAMES = {"iobb": "IoBB", "iou": "IoU"}
+
+
+def backend_colours(run: Run) -> dict[str, str]:
+    return {name: charts.colour(i) for i, name in enumerate(run.backends)}
+
+
+def resolve_baseline(run: Run, requested: str | None) -> str | None:
+    """--baseline, else run.json's baseline, else the first backend; a one-line error for an unknown name."""
+    if requested is not None:
+        if requested not in run.backends:
+            raise CxrError(f"--baseline {requested!r}: no such backend in {run.path} (has: {', '.join(run.backends) or 'none'})")
+        return requested
+    stated = run.meta.get("baseline")
+    if stated in run.backends:
+        return stated
+    return next(iter(run.backends), None)
+
+
+# -- summary --------------------------------------------------------------------------------------
+
+
+def _equivalence_of(run: Run, name: str) -> dict[str, Any] | None:
+    """Largest max |logit diff| between this backend (native or ONNX) and any other model, vs atol."""
+    eq = run.comparison.get("equivalence") or {}
+    labels, matrix = eq.get("labels") or [], eq.get("max_abs")
+    if not matrix or name not in labels:
+        return None
+    mine = [i for i, label in enumerate(labels) if label in (name, f"{name}/onnx")]
+    worst = max((matrix[i][j] for i in mine for j in range(len(labels)) if j != i and matrix[i][j] is not None), default=None)
+    if worst is None:
+        return None
+    return {"max_abs": worst, "atol": eq.get("atol"), "passed": eq.get("atol") is not None and worst <= eq["atol"]}
+
+
+def _parity_of(run: Run, backend: BackendRun) -> dict[str, Any] | None:
+    return (run.comparison.get("parity") or {}).get(backend.name) or (backend.get("onnx") or {}).get("parity_images")
+
+
+def summary_rows(run: Run) -> list[dict[str, Any]]:
+    rows = []
+    for name, backend in run.backends.items():
+        auroc = backend.get("auroc") or {}
+        throughput = backend.get("throughput") or {}
+        info = backend.get("info") or {}
+        rows.append({
+            "name": name,
+            "status": backend.status,
+            "framework": " ".join(str(info[k]) for k in ("framework", "version") if info.get(k)),
+            "mean_auroc": auroc.get("mean"),
+            "ci": (auroc.get("ci") or {}).get("mean"),
+            "values": headline_values(run, backend),
+            "warmup_epoch_time_s": throughput.get("warmup_epoch_time_s"),
+            "warmup_only": bool(throughput.get("warmup_only")),
+            "gpu": gpu_train_utilisation(backend),
+            "no_gpu": no_gpu_reason(backend),
+            "parity": _parity_of(run, backend),
+            "equivalence": _equivalence_of(run, name),
+        })
+    return rows
+
+
+def summary(run: Run, baseline: str | None) -> dict[str, Any]:
+    return {"rows": summary_rows(run), "baseline": baseline, "ratios": ratio_sentences(run, baseline) if baseline else []}
+
+
+# -- accuracy -------------------------------------------------------------------------------------
+
+
+def _agreement_pairs(run: Run) -> list[dict]:
+    return [p for p in ((run.comparison.get("agreement") or {}).get("pairs") or []) if p.get("a") and p.get("b")]
+
+
+def auroc_table(run: Run) -> dict[str, Any]:
+    """Per class: each backend's AUROC and CI, DeLong p per backend pair, the published references."""
+    pairs = _agreement_pairs(run)
+    reports = {name: b.get("auroc") or {} for name, b in run.backends.items()}
+    rows = []
+    for name in run.classes:
+        rows.append({
+            "class": name,
+            "backends": {b: ((r.get("per_class") or {}).get(name), ((r.get("ci") or {}).get("per_class") or {}).get(name))
+                         for b, r in reports.items()},
+            "p_values": [((p.get("per_class") or {}).get(name) or {}).get("p_value") for p in pairs],
+            "references": [ref.per_class.get(name) for ref in AUROC_REFERENCES],
+            "positives": next((r["positives"].get(name) for r in reports.values() if r.get("positives")), None),
+        })
+    mean = {b: (r.get("mean"), (r.get("ci") or {}).get("mean")) for b, r in reports.items()}
+    undefined = {b: r.get("undefined") for b, r in reports.items() if r.get("undefined")}
+    return {
+        "rows": rows,
+        "mean": mean,
+        "undefined": undefined,
+        "pairs": [f"{p['a']} vs {p['b']}" for p in pairs],
+        "correlations": [(f"{p['a']} vs {p['b']}", p.get("score_correlation") or {}) for p in pairs],
+        "references": AUROC_REFERENCES,
+        "confidence": next((r.get("confidence") for r in reports.values() if r.get("confidence")), None),
+        "n": next((r.get("n") for r in reports.values() if r.get("n")), None),
+    }
+
+
+def roc_svg(run: Run) -> str | None:
+    curves = {}
+    for name, backend in run.backends.items():
+        loaded = load_predictions(backend)
+        if loaded is not None and loaded[0].ndim == 2 and loaded[0].shape == loaded[1].shape:
+            curves[name] = loaded
+    if not curves:
+        return None
+    classes = run.classes[: next(iter(curves.values()))[0].shape[1]]
+    return charts.roc_chart(curves, classes, backend_colours(run))
+
+
+# -- speed ----------------------------------------------------------------------------------------
+
+
+def histories(run: Run) -> dict[str, list[dict]]:
+    return {name: [r for r in (b.get("history") or []) if isinstance(r, dict) and "epoch" in r] for name, b in run.backends.items()}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "p95": float(np.percentile(values, 95)), "n": len(values)}
+
+
+def utilisation_table(run: Run, samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Mean and p95 per backend, phase and device, from the raw samples (GPU util, CPU percent)."""
+    rows = []
+    for name, rows_ in samples.items():
+        groups: dict[tuple[str, str], list[float]] = {}
+        for s in rows_:
+            device = str(s.get("device", ""))
+            field = "util" if device.startswith("gpu") else "cpu_percent"
+            if isinstance(s.get(field), (int, float)):
+                groups.setdefault((str(s.get("phase", "")), device), []).append(float(s[field]))
+        rows += [{"backend": name, "phase": phase, "device": device, **_stats(values)}
+                 for (phase, device), values in sorted(groups.items())]
+    return rows
+
+
+def speed(run: Run) -> dict[str, Any]:
+    history = histories(run)
+    colours = backend_colours(run)
+    samples = {name: b.monitor_samples for name, b in run.backends.items()}
+    scaling = run.meta.get("scaling") or None
+    return {
+        "histories": history,
+        "training_svg": charts.training_chart(history, colours),
+        "epoch_svg": charts.epoch_time_chart(history, colours),
+        "utilisation_svg": charts.utilisation_chart(samples),
+        "utilisation": utilisation_table(run, samples),
+        "no_gpu": {name: no_gpu_reason(b) for name, b in run.backends.items() if gpu_train_utilisation(b) is None},
+        "scaling": scaling,
+        "scaling_svg": charts.scaling_chart(scaling, colours) if scaling else None,
+    }
+
+
+# -- localisation ---------------------------------------------------------------------------------
+
+
+def _iobb(localisation: dict | None) -> dict | None:
+    return (localisation or {}).get("iobb")
+
+
+def _centred(localisation: dict | None) -> dict | None:
+    """The centred-box baseline, stored either as one IoBB result or as {"iobb": ..., "iou": ...}."""
+    centred = (localisation or {}).get("centred_box") or None
+    if centred and "per_class" not in centred:
+        centred = centred.get("iobb")
+    return centred
+
+
+def localisation(run: Run) -> dict[str, Any] | None:
+    """Accuracy at T(IoBB)=0.5 per class (backends, centred box, ChestX-ray8), and by threshold."""
+    found = {name: b.get("localisation") for name, b in run.backends.items() if _iobb(b.get("localisation"))}
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    classes = [c for c in run.classes if any(c in (_iobb(loc).get("per_class") or {}) for loc in found.values())]
+    at = CHESTXRAY8_THRESHOLD
+
+    def row(label: str, result: dict | None, kind: str) -> dict[str, Any]:
+        per_class = (result or {}).get("per_class") or {}
+        return {"label": label, "kind": kind,
+                "cells": [((per_class.get(c) or {}).get("accuracy") or {}).get(at) for c in classes],
+                "overall": (((result or {}).get("overall") or {}).get("accuracy") or {}).get(at)}
+
+    rows = [row(name, _iobb(loc), "backend") for name, loc in found.items()]
+    rows.append(row("centred box", _centred(first), "baseline"))
+    rows.append({"label": CHESTXRAY8_IOBB_05.name, "kind": "reference",
+                 "cells": [CHESTXRAY8_IOBB_05.per_class.get(c) for c in classes], "overall": None})
+    thresholds = [f"{t:g}" for t in _iobb(first).get("thresholds") or []]
+    by_threshold = []
+    for name, loc in found.items():
+        for metric in _METRIC_NAMES:
+            overall = (loc.get(metric) or {}).get("overall") or {}
+            if overall:
+                by_threshold.append({"label": f"{name} ({_METRIC_NAMES[metric]})", "accuracy": overall.get("accuracy") or {},
+                                     "avg_fp": overall.get("avg_fp") or {}, "boxes": overall.get("boxes")})
+    centred = (_centred(first) or {}).get("overall") or {}
+    if centred:
+        by_threshold.append({"label": "centred box (IoBB)", "accuracy": centred.get("accuracy") or {},
+                             "avg_fp": centred.get("avg_fp") or {}, "boxes": centred.get("boxes")})
+    return {"classes": classes, "rows": rows, "thresholds": thresholds, "by_threshold": by_threshold,
+            "threshold": first.get("threshold"), "at": at}
+
+
+def localisation_skipped(run: Run) -> dict[str, str]:
+    """Backends whose CAM stage ran but had nothing to score, with the reason it gave."""
+    return {name: str(b.get("localisation")["skipped"]) for name, b in run.backends.items()
+            if isinstance(b.get("localisation"), dict) and b.get("localisation").get("skipped")}
+
+
+def gallery(run: Run) -> dict[str, Any]:
+    threshold = ((run.meta.get("settings") or {}).get("eval") or {}).get("cam_threshold", 0.5)
+    tiles = {name: backend_tiles(b, threshold, run.notes) for name, b in run.backends.items()}
+    return {"backends": list(tiles), "rows": gallery_rows(tiles)}
+
+
+# -- ONNX -----------------------------------------------------------------------------------------
+
+
+def heat_colour(value: float | None) -> str:
+    """Cell colour by log10 of the max abs difference: green at 1e-9 and below, red at 1 and above."""
+    if value is None:
+        return "#eeeeee"
+    level = math.log10(max(float(value), 1e-12))
+    share = min(max((level + 9.0) / 9.0, 0.0), 1.0)
+    return f"hsl({120 * (1 - share):.0f}, 70%, {88 - 18 * share:.0f}%)"
+
+
+def equivalence(run: Run) -> dict[str, Any] | None:
+    eq = run.comparison.get("equivalence")
+    if not eq:
+        return None
+    means = eq.get("mean_abs") or []
+
+    def mean_at(i: int, j: int) -> float | None:
+        return means[i][j] if i < len(means) and j < len(means[i]) else None
+
+    cells = [[{"value": v, "colour": heat_colour(v), "mean": mean_at(i, j)} for j, v in enumerate(row)]
+             for i, row in enumerate(eq.get("max_abs") or [])]
+    labels = eq.get("labels") or []
+    return {"labels": labels, "cells": cells, "atol": eq.get("atol"), "passed": eq.get("passed"),
+            "failures": eq.get("failures") or [], "skipped": eq.get("skipped")}
+
+
+def onnx(run: Run) -> dict[str, Any]:
+    rows = []
+    for name, backend in run.backends.items():
+        info = backend.get("onnx") or {}
+        rows.append({
+            "name": name,
+            "export": info.get("export"),
+            "parity_images": _parity_of(run, backend),
+            "parity_random": info.get("parity_random"),
+            "ort": (run.comparison.get("onnxruntime") or {}).get(name),
+        })
+    options = next((r["ort"]["session_options"] for r in rows if (r["ort"] or {}).get("session_options")), None)
+    return {"equivalence": equivalence(run), "backends": rows, "session_options": options}
+
+
+# -- environment and failures ---------------------------------------------------------------------
+
+
+def _grouped_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Settings by section (numerics first: they change the numbers), scalars under "suite"."""
+    from cxrbench.report.compare import flatten
+
+    groups = {"suite": {k: v for k, v in settings.items() if not isinstance(v, dict)}}
+    groups.update({k: flatten(v) for k, v in settings.items() if isinstance(v, dict)})
+    return dict(sorted(groups.items(), key=lambda item: item[0] != "numerics"))
+
+
+def environment(run: Run) -> dict[str, Any]:
+    from cxrbench.report.compare import flatten
+
+    env = dict(run.meta.get("environment") or {})
+    packages = env.pop("packages", {}) or {}
+    settings = _grouped_settings(run.meta.get("settings") or {})
+    numerics = {name: (b.get("train") or {}).get("numerics") for name, b in run.backends.items()}
+    return {
+        "facts": flatten(env),
+        "packages": packages,
+        "settings": settings,
+        "numerics": {name: flatten(n) for name, n in numerics.items() if n},
+        "info": {name: b.get("info") for name, b in run.backends.items() if b.get("info")},
+    }
+
+
+def failures(run: Run) -> list[dict[str, Any]]:
+    """Backends that failed or were interrupted, with their error and the tail of their log."""
+    return [{"name": name, "status": b.status, "error": b.error, "log": log_tail(b)}
+            for name, b in run.backends.items() if b.status in FAILED]
+
+
+def pending(run: Run) -> list[str]:
+    return [name for name, b in run.backends.items() if b.status not in FAILED + ("completed",)]
+
