@@ -1,0 +1,112 @@
+"""The background sampler: every ``interval_s`` one CPU/memory row and one row per GPU.
+
+Rows are tagged with the backend and with the recorder's current phase and epoch, appended to
+``monitor.jsonl`` as they are taken (so a killed worker keeps its samples), and summarised per
+phase and device into ``monitor.json`` when the sampler stops.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from cxrbench.monitor.gpu import GpuReader, GpuStatus, open_gpu_reader
+from cxrbench.monitor.summary import summarise
+from cxrbench.run.store import write_json
+
+MIB = 2**20
+
+
+class PhaseSource(Protocol):
+    """What the sampler reads to tag a row: a :class:`cxrbench.recorder.Recorder` fits."""
+
+    phase_name: str
+    epoch: int
+
+
+class ProcessTree:
+    """CPU percent and resident memory of a process and all its children."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self._known: dict[int, psutil.Process] = {}
+
+    def _processes(self) -> list[psutil.Process]:
+        try:
+            current = [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        # psutil's cpu_percent compares with the previous call on the SAME object: keep them.
+        self._known = {p.pid: self._known.get(p.pid, p) for p in current}
+        return list(self._known.values())
+
+    def read(self) -> dict[str, float]:
+        cpu = rss = 0.0
+        for process in self._processes():
+            try:
+                cpu += process.cpu_percent(interval=None)
+                rss += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return {"cpu_percent": cpu, "rss_mib": rss / MIB}
+
+
+class Sampler:
+    """A daemon thread writing tagged samples; ``stop()`` writes and returns the summary."""
+
+    def __init__(
+        self,
+        folder: Path,
+        backend: str,
+        tags: PhaseSource,
+        interval_s: float = 1.0,
+        pid: int | None = None,
+        gpu: tuple[GpuReader | None, GpuStatus] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.backend, self.tags, self.interval_s = backend, tags, interval_s
+        self.tree = ProcessTree(pid or psutil.Process().pid)
+        self.gpu, self.status = gpu or open_gpu_reader()
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cxrbench-monitor", daemon=True)
+
+    def start(self) -> "Sampler":
+        self.tree.read()  # the first cpu_percent of a process is always 0: prime it
+        self._thread.start()
+        return self
+
+    def _row(self, t: float, device: str, values: dict[str, Any]) -> dict[str, Any]:
+        row = {"t": round(t, 3), "backend": self.backend, "phase": self.tags.phase_name, "epoch": self.tags.epoch, "device": device}
+        row.update({k: None for k in ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib")})
+        row.update(values)
+        return row
+
+    def sample_once(self) -> list[dict[str, Any]]:
+        t = time.time()
+        rows = [self._row(t, "cpu", self.tree.read())]
+        if self.gpu is not None:
+            rows += [self._row(t, f"gpu{i}", values) for i, values in enumerate(self.gpu.read())]
+        return rows
+
+    def _loop(self) -> None:
+        with open(self.folder / "monitor.jsonl", "a", encoding="utf-8") as out:
+            while not self._stop.wait(self.interval_s):
+                rows = self.sample_once()
+                self.samples += rows
+                out.write("".join(json.dumps(r) + "\n" for r in rows))
+                out.flush()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        if self.gpu is not None:
+            self.gpu.close()
+        summary = summarise(self.samples, self.status, self.interval_s)
+        write_json(self.folder / "monitor.json", summary)
+        return summary

@@ -1,0 +1,42 @@
+"""Per-phase, per-device summaries (mean, p50, p95) of monitor samples."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import numpy as np
+
+from cxrbench.monitor.gpu import GpuStatus
+
+FIELDS = ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib")
+
+
+def statistics(values: list[float]) -> dict[str, float | int]:
+    data = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(data.mean()),
+        "p50": float(np.percentile(data, 50)),
+        "p95": float(np.percentile(data, 95)),
+        "n": int(data.size),
+    }
+
+
+def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: float) -> dict[str, Any]:
+    """``{"phases": {phase: {device: {field: stats}}}}`` plus the GPU status.
+
+    Fields a device never reported (``None``: GPU fields on the CPU row, power under GPUtil) are
+    left out rather than summarised as zeros.
+    """
+    grouped: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    count = 0
+    for row in samples:
+        count += 1
+        for name in FIELDS:
+            if row.get(name) is not None:
+                grouped[row["phase"]][row["device"]][name].append(row[name])
+    phases = {
+        phase: {device: {name: statistics(values) for name, values in fields.items()} for device, fields in devices.items()}
+        for phase, devices in grouped.items()
+    }
+    return {**status.to_dict(), "interval_s": interval_s, "samples": count, "phases": phases}

@@ -1,0 +1,57 @@
+"""``cxrbench run``: the comparison of backends on one suite, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cxrbench.errors import SuiteError
+
+#: Option spelling and type of each of the suite's common overrides (cxrbench.suite.COMMON_OVERRIDES).
+_OVERRIDE_TYPES = {"epochs": int, "image_size": int, "batch_size": int, "seed": int, "data": str,
+                   "max_steps": int, "arch": str, "init": str, "precision": str}
+
+
+def add_parser(commands) -> None:
+    from cxrbench.suite import COMMON_OVERRIDES
+
+    run = commands.add_parser("run", help="compare backends on a suite: train, evaluate, CAM, ONNX, checks, report")
+    run.add_argument("--suite", help="suite name or TOML path (default: smoke)")
+    run.add_argument("--backend", action="append", default=[], metavar="NAME", help="repeatable (default: every installed backend)")
+    run.add_argument("--out", type=Path, help="run folder (default: reports/<timestamp>-<suite>)")
+    run.add_argument("--gpus", help="GPU count, or a sweep such as 1,2,4 (default: the suite's run.gpus)")
+    run.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted or failed run with its own settings")
+    run.add_argument("--baseline", metavar="NAME", help="the backend others are compared with (default: the first)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any suite setting")
+    run.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between GPU/CPU samples")
+    for option, dotted in COMMON_OVERRIDES.items():
+        help_text = "data set folder (default: the embedded phantom data set)" if option == "data" else f"override {dotted}"
+        run.add_argument(f"--{option.replace('_', '-')}", type=_OVERRIDE_TYPES[option], help=help_text)
+    run.set_defaults(func=_cmd_run)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from cxrbench.suite import COMMON_OVERRIDES, parse_set_option
+
+    given = {dotted: getattr(args, option) for option, dotted in COMMON_OVERRIDES.items()}
+    given.update(parse_set_option(text) for text in args.set)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cxrbench.run.orchestrator import RunRequest, new_run, resume_run
+    from cxrbench.suite import apply_overrides, load_suite
+
+    argv = sys.argv[1:]
+    overrides = _overrides(args)
+    if args.resume:
+        changed = [name for name, value in (("--suite", args.suite), ("--backend", args.backend), ("--out", args.out),
+                                            ("--gpus", args.gpus), ("--plugin", args.plugin), ("--baseline", args.baseline)) if value]
+        if overrides or changed:
+            raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
+        return resume_run(args.resume, argv, args.monitor_interval).execute()
+    settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
+    request = RunRequest(settings, args.backend, args.plugin, args.out, args.gpus, args.baseline, argv, args.monitor_interval)
+    return new_run(request).execute()

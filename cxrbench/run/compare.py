@@ -1,0 +1,82 @@
+"""``comparison.json``: the cross-backend checks, computed by the parent from the workers' files.
+
+Each check uses only what exists on disk, so a failed or interrupted backend drops out of the
+checks it cannot take part in while the others still run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbench.checks import equivalence as eq
+from cxrbench.checks.onnx import run_onnx
+from cxrbench.checks.ort_benchmark import benchmark
+from cxrbench.run.store import SCHEMA_VERSION, load_npz, read_json, write_json
+from cxrbench.suite import Settings
+
+
+def equivalence_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
+    if settings.model.init != "shared":
+        return {"skipped": f"model.init = {settings.model.init!r}: the backends start from different weights, "
+                           "so equal functions are not expected (use init = 'shared' to check)", "passed": None}
+    batch = np.load(run_dir / "equivalence_batch.npy", allow_pickle=False)
+    outputs, missing = {}, []
+    for name in backends:
+        folder = run_dir / name
+        if not (folder / "equivalence.npz").is_file():
+            missing.append(name)
+            continue
+        outputs[name] = load_npz(folder / "equivalence.npz")["logits"]
+        init = read_json(folder / "init_onnx.json")
+        if init and (folder / "init.onnx").is_file():
+            outputs[f"{name}/onnx"] = run_onnx(folder / "init.onnx", batch, init["export"]["layout"])
+    section = eq.equivalence_matrix(outputs, settings.run.equivalence_atol)
+    section.update(images=int(len(batch)), missing=missing)
+    return section
+
+
+def parity_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
+    parity = {}
+    for name in backends:
+        onnx_json = read_json(run_dir / name / "onnx.json")
+        if onnx_json:
+            parity[name] = onnx_json["parity_images"]
+    return parity
+
+
+def agreement_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
+    predictions = {n: load_npz(run_dir / n / "predictions.npz") for n in backends if (run_dir / n / "predictions.npz").is_file()}
+    pairs = []
+    for a, b in itertools.combinations(predictions, 2):
+        pa, pb = predictions[a], predictions[b]
+        if not np.array_equal(pa["files"], pb["files"]) or not np.array_equal(pa["labels"], pb["labels"]):
+            pairs.append({"a": a, "b": b, "error": f"{a} and {b} were evaluated on different test images"})
+            continue
+        pairs.append(eq.agreement(a, pa["logits"], b, pb["logits"], pa["labels"]))
+    return {"pairs": pairs}
+
+
+def onnxruntime_section(run_dir: Path, backends: list[str], settings: Settings, threads: int) -> dict[str, Any]:
+    results = {}
+    for name in backends:
+        onnx_json = read_json(run_dir / name / "onnx.json")
+        if onnx_json:
+            results[name] = benchmark(run_dir / name / "model.onnx", onnx_json["export"]["layout"], settings.data.image_size,
+                                      threads, seed=settings.run.seed)
+    return results
+
+
+def write_comparison(run_dir: Path, backends: list[str], settings: Settings, threads: int) -> dict[str, Any]:
+    comparison = {
+        "schema_version": SCHEMA_VERSION,
+        "equivalence": equivalence_section(run_dir, backends, settings),
+        "parity": parity_section(run_dir, backends),
+        "agreement": agreement_section(run_dir, backends),
+        "onnxruntime": onnxruntime_section(run_dir, backends, settings, threads),
+    }
+    write_json(run_dir / "comparison.json", comparison)
+    return comparison

@@ -1,0 +1,300 @@
+"""The comparison run: resolve suite and backends, prepare the data once, run one worker process per
+backend, then merge their results, run the cross-backend checks and write the report.
+
+Workers run one after another, never side by side, so no backend's timings include another's
+load. A worker that fails or is killed is recorded as failed with its one-line error; the others
+and every check that still makes sense go on. Ctrl-C stops the current worker, keeps what finished
+and still writes ``run.json``, ``comparison.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from cxrbench import __version__
+from cxrbench import weights as canonical
+from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
+from cxrbench.env import capture, gpu_inventory
+from cxrbench.errors import BackendError, CxrError
+from cxrbench.plugins import Plugins, load_plugins, require_answer
+from cxrbench.run import scaling
+from cxrbench.run.compare import write_comparison
+from cxrbench.run.index_page import write_index
+from cxrbench.run.progress import Progress, summary_table
+from cxrbench.run.store import SCHEMA_VERSION, WORKER_STAGES, BackendStatus, now_iso, read_json, save_npy, write_json
+from cxrbench.suite import Settings
+
+#: Images of the test split every backend's initial model is evaluated on (equivalence check).
+EQUIVALENCE_IMAGES = 8
+#: Seconds a worker gets to stop after SIGTERM before it is killed.
+STOP_GRACE_S = 15.0
+POLL_S = 0.5
+#: Worker stages of a scaling sweep point (speed only).
+SWEEP_STAGES = ("prepare-check", "train")
+
+
+@dataclass
+class RunRequest:
+    """A new run as the command line describes it."""
+
+    settings: Settings
+    backends: list[str] = field(default_factory=list)  #: empty: every installed backend
+    plugins: list[str] = field(default_factory=list)
+    out: Path | None = None
+    gpus: str | None = None
+    baseline: str | None = None
+    argv: list[str] = field(default_factory=list)
+    monitor_interval: float = 1.0
+
+
+def _resolve_backends(plugins: Plugins, requested: list[str]) -> list[str]:
+    installed = plugins.backend_names()
+    names = requested or installed
+    if not names:
+        raise BackendError("no backend is installed (install cxrbench's backends or pass --plugin MODULE)")
+    for name in names:
+        if name not in installed:
+            broken = "".join(f"; {failure}" for failure in plugins.failures)
+            raise BackendError(f"unknown backend {name!r} (installed: {', '.join(installed) or 'none'}){broken}")
+    return list(dict.fromkeys(names))
+
+
+def _default_out(settings: Settings) -> Path:
+    return Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.name}"
+
+
+def _check_gpus(counts: list[int]) -> None:
+    if max(counts) > 0:
+        scaling.check_available(counts, gpu_inventory())
+
+
+def new_run(request: RunRequest) -> "Orchestrator":
+    """Check everything that can be refused (backends, GPUs, folder) before any work starts."""
+    counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
+    _check_gpus(counts)
+    plugins = load_plugins(request.plugins)
+    backends = _resolve_backends(plugins, request.backends)
+    baseline = request.baseline or backends[0]
+    if baseline not in backends:
+        raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
+    settings = request.settings.replace(**{"run.gpus": counts[0]})
+    run_dir = request.out or _default_out(settings)
+    if (run_dir / "run.json").exists():
+        raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
+    run = {
+        "schema_version": SCHEMA_VERSION,
+        "cxrbench_version": __version__,
+        "suite": settings.name,
+        "settings": settings.to_dict(),
+        "environment": capture(),
+        "created": now_iso(),
+        "finished": None,
+        "status": "running",
+        "argv": request.argv,
+        "baseline": baseline,
+        "plugins": request.plugins,
+        "gpu_counts": counts,
+        "data": None,
+        "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
+        "scaling": None,
+    }
+    return Orchestrator(run_dir, run, plugins, request.monitor_interval)
+
+
+def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) -> "Orchestrator":
+    """Reuse a run's settings, backends and plugins; completed backends and stages are skipped."""
+    run = read_json(run_dir / "run.json")
+    if run is None:
+        raise CxrError(f"--resume {run_dir}: no run.json there")
+    plugins = load_plugins(run.get("plugins", []))
+    _resolve_backends(plugins, list(run["backends"]))
+    _check_gpus(run["gpu_counts"])
+    run.update(status="running", finished=None)
+    run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
+    return Orchestrator(run_dir, run, plugins, monitor_interval)
+
+
+class Orchestrator:
+    def __init__(self, run_dir: Path, run: dict[str, Any], plugins: Plugins, monitor_interval: float):
+        self.run_dir, self.run, self.plugins = Path(run_dir), run, plugins
+        self.settings = Settings.from_dict(run["settings"], str(self.run_dir / "run.json"))
+        self.backends = list(run["backends"])
+        self.monitor_interval = monitor_interval
+        self.progress = Progress(self.backends)
+
+    # -- before the workers ----------------------------------------------------------------------
+
+    def _save_run(self) -> None:
+        write_json(self.run_dir / "run.json", self.run)
+
+    def prepare(self) -> None:
+        """The data set and its prepared cache (once, for every worker), shared weights, equivalence batch."""
+        from cxrbench.data import cache
+
+        settings = self.settings
+        index = require_answer(self.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
+        data = cache.prepare(index, settings.data.image_size)
+        self.run["data"] = {
+            "source": index.source,
+            "root": str(index.root),
+            "key": data.key,
+            "size": data.size,
+            "splits": {split: int(len(data.rows(split))) for split in ("train", "val", "test")},
+            "classes": list(CLASSES),
+            "class_order": CLASS_ORDER_NAME,
+            "boxes_test": len(data.boxes("test")),
+            "notes": list(index.notes),
+        }
+        if settings.model.init == "shared" and not (self.run_dir / "shared_init.npz").exists():
+            canonical.save(canonical.init_canonical(settings.model.block_config, settings.run.seed), self.run_dir / "shared_init.npz")
+        if not (self.run_dir / "equivalence_batch.npy").exists():
+            save_npy(self.run_dir / "equivalence_batch.npy", np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES]))
+        self._save_run()
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> list[str]:
+        command = [sys.executable, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
+                   "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
+                   "--monitor-interval", str(self.monitor_interval)]
+        for module in self.run.get("plugins", []):
+            command += ["--plugin", module]
+        return command
+
+    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> None:
+        """Start the worker, show its progress until it exits, and record how it ended."""
+        status = BackendStatus(folder, name)
+        if status.data["status"] == "completed":
+            self.progress.update(name, status.data)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "log.txt", "a", encoding="utf-8") as log:
+            log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
+            log.flush()
+            process = subprocess.Popen(self._worker_command(name, gpus, folder, stages), stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                returncode = self._wait(name, process, folder)
+            except KeyboardInterrupt:
+                self._stop(process)
+                self._record_end(name, folder, process.returncode, interrupted=True)
+                raise
+        self._record_end(name, folder, returncode)
+
+    def _wait(self, name: str, process: subprocess.Popen, folder: Path) -> int:
+        while True:
+            try:
+                return process.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                self.progress.update(name, read_json(folder / "status.json"))
+
+    @staticmethod
+    def _stop(process: subprocess.Popen) -> None:
+        """SIGTERM (the worker records "interrupted"), then SIGKILL after a grace period."""
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _record_end(self, name: str, folder: Path, returncode: int | None, interrupted: bool = False) -> None:
+        """A worker that died without recording its outcome is marked here, naming the signal."""
+        status = BackendStatus(folder, name)
+        if status.data["status"] == "running":
+            stage = status.data.get("stage") or "start-up"
+            if interrupted:
+                status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
+            elif returncode is not None and returncode < 0:
+                status.finish("failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}")
+            else:
+                status.finish("failed", f"worker exited with code {returncode} during stage {stage}; see {name}/log.txt")
+        self.progress.update(name, status.data)
+
+    def run_workers(self) -> None:
+        counts = self.run["gpu_counts"]
+        for name in self.backends:
+            self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES)
+        for gpus in counts[1:]:
+            for name in self.backends:
+                self.run_worker(name, gpus, scaling.sweep_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
+
+    # -- after the workers -----------------------------------------------------------------------
+
+    def backend_summary(self, name: str) -> dict[str, Any]:
+        folder = self.run_dir / name
+        status = read_json(folder / "status.json") or {"status": "pending", "error": None}
+        metrics = read_json(folder / "metrics.json") or {}
+        info = self.plugins.backends.get(name)
+        return {
+            "status": status["status"] if status["status"] != "running" else "interrupted",
+            "error": status.get("error"),
+            "info": dataclasses.asdict(info) if info else None,
+            "stages": status.get("stages", {}),
+            "stage_seconds": status.get("stage_seconds", {}),
+            "history": read_json(folder / "history.json") or [],
+            "train": read_json(folder / "train.json"),
+            "auroc": metrics.get("auroc"),
+            "metrics": {k: v for k, v in metrics.items() if k != "auroc"},
+            "localisation": read_json(folder / "localisation.json"),
+            "throughput": read_json(folder / "throughput.json"),
+            "gpu": read_json(folder / "monitor.json"),
+            "onnx": read_json(folder / "onnx.json"),
+            "log": f"{name}/log.txt",
+        }
+
+    def _ort_threads(self) -> int:
+        return self.settings.numerics.intra_op_threads or psutil.cpu_count(logical=False) or 1
+
+    def finish(self, outcome: str) -> dict[str, Any]:
+        """Merge the workers' files into run.json, run the checks, write the report."""
+        self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
+        self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
+        comparison = write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads()) if self.run["data"] else {}
+        self.run.update(status=outcome, finished=now_iso())
+        self._save_run()
+        report = write_index(self.run_dir, self.run, comparison, self.run["baseline"])
+        print(summary_table(self.run, comparison), file=sys.stderr)
+        for failure in comparison.get("equivalence", {}).get("failures", []):
+            print(f"equivalence FAILED: {failure}", file=sys.stderr)
+        print(f"report: {report}", file=sys.stderr)
+        return comparison
+
+    def execute(self) -> int:
+        """The whole run; the exit status is 0 only when every backend completed and every check passed."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._save_run()
+        # Ctrl-C and SIGTERM both stop the run cleanly, even where SIGINT was ignored at start (`cmd &`).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        self.progress.message(f"cxrbench run {self.settings.name}: {', '.join(self.backends)} -> {self.run_dir}")
+        outcome = "completed"
+        try:
+            self.prepare()
+            self.run_workers()
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            self.progress.message("interrupted: workers stopped, writing what finished")
+        comparison = self.finish(outcome)
+        return exit_status(self.run, comparison)
+
+
+def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
+    if run["status"] == "interrupted":
+        return 130
+    backends_ok = all(b["status"] == "completed" for b in run["backends"].values())
+    equivalent = comparison.get("equivalence", {}).get("passed") is not False
+    parity = all(p.get("passed") for p in comparison.get("parity", {}).values())
+    return 0 if backends_ok and equivalent and parity else 1

@@ -1,0 +1,105 @@
+"""The progress display on stderr, and the summary table at the end of a run.
+
+On a terminal every backend has one line that is redrawn in place; otherwise (a log file, CI)
+a plain line is printed whenever a backend's status, stage or epoch changes.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from cxrbench.checks.equivalence import model_passes
+
+
+def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> str:
+    """``pytorch    running  train  epoch 1/2  step 12/40`` from a status.json dict."""
+    if not status:
+        return f"{name:<{width}}  pending"
+    parts = [f"{name:<{width}}", f"{status['status']:<11}"]
+    if status["status"] == "running" and status.get("stage"):
+        parts.append(f"{status['stage']:<13}")
+        progress = status.get("progress") or {}
+        if status["stage"] == "train" and progress.get("epoch"):
+            parts.append(f"epoch {progress['epoch']}/{progress.get('epochs', '?')}")
+            if progress.get("steps"):
+                parts.append(f"step {progress.get('step', 0)}/{progress['steps']}")
+    if status.get("error"):
+        parts.append(status["error"])
+    return "  ".join(parts).rstrip()
+
+
+def _coarse(line: str) -> str:
+    """A plain-mode line without its step counter, so steps alone do not print new lines."""
+    return line.split("  step ")[0]
+
+
+class Progress:
+    def __init__(self, backends: list[str], stream: TextIO | None = None, tty: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.width = max([len(b) for b in backends] + [7])
+        self.lines = {name: status_line(name, None, self.width) for name in backends}
+        self._printed: dict[str, str] = {}
+        self._drawn = 0
+
+    def update(self, name: str, status: dict[str, Any] | None) -> None:
+        self.lines[name] = status_line(name, status, self.width)
+        if self.tty:
+            self._redraw()
+        elif self._printed.get(name) != _coarse(self.lines[name]):
+            self._printed[name] = _coarse(self.lines[name])
+            print(self.lines[name], file=self.stream, flush=True)
+
+    def _redraw(self) -> None:
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        body = "".join(f"\x1b[2K{line}\n" for line in self.lines.values())
+        self.stream.write(up + body)
+        self.stream.flush()
+        self._drawn = len(self.lines)
+
+    def message(self, text: str) -> None:
+        """A line of its own above the live lines (which are drawn afresh below it)."""
+        if self.tty and self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+        print(text, file=self.stream, flush=True)
+        if self.tty:
+            self._redraw()
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+
+def _verdict(value: bool | None) -> str:
+    return {True: "pass", False: "FAIL", None: "-"}[value]
+
+
+def summary_rows(run: dict[str, Any], comparison: dict[str, Any]) -> list[tuple[str, ...]]:
+    matrix = comparison.get("equivalence", {})
+    rows = []
+    for name, result in run["backends"].items():
+        auroc = (result.get("auroc") or {}).get("mean")
+        throughput = result.get("throughput") or {}
+        parity = comparison.get("parity", {}).get(name)
+        equivalent = "skipped" if "skipped" in matrix else _verdict(model_passes(matrix, name))
+        rows.append((
+            name,
+            result["status"],
+            _number(auroc, ".4f"),
+            _number(throughput.get("train_images_per_s"), ".1f"),
+            _number(throughput.get("epoch_time_s"), ".1f"),
+            _verdict(parity["passed"]) if parity else "-",
+            equivalent,
+        ))
+    return rows
+
+
+HEADER = ("backend", "status", "mean AUROC", "train img/s", "epoch s", "ONNX parity", "equivalence")
+
+
+def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
+    rows = [HEADER, *summary_rows(run, comparison)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

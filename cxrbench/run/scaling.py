@@ -1,0 +1,60 @@
+"""``--gpus``: a GPU count or a sweep (``1,2,4``), the refusal when the machine has fewer, and the
+scaling table (images/s, efficiency, utilisation per GPU) of a sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cxrbench.errors import CxrError
+from cxrbench.run.store import read_json
+
+
+def parse_gpus(text: str | None) -> list[int] | None:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ``None`` (not given) -> None: the suite's ``run.gpus`` applies."""
+    if text is None:
+        return None
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CxrError(f"--gpus {text!r}: expected a count or a comma-separated sweep such as 1,2,4") from None
+    if any(n < 1 for n in counts) or len(set(counts)) != len(counts):
+        raise CxrError(f"--gpus {text!r}: counts must be distinct whole numbers >= 1")
+    return sorted(counts)
+
+
+def check_available(counts: list[int], inventory: dict[str, Any]) -> None:
+    """Refuse, before any work, a count larger than the GPUs this machine has."""
+    wanted, have = max(counts), inventory.get("count", 0)
+    if wanted > have:
+        why = f" ({inventory['reason']})" if inventory.get("reason") else ""
+        raise CxrError(f"--gpus {','.join(map(str, counts))}: asked for {wanted} GPUs but this machine has {have}{why}")
+
+
+def sweep_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
+    """The main results live in ``<backend>/``; further sweep points in ``<backend>/gpus-<N>/``."""
+    return run_dir / backend if gpus == first else run_dir / backend / f"gpus-{gpus}"
+
+
+def _train_gpu_util(monitor: dict[str, Any] | None) -> dict[str, Any]:
+    devices = ((monitor or {}).get("phases") or {}).get("train", {})
+    return {device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields}
+
+
+def scaling_table(run_dir: Path, backends: list[str], counts: list[int]) -> dict[str, list[dict[str, Any]]] | None:
+    """Images/s per count; efficiency = throughput at N / (N / N0 x throughput at N0), N0 the smallest count."""
+    if len(counts) < 2:
+        return None
+    table = {}
+    for name in backends:
+        entries = []
+        for n in counts:
+            folder = sweep_folder(run_dir, name, n, counts[0])
+            throughput = (read_json(folder / "throughput.json") or {}).get("train_images_per_s")
+            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": _train_gpu_util(read_json(folder / "monitor.json"))})
+        base = entries[0]["images_per_s"]
+        for entry in entries:
+            measured = entry["images_per_s"] is not None and base
+            entry["efficiency"] = entry["images_per_s"] / (entry["gpus"] / counts[0] * base) if measured else None
+        table[name] = entries
+    return table

@@ -1,0 +1,190 @@
+"""What each worker stage computes and writes. Framework-free: the backend is reached through hooks.
+
+Each function takes the :class:`StageContext` and writes its files (atomically) into the
+backend's folder; the worker marks the stage done afterwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbench import weights as canonical
+from cxrbench.classes import CLASSES
+from cxrbench.errors import CxrError
+from cxrbench.plugins import require_answer
+from cxrbench.recorder import Recorder
+from cxrbench.run import gallery
+from cxrbench.run.store import read_json, save_npz, write_json
+from cxrbench.suite import Settings
+
+#: Random (uint8 noise) images compared between the native model and its ONNX export.
+RANDOM_PARITY_IMAGES = 8
+
+
+@dataclass
+class StageContext:
+    folder: Path
+    backend: str
+    hook: Any
+    settings: Settings
+    recorder: Recorder
+    data: Any = None  #: cxrbench.data.prepared.PreparedData
+    model: Any = None
+
+    def call(self, name: str, **kwargs):
+        """A ``firstresult`` hook of the selected backend; a missing answer is a clear error."""
+        return require_answer(getattr(self.hook, name)(**kwargs), name, self.backend)
+
+    def logits(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        settings = self.settings if tta is None else self.settings.replace(**{"eval.tta_hflip": tta})
+        logits = np.asarray(self.call("cxrbench_predict", model=self.model, images=images, settings=settings), dtype=np.float32)
+        if logits.shape != (len(images), len(CLASSES)):
+            raise CxrError(f"backend {self.backend!r}: cxrbench_predict returned shape {logits.shape}, expected {(len(images), len(CLASSES))}")
+        return logits
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+# -- equivalence ---------------------------------------------------------------------------------
+
+
+def equivalence(ctx: StageContext, batch_path: Path) -> None:
+    """Logits of the initial model on the shared batch, and the initial model in ONNX (init.onnx)."""
+    batch = np.load(batch_path, allow_pickle=False)
+    save_npz(ctx.folder / "equivalence.npz", logits=ctx.logits(batch, tta=False))
+    if ctx.settings.export.onnx:
+        info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(ctx.folder / "init.onnx"), settings=ctx.settings)
+        write_json(ctx.folder / "init_onnx.json", {"export": info.to_dict()})
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def train(ctx: StageContext) -> None:
+    """Train from the initial weights; keep the best weights in the canonical layout."""
+    write_json(ctx.folder / "history.json", [])
+    result = ctx.call("cxrbench_train", model=ctx.model, data=ctx.data, settings=ctx.settings, recorder=ctx.recorder)
+    write_json(ctx.folder / "history.json", [r.to_dict() for r in ctx.recorder.history])
+    write_json(ctx.folder / "train.json", result)
+    weights = ctx.call("cxrbench_get_weights", model=ctx.model)
+    canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
+    canonical.save(weights, ctx.folder / "weights_best.npz")
+    write_json(ctx.folder / "throughput.json", training_throughput([r.to_dict() for r in ctx.recorder.history], ctx.settings.run.gpus))
+
+
+def training_throughput(history: list[dict], gpus: int) -> dict[str, Any]:
+    """Median images/s and epoch time over the epochs after the warm-up (the warm-up when alone)."""
+    if not history:
+        return {"gpus": gpus}
+    steady = [r for r in history if not r["warmup"]]
+    measured = steady or history
+    return {
+        "train_images_per_s": statistics.median(r["images_per_s"] for r in measured),
+        "epoch_time_s": statistics.median(r["train_time_s"] for r in measured),
+        "warmup_epoch_time_s": next((r["train_time_s"] for r in history if r["warmup"]), None),
+        "warmup_only": not steady,
+        "epochs_measured": len(measured),
+        "gpus": gpus,
+    }
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+
+def evaluate(ctx: StageContext) -> None:
+    """Logits on the test split, and every plugin's metrics of them."""
+    images, labels = ctx.data.split_images("test"), ctx.data.split_labels("test")
+    start = time.perf_counter()
+    logits = ctx.logits(images)
+    seconds = time.perf_counter() - start
+    files = np.asarray([ctx.data.index.files[r] for r in ctx.data.rows("test")])
+    save_npz(ctx.folder / "predictions.npz", logits=logits, labels=labels, files=files)
+    answers = ctx.hook.cxrbench_evaluate(labels=labels, scores=sigmoid(logits), classes=list(CLASSES), settings=ctx.settings)
+    write_json(ctx.folder / "metrics.json", merge_metrics(answers))
+    throughput = read_json(ctx.folder / "throughput.json", {"gpus": ctx.settings.run.gpus})
+    throughput["predict_images_per_s"] = len(images) / seconds if seconds else None
+    write_json(ctx.folder / "throughput.json", throughput)
+
+
+def merge_metrics(answers: list[dict | None]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for answer in answers:
+        for key, value in (answer or {}).items():
+            if key in merged:
+                raise CxrError(f"two plugins return the metric {key!r} from cxrbench_evaluate: namespace the keys")
+            merged[key] = value
+    return merged
+
+
+# -- cam -----------------------------------------------------------------------------------------
+
+
+def cam(ctx: StageContext) -> None:
+    """CAMs of every boxed test image for the classes of its boxes, scored against the boxes."""
+    from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy, upsample
+
+    truth = ctx.data.boxes("test")
+    threshold = ctx.settings.eval.cam_threshold
+    if not truth:
+        write_json(ctx.folder / "localisation.json", {"skipped": "no test image has a box", "threshold": threshold})
+        return
+    positions = sorted({pos for pos, _ in truth})
+    local = {pos: i for i, pos in enumerate(positions)}
+    truth_local = [(local[pos], box) for pos, box in truth]
+    class_indices = sorted({CLASSES.index(box.label) for _, box in truth})
+    images = ctx.data.split_images("test")[positions]
+    result = ctx.call("cxrbench_cam", model=ctx.model, images=images, classes=class_indices)
+    maps = upsample(np.asarray(result.maps, dtype=np.float32), ctx.data.size)
+    scores = cam_localisation(maps, truth_local, class_indices, threshold)
+    baseline = localisation_accuracy(centred_box_baseline(truth_local, ctx.data.size), truth_local, metric="iobb")
+    write_json(
+        ctx.folder / "localisation.json",
+        {
+            "iobb": scores["iobb"],
+            "iou": scores["iou"],
+            "centred_box": baseline,
+            "threshold": threshold,
+            "images": len(positions),
+            "classes": [CLASSES[c] for c in class_indices],
+        },
+    )
+    shown = positions[: ctx.settings.eval.cam_images]
+    gallery.write(ctx.folder, images[: len(shown)], maps[: len(shown)], shown, class_indices, truth_local, threshold,
+                  [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown])
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def export(ctx: StageContext) -> None:
+    """The trained model in ONNX, checked, and compared with the native model."""
+    from cxrbench.checks import onnx as onnx_checks
+
+    settings, path = ctx.settings, ctx.folder / "model.onnx"
+    info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(path), settings=settings)
+    onnx_checks.check_model(path)
+    images = ctx.data.split_images("test")
+    noise = np.random.default_rng(settings.run.seed).integers(0, 256, (RANDOM_PARITY_IMAGES, ctx.data.size, ctx.data.size), dtype=np.uint8)
+
+    def parity(batch: np.ndarray) -> dict[str, Any]:
+        native = ctx.logits(batch, tta=False)
+        return onnx_checks.diff_stats(native, onnx_checks.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol)
+
+    write_json(
+        ctx.folder / "onnx.json",
+        {
+            "export": info.to_dict(),
+            "checker": "passed",
+            "parity_images": parity(images),
+            "parity_random": parity(noise),
+            "metadata": onnx_checks.read_metadata(path),
+        },
+    )

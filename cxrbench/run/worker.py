@@ -1,0 +1,163 @@
+"""``python -m cxrbench.run.worker``: one backend's stages in a process of its own.
+
+The parent starts one worker per backend (crash isolation, clean device memory, a framework
+that must be configured before import). The worker's plugin manager holds exactly that backend.
+Each stage writes its files into the backend's folder when it completes and marks itself done in
+``status.json``, so a resumed run skips it; a killed worker loses at most the stage it was in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from cxrbench import weights as canonical
+from cxrbench.errors import CxrError, DataError
+from cxrbench.monitor.sampler import Sampler
+from cxrbench.plugins import Plugins, load_plugins, require_answer
+from cxrbench.recorder import Recorder
+from cxrbench.run import stages
+from cxrbench.run.store import DONE, WORKER_STAGES, BackendStatus, read_json, write_json
+from cxrbench.suite import Settings
+
+#: The recorder phase (monitor tag) of each stage; training sets its own train/validate phases.
+PHASES = {"prepare-check": "prepare", "equivalence": "equivalence", "train": "train", "evaluate": "predict", "cam": "cam", "export": "export"}
+
+
+class Interrupted(Exception):
+    """SIGTERM from the parent (Ctrl-C in the orchestrator)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as the one line status.json and the summary show."""
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {message}".rstrip(": ")
+
+
+class Worker:
+    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings, status: BackendStatus):
+        self.run_dir, self.folder, self.backend = run_dir, folder, backend
+        self.hook, self.settings, self.status = plugins.hook, settings, status
+        self.recorder = Recorder([self._on_event])
+        self.ctx = stages.StageContext(folder=folder, backend=backend, hook=self.hook, settings=settings, recorder=self.recorder)
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def _on_event(self, event: str, payload: dict[str, Any]) -> None:
+        if event == "epoch_started":
+            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0, steps=payload["steps"])
+        elif event == "step":
+            self.status.progress(epoch=payload["epoch"], step=payload["step"], steps=payload["steps"])
+        elif event == "epoch_ended":
+            write_json(self.folder / "history.json", [r.to_dict() for r in self.recorder.history])
+            self.status.progress(throttle_s=0, step=payload["steps"], steps=payload["steps"])
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _stage(self, name: str, enabled: bool, func) -> None:
+        if self.status.is_done(name):
+            print(f"[{self.backend}] {name}: already done, skipped", flush=True)
+            return
+        if not enabled:
+            self.status.set_stage(name, "skipped")
+            return
+        print(f"[{self.backend}] {name}: started", flush=True)
+        self.status.set_stage(name, "running")
+        start = time.perf_counter()
+        with self.recorder.phase(PHASES[name]):
+            func()
+        seconds = time.perf_counter() - start
+        self.status.set_stage(name, DONE, seconds)
+        print(f"[{self.backend}] {name}: done in {seconds:.1f} s", flush=True)
+
+    def run(self, selected: tuple[str, ...]) -> None:
+        ctx, suite_stages = self.ctx, self.settings.run.stages
+        with self.recorder.phase(PHASES["prepare-check"]):
+            start = time.perf_counter()
+            ctx.data = open_prepared(self.hook, self.settings, read_json(self.run_dir / "run.json")["data"]["key"])
+            self.status.set_stage("prepare-check", DONE, time.perf_counter() - start)
+            ctx.model = build_model(self.hook, self.settings, self.run_dir, self.backend)
+            if self.status.is_done("train"):
+                trained = canonical.load(self.folder / "weights_best.npz")
+                require_answer(self.hook.cxrbench_set_weights(model=ctx.model, weights=trained), "cxrbench_set_weights", self.backend)
+        shared = self.settings.model.init == "shared"
+        self._stage("equivalence", "equivalence" in selected and shared, lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"))
+        for name in ("train", "evaluate", "cam", "export"):
+            enabled = name in selected and name in suite_stages and (name != "export" or self.settings.export.onnx)
+            self._stage(name, enabled, lambda name=name: getattr(stages, name)(ctx))
+
+
+def open_prepared(hook, settings: Settings, key: str):
+    """Reopen the prepared cache the parent built, and make sure it is the same one."""
+    from cxrbench.data import cache
+
+    index = require_answer(hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
+    data = cache.prepare(index, settings.data.image_size)
+    if data.key != key:
+        raise DataError(f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: the data set changed since the run started")
+    return data
+
+
+def build_model(hook, settings: Settings, run_dir: Path, backend: str):
+    """The model with the run's shared initial weights, or the framework's own (init != shared)."""
+    weights = canonical.load(run_dir / "shared_init.npz") if settings.model.init == "shared" else None
+    return require_answer(hook.cxrbench_build_model(settings=settings, weights=weights), "cxrbench_build_model", backend)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cxrbench.run.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--folder", type=Path, help="results folder (default RUN_DIR/BACKEND)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE")
+    parser.add_argument("--gpus", type=int, help="override settings.run.gpus (scaling sweeps)")
+    parser.add_argument("--stages", default=",".join(WORKER_STAGES[1:]), help="comma-separated worker stages to run")
+    parser.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between monitor samples")
+    return parser.parse_args(argv)
+
+
+def _settings(run_dir: Path, gpus: int | None) -> Settings:
+    settings = Settings.from_dict(read_json(run_dir / "run.json")["settings"], f"{run_dir / 'run.json'}")
+    return settings.replace(**{"run.gpus": gpus}) if gpus is not None else settings
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    folder = args.folder or args.run_dir / args.backend
+    status = BackendStatus(folder, args.backend)
+    status.start(os.getpid())
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    outcome, error = "completed", None
+    sampler = None
+    try:
+        settings = _settings(args.run_dir, args.gpus)
+        plugins = load_plugins(args.plugin, backend=args.backend)
+        worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status)
+        sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval).start()
+        worker.run(tuple(args.stages.split(",")))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        outcome, error = "interrupted", str(exc) or "interrupted"
+    except BaseException as exc:  # any failure ends as one line in status.json, the traceback in log.txt
+        traceback.print_exc()
+        outcome, error = "failed", one_line(exc)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    status.finish(outcome, error)
+    print(f"[{args.backend}] {outcome}" + (f": {error}" if error else ""), flush=True)
+    return {"completed": 0, "interrupted": 130}.get(outcome, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

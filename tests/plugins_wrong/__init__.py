@@ -1,0 +1,1 @@
+"""Deliberately wrong backends: the equivalence check must catch them."""
