@@ -1,0 +1,72 @@
+"""ONNX export of the bare network (no uint8 preprocessing), NHWC, dynamic batch, logits out.
+
+The input stays NHWC, Keras' native layout: converting to NCHW would add transposes that neither
+framework computes natively, and the metadata and ExportInfo state the layout. Keras 3's
+``model.export(format="onnx")`` drives tf2onnx's ``from_function`` (tf2onnx's ``from_keras`` has
+open bugs with Keras 3) and needs a float32 network, so mixed-precision models are copied into a
+float32 one first.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from cxrbench.api import ExportInfo
+from cxrbench.checks.onnx import model_metadata, stamp_metadata
+from cxrbench.errors import BackendError
+
+from cxrbench_keras.model import KerasDenseNet, build_network
+from cxrbench_keras.numerics import float32_policy
+
+LAYOUT = "NHWC"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+EXPORTER = "keras model.export(format='onnx') via tf2onnx"
+
+
+def _float32_network(model: KerasDenseNet) -> keras.Model:
+    if model.network.dtype_policy.name == "float32":
+        return model.network
+    with float32_policy():
+        network = build_network(model.block_config, model.image_size, None, synchronized=False)
+    network.set_weights(model.network.get_weights())
+    return network
+
+
+def _rename_output(path: Path, name: str) -> None:
+    """tf2onnx names the output after TF's Identity op; give it a meaningful name."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    old = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [name if out == old else out for out in node.output]
+    proto.graph.output[0].name = name
+    onnx.save(proto, str(path))
+
+
+def export_onnx(model: KerasDenseNet, path, settings) -> ExportInfo:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = model.image_size
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
+    start = time.perf_counter()
+    try:
+        _float32_network(model).export(str(path), format="onnx", input_signature=signature, opset_version=settings.export.opset, verbose=False)
+    except Exception as exc:  # tf2onnx raises many types; the user needs one line naming the file
+        first = str(exc).strip().splitlines()[:1]
+        raise BackendError(f"{path}: ONNX export (opset {settings.export.opset}) failed: {first[0] if first else type(exc).__name__}") from None
+    _rename_output(path, OUTPUT_NAME)
+    stamp_metadata(path, model_metadata(layout=LAYOUT, image_size=size, backend="keras"))
+    return ExportInfo(
+        path=str(path),
+        layout=LAYOUT,
+        opset=settings.export.opset,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        seconds=time.perf_counter() - start,
+        exporter=EXPORTER,
+    )

@@ -1,0 +1,57 @@
+"""Batched inference and class activation maps (eval mode, no gradients, uint8 in)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cxrbench.api import CamResult
+
+from cxrbench_keras.model import KerasDenseNet, preprocess
+from cxrbench_keras.numerics import oom_as_backend_error
+
+#: The layer global average pooling consumes: the activation after the final BatchNorm and ReLU.
+FEATURE_LAYER = "relu"
+
+
+def _batched(function, images: np.ndarray, batch_size: int) -> list:
+    return [function(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+
+
+def _compiled(model: KerasDenseNet, name: str, function):
+    """One tf.function per model and purpose, with a dynamic batch axis (one trace)."""
+    if name not in model.functions:
+        size = model.image_size
+        model.functions[name] = tf.function(function, input_signature=[tf.TensorSpec((None, size, size), tf.uint8)])
+    return model.functions[name]
+
+
+def predict(model: KerasDenseNet, images: np.ndarray, settings) -> np.ndarray:
+    """Logits (N, C) float32; with eval.tta_hflip the mean of each image's and its mirror's logits."""
+    network = model.network
+
+    def logits(batch):
+        x = preprocess(batch)
+        out = tf.cast(network(x, training=False), tf.float32)
+        if settings.eval.tta_hflip:
+            out = (out + tf.cast(network(x[:, :, ::-1], training=False), tf.float32)) / 2
+        return out
+
+    function = _compiled(model, f"predict_tta={settings.eval.tta_hflip}", logits)
+    batch_size = settings.train.batch_size
+    with oom_as_backend_error(batch_size, "predicting"):
+        parts = _batched(function, np.asarray(images, dtype=np.uint8), batch_size)
+    return np.concatenate([p.numpy() for p in parts]).astype(np.float32)
+
+
+def cam(model: KerasDenseNet, images: np.ndarray, classes) -> CamResult:
+    """CAM of ``classes``: maps[n, j] = sum_k W[k, c_j] F[n, :, :, k] (NHWC features -> NCHW maps)."""
+    network = model.network
+    features_and_logits = keras.Model(network.inputs, [network.get_layer(FEATURE_LAYER).output, network.outputs[0]])
+    kernel, bias = network.get_layer("classifier").get_weights()
+    columns = np.asarray(list(classes), dtype=np.int64)
+    features, logits = features_and_logits(preprocess(np.asarray(images, dtype=np.uint8)), training=False)
+    maps = tf.einsum("nhwk,kc->nchw", tf.cast(features, tf.float32), tf.constant(kernel[:, columns], tf.float32))
+    logits = tf.gather(tf.cast(logits, tf.float32), columns, axis=1)
+    return CamResult(maps=maps.numpy(), bias=bias[columns].astype(np.float32), logits=logits.numpy())

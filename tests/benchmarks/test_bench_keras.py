@@ -1,0 +1,116 @@
+"""Keras backend speed at 64 px: train step, inference, and the backend's overhead over a bare loop.
+
+CI runs densenet-small; set CXRBENCH_BENCH_ARCH=densenet121 for the full network. The overhead
+benchmark times the backend's epoch (core batches -> tf.data -> distributed train step, per-step
+losses kept on the device) against a bare Keras loop of the same network, batch and threads
+(in-memory tf.data, plain tf.function step) and records ``backend_over_bare`` in extra_info.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND)
+
+pytest.importorskip("torchvision")  # must be imported before tensorflow in this environment (segfault otherwise)
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_keras_backend import make_data, make_settings  # noqa: E402
+
+from cxrbench.classes import NUM_CLASSES  # noqa: E402
+from cxrbench.recorder import Recorder  # noqa: E402
+from cxrbench_keras import infer, loop, model as keras_model  # noqa: E402
+
+ARCH = os.environ.get("CXRBENCH_BENCH_ARCH", "densenet-small")
+BATCH, STEPS = 16, 6
+
+
+@pytest.fixture(scope="module")
+def bench():
+    settings = make_settings(**{"model.arch": ARCH, "train.batch_size": BATCH, "train.max_steps": STEPS, "train.hflip": True})
+    data = make_data(n=BATCH * STEPS * 3 // 2 + 8)
+    model = keras_model.build(settings)
+    return settings, data, model, loop.KerasEpochLoop(model, data, settings, Recorder())
+
+
+def _bare_loop(settings, data):
+    """The same network and batch in the plainest Keras/TF loop: in-memory data, one tf.function."""
+    network = keras_model.build(settings).network
+    optimizer = keras.optimizers.Adam(1e-3)
+    images = data.split_images("train")[: BATCH * STEPS]
+    labels = data.split_labels("train")[: BATCH * STEPS]
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(BATCH).prefetch(tf.data.AUTOTUNE)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = network(keras_model.preprocess(x), training=True)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+        optimizer.apply(tape.gradient(loss, network.trainable_variables), network.trainable_variables)
+        return loss
+
+    def epoch():
+        return float(tf.stack([step(x, y) for x, y in dataset])[-1])
+
+    return epoch
+
+
+def test_bench_train_step(benchmark, bench):
+    settings, data, _, keras_loop = bench
+    batch = next(iter(data.batches("train", BATCH, epoch=1)))
+    args = ((tf.constant(batch.images), tf.constant(batch.labels)),)
+    keras_loop.train_step(*args)  # trace and compile outside the timing
+    loss = benchmark.pedantic(lambda: float(keras_loop.train_step(*args)), rounds=5, iterations=1)
+    benchmark.extra_info.update(arch=ARCH, image_size=64, batch=BATCH, images_per_round=BATCH)
+    assert np.isfinite(loss)
+
+
+def test_bench_inference(benchmark, bench):
+    settings, data, model, _ = bench
+    images = data.images[:64]
+    infer.predict(model, images, settings)
+    logits = benchmark.pedantic(infer.predict, args=(model, images, settings), rounds=5, iterations=1)
+    benchmark.extra_info.update(arch=ARCH, image_size=64, batch=BATCH, images_per_round=len(images))
+    assert logits.shape == (64, NUM_CLASSES)
+
+
+def test_bench_backend_over_bare_loop(benchmark, bench):
+    settings, data, _, keras_loop = bench
+    bare = _bare_loop(settings, data)
+    bare()
+    keras_loop.train_epoch(1, 1e-3)  # both traced and warm before timing
+    seconds = {"backend": [], "bare": []}
+
+    def timed(name, run):
+        start = time.perf_counter()
+        run()
+        seconds[name].append(time.perf_counter() - start)
+
+    def round_pair():  # alternate, so load from other processes hits both alike
+        timed("backend", lambda: keras_loop.train_epoch(2, 1e-3).losses)
+        timed("bare", bare)
+
+    benchmark.pedantic(round_pair, rounds=3, iterations=1)
+    images = BATCH * STEPS
+    backend_rate = images / float(np.median(seconds["backend"]))
+    bare_rate = images / float(np.median(seconds["bare"]))
+    benchmark.extra_info.update(
+        arch=ARCH,
+        image_size=64,
+        batch=BATCH,
+        steps=STEPS,
+        backend_images_per_s=backend_rate,
+        bare_images_per_s=bare_rate,
+        backend_over_bare=backend_rate / bare_rate,
+    )
+    assert len(seconds["backend"]) == len(seconds["bare"]) == 3
