@@ -1,0 +1,172 @@
+"""Training: a torch :class:`~cxrbench.training.EpochLoop` under the core's ``run_recipe``.
+
+The same loop serves one process and each rank of several (:mod:`cxrbench_pytorch.distributed`):
+with ``world > 1`` it reads its shard of the core's batches and averages per-step losses and the
+validation loss over the ranks, so every rank takes the same schedule decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.prepared import Batch, PreparedData
+from cxrbench.errors import DataError
+from cxrbench.recorder import Recorder, WaitTimer
+from cxrbench.suite import Settings
+from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
+from cxrbench_pytorch import numerics
+from cxrbench_pytorch.model import TorchModel
+
+
+class CoreBatches(IterableDataset):
+    """The core's batches of one epoch as tensors, in the core's order.
+
+    With several loader workers, worker ``w`` of ``W`` yields steps ``w, w + W, ...``; the
+    DataLoader collects from its workers round-robin, which restores the core's order. Each worker
+    still assembles the batches it skips: the core's iterator has no random access by step.
+    """
+
+    def __init__(self, make_batches: Callable[[], Iterable[Batch]]):
+        self.make_batches = make_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.make_batches()
+        worker = get_worker_info()
+        if worker is not None:
+            batches = itertools.islice(batches, worker.id, None, worker.num_workers)
+        for batch in batches:
+            yield torch.from_numpy(batch.images), torch.from_numpy(batch.labels)
+
+
+def uses_dataloader(workers: int, pin: bool) -> bool:
+    """A DataLoader only when it has work to do (worker processes, pinned memory): on CPUs its
+    per-epoch worker start made short epochs slower than plain iteration (tests/benchmarks)."""
+    return bool(workers or pin)
+
+
+def pipeline_name(workers: int, pin: bool) -> str:
+    return f"DataLoader(workers={workers}, pin_memory={pin})" if uses_dataloader(workers, pin) else "plain iteration"
+
+
+def input_pipeline(make_batches: Callable[[], Iterable[Batch]], workers: int, pin: bool) -> Iterable:
+    dataset = CoreBatches(make_batches)
+    if not uses_dataloader(workers, pin):
+        return dataset
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin)
+
+
+class TorchEpochLoop:
+    """One epoch of Adam on BCE-with-logits, validation, and weight snapshots, for ``run_recipe``."""
+
+    def __init__(self, model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder,
+                 train_net: nn.Module, rank: int = 0, world: int = 1):
+        self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
+        self.train_net, self.rank, self.world = train_net, rank, world
+        train = settings.train
+        self.optimizer = torch.optim.Adam(
+            model.net.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon, weight_decay=train.weight_decay,
+        )
+        self.scaler = numerics.grad_scaler(model.device, settings.numerics.precision)
+        self.autocast = functools.partial(numerics.autocast, model.device, settings.numerics.precision)
+        self.pin = settings.numerics.pin_memory and model.device.type == "cuda"
+        self.loader_name = pipeline_name(settings.numerics.loader_workers, self.pin)
+
+    def sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.net.train()
+        batch_size = self.settings.train.batch_size
+        steps = self.data.num_batches("train", batch_size, self.world, max_steps=self.settings.train.max_steps)
+        batches = WaitTimer(self._train_batches(epoch))
+        losses: list[torch.Tensor] = []
+        with numerics.out_of_memory_as_error(self.model.device, batch_size, "training"):
+            for step, (images, labels) in enumerate(batches, start=1):
+                losses.append(self._step(images, labels))
+                self.recorder.step(epoch, step, steps)
+        return EpochOutcome(self._mean_over_ranks(losses), len(losses) * batch_size * self.world, batches.seconds)
+
+    def _train_batches(self, epoch: int) -> Iterable:
+        train = self.settings.train
+        make = functools.partial(
+            self.data.batches, "train", train.batch_size, epoch=epoch, seed=self.settings.run.seed, shuffle=True,
+            hflip=train.hflip, max_steps=train.max_steps, rank=self.rank, world=self.world,
+        )
+        return input_pipeline(make, self.settings.numerics.loader_workers, self.pin)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.model.inputs(images)
+        y = labels.to(self.model.device, non_blocking=True)
+        with self.autocast():
+            loss = F.binary_cross_entropy_with_logits(self.train_net(x).float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def _mean_over_ranks(self, losses: list[torch.Tensor]) -> np.ndarray:
+        """Per-step losses of the global batch, fetched from the device once per epoch."""
+        if not losses:
+            return np.zeros(0)
+        stacked = torch.stack(losses)
+        if self.world > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world
+        return stacked.cpu().numpy().astype(np.float64)
+
+    def validate(self) -> float:
+        """Image-weighted mean BCE over the validation split (this rank's shard, summed over ranks)."""
+        net = self.model.net  # never the DDP wrapper: ranks may run different numbers of batches here
+        net.eval()
+        batch_size = self.settings.train.batch_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.model.device)  # summed loss, images
+        batches = self.data.batches("val", batch_size, shuffle=False, drop_last=False, rank=self.rank, world=self.world)
+        with torch.inference_mode(), numerics.out_of_memory_as_error(self.model.device, batch_size, "validating"):
+            for batch in batches:
+                with self.autocast():
+                    logits = net(self.model.inputs(torch.from_numpy(batch.images)))
+                labels = torch.from_numpy(batch.labels).to(self.model.device, non_blocking=True)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / NUM_CLASSES
+                total += torch.stack([loss.double(), loss.new_tensor(len(batch.labels), dtype=torch.float64)])
+        if self.world > 1:
+            dist.all_reduce(total)
+        summed, count = total.tolist()
+        if not count:
+            raise DataError("the validation split is empty: training needs validation images (data.val_fraction)")
+        return summed / count
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in self.model.net.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.model.net.load_state_dict(snapshot)
+
+
+def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder, *, rank: int = 0,
+          world: int = 1, train_net: nn.Module | None = None, **record: Any) -> dict[str, Any]:
+    """Run the core's recipe; return its result plus every numerics setting in force."""
+    net = train_net if train_net is not None else model.net
+    if settings.numerics.compile:
+        net = torch.compile(net)
+    loop = TorchEpochLoop(model, data, settings, recorder, net, rank, world)
+    result = run_recipe(loop, settings, recorder, world=world)
+    in_force = numerics.describe(
+        settings, model.device, world, scaled_learning_rate(settings, world), loader=loop.loader_name, **record
+    )
+    return {**result, "numerics": in_force}

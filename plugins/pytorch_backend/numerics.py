@@ -1,0 +1,112 @@
+"""Devices and numerics: which device, which precision, which speed switches, and a record of them.
+
+Every switch that changes the numbers or the speed is applied in one place (:func:`apply`) and read
+back from torch in :func:`describe`, so the result records what was really in force rather than
+what was asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from cxrbench.errors import BackendError
+from cxrbench.suite import NumericsSettings, Settings
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def select_device(settings: Settings) -> torch.device:
+    """run.gpus = 0: the first GPU when there is one, else the CPU; N >= 1: exactly N GPUs must exist."""
+    wanted, available = settings.run.gpus, torch.cuda.device_count()
+    if wanted > available:
+        raise BackendError(f"run.gpus = {wanted}, but torch sees {available} CUDA GPU(s)")
+    return torch.device("cuda", 0) if available else torch.device("cpu")
+
+
+def apply(numerics: NumericsSettings) -> None:
+    """Set torch's process-wide switches: threads, TF32 and cuDNN autotuning."""
+    if numerics.intra_op_threads:
+        torch.set_num_threads(numerics.intra_op_threads)
+    _set_interop_threads(numerics.inter_op_threads)
+    # The fp32_precision API only: torch 2.9+ refuses to mix it with the legacy allow_tf32 flags.
+    precision = "tf32" if numerics.tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = numerics.cudnn_benchmark
+
+
+def _set_interop_threads(threads: int) -> None:
+    """torch allows this once, before any inter-op work: fail clearly when it is too late."""
+    if not threads or torch.get_num_interop_threads() == threads:
+        return
+    try:
+        torch.set_num_interop_threads(threads)
+    except RuntimeError:
+        raise BackendError(
+            f"numerics.inter_op_threads = {threads} cannot be applied: torch's inter-op pool already runs "
+            f"{torch.get_num_interop_threads()} threads in this process (set it before any torch work)"
+        ) from None
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast region for ``precision``; fp32 runs without autocast."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(device: torch.device, batch_size: int, doing: str):
+    """Turn the framework's out-of-memory exception into a one-line error naming the batch size."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise BackendError(
+            f"out of memory on {device_name(device)} while {doing} at batch size {batch_size} "
+            "(train.batch_size): lower it"
+        ) from None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def describe(settings: Settings, device: torch.device, world: int, learning_rate: float, **extra: Any) -> dict[str, Any]:
+    """Every numerics and speed setting in force, read back from torch where torch holds it."""
+    numerics = settings.numerics
+    dtype = AUTOCAST_DTYPES[numerics.precision]
+    cudnn = torch.backends.cudnn
+    return {
+        "device": device_name(device),
+        "world_size": world,
+        "batch_size_per_device": settings.train.batch_size,
+        "global_batch": settings.train.batch_size * world,
+        "learning_rate": learning_rate,
+        "lr_scaling": settings.train.lr_scaling,
+        "precision": numerics.precision,
+        "autocast_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+        "grad_scaler": numerics.precision == "fp16",
+        "channels_last": numerics.channels_last,
+        "tf32": numerics.tf32,
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "cudnn_conv_fp32_precision": cudnn.conv.fp32_precision,
+        "cudnn_benchmark": cudnn.benchmark,
+        "compile": numerics.compile,
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn.version() if cudnn.is_available() else None,
+        **extra,
+    }

@@ -1,0 +1,103 @@
+"""Canonical weights <-> torchvision DenseNet, weight files, and torchvision's ImageNet weights.
+
+The canonical layout *is* torchvision's state_dict without ``num_batches_tracked``, so converting
+is copying tensors by name; all checking is the core's :func:`cxrbench.weights.validate`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrbench import weights as canonical
+from cxrbench.errors import WeightsError
+from cxrbench.suite import ARCHITECTURES
+
+#: torchvision's released DenseNet checkpoints still use the old names ``denselayer1.norm.1``
+#: (dots are no longer allowed in module names); the same pattern torchvision itself rewrites.
+_OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_NOT_A_WEIGHT = "num_batches_tracked"
+
+
+def get(net: nn.Module) -> dict[str, np.ndarray]:
+    """The network's weights as canonical float32 arrays (copies, C-contiguous)."""
+    return {name: _array(tensor) for name, tensor in net.state_dict().items() if not name.endswith(_NOT_A_WEIGHT)}
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A float32, C-contiguous copy that never aliases the tensor's memory."""
+    return np.array(tensor.detach().cpu().float().numpy(), dtype=np.float32, order="C")
+
+
+def put(net: nn.Module, weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str = "weights") -> None:
+    """Copy canonical weights into ``net`` in place (keeping its device and memory format)."""
+    canonical.validate(weights, block_config, origin)
+    state = net.state_dict()
+    with torch.no_grad():
+        for name, value in weights.items():
+            state[name].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A torchvision state_dict (old or new key names) as canonical arrays, unchecked."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(_NOT_A_WEIGHT):
+            continue
+        out[_OLD_LAYER_KEY.sub(r"\1\2", key)] = _array(tensor)
+    return out
+
+
+def read_file(path: Path) -> dict[str, np.ndarray]:
+    """Canonical ``.npz`` or a torch state_dict ``.pt``/``.pth``, read without unpickling objects."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return canonical.load(path)
+    if suffix in (".pt", ".pth"):
+        return from_state_dict(_load_state_dict(path))
+    raise WeightsError(f"{path}: unknown weights file type {suffix or '(none)'!r} (use .npz, .pt or .pth)")
+
+
+def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable torch state_dict ({_first_line(exc)})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state_dict (tensor names -> tensors), found {type(state).__name__}")
+    return state
+
+
+def imagenet(block_config: tuple[int, ...], classifier: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """torchvision's ImageNet DenseNet-121 features with the given fresh 14-way classifier.
+
+    Comes from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or the network. torch only
+    checks the file's hash when it downloads it, not when it finds it in the cache.
+    """
+    if tuple(block_config) != ARCHITECTURES["densenet121"]:
+        raise WeightsError("model.init = 'imagenet': torchvision has ImageNet weights only for model.arch = 'densenet121'")
+    from torchvision.models import DenseNet121_Weights
+
+    source = DenseNet121_Weights.IMAGENET1K_V1
+    try:
+        state = source.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:  # URLError is an OSError
+        raise WeightsError(
+            f"model.init = 'imagenet': cannot get {source} from {source.url} "
+            f"(cache {torch.hub.get_dir()}/checkpoints): {_first_line(exc)}"
+        ) from None
+    features = {k: v for k, v in from_state_dict(state).items() if not k.startswith("classifier.")}
+    return {**features, **classifier}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
