@@ -2,10 +2,12 @@
 
 import importlib.metadata
 
+import numpy as np
 import pytest
 
 from cxrbench import plugins
 from cxrbench.errors import BackendError
+from cxrbench.suite import Settings
 
 
 def _names(pm):
@@ -49,8 +51,11 @@ def test_worker_manager_holds_exactly_one_backend():
     assert "pytorch" not in registered and "keras" not in registered
     assert "tests.core_plugins.metric_plugin" in registered  # non-backend plugins stay
     assert found.hook.cxrbench_predict(model=None, images=None, settings=None) == "echo"
-    results = found.hook.cxrbench_evaluate(labels=[[1, 0]], scores=[[0.5, 0.5]], classes=["a", "b"], settings=None)
-    assert {"positives_fraction": 0.5} in results
+    labels, scores = np.array([[1, 0], [0, 1], [1, 1]]), np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6]])
+    results = found.hook.cxrbench_evaluate(labels=labels, scores=scores, classes=["a", "b"], settings=Settings())
+    assert {"positives_fraction": 4 / 6} in results
+    [builtin] = [r for r in results if "auroc" in r]  # the core's own AUROC answers next to the plugin
+    assert builtin["auroc"]["per_class"] == {"a": 1.0, "b": 1.0}
 
 
 def test_unknown_backend_lists_installed_and_broken():
