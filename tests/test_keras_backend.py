@@ -17,7 +17,6 @@ import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND before keras is importe
 from cxrbench import weights as canonical
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.classes import NUM_CLASSES
-from cxrbench.data.index import DataIndex
 from cxrbench.data.prepared import PreparedData
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
 from cxrbench.plugins import load_plugins
@@ -48,18 +47,7 @@ def make_data(n: int = 48, size: int = SIZE, seed: int = 0) -> PreparedData:
     images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
     images[labels[:, 0] == 1, 8:24, 8:24] = 220
     split = np.array(["train"] * (n * 2 // 3) + ["val"] * (n - n * 2 // 3))
-    files = [f"{i:08d}_000.png" for i in range(n)]
-    index = DataIndex(
-        root=Path("."),
-        source="test",
-        files=files,
-        paths=[Path(f) for f in files],
-        labels=labels,
-        patients=np.arange(n, dtype=np.int64),
-        views=["PA"] * n,
-        split=split,
-    )
-    return PreparedData(index=index, images=images, key="test")
+    return PreparedData.in_memory(images, labels, split, key="test")
 
 
 def random_weights(block_config=TINY, seed: int = 3) -> dict[str, np.ndarray]:

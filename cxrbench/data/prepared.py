@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +45,23 @@ class PreparedData:
     index: DataIndex
     images: np.ndarray  #: uint8 (N, S, S), rows aligned with ``index``
     key: str  #: the cache key (changes when any input changes)
+
+    @classmethod
+    def in_memory(cls, images: np.ndarray, labels: np.ndarray, split: np.ndarray, key: str, source: str = "in-memory") -> "PreparedData":
+        """Prepared data from arrays (one patient per image): for tests and for plugins' own checks."""
+        n = len(images)
+        files = [f"{i + 1:08d}_000.png" for i in range(n)]
+        index = DataIndex(
+            root=Path(f"<{source}>"),
+            source=source,
+            files=files,
+            paths=[Path(f) for f in files],
+            labels=np.asarray(labels, dtype=np.uint8),
+            patients=np.arange(1, n + 1, dtype=np.int64),
+            views=["PA"] * n,
+            split=np.asarray(split),
+        )
+        return cls(index=index, images=images, key=key)
 
     @property
     def size(self) -> int:

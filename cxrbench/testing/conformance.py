@@ -36,7 +36,6 @@ import pytest
 from cxrbench.api import BackendInfo, CamResult, EpochRecord, ExportInfo
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.classes import NUM_CLASSES
-from cxrbench.data.index import DataIndex
 from cxrbench.data.prepared import PreparedData
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
 from cxrbench.plugins import Plugins, load_plugins, require_answer
@@ -82,19 +81,9 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def synthetic_data(size: int, train: int = 8, val: int = 8, seed: int = 0) -> PreparedData:
     """A prepared data set built in memory (random images and labels, one patient per image)."""
     n = train + val
-    files = [f"{i + 1:08d}_000.png" for i in range(n)]
-    labels = (np.random.default_rng([seed, 3]).random((n, NUM_CLASSES)) < 0.3).astype(np.uint8)
-    index = DataIndex(
-        root=Path("<conformance-kit>"),
-        source="conformance-kit",
-        files=files,
-        paths=[Path(f) for f in files],
-        labels=labels,
-        patients=np.arange(1, n + 1, dtype=np.int64),
-        views=["PA"] * n,
-        split=np.array(["train"] * train + ["val"] * val),
-    )
-    return PreparedData(index, random_images(n, size, seed), key=f"conformance-kit-{size}-{seed}")
+    labels = np.random.default_rng([seed, 3]).random((n, NUM_CLASSES)) < 0.3
+    split = np.array(["train"] * train + ["val"] * val)
+    return PreparedData.in_memory(random_images(n, size, seed), labels, split, f"conformance-kit-{size}-{seed}", "conformance-kit")
 
 
 def bce_with_logits(logits: np.ndarray, labels: np.ndarray) -> float:
