@@ -30,7 +30,7 @@ from cxrbench.data.nih import BOX_FILE, BOX_FRAME, BOX_LABEL_ALIASES, TEST_LIST,
 from cxrbench.errors import DataError
 
 #: Part of the default data set's folder name: bump it whenever the output changes.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 ENTRY_FILE = "Data_Entry_2017.csv"  #: the 2017 variant, with its trailing comma
 ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -40,22 +40,27 @@ BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
 MIN_IMAGES, MIN_SIZE = 20, 32
 
 #: Finding per class: centre x, y and spread sx, sy (fractions of the chest frame), amplitude
-#: (fraction of full scale; negative = darker, like air). Places are distinct, shapes vary.
+#: (fraction of full scale; negative = darker, like air). The box spans +- BOX_SIGMAS spreads, so
+#: most boxes are NIH-sized: a quarter to over a third of the image side (Nodule stays small).
+#: Findings sit towards the periphery, as most NIH boxes do, and frequent co-occurring pairs share a
+#: side (compressive Atelectasis next to Effusion, Pneumonia next to Infiltration): training flips
+#: images left-right, so only the heart's side tells a model which lung it is looking at, and a pair
+#: split across the two sides would let one finding's map point at the other's lung.
 FINDINGS: dict[str, tuple[float, float, float, float, float]] = {
-    "Atelectasis": (0.30, 0.70, 0.060, 0.035, 0.36),  # left lower lung, flat band
-    "Cardiomegaly": (0.54, 0.66, 0.085, 0.065, 0.32),  # over the heart, large
-    "Effusion": (0.80, 0.84, 0.075, 0.040, 0.32),  # right costophrenic angle
-    "Infiltration": (0.72, 0.50, 0.065, 0.065, 0.30),  # right mid-lung
-    "Mass": (0.30, 0.36, 0.050, 0.050, 0.38),  # left upper lung
-    "Nodule": (0.68, 0.30, 0.022, 0.022, 0.50),  # right upper lung, small and bright
-    "Pneumonia": (0.24, 0.53, 0.050, 0.070, 0.32),  # left mid-lung, tall
-    "Pneumothorax": (0.22, 0.17, 0.065, 0.040, -0.25),  # left apex, dark
-    "Consolidation": (0.77, 0.67, 0.045, 0.045, 0.36),  # right lower lung
-    "Edema": (0.50, 0.42, 0.090, 0.040, 0.34),  # perihilar, wide
-    "Emphysema": (0.79, 0.16, 0.065, 0.040, -0.25),  # right apex, dark
-    "Fibrosis": (0.43, 0.22, 0.030, 0.060, 0.30),  # upper centre-left, tall
-    "Pleural_Thickening": (0.10, 0.45, 0.020, 0.100, 0.35),  # left chest wall, thin
-    "Hernia": (0.50, 0.89, 0.075, 0.030, 0.35),  # below the diaphragm
+    "Atelectasis": (0.68, 0.70, 0.090, 0.055, 0.45),  # right lower lung above the effusion, flat band
+    "Cardiomegaly": (0.54, 0.64, 0.110, 0.085, 0.36),  # over the heart, large
+    "Effusion": (0.80, 0.82, 0.085, 0.065, 0.42),  # right costophrenic angle
+    "Infiltration": (0.75, 0.34, 0.095, 0.095, 0.40),  # right upper/mid lung, large
+    "Mass": (0.22, 0.28, 0.075, 0.075, 0.45),  # left upper lung
+    "Nodule": (0.68, 0.26, 0.022, 0.022, 0.55),  # right upper lung, small and bright
+    "Pneumonia": (0.80, 0.40, 0.070, 0.095, 0.40),  # right mid-lung, lateral, tall
+    "Pneumothorax": (0.20, 0.20, 0.090, 0.070, -0.30),  # left apex, dark
+    "Consolidation": (0.22, 0.72, 0.080, 0.080, 0.42),  # left lower lung
+    "Edema": (0.50, 0.44, 0.110, 0.060, 0.38),  # perihilar, wide
+    "Emphysema": (0.80, 0.15, 0.075, 0.050, -0.35),  # right apex, dark
+    "Fibrosis": (0.30, 0.20, 0.070, 0.080, 0.40),  # left upper zone, tall
+    "Pleural_Thickening": (0.10, 0.45, 0.025, 0.120, 0.40),  # left chest wall, thin
+    "Hernia": (0.50, 0.89, 0.080, 0.035, 0.40),  # below the diaphragm
 }
 #: NIH v2020 label counts (ANCHORS.md), the prevalence ranking the phantom follows.
 NIH_COUNTS = dict(zip(CLASSES, (11559, 2776, 13317, 19894, 5782, 6331, 1431, 5302, 4667, 2303, 2516, 1686, 3385, 227)))
