@@ -17,6 +17,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 #: Backends keep one colour across every chart of the report.
@@ -109,10 +110,17 @@ def training_chart(histories: dict[str, list[dict]], colours: dict[str, str]) ->
             lr_ax.step(epochs, values, where="mid", marker="o", ms=3, color=colours[backend], label=plain(backend))
         loss_ax.set(title="loss per epoch", xlabel="epoch", ylabel="binary cross-entropy")
         lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
+        _whole_epochs(loss_ax, lr_ax)
         for ax in (loss_ax, lr_ax):
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7, frameon=False)
         return to_svg(fig)
+
+
+def _whole_epochs(*axes) -> None:
+    """Epochs are whole numbers: no 0.96 ... 1.04 ticks when a run has one epoch."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) -> str | None:
@@ -141,6 +149,7 @@ def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) 
                           color=base, label=plain(backend))
         time_ax.set(title="time per epoch (hatched: warm-up)", xlabel="epoch", ylabel="seconds")
         speed_ax.set(title="training throughput", xlabel="epoch", ylabel="images/s")
+        _whole_epochs(time_ax, speed_ax)
         speed_ax.set_ylim(bottom=0)
         for ax in (time_ax, speed_ax):
             ax.xaxis.get_major_locator().set_params(integer=True)
