@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from cxrbench.errors import CxrError
 from cxrbench.report import sections
 from cxrbench.report.compare import DEFAULT_THRESHOLD_PCT, compare_runs, flatten
 from cxrbench.report.figures import HEADLINES, format_number
+from cxrbench.run.store import write_text
 from cxrbench.report.load import Run, load_run
 
 TEMPLATE = "report.html.j2"
@@ -146,20 +145,6 @@ def build_context(runs: Sequence[Run], baseline: str | None, benchmarks: list[di
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename: a browser or a concurrent reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     run_dirs: list[Path],
     out: Path | None = None,
@@ -182,5 +167,5 @@ def write_report(
     benchmarks = [load_benchmarks(Path(p)) for p in benchmark_json]
     html = environment().get_template(TEMPLATE).render(build_context(runs, baseline, benchmarks, threshold_pct))
     out = Path(out) if out is not None else Path(run_dirs[0]) / "index.html"
-    _write_atomic(out, html)
+    write_text(out, html)
     return out
