@@ -45,6 +45,18 @@ def test_writes_nih_headers_and_names(phantom_root, index):
     assert set(index.views) == {"PA", "AP"}
 
 
+def test_age_and_gender_belong_to_the_patient(phantom_root):
+    rows = [line.split(",") for line in (phantom_root / "Data_Entry_2017.csv").read_text().splitlines()[1:]]
+    by_patient: dict[str, list[tuple[int, int, str]]] = {}
+    for row in rows:
+        by_patient.setdefault(row[3], []).append((int(row[2]), int(row[4]), row[5]))
+    for visits in by_patient.values():
+        visits.sort()
+        assert len({gender for _, _, gender in visits}) == 1
+        ages = [age for _, age, _ in visits]
+        assert ages == sorted(ages) and ages[-1] - ages[0] <= 30
+
+
 def test_lists_are_patient_disjoint_with_about_a_fifth_in_test(phantom_root, index):
     train_val = set(nih.read_name_list(phantom_root / "train_val_list.txt"))
     test = set(nih.read_name_list(phantom_root / "test_list.txt"))

@@ -30,7 +30,7 @@ from cxrbench.data.nih import BOX_FILE, BOX_FRAME, BOX_LABEL_ALIASES, TEST_LIST,
 from cxrbench.errors import DataError
 
 #: Part of the default data set's folder name: bump it whenever the output changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 ENTRY_FILE = "Data_Entry_2017.csv"  #: the 2017 variant, with its trailing comma
 ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -257,8 +257,9 @@ def _box(cx, cy, sx, sy, shift, scale) -> tuple[float, float, float, float]:
 
 
 def _write_entries(out, rng, names, labels, patients, follow_ups, views, size) -> None:
-    ages = rng.integers(18, 90, size=len(names))
-    genders = np.where(rng.random(len(names)) < 0.56, "M", "F")
+    ids, patient = np.unique(patients, return_inverse=True)  # age and gender belong to the patient
+    ages = rng.integers(18, 86, size=len(ids))[patient] + follow_ups // 4  # follow-ups span a few years
+    genders = np.where(rng.random(len(ids)) < 0.56, "M", "F")[patient]
     spacing = 0.143 * BOX_FRAME / size
     lines = [ENTRY_HEADER]
     for i, name in enumerate(names):
