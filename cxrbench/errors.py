@@ -1,6 +1,14 @@
 """Errors that reach the user as one line, never as a traceback."""
 
 
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]
+
+
 class CxrError(Exception):
     """A problem the user can fix; the CLI prints ``str(error)`` on one line and exits non-zero.
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from cxrbench.errors import CxrError
+from cxrbench.errors import CxrError, first_line
 
 
 def model_metadata(layout: str, image_size: int, backend: str) -> dict[str, str]:
@@ -62,8 +62,7 @@ def check_model(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx raises several exception types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CxrError(f"{path}: onnx.checker rejected the model: {first_line}") from None
+        raise CxrError(f"{path}: onnx.checker rejected the model: {first_line(exc)}") from None
 
 
 def normalise(images: np.ndarray, layout: str) -> np.ndarray:

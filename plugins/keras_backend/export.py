@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from cxrbench.api import ExportInfo
 from cxrbench.checks.onnx import model_metadata, stamp_metadata
-from cxrbench.errors import BackendError
+from cxrbench.errors import BackendError, first_line
 
 from cxrbench_keras.model import KerasDenseNet, build_network
 from cxrbench_keras.numerics import float32_policy
@@ -57,8 +57,7 @@ def export_onnx(model: KerasDenseNet, path, settings) -> ExportInfo:
     try:
         _float32_network(model).export(str(path), format="onnx", input_signature=signature, opset_version=settings.export.opset, verbose=False)
     except Exception as exc:  # tf2onnx raises many types; the user needs one line naming the file
-        first = str(exc).strip().splitlines()[:1]
-        raise BackendError(f"{path}: ONNX export (opset {settings.export.opset}) failed: {first[0] if first else type(exc).__name__}") from None
+        raise BackendError(f"{path}: ONNX export (opset {settings.export.opset}) failed: {first_line(exc)}") from None
     _rename_output(path, OUTPUT_NAME)
     stamp_metadata(path, model_metadata(layout=LAYOUT, image_size=size, backend="keras"))
     return ExportInfo(

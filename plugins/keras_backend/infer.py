@@ -46,12 +46,23 @@ def predict(model: KerasDenseNet, images: np.ndarray, settings) -> np.ndarray:
 
 
 def cam(model: KerasDenseNet, images: np.ndarray, classes) -> CamResult:
-    """CAM of ``classes``: maps[n, j] = sum_k W[k, c_j] F[n, :, :, k] (NHWC features -> NCHW maps)."""
+    """CAM of ``classes``: maps[n, j] = sum_k W[k, c_j] F[n, :, :, k] (NHWC features -> NCHW maps).
+
+    Batched like prediction, so a few hundred boxed 224 px images never sit on the device at once.
+    """
     network = model.network
-    features_and_logits = keras.Model(network.inputs, [network.get_layer(FEATURE_LAYER).output, network.outputs[0]])
     kernel, bias = network.get_layer("classifier").get_weights()
     columns = np.asarray(list(classes), dtype=np.int64)
-    features, logits = features_and_logits(preprocess(np.asarray(images, dtype=np.uint8)), training=False)
-    maps = tf.einsum("nhwk,kc->nchw", tf.cast(features, tf.float32), tf.constant(kernel[:, columns], tf.float32))
-    logits = tf.gather(tf.cast(logits, tf.float32), columns, axis=1)
-    return CamResult(maps=maps.numpy(), bias=bias[columns].astype(np.float32), logits=logits.numpy())
+
+    def features_and_logits(batch):
+        if "cam_features" not in model.functions:
+            model.functions["cam_features"] = keras.Model(
+                network.inputs, [network.get_layer(FEATURE_LAYER).output, network.outputs[0]]
+            )
+        features, logits = model.functions["cam_features"](preprocess(batch), training=False)
+        maps = tf.einsum("nhwk,kc->nchw", tf.cast(features, tf.float32), tf.constant(kernel[:, columns], tf.float32))
+        return maps.numpy(), tf.gather(tf.cast(logits, tf.float32), columns, axis=1).numpy()
+
+    with oom_as_backend_error(model.batch_size, "computing CAMs"):
+        maps, logits = zip(*_batched(features_and_logits, np.asarray(images, dtype=np.uint8), model.batch_size))
+    return CamResult(maps=np.concatenate(maps), bias=bias[columns].astype(np.float32), logits=np.concatenate(logits))

@@ -18,7 +18,7 @@ from keras import layers, ops
 
 from cxrbench import weights as canonical
 from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.errors import BackendError, WeightsError
+from cxrbench.errors import BackendError, WeightsError, first_line
 
 from cxrbench_keras import weights as keras_weights
 from cxrbench_keras.numerics import configure_runtime
@@ -68,6 +68,8 @@ class KerasDenseNet:
     strategy: tf.distribute.Strategy
     block_config: tuple[int, ...]
     image_size: int
+    #: Images per inference batch for hooks that get no settings (CAM): the suite's batch size.
+    batch_size: int = 16
     #: Compiled inference functions, traced once per purpose (see infer.py).
     functions: dict = field(default_factory=dict)
 
@@ -94,7 +96,7 @@ def build(settings, weights=None, strategy=None) -> KerasDenseNet:
     backbone_file = imagenet_file(block_config) if weights is None and init == "imagenet" else None
     with strategy.scope():
         network = build_network(block_config, settings.data.image_size, backbone_file, strategy.num_replicas_in_sync > 1)
-    model = KerasDenseNet(network, strategy, block_config, settings.data.image_size)
+    model = KerasDenseNet(network, strategy, block_config, settings.data.image_size, settings.train.batch_size)
     if weights is not None:
         keras_weights.set_weights(network, weights, block_config)
     elif init not in ("framework", "imagenet"):
@@ -123,7 +125,7 @@ def _backbone(block_config, image_size: int, weights_file: str | None) -> keras.
         try:
             backbone.load_weights(weights_file)  # what keras.applications does with weights="imagenet"
         except Exception as exc:  # h5py and Keras raise many types for corrupt or mismatched files
-            raise WeightsError(f"{weights_file}: cannot load into DenseNet{tuple(block_config)}: {_first_line(exc)}") from None
+            raise WeightsError(f"{weights_file}: cannot load into DenseNet{tuple(block_config)}: {first_line(exc)}") from None
     return backbone
 
 
@@ -147,7 +149,7 @@ def imagenet_file(block_config) -> str:
     try:
         return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models", cache_dir=str(cache), file_hash=IMAGENET_MD5)
     except Exception as exc:  # get_file raises bare Exception for network failures
-        raise WeightsError(f"model.init = 'imagenet': {cached} is not cached and cannot be downloaded ({_first_line(exc)})") from None
+        raise WeightsError(f"model.init = 'imagenet': {cached} is not cached and cannot be downloaded ({first_line(exc)})") from None
 
 
 def load_weights_file(model: KerasDenseNet, path: Path) -> None:
@@ -162,9 +164,4 @@ def load_weights_file(model: KerasDenseNet, path: Path) -> None:
     try:
         model.network.load_weights(str(path))
     except Exception as exc:  # h5py/zipfile/Keras raise many types for corrupt or mismatched files
-        raise WeightsError(f"{path}: does not match DenseNet{model.block_config}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise WeightsError(f"{path}: does not match DenseNet{model.block_config}: {first_line(exc)}") from None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cxrbench import weights as canonical
-from cxrbench.errors import WeightsError
+from cxrbench.errors import WeightsError, first_line
 from cxrbench.suite import ARCHITECTURES
 
 #: torchvision's released DenseNet checkpoints still use the old names ``denselayer1.norm.1``
@@ -70,7 +70,7 @@ def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable torch state_dict ({_first_line(exc)})") from None
+        raise WeightsError(f"{path}: not a readable torch state_dict ({first_line(exc, with_type=True)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state_dict (tensor names -> tensors), found {type(state).__name__}")
     return state
@@ -92,12 +92,7 @@ def imagenet(block_config: tuple[int, ...], classifier: Mapping[str, np.ndarray]
     except (OSError, RuntimeError, pickle.UnpicklingError) as exc:  # URLError is an OSError
         raise WeightsError(
             f"model.init = 'imagenet': cannot get {source} from {source.url} "
-            f"(cache {torch.hub.get_dir()}/checkpoints): {_first_line(exc)}"
+            f"(cache {torch.hub.get_dir()}/checkpoints): {first_line(exc, with_type=True)}"
         ) from None
     features = {k: v for k, v in from_state_dict(state).items() if not k.startswith("classifier.")}
     return {**features, **classifier}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
