@@ -146,7 +146,7 @@ def _onnx(backend: str, logits: np.ndarray, rng) -> dict:
     layout = "NCHW" if backend != "keras" else "NHWC"
     return {
         "export": {"path": "model.onnx", "layout": layout, "opset": 17, "input_name": "input", "output_name": "logits",
-                   "seconds": 1.2 if layout == "NCHW" else 13.0, "exporter": "torch.onnx (dynamo=False)" if layout == "NCHW" else "keras model.export"},
+                   "seconds": 1.2 if layout == "NCHW" else 13.0, "exporter": "torch.onnx (dynamo=False)" if layout == "NCHW" else "tf2onnx.convert.from_function"},
         "parity_random": diff_stats(logits, logits + rng.normal(0, 1e-7, logits.shape), 1e-4, 1e-3),
         "parity_images": diff_stats(logits, logits + rng.normal(0, 2e-7, logits.shape), 1e-4, 1e-3),
         "metadata": {"cxrbench.backend": backend},

@@ -16,7 +16,7 @@ import pytest
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
 from cxrbench.report.load import load_run
-from cxrbench.report.references import CHEXNET
+from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
 from helpers_report import (HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run)
 
@@ -89,6 +89,7 @@ def test_per_class_table_has_references_and_delong(fake_run, report):
     assert [name for name, _ in rows] == list(CHEXNET.per_class)
     for name, cells in rows:
         assert f"{CHEXNET.per_class[name]:.4f}" in cells
+        assert f"{MICROSOFT_POST.per_class[name]:.4f}" in cells
         p = pair[name]["p_value"]
         assert ("&lt;0.001" if p < 0.001 else f"{p:.3f}") in cells
     assert "0.8414" in table and "0.8450" in table  # CheXNet and Microsoft post means
