@@ -52,7 +52,8 @@ def test_worker_manager_holds_exactly_one_backend():
     assert "tests.core_plugins.metric_plugin" in registered  # non-backend plugins stay
     assert found.hook.cxrbench_predict(model=None, images=None, settings=None) == "echo"
     labels, scores = np.array([[1, 0], [0, 1], [1, 1]]), np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6]])
-    results = found.hook.cxrbench_evaluate(labels=labels, scores=scores, classes=["a", "b"], settings=Settings())
+    results = found.hook.cxrbench_evaluate(labels=labels, scores=scores, classes=["a", "b"], groups=np.arange(3),
+                                           settings=Settings())
     assert {"positives_fraction": 4 / 6} in results
     [builtin] = [r for r in results if "auroc" in r]  # the core's own AUROC answers next to the plugin
     assert builtin["auroc"]["per_class"] == {"a": 1.0, "b": 1.0}

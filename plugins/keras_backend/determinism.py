@@ -1,0 +1,49 @@
+"""``numerics.deterministic`` for TensorFlow/Keras: run-to-run identical numbers where TensorFlow can give them.
+
+Two switches, in two moments:
+
+* ``TF_ENABLE_ONEDNN_OPTS=0`` is read once, when TensorFlow is imported, so :func:`prepare_environment`
+  runs before the first TensorFlow import of the worker (in the build hook); when TensorFlow is already
+  loaded (a second model in one process, a test session) it cannot apply, and :func:`describe` says
+  which setting is really in force.
+* op determinism (``enable_op_determinism``): every op either runs a deterministic kernel or raises
+  instead of running a nondeterministic one; it also seeds nothing by itself (the model is seeded).
+
+This module imports no TensorFlow at import time, so :func:`prepare_environment` can run first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def prepare_environment(numerics) -> None:
+    """Turn oneDNN's custom ops off for a deterministic run, if TensorFlow has not been imported yet."""
+    if numerics.deterministic and "tensorflow" not in sys.modules:
+        os.environ[ONEDNN_VARIABLE] = "0"
+
+
+def apply(numerics) -> None:
+    """Op determinism on or off for this process (TensorFlow's switch is process-wide)."""
+    from tensorflow.python.framework import config
+
+    if numerics.deterministic:
+        config.enable_op_determinism()
+    else:
+        config.disable_op_determinism()
+
+
+def describe(numerics) -> dict[str, Any]:
+    """What is in force, for the numerics record: op determinism read back, oneDNN as TensorFlow saw it."""
+    from tensorflow.python.framework import config
+
+    onednn = os.environ.get(ONEDNN_VARIABLE)
+    return {
+        "deterministic": numerics.deterministic,
+        "op_determinism": config.is_op_determinism_enabled(),
+        "onednn_opts": "off" if onednn == "0" else "on (TensorFlow's default)" if onednn is None else onednn,
+    }
