@@ -183,8 +183,8 @@ def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool,
     if not failed:
         quality = {"pytorch": 1.6}.get(name, 1.5)
         logits = (labels * quality + rng.normal(0, 1, labels.shape) - 1.5).astype(np.float32)
-        np.savez(folder / "predictions.npz", logits=logits, labels=labels, files=np.array([f"{i:08d}_000.png" for i in range(len(labels))]),
-                 patients=_patients(len(labels)))
+        files = np.array([f"{i:08d}_000.png" for i in range(len(labels))])
+        np.savez(folder / "predictions.npz", logits=logits, labels=labels, files=files, patients=_patients(len(labels)))
         summary["auroc"] = auroc_report(labels, logits, classes, groups=_patients(len(labels)), rounds=50, seed=0)
         _write(folder / "metrics.json", {"auroc": summary["auroc"]})
         truth = _truth(np.random.default_rng(7), 40, image_size)  # same boxes for every backend

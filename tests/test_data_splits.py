@@ -45,7 +45,8 @@ def test_excluding_images_never_moves_a_remaining_patient():
     files = [f"{p:08d}_{i:03d}.png" for i, p in enumerate(patients)]
     test = {f for f, p in zip(files, patients) if p % 5 == 0}
     full_random = dict(zip(patients, splits.random_split(patients, seed=7).split))
-    full_official = dict(zip(patients, splits.official_split(files, patients, set(files) - test, test, 0.1, seed=7).split))
+    official = splits.official_split(files, patients, set(files) - test, test, 0.1, seed=7).split
+    full_official = dict(zip(patients, official))
     rng = np.random.default_rng(0)
     for _ in range(5):
         keep = rng.random(len(patients)) < 0.6

@@ -76,3 +76,30 @@ def test_figures_without_evidence_fall_back_to_the_threshold(tmp_path):
     _edit_run_json(other, lambda d: d["backends"]["keras"]["throughput"].__setitem__("epoch_time_s", 1e6))
     figure = _figure(compare_runs(load_run(reference), load_run(other)), "keras", "epoch_time_s")
     assert figure.basis == "threshold" and figure.verdict(5.0) == "worse"
+
+
+def test_report_shows_patient_intervals_holm_verdict_and_method_notes(tmp_path):
+    """The accuracy section names the resampling, shows valid rounds, raw and Holm p, the verdict built on Holm,
+    "too few positives (n)" instead of an interval, and a plugin's independence note."""
+    from cxrbench.report.render import write_report
+
+    run = make_fake_run(tmp_path / "a")
+    metrics_path = run / "pytorch" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["auroc"]["ci"]["per_class"]["Hernia"] = None
+    metrics["auroc"]["no_interval"] = {"Hernia": "too few positives (3)"}
+    metrics["independence_notes"] = ["plugin 'x': cxrbench_evaluate does not accept groups"]
+    metrics_path.write_text(json.dumps(metrics))
+
+    def drop_merged(data):  # the report reads the worker's files when run.json holds no merged copy
+        data["backends"]["pytorch"]["auroc"] = None
+        data["backends"]["pytorch"]["metrics"] = {"independence_notes": metrics["independence_notes"]}
+
+    _edit_run_json(run, drop_merged)
+    html = write_report([run], out=tmp_path / "r.html").read_text()
+    accuracy = html[html.index('id="accuracy"'):html.index("<h3>ROC curves")]
+    assert "resampling patients" in accuracy and "patients)" in accuracy
+    assert "too few positives (3)" in accuracy and "does not accept groups" in accuracy
+    assert "Holm-adjusted p &lt; 0.05" in accuracy and "paired patient bootstrap" in accuracy
+    pair = json.loads((run / "comparison.json").read_text())["agreement"]["pairs"][0]
+    assert "pytorch vs keras: " in accuracy and str(pair["classes_tested"]) in accuracy

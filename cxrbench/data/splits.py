@@ -7,9 +7,10 @@ patient's split never depends on which *other* images are excluded or missing, a
 cannot move a patient between train and validation.
 
 Trade-off: stratifying by each patient's rarest class and meeting the fractions exactly (as
-:func:`stratified_patients` still does to make the phantom's published test list) both need the other patients (ranks within a stratum, class rarity counted over the
-data set), which is what made splits move. Fractions are now met in expectation (binomial spread:
-about +-1 % of patients at NIH size) and a rare class is no longer guaranteed a patient in every split;
+:func:`stratified_patients` still does to make the phantom's published test list) both need the other
+patients (ranks within a stratum, class rarity counted over the data set), which is what made splits
+move. Fractions are now met in expectation (binomial spread: a validation share of 10 % +- 0.2 % of
+NIH's 28,000 train_val patients) and a rare class is no longer guaranteed a patient in every split;
 an AUROC left undefined by that is reported as undefined. Only when a split would be empty does a
 fallback move one patient into it (the one whose hash lies nearest that split's share), so tiny data
 sets still get every split.
