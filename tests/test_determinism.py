@@ -72,8 +72,13 @@ def test_keras_worker_records_what_tensorflow_ran_with():
         "import tensorflow\n"
         "determinism.apply(n)\n"
         "print(determinism.describe(n))\n"
+        "print('pinned', tensorflow.config.threading.get_intra_op_parallelism_threads(),"
+        " tensorflow.config.threading.get_inter_op_parallelism_threads())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'op_determinism': True" in out.stdout and "'onednn_opts': 'off'" in out.stdout
+    cpus = len(os.sched_getaffinity(0))
+    assert f"'threads_in_force': {{'intra_op': {cpus}, 'inter_op': {cpus}}}" in out.stdout
+    assert f"pinned {cpus} {cpus}" in out.stdout  # set explicitly, not TensorFlow's 0 = "default"
