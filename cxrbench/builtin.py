@@ -33,7 +33,7 @@ def cxrbench_dataset(settings):
 
 
 @hookimpl
-def cxrbench_evaluate(labels, scores, classes, settings):
+def cxrbench_evaluate(labels, scores, classes, groups, settings):
     from cxrbench.metrics.auroc import auroc_report
 
     return {
@@ -41,6 +41,8 @@ def cxrbench_evaluate(labels, scores, classes, settings):
             labels,
             scores,
             classes,
+            groups=groups,
+            min_positives=settings.eval.min_positives,
             rounds=settings.eval.bootstrap_rounds,
             confidence=settings.eval.confidence,
             seed=settings.run.seed,

@@ -173,15 +173,20 @@ def cxrbench_export_onnx(model, path, settings):
 
 
 @hookspec
-def cxrbench_evaluate(labels, scores, classes, settings):
+def cxrbench_evaluate(labels, scores, classes, groups, settings):
     """Metrics of predicted scores against labels. Every plugin may contribute.
 
     The core's built-in plugin answers with per-class and mean AUROC and bootstrap confidence
-    intervals (:mod:`cxrbench.metrics.auroc`).
+    intervals that resample patients (:mod:`cxrbench.metrics.auroc`).
 
     :param labels: ``(N, C)`` array of 0/1.
     :param scores: ``(N, C)`` float array (probabilities or logits: AUROC is rank-based).
     :param classes: the C class names, in column order.
+    :param groups: ``(N,)`` array, the patient id of each row. Images of one patient are correlated:
+        resample or count *patients* for intervals and tests (a cluster bootstrap). An implementation
+        may leave this argument out (pluggy passes only the arguments it names); the core then notes
+        in metrics.json (``independence_notes``) and the report that its intervals treat images as
+        independent.
     :return: a dict of JSON-serialisable metrics whose top-level keys do not collide with other
         plugins' (namespace them), or ``None``. The core merges all answers.
     """

@@ -90,6 +90,8 @@ class NumericsSettings:
     inter_op_threads: int = field(default=0, metadata={"min": 0})
     loader_workers: int = field(default=0, metadata={"min": 0})
     pin_memory: bool = True
+    #: Ask each framework for run-to-run identical numbers where it can give them (slower; see README).
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,14 @@ class EvalSettings:
     bootstrap_rounds: int = field(default=1000, metadata={"min": 0})
     confidence: float = field(default=0.95, metadata={"min": 0.5, "max": 0.999})
     tta_hflip: bool = False
-    #: Heat map threshold, as a fraction of 255 after normalising the map to 0-255.
+    #: Fewest positives (and negatives) a class needs for an interval or a test; below it the report says
+    #: "too few positives (n)". At least 2: one positive makes every resample's AUROC 0, 1 or undefined.
+    min_positives: int = field(default=5, metadata={"min": 2})
+    #: Heat map to boxes (cxrbench/metrics/localisation.py): "relative" keeps the map >= cam_threshold x its
+    #: range; "chestxray8" scales it to 0-255 and thresholds at the paper's fixed levels (60 and 180);
+    #: "cam-largest" boxes the largest connected region above 20 % of the max (Zhou et al. 2016).
+    cam_method: str = field(default="relative", metadata=_choice("relative", "chestxray8", "cam-largest"))
+    #: Fraction of the map's range for cam_method = "relative".
     cam_threshold: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     cam_images: int = field(default=16, metadata={"min": 0})
 

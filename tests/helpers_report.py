@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 from cxrbench.checks.onnx import diff_stats
 from cxrbench.classes import CLASSES
 from cxrbench.data.index import Box
-from cxrbench.metrics.auroc import auroc_report, delong_per_class
+from cxrbench.checks.equivalence import agreement
+from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
 from cxrbench.suite import Settings
 
@@ -45,6 +46,11 @@ def _environment(gpus: int) -> dict:
                      "tensorflow": "2.21.0", "keras": "3.15.0", "onnx": "1.23.0", "onnxruntime": "1.32.0"},
         "gpu": gpu, "git_commit": "6cf1d94", "env": {},
     }
+
+
+def _patients(n: int) -> np.ndarray:
+    """Two images per patient, like follow-up images."""
+    return np.arange(n) // 2 + 1
 
 
 def _labels(rng, n: int, classes) -> np.ndarray:
@@ -177,8 +183,9 @@ def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool,
     if not failed:
         quality = {"pytorch": 1.6}.get(name, 1.5)
         logits = (labels * quality + rng.normal(0, 1, labels.shape) - 1.5).astype(np.float32)
-        np.savez(folder / "predictions.npz", logits=logits, labels=labels, files=np.array([f"{i:08d}_000.png" for i in range(len(labels))]))
-        summary["auroc"] = auroc_report(labels, logits, classes, rounds=50, seed=0)
+        files = np.array([f"{i:08d}_000.png" for i in range(len(labels))])
+        np.savez(folder / "predictions.npz", logits=logits, labels=labels, files=files, patients=_patients(len(labels)))
+        summary["auroc"] = auroc_report(labels, logits, classes, groups=_patients(len(labels)), rounds=50, seed=0)
         _write(folder / "metrics.json", {"auroc": summary["auroc"]})
         truth = _truth(np.random.default_rng(7), 40, image_size)  # same boxes for every backend
         maps = _heat_maps(rng, truth, image_size, blur=image_size * (0.05 if name == "pytorch" else 0.08))
@@ -210,11 +217,9 @@ def _comparison(run_dir: Path, names: list[str], summaries: dict, labels, classe
     pairs = []
     for i, a in enumerate(ok):
         for b in ok[i + 1:]:
-            per_class = delong_per_class(labels, predictions[a], predictions[b], classes)
-            pairs.append({"a": a, "b": b, "per_class": {c: {k: v[k] for k in ("auc_a", "auc_b", "difference", "p_value")} if v else None
-                                                         for c, v in per_class.items()},
-                          "score_correlation": {"pearson": float(np.corrcoef(predictions[a].ravel(), predictions[b].ravel())[0, 1]),
-                                                "spearman": 0.9}})
+            pair = agreement(a, predictions[a], b, predictions[b], labels, _patients(len(labels)), rounds=50)
+            pairs.append({**pair, "per_class": dict(zip(classes, pair["per_class"].values())),
+                          "score_correlation": {**pair["score_correlation"], "spearman": 0.9}})
     return {
         "schema_version": 1,
         "equivalence": {"atol": 1e-4, "labels": model_labels, "max_abs": max_abs,

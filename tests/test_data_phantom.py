@@ -72,7 +72,9 @@ def test_label_prevalence_is_nih_like_and_every_split_has_every_class(index):
     common = min(counts[c] for c in ("Infiltration", "Effusion", "Atelectasis"))
     assert common > max(counts[c] for c in CLASSES if c not in ("Infiltration", "Effusion", "Atelectasis"))
     assert 0 < counts["Hernia"] <= np.median(list(counts.values())) and common > 1.5 * counts["Hernia"]
-    for split in ("train", "val", "test"):
+    # The published test list is stratified; validation is carved out by a hash of the patient id (issue 10:
+    # splits that do not move), which cannot promise every rare class in 10 % of 480 images.
+    for split in ("train", "test"):
         assert index.labels[index.rows(split)].sum(axis=0).min() >= 1, split
     pairs = index.labels.T.astype(int) @ index.labels.astype(int)
     assert pairs[CLASSES.index("Effusion"), CLASSES.index("Atelectasis")] > 0

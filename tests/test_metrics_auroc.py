@@ -89,8 +89,8 @@ def naive_interval(labels, scores, rounds, seed, confidence):
 
 
 def test_report_matches_naive_bootstrap():
-    labels, scores = tied_data(3, n=60, classes=3, prevalence=0.1)
-    report = auroc_report(labels, scores, ["a", "b", "c"], rounds=200, confidence=0.9, seed=11)
+    labels, scores = tied_data(3, n=60, classes=3, prevalence=0.12)  # 2, 8 and 7 positives
+    report = auroc_report(labels, scores, ["a", "b", "c"], rounds=200, confidence=0.9, seed=11, min_positives=2)
     per_class, mean, valid = naive_interval(labels, scores, 200, 11, 0.9)
     for c, name in enumerate("abc"):
         assert np.allclose(report["ci"]["per_class"][name], per_class[c], rtol=0, atol=EXACT)
@@ -120,7 +120,10 @@ def test_report_rare_class_skips_single_valued_rounds():
     assert 0.5 * 400 < valid["per_class"]["rare"] < 0.8 * 400
     assert valid["per_class"]["common"] == 400
     assert valid["mean"] == valid["per_class"]["rare"]  # the mean needs every averaged class
-    low, high = report["ci"]["per_class"]["rare"]
+    # contract change (issue 10): one positive never gets an interval (it used to, often [1.0, 1.0])
+    assert report["ci"]["per_class"]["rare"] is None
+    assert report["no_interval"] == {"rare": "too few positives (1)"}
+    low, high = report["ci"]["mean"]
     assert 0.0 <= low <= high <= 1.0
 
 
@@ -149,6 +152,8 @@ def test_report_without_rounds_has_no_intervals():
         ({"rounds": -1}, "bootstrap_rounds"),
         ({"rounds": 2.5}, "bootstrap_rounds"),
         ({"confidence": 1.0}, "confidence"),
+        ({"min_positives": 1}, "min_positives"),
+        ({"groups": [1, 2, 3]}, "groups"),
         ({"classes": ["only one"]}, "2 label columns"),
     ],
 )

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from cxrbench.classes import CLASSES
 from cxrbench.data.index import Box
 from cxrbench.errors import MetricsError
 from cxrbench.metrics.localisation import (
@@ -147,10 +148,11 @@ def test_accuracy_iobb_hand_computed():
     assert atelectasis["accuracy"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 0.5, "0.75": 0.5, "0.9": 0.5}
     assert atelectasis["avg_fp"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 0.5, "0.75": 0.5, "0.9": 0.5}
     assert (atelectasis["boxes"], atelectasis["images"], atelectasis["predicted"]) == (2, 2, 2)
-    assert mass["accuracy"] == {"0.1": 1.0, "0.25": 1.0, "0.5": 1.0, "0.75": 0.0, "0.9": 0.0}
-    assert mass["avg_fp"] == {"0.1": 0.0, "0.25": 0.0, "0.5": 0.0, "0.75": 1.0, "0.9": 1.0}
-    assert overall["accuracy"] == pytest.approx({"0.1": 2 / 3, "0.25": 2 / 3, "0.5": 2 / 3, "0.75": 1 / 3, "0.9": 1 / 3})
-    assert overall["avg_fp"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 0.5, "0.75": 1.0, "0.9": 1.0}
+    # IoBB exactly 0.5 is not found at T = 0.5: ChestX-ray8 counts IoBB > T (contract change, issue 10)
+    assert mass["accuracy"] == {"0.1": 1.0, "0.25": 1.0, "0.5": 0.0, "0.75": 0.0, "0.9": 0.0}
+    assert mass["avg_fp"] == {"0.1": 0.0, "0.25": 0.0, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
+    assert overall["accuracy"] == pytest.approx({"0.1": 2 / 3, "0.25": 2 / 3, "0.5": 1 / 3, "0.75": 1 / 3, "0.9": 1 / 3})
+    assert overall["avg_fp"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
     assert (overall["boxes"], overall["images"], overall["predicted"]) == (3, 2, 3)
     assert result["unevaluated_predictions"] == 1 and result["thresholds"] == [0.1, 0.25, 0.5, 0.75, 0.9]
 
@@ -160,8 +162,8 @@ def test_accuracy_iou_hand_computed():
     atelectasis, overall = result["per_class"]["Atelectasis"], result["overall"]
     assert atelectasis["accuracy"] == {"0.1": 0.5, "0.25": 0.0, "0.5": 0.0, "0.75": 0.0, "0.9": 0.0}
     assert atelectasis["avg_fp"] == {"0.1": 0.5, "0.25": 1.0, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
-    assert overall["accuracy"] == pytest.approx({"0.1": 2 / 3, "0.25": 1 / 3, "0.5": 1 / 3, "0.75": 0.0, "0.9": 0.0})
-    assert overall["avg_fp"] == {"0.1": 0.5, "0.25": 1.0, "0.5": 1.0, "0.75": 1.5, "0.9": 1.5}
+    assert overall["accuracy"] == pytest.approx({"0.1": 2 / 3, "0.25": 1 / 3, "0.5": 0.0, "0.75": 0.0, "0.9": 0.0})
+    assert overall["avg_fp"] == {"0.1": 0.5, "0.25": 1.0, "0.5": 1.5, "0.75": 1.5, "0.9": 1.5}
 
 
 def test_accuracy_bad_settings():
@@ -208,3 +210,59 @@ def test_cam_localisation_needs_a_map_for_every_truth():
         cam_localisation(cams, [(0, box("Mass", 0, 0, 2, 2, 8))], [0])
     with pytest.raises(MetricsError, match="image 3"):
         cam_localisation(cams, [(3, box("Atelectasis", 0, 0, 2, 2, 8))], [0])
+
+
+# -- the three named heat-map-to-box methods ------------------------------------------------------
+
+
+def test_found_means_strictly_greater_than_t_at_the_boundary():
+    truth = [(0, box("Mass", 0, 0, 4, 4))]
+    half = {(0, "Mass"): [(0, 0, 4, 8)]}  # IoBB = IoU = 16 / 32 = 0.5 exactly
+    for metric in ("iobb", "iou"):
+        result = localisation_accuracy(half, truth, metric=metric, thresholds=(0.5, 0.4999))
+        assert result["overall"]["accuracy"] == {"0.5": 0.0, "0.4999": 1.0}
+        assert result["overall"]["avg_fp"] == {"0.5": 1.0, "0.4999": 0.0}
+
+
+def test_chestxray8_boxes_threshold_the_0_255_map_at_60_and_180():
+    heatmap = np.zeros((8, 8))
+    heatmap[1:3, 1:3] = 70.0 / 255  # above 60, below 180 after scaling (max 1.0 -> 255)
+    heatmap[5:7, 4:8] = 1.0  # above both
+    heatmap[0, 7] = 59.0 / 255  # below 60: never boxed
+    assert heatmap_to_boxes(heatmap, method="chestxray8") == [
+        (4.0, 5.0, 4.0, 2.0), (1.0, 1.0, 2.0, 2.0),  # level 60: largest region first
+        (4.0, 5.0, 4.0, 2.0),  # level 180
+    ]
+    assert heatmap_to_boxes(3.0 * heatmap - 7.0, method="chestxray8") == heatmap_to_boxes(heatmap, method="chestxray8")
+    assert heatmap_to_boxes(np.full((4, 4), 0.3), method="chestxray8") == []
+
+
+def test_chestxray8_levels_are_whole_0_255_values():
+    heatmap = np.array([[0.0, 60.0 / 255 - 1e-4, 1.0]])  # 59.97 rounds to the 8-bit level 60
+    assert heatmap_to_boxes(heatmap, method="chestxray8")[0] == (1.0, 0.0, 2.0, 1.0)
+
+
+def test_cam_largest_keeps_the_largest_region_above_20_percent_of_the_max():
+    heatmap = np.zeros((8, 8))
+    heatmap[0:2, 0:2] = 10.0  # the max, small region
+    heatmap[4:8, 3:8] = 2.5  # above 2.0 = 20 % of the max, larger region
+    heatmap[0, 6] = 2.0  # exactly 20 %: not above
+    assert heatmap_to_boxes(heatmap, method="cam-largest") == [(3.0, 4.0, 5.0, 4.0)]
+    # not min-max normalised: an offset that lifts the background above 20 % of the max joins everything
+    assert heatmap_to_boxes(heatmap + 5.0, method="cam-largest") == [(0.0, 0.0, 8.0, 8.0)]
+    assert heatmap_to_boxes(-np.ones((4, 4)), method="cam-largest") == []
+
+
+def test_relative_is_the_default_and_unknown_methods_are_refused():
+    heatmap = np.random.default_rng(0).random((6, 6))
+    assert heatmap_to_boxes(heatmap, 0.5) == heatmap_to_boxes(heatmap, 0.5, method="relative")
+    with pytest.raises(MetricsError, match="eval.cam_method"):
+        heatmap_to_boxes(heatmap, method="gradcam")
+
+
+def test_cam_localisation_records_the_method():
+    maps = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    maps[0, 0, 2:4, 2:4] = 1.0
+    result = cam_localisation(maps, [(0, box("Mass", 2, 2, 2, 2, 8))], [CLASSES.index("Mass")], method="chestxray8")
+    assert result["method"] == "chestxray8" and "Wang et al. 2017" in result["method_description"]
+    assert result["iobb"]["overall"]["accuracy"]["0.9"] == 1.0

@@ -58,17 +58,21 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def agreement(name_a: str, logits_a: np.ndarray, name_b: str, logits_b: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Per-class AUROC differences with DeLong p-values, and the correlation of the two models' scores."""
-    from cxrbench.metrics.auroc import delong_per_class
+def agreement(name_a: str, logits_a: np.ndarray, name_b: str, logits_b: np.ndarray, labels: np.ndarray,
+              groups: np.ndarray | None = None, **inference: Any) -> dict[str, Any]:
+    """Per-class and mean AUROC differences by a paired patient bootstrap with Holm-adjusted p-values
+    (image-level DeLong beside them), and the correlation of the two models' scores.
+
+    ``groups``: the patient of each row (None: images count as independent, and the result says so);
+    ``inference``: rounds, confidence, seed, min_positives of :func:`cxrbench.metrics.inference.compare_aurocs`.
+    """
+    from cxrbench.metrics.inference import compare_aurocs
 
     scores_a, scores_b = _sigmoid(logits_a), _sigmoid(logits_b)
-    tests = delong_per_class(labels, scores_a, scores_b, CLASSES)
-    keys = ("auc_a", "auc_b", "difference", "p_value")
     return {
         "a": name_a,
         "b": name_b,
-        "per_class": {name: ({k: test[k] for k in keys} if test else None) for name, test in tests.items()},
+        **compare_aurocs(labels, scores_a, scores_b, CLASSES, groups=groups, **inference),
         "score_correlation": {
             "pearson": float(stats.pearsonr(scores_a.ravel(), scores_b.ravel())[0]),
             "spearman": float(stats.spearmanr(scores_a.ravel(), scores_b.ravel())[0]),

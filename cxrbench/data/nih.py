@@ -239,13 +239,13 @@ def find_images(root: Path) -> dict[str, Path]:
 
 def _split(root: Path, entries: _Entries, method: str, val_fraction: float, seed: int) -> splits.SplitResult:
     if method == "random-70-10-20":
-        return splits.random_split(entries.patients, entries.labels, seed)
+        return splits.random_split(entries.patients, seed)
     lists = [root / TRAIN_VAL_LIST, root / TEST_LIST]
     for path in lists:
         if not path.is_file():
             raise DataError(f"{path}: not found (needed by data.split = 'official')")
     train_val, test = (set(read_name_list(p)) for p in lists)
-    return splits.official_split(entries.files, entries.patients, entries.labels, train_val, test, val_fraction, seed)
+    return splits.official_split(entries.files, entries.patients, train_val, test, val_fraction, seed)
 
 
 def _check_splits(root: Path, method: str, split: np.ndarray) -> None:

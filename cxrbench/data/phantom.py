@@ -99,7 +99,8 @@ def synthesize(out: Path, images: int, size: int, seed: int, *, progress: bool =
     labels = _persist(rng, _labels(rng, images), follow_ups)
     views = np.where(rng.random(images) < AP_SHARE, "AP", "PA")
     names = [f"{p:08d}_{f:03d}.png" for p, f in zip(patients, follow_ups)]
-    test = splits.assign_patients(patients, labels, {"train_val": 1 - TEST_SHARE, "test": TEST_SHARE}, seed) == "test"
+    shares = {"train_val": 1 - TEST_SHARE, "test": TEST_SHARE}
+    test = splits.stratified_patients(patients, labels, shares, seed) == "test"
     (out / "images").mkdir(parents=True, exist_ok=True)
     boxes = []
     report = ProgressReport(images, "writing phantom images") if progress else None

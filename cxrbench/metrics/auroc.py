@@ -1,8 +1,14 @@
-"""AUROC per class with bootstrap confidence intervals, and DeLong's test for two correlated AUROCs.
+"""AUROC per class with patient-clustered bootstrap intervals, and DeLong's test for two correlated AUROCs.
 
 Everything is rank-based (Mann-Whitney), so probabilities and logits give the same numbers.
 A class whose test labels hold a single value has no AUROC: it is reported as ``None`` and
 listed, never replaced by 0.5 or dropped without a word.
+
+Images of one patient are correlated (follow-up images), so intervals resample *patients*
+(cluster bootstrap, Davison & Hinkley 1997, sec. 3.8) whenever the patient of each image is
+known; resampling images would make the intervals too narrow. A class with fewer than
+``min_positives`` positives or negatives gets no interval (a percentile interval from a handful
+of positives is not one), and p-values are computed in log space so they never underflow to 0.
 """
 
 from __future__ import annotations
@@ -99,14 +105,39 @@ def bootstrap_aurocs(labels: np.ndarray, scores: np.ndarray, indices: np.ndarray
     return np.stack([_weighted_auroc(labels[:, c], scores[:, c], counts) for c in range(labels.shape[1])], axis=1)
 
 
-def _bootstrap(labels: np.ndarray, scores: np.ndarray, rounds: int, seed: int) -> np.ndarray:
-    """``rounds`` seeded resamples of the images (with replacement) -> (rounds, C) AUROCs."""
-    n = labels.shape[0]
+def cluster_ids(groups, n: int, what: str) -> np.ndarray:
+    """Cluster number (0..G-1) of each of ``n`` rows; ``None`` makes every row its own cluster."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise MetricsError(f"{what}: groups (patient ids) must be one per row, got shape {groups.shape} for {n} rows")
+    return np.unique(groups, return_inverse=True)[1].reshape(n)
+
+
+def resample_weights(rng: np.random.Generator, clusters: np.ndarray, rounds: int) -> np.ndarray:
+    """(rounds, N) times each row is drawn when whole clusters are resampled with replacement.
+
+    With one row per cluster this is the ordinary image bootstrap (the same seeded draws).
+    """
+    count = int(clusters.max()) + 1
+    drawn = _resample_counts(rng.integers(0, count, size=(rounds, count)), count)
+    return drawn[:, clusters]
+
+
+def bootstrap_rounds(clusters: np.ndarray, rounds: int, seed: int):
+    """Seeded cluster-resampling weights in chunks of about ``_CHUNK_CELLS`` cells (bounded memory)."""
     rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // n)
+    chunk = max(1, _CHUNK_CELLS // max(clusters.size, 1))
+    for start in range(0, rounds, chunk):
+        yield resample_weights(rng, clusters, min(chunk, rounds - start))
+
+
+def _bootstrap(labels: np.ndarray, scores: np.ndarray, clusters: np.ndarray, rounds: int, seed: int) -> np.ndarray:
+    """``rounds`` seeded resamples of the clusters (with replacement) -> (rounds, C) AUROCs."""
     parts = [
-        bootstrap_aurocs(labels, scores, rng.integers(0, n, size=(min(chunk, rounds - start), n)))
-        for start in range(0, rounds, chunk)
+        np.stack([_weighted_auroc(labels[:, c], scores[:, c], w) for c in range(labels.shape[1])], axis=1)
+        for w in bootstrap_rounds(clusters, rounds, seed)
     ]
     return np.concatenate(parts) if parts else np.empty((0, labels.shape[1]))
 
@@ -121,33 +152,69 @@ def _interval(values: np.ndarray, confidence: float) -> list[float] | None:
     return [float(low), float(high)]
 
 
-def _check_report_settings(labels, scores, classes, rounds, confidence) -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = _check_pair(labels, scores, 2, "auroc_report")
-    if len(classes) != labels.shape[1]:
-        raise MetricsError(f"auroc_report: {len(classes)} class names for {labels.shape[1]} label columns")
+def check_inference_settings(rounds, confidence, min_positives) -> None:
+    """The bootstrap settings every interval and test here shares, each error naming its setting."""
     if not isinstance(rounds, (int, np.integer)) or rounds < 0:
         raise MetricsError(f"eval.bootstrap_rounds: must be a whole number >= 0, got {rounds!r}")
     if not 0.0 < confidence < 1.0:
         raise MetricsError(f"eval.confidence: must lie strictly between 0 and 1, got {confidence!r}")
+    if not isinstance(min_positives, (int, np.integer)) or min_positives < 2:
+        raise MetricsError(
+            f"eval.min_positives: must be a whole number >= 2 (one positive gives a degenerate interval), "
+            f"got {min_positives!r}"
+        )
+
+
+def _check_report_settings(labels, scores, classes, rounds, confidence, min_positives) -> tuple[np.ndarray, np.ndarray]:
+    labels, scores = _check_pair(labels, scores, 2, "auroc_report")
+    if len(classes) != labels.shape[1]:
+        raise MetricsError(f"auroc_report: {len(classes)} class names for {labels.shape[1]} label columns")
+    check_inference_settings(rounds, confidence, min_positives)
     return labels, scores
 
 
-def auroc_report(labels, scores, classes: Sequence[str], *, rounds: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+def too_few(labels_1d: np.ndarray, min_positives: int) -> str | None:
+    """Why a class gets no interval or test ("too few positives (n)"), or None when it gets one."""
+    positives = int(labels_1d.sum())
+    negatives = labels_1d.size - positives
+    if positives < min_positives:
+        return f"too few positives ({positives})"
+    if negatives < min_positives:
+        return f"too few negatives ({negatives})"
+    return None
+
+
+def auroc_report(
+    labels,
+    scores,
+    classes: Sequence[str],
+    *,
+    groups=None,
+    rounds: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    min_positives: int = 5,
+) -> dict:
     """Per-class and mean AUROC with seeded bootstrap percentile intervals, JSON-able.
 
-    The mean averages the defined classes only and says which (``mean_over``). A bootstrap
-    round counts for a class only when that class has both label values in the resample, and
-    for the mean only when every class of ``mean_over`` does; ``valid_rounds`` gives the counts.
+    ``groups`` holds the patient of each row: rounds then resample patients (``resampling`` says
+    which). The mean averages the defined classes only and says which (``mean_over``). A round
+    counts for a class only when that class has both label values in the resample, and for the
+    mean only when every class of ``mean_over`` does; ``valid_rounds`` gives the counts. A class
+    with fewer than ``min_positives`` positives or negatives gets no interval and a reason in
+    ``no_interval`` (the mean, pooling every class's cases, keeps its interval).
     """
-    labels, scores = _check_report_settings(labels, scores, classes, rounds, confidence)
+    labels, scores = _check_report_settings(labels, scores, classes, rounds, confidence, min_positives)
+    clusters = cluster_ids(groups, labels.shape[0], "auroc_report")
     names = [str(name) for name in classes]
     defined = [c for c in range(len(names)) if _is_defined(labels[:, c])]
     per_class = {name: None for name in names}
     for c in defined:
         per_class[names[c]] = float(roc_auc_score(labels[:, c], scores[:, c]))
     mean = float(np.mean([per_class[names[c]] for c in defined])) if defined else None
+    no_interval = {name: reason for c, name in enumerate(names) if (reason := too_few(labels[:, c], min_positives))}
 
-    boot = _bootstrap(labels, scores, rounds, seed)
+    boot = _bootstrap(labels, scores, clusters, rounds, seed)
     boot_mean = boot[:, defined].mean(axis=1) if defined else np.full(rounds, np.nan)
     return {
         "per_class": per_class,
@@ -156,8 +223,10 @@ def auroc_report(labels, scores, classes: Sequence[str], *, rounds: int = 1000, 
         "undefined": [name for c, name in enumerate(names) if c not in defined],
         "ci": {
             "mean": _interval(boot_mean, confidence),
-            "per_class": {name: _interval(boot[:, c], confidence) if c in defined else None for c, name in enumerate(names)},
+            "per_class": {name: None if name in no_interval else _interval(boot[:, c], confidence)
+                          for c, name in enumerate(names)},
         },
+        "no_interval": no_interval,
         "valid_rounds": {
             "mean": int(np.isfinite(boot_mean).sum()),
             "per_class": {name: int(np.isfinite(boot[:, c]).sum()) for c, name in enumerate(names)},
@@ -165,7 +234,11 @@ def auroc_report(labels, scores, classes: Sequence[str], *, rounds: int = 1000, 
         "rounds": int(rounds),
         "confidence": float(confidence),
         "seed": int(seed),
+        "min_positives": int(min_positives),
+        "resampling": "images" if groups is None else "patients",
+        "patients": None if groups is None else int(clusters.max()) + 1 if clusters.size else 0,
         "positives": {name: int(labels[:, c].sum()) for c, name in enumerate(names)},
+        "positive_patients": {name: int(np.unique(clusters[labels[:, c] == 1]).size) for c, name in enumerate(names)},
         "n": int(labels.shape[0]),
     }
 
@@ -187,18 +260,31 @@ def _placements(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.
     return v10, v01
 
 
-def _z_and_p(difference: float, variance: float) -> tuple[float | None, float]:
-    """Two-sided normal test; a zero variance gives z = 0, p = 1 for no difference, else z = None, p = 0."""
+def log10_two_sided_p(z: float) -> float:
+    """log10 of the two-sided normal p-value, from ``norm.logsf`` so that it never underflows (z = 40 -> -349)."""
+    return float((math.log(2.0) + norm.logsf(abs(z))) / math.log(10.0))
+
+
+def p_from_log10(log10_p: float | None) -> float | None:
+    """The p-value itself (0.0 once below float64's range: read ``log10_p_value`` then)."""
+    return None if log10_p is None else float(min(1.0, 10.0 ** log10_p))
+
+
+def _z_and_p(difference: float, variance: float) -> tuple[float | None, float | None]:
+    """Two-sided normal test as (z, log10 p); a zero variance gives z = 0, p = 1 for no difference,
+    else z = None and no finite log10 p (p = 0)."""
     if variance > 0.0:
         z = difference / math.sqrt(variance)
-        return z, float(2.0 * norm.sf(abs(z)))
-    return (0.0, 1.0) if difference == 0.0 else (None, 0.0)
+        return z, log10_two_sided_p(z)
+    return (0.0, 0.0) if difference == 0.0 else (None, None)
 
 
 def delong_test(labels_1d, scores_a, scores_b) -> dict:
     """DeLong et al. (1988) test of two correlated AUROCs measured on the same images.
 
     Needs at least two positives and two negatives (the covariances divide by m - 1 and n - 1).
+    Images are taken as independent: on data with several images per patient this is an
+    image-level figure only (:mod:`cxrbench.metrics.inference` has the patient-clustered test).
     ``covariance`` is S10/m + S01/n for the pair (a, b); ``variance`` is that of auc_a - auc_b.
     """
     labels, a = _check_pair(labels_1d, scores_a, 1, "delong_test")
@@ -211,7 +297,7 @@ def delong_test(labels_1d, scores_a, scores_b) -> dict:
     covariance = np.cov(v10) / m + np.cov(v01) / n
     variance = float(np.var(v10[0] - v10[1], ddof=1) / m + np.var(v01[0] - v01[1], ddof=1) / n)
     auc_a, auc_b = v10.mean(axis=1)
-    z, p = _z_and_p(float(auc_a - auc_b), variance)
+    z, log10_p = _z_and_p(float(auc_a - auc_b), variance)
     return {
         "auc_a": float(auc_a),
         "auc_b": float(auc_b),
@@ -219,7 +305,8 @@ def delong_test(labels_1d, scores_a, scores_b) -> dict:
         "variance": variance,
         "covariance": covariance.tolist(),
         "z": z,
-        "p_value": p,
+        "p_value": 0.0 if log10_p is None else p_from_log10(log10_p),
+        "log10_p_value": log10_p,
         "positives": m,
         "negatives": n,
     }

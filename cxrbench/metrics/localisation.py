@@ -1,9 +1,11 @@
 """Class activation maps against boxes: upsampling, heat map to boxes, IoU / IoBB, localisation accuracy.
 
-The recipe is ChestX-ray8's (Wang et al. 2017): normalise the map to 0-255, threshold, box the
-connected regions; a ground-truth box is found at T when a predicted box for the same image and
-class reaches IoU or IoBB >= T. Boxes are ``(x, y, w, h)`` in pixels, (x, y) the top-left corner,
-pixel i covering [i, i + 1).
+Scoring is ChestX-ray8's (Wang et al. 2017): a ground-truth box is found at T when a
+predicted box for the same image and class has IoU > T or IoBB > T (strictly greater). Three named
+ways turn a heat map into boxes (:data:`CAM_METHODS`): ``relative`` (this project's fraction of
+the map's range), ``chestxray8`` (the paper's fixed levels on a 0-255 map) and ``cam-largest``
+(the CAM paper's, Zhou et al. 2016). Boxes are ``(x, y, w, h)`` in pixels, (x, y) the top-left
+corner, pixel i covering [i, i + 1).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from cxrbench.classes import CLASSES
 from cxrbench.errors import MetricsError
 
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: ChestX-ray8's levels on the 0-255 map: "normalized to [0, 255] and then thresholded by {60, 180} individually".
+CHESTXRAY8_LEVELS = (60, 180)
+#: Zhou et al. 2016: "segment the regions of which the value is above 20% of the max value of the CAM".
+CAM_FRACTION_OF_MAX = 0.2
 
 BoxTuple = tuple[float, float, float, float]
 
@@ -58,25 +64,87 @@ def upsample(maps, size: int) -> np.ndarray:
 # -- heat map to boxes ----------------------------------------------------------------------------
 
 
-def heatmap_to_boxes(heatmap, threshold: float = 0.5) -> list[BoxTuple]:
-    """Boxes around the 8-connected regions where the min-max normalised map is >= threshold * 255.
-
-    Largest region (pixel count) first. A flat map carries no location, so it gives no box.
-    """
+def _check_heatmap(heatmap) -> np.ndarray:
     heatmap = np.asarray(heatmap, dtype=np.float64)
     if heatmap.ndim != 2 or not np.isfinite(heatmap).all():
         raise MetricsError(f"heatmap_to_boxes: heat map must be a finite 2-D array, got shape {heatmap.shape}")
+    return heatmap
+
+
+def _region_boxes(mask: np.ndarray) -> list[BoxTuple]:
+    """Boxes around the 8-connected regions of ``mask``, largest region (pixel count) first."""
+    regions, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+    slices = ndimage.find_objects(regions)
+    return [_slice_box(*slices[k]) for k in np.argsort(-sizes, kind="stable")]
+
+
+def relative_boxes(heatmap, threshold: float = 0.5) -> list[BoxTuple]:
+    """This project's relative threshold: boxes around the regions where the min-max normalised map is
+    >= ``threshold`` of its range (``eval.cam_threshold``); a flat map carries no location, so no box.
+
+    Not a published recipe: it adapts ChestX-ray8's idea to maps of any scale with one knob.
+    """
+    heatmap = _check_heatmap(heatmap)
     if not 0.0 <= threshold <= 1.0:
         raise MetricsError(f"heatmap_to_boxes: threshold must lie in [0, 1], got {threshold!r}")
     low, high = heatmap.min(), heatmap.max()
     if high == low:
         return []
-    scaled = (heatmap - low) / (high - low) * 255.0
-    regions, count = ndimage.label(scaled >= threshold * 255.0, structure=np.ones((3, 3)))
-    sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
-    slices = ndimage.find_objects(regions)
-    order = np.argsort(-sizes, kind="stable")
-    return [_slice_box(*slices[k]) for k in order]
+    return _region_boxes((heatmap - low) / (high - low) >= threshold)
+
+
+def chestxray8_boxes(heatmap) -> list[BoxTuple]:
+    """ChestX-ray8 (Wang et al. 2017, "Bounding Box Generation"): "The intensities in heatmaps are
+    first normalized to [0, 255] and then thresholded by {60, 180} individually. Finally, B-Boxes are
+    generated to cover the isolated regions in the resulting binary maps."
+
+    The map is min-max scaled and rounded to whole 0-255 levels (an 8-bit image); a pixel is kept at a level
+    when it is >= that level. The boxes of both levels are returned (level 60's first), each level's largest
+    region first. A flat map gives no box.
+    """
+    heatmap = _check_heatmap(heatmap)
+    low, high = heatmap.min(), heatmap.max()
+    if high == low:
+        return []
+    levels = np.rint((heatmap - low) / (high - low) * 255.0)
+    return [box for level in CHESTXRAY8_LEVELS for box in _region_boxes(levels >= level)]
+
+
+def cam_largest_box(heatmap) -> list[BoxTuple]:
+    """CAM (Zhou et al. 2016, weakly-supervised object localisation): "we first segment the regions of which
+    the value is above 20% of the max value of the CAM. Then we take the bounding box that covers the largest
+    connected component".
+
+    Strictly above 20 % of the maximum of the map as it is (not min-max normalised); one box or none
+    (a map whose maximum is not positive has no region above a fraction of it).
+    """
+    heatmap = _check_heatmap(heatmap)
+    peak = heatmap.max()
+    if peak <= 0:
+        return []
+    return _region_boxes(heatmap > CAM_FRACTION_OF_MAX * peak)[:1]
+
+
+CAM_METHODS = {
+    "relative": "relative threshold: map min-max normalised, kept >= cam_threshold of its range, "
+                "every region boxed",
+    "chestxray8": "ChestX-ray8 (Wang et al. 2017): map scaled to 0-255, thresholded at 60 and at 180, "
+                  "every region boxed",
+    "cam-largest": "CAM (Zhou et al. 2016): kept above 20 % of the map's max, the largest connected region boxed",
+}
+
+
+def heatmap_to_boxes(heatmap, threshold: float = 0.5, method: str = "relative") -> list[BoxTuple]:
+    """Predicted boxes of one heat map by the named ``method`` (see :data:`CAM_METHODS`);
+    ``threshold`` is used by ``relative`` only."""
+    if method == "relative":
+        return relative_boxes(heatmap, threshold)
+    if method == "chestxray8":
+        return chestxray8_boxes(heatmap)
+    if method == "cam-largest":
+        return cam_largest_box(heatmap)
+    raise MetricsError(f"eval.cam_method: expected one of {', '.join(CAM_METHODS)}, got {method!r}")
 
 
 def _slice_box(rows: slice, cols: slice) -> BoxTuple:
@@ -137,26 +205,31 @@ def _group_truth(truth: Iterable[tuple[int, Any]]) -> dict[tuple[int, str], list
 
 
 def _summary(truth_best: list[float], pred_best: list[float], images: int, thresholds) -> dict:
-    """Accuracy and average false positives per image at each threshold, from best overlaps."""
+    """Accuracy and average false positives per image at each threshold, from best overlaps.
+
+    Found means overlap > T, strictly (ChestX-ray8); a predicted box not exceeding T is a false positive.
+    """
     truth_best, pred_best = np.asarray(truth_best), np.asarray(pred_best)
     return {
-        "accuracy": {f"{t:g}": float((truth_best >= t).mean()) for t in thresholds},
-        "avg_fp": {f"{t:g}": float((pred_best < t).sum() / images) for t in thresholds},
+        "accuracy": {f"{t:g}": float((truth_best > t).mean()) for t in thresholds},
+        "avg_fp": {f"{t:g}": float((pred_best <= t).sum() / images) for t in thresholds},
         "boxes": int(truth_best.size),
         "images": int(images),
         "predicted": int(pred_best.size),
     }
 
 
-def localisation_accuracy(predicted: dict, truth, *, metric: str = "iobb", thresholds: Sequence[float] = THRESHOLDS) -> dict:
+def localisation_accuracy(predicted: dict, truth, *, metric: str = "iobb",
+                          thresholds: Sequence[float] = THRESHOLDS) -> dict:
     """Per class and overall localisation accuracy and average false positives per image.
 
     ``predicted[(image_pos, class_name)]`` lists boxes; ``truth`` lists ``(image_pos, box)`` with
     ``box.label, .x, .y, .w, .h``. Only (image, class) pairs with a ground-truth box are evaluated
     (ChestX-ray8's protocol); boxes predicted for other pairs are counted in
-    ``unevaluated_predictions``. A truth box is found at T when any predicted box reaches T; a
-    predicted box is a false positive at T when it reaches T with no truth box. Per class,
-    ``images`` counts the images with that class's box; overall, the distinct images.
+    ``unevaluated_predictions``. A truth box is found at T when any predicted box exceeds T (strictly,
+    as ChestX-ray8 defines it); a predicted box is a false positive at T when no truth box of its image
+    and class overlaps it by more than T. Per class, ``images`` counts the images with that class's box;
+    overall, the distinct images.
     """
     if metric not in _OVERLAPS:
         raise MetricsError(f"localisation metric must be one of {sorted(_OVERLAPS)}, got {metric!r}")
@@ -195,8 +268,9 @@ def centred_box_baseline(truth, size: int, fraction: float = 0.5) -> dict[tuple[
     return {key: [(corner, corner, side, side)] for key in _group_truth(truth)}
 
 
-def cam_localisation(cams_upsampled, truth, class_indices: Sequence[int], threshold: float = 0.5) -> dict:
-    """Boxes from each (image, class) heat map, scored with IoBB and IoU.
+def cam_localisation(cams_upsampled, truth, class_indices: Sequence[int], threshold: float = 0.5,
+                     method: str = "relative") -> dict:
+    """Boxes from each (image, class) heat map by ``method`` (:func:`heatmap_to_boxes`), scored with IoBB and IoU.
 
     ``cams_upsampled[pos, j]`` is the map of ``CLASSES[class_indices[j]]`` at the truth boxes' frame.
     """
@@ -208,8 +282,10 @@ def cam_localisation(cams_upsampled, truth, class_indices: Sequence[int], thresh
     for pos, label in _group_truth(truth):
         if label not in column or not 0 <= pos < cams.shape[0]:
             raise MetricsError(f"cam_localisation: no heat map for image {pos}, class {label!r}")
-        predicted[(pos, label)] = heatmap_to_boxes(cams[pos, column[label]], threshold)
+        predicted[(pos, label)] = heatmap_to_boxes(cams[pos, column[label]], threshold, method)
     return {
+        "method": method,
+        "method_description": CAM_METHODS[method],
         "threshold": float(threshold),
         "iobb": localisation_accuracy(predicted, truth, metric="iobb"),
         "iou": localisation_accuracy(predicted, truth, metric="iou"),

@@ -37,5 +37,6 @@ def add_parser(commands) -> None:
     report.add_argument("--benchmark-json", action="append", default=[], metavar="FILE",
                         help="a pytest-benchmark JSON file to include as a table (repeatable)")
     report.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
-                        help=f"flag run-to-run changes larger than this relative change in percent (default {DEFAULT_THRESHOLD_PCT:g})")
+                        help="judge a run-to-run change by this relative change in percent, only for figures "
+                             f"with neither intervals nor a paired test (default {DEFAULT_THRESHOLD_PCT:g})")
     report.set_defaults(func=_cmd_report)

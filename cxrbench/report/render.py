@@ -48,6 +48,8 @@ def _sci(value: Any) -> str:
 def _p_value(value: Any) -> str:
     if not _is_number(value):
         return "–"
+    if value == 0:  # only below float64's range: the metrics keep log10 p (log10_p_value)
+        return "<1e-300"
     return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 

@@ -93,31 +93,70 @@ def _agreement_pairs(run: Run) -> list[dict]:
     return [p for p in ((run.comparison.get("agreement") or {}).get("pairs") or []) if p.get("a") and p.get("b")]
 
 
+def _interval_cell(report: dict, name: str | None) -> dict[str, Any]:
+    """One backend's AUROC cell: value, interval with its valid rounds, or why there is no interval."""
+    per_class = report.get("per_class") or {}
+    ci, rounds = report.get("ci") or {}, report.get("valid_rounds") or {}
+    if name is None:
+        return {"value": report.get("mean"), "ci": ci.get("mean"), "rounds": rounds.get("mean"), "note": None}
+    return {"value": per_class.get(name), "ci": (ci.get("per_class") or {}).get(name),
+            "rounds": (rounds.get("per_class") or {}).get(name), "note": (report.get("no_interval") or {}).get(name)}
+
+
+def _pair_cell(test: dict | None) -> dict[str, Any]:
+    """One backend pair's comparison cell (older comparison.json files hold DeLong's p only)."""
+    test = test or {}
+    return {"difference": test.get("difference"), "interval": test.get("interval"), "rounds": test.get("valid_rounds"),
+            "p": test.get("p_value"), "p_holm": test.get("p_holm"), "significant": test.get("significant"),
+            "delong": (test.get("delong") or {}).get("p_value"), "note": test.get("note")}
+
+
+def _pair_verdict(pair: dict) -> str:
+    """The plain verdict of one pair, from the Holm-adjusted p-values (never the raw ones)."""
+    per_class = pair.get("per_class") or {}
+    if "classes_tested" not in pair:
+        return "image-level DeLong p-values only (comparison.json predates the patient bootstrap): no verdict"
+    tested = pair["classes_tested"]
+    differ = [name for name, test in per_class.items() if (test or {}).get("significant")]
+    alpha = pair.get("alpha", 0.05)
+    if not differ:
+        return f"no class differs at Holm-adjusted p < {alpha:g} ({tested} classes tested)"
+    return f"{len(differ)} of {tested} classes differ at Holm-adjusted p < {alpha:g}: {', '.join(differ)}"
+
+
 def auroc_table(run: Run) -> dict[str, Any]:
-    """Per class: each backend's AUROC and CI, DeLong p per backend pair, the published references."""
+    """Per class: each backend's AUROC and interval, each backend pair's paired-bootstrap difference with raw and
+    Holm-adjusted p (DeLong's image-level p beside it), the published references; a verdict per pair."""
     pairs = _agreement_pairs(run)
     reports = {name: b.get("auroc") or {} for name, b in run.backends.items()}
     rows = []
     for name in run.classes:
         rows.append({
             "class": name,
-            "backends": {b: ((r.get("per_class") or {}).get(name), ((r.get("ci") or {}).get("per_class") or {}).get(name))
-                         for b, r in reports.items()},
-            "p_values": [((p.get("per_class") or {}).get(name) or {}).get("p_value") for p in pairs],
+            "backends": {b: _interval_cell(r, name) for b, r in reports.items()},
+            "pairs": [_pair_cell((p.get("per_class") or {}).get(name)) for p in pairs],
             "references": [ref.per_class.get(name) for ref in AUROC_REFERENCES],
             "positives": next((r["positives"].get(name) for r in reports.values() if r.get("positives")), None),
         })
-    mean = {b: (r.get("mean"), (r.get("ci") or {}).get("mean")) for b, r in reports.items()}
-    undefined = {b: r.get("undefined") for b, r in reports.items() if r.get("undefined")}
+    first = next((r for r in reports.values() if r), {})
     return {
         "rows": rows,
-        "mean": mean,
-        "undefined": undefined,
+        "mean": {b: _interval_cell(r, None) for b, r in reports.items()},
+        "mean_pairs": [_pair_cell(p.get("mean")) for p in pairs],
+        "undefined": {b: r.get("undefined") for b, r in reports.items() if r.get("undefined")},
         "pairs": [f"{p['a']} vs {p['b']}" for p in pairs],
+        "verdicts": [(f"{p['a']} vs {p['b']}", _pair_verdict(p)) for p in pairs],
+        "pair_method": "paired image bootstrap (no patient ids: images taken as independent)"
+                       if any(p.get("resampling") == "images" for p in pairs) else "paired patient bootstrap",
         "correlations": [(f"{p['a']} vs {p['b']}", p.get("score_correlation") or {}) for p in pairs],
         "references": AUROC_REFERENCES,
-        "confidence": next((r.get("confidence") for r in reports.values() if r.get("confidence")), None),
-        "n": next((r.get("n") for r in reports.values() if r.get("n")), None),
+        "confidence": first.get("confidence"),
+        "n": first.get("n"),
+        "patients": first.get("patients"),
+        "resampling": first.get("resampling"),
+        "min_positives": first.get("min_positives"),
+        "independence_notes": sorted({note for b in run.backends.values()
+                                      for note in ((b.get("metrics") or {}).get("independence_notes") or [])}),
     }
 
 
@@ -223,7 +262,8 @@ def localisation(run: Run) -> dict[str, Any] | None:
         by_threshold.append({"label": "centred box (IoBB)", "accuracy": centred.get("accuracy") or {},
                              "avg_fp": centred.get("avg_fp") or {}, "boxes": centred.get("boxes")})
     return {"classes": classes, "rows": rows, "thresholds": thresholds, "by_threshold": by_threshold,
-            "threshold": first.get("threshold"), "at": at}
+            "threshold": first.get("threshold"), "at": at, "method": first.get("method"),
+            "method_description": first.get("method_description")}
 
 
 def localisation_skipped(run: Run) -> dict[str, str]:

@@ -48,15 +48,20 @@ def parity_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
     return parity
 
 
-def agreement_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
+def agreement_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
+    """Every pair of backends compared on the same test images: a paired patient bootstrap per class and
+    for the mean, Holm-adjusted across classes (image-level DeLong as a secondary figure)."""
     predictions = {n: load_npz(run_dir / n / "predictions.npz") for n in backends if (run_dir / n / "predictions.npz").is_file()}
+    evaluation = settings.eval
+    inference = {"rounds": evaluation.bootstrap_rounds, "confidence": evaluation.confidence, "seed": settings.run.seed,
+                 "min_positives": evaluation.min_positives}
     pairs = []
     for a, b in itertools.combinations(predictions, 2):
         pa, pb = predictions[a], predictions[b]
         if not np.array_equal(pa["files"], pb["files"]) or not np.array_equal(pa["labels"], pb["labels"]):
             pairs.append({"a": a, "b": b, "error": f"{a} and {b} were evaluated on different test images"})
             continue
-        pairs.append(eq.agreement(a, pa["logits"], b, pb["logits"], pa["labels"]))
+        pairs.append(eq.agreement(a, pa["logits"], b, pb["logits"], pa["labels"], pa.get("patients"), **inference))
     return {"pairs": pairs}
 
 
@@ -75,7 +80,7 @@ def write_comparison(run_dir: Path, backends: list[str], settings: Settings, thr
         "schema_version": SCHEMA_VERSION,
         "equivalence": equivalence_section(run_dir, backends, settings),
         "parity": parity_section(run_dir, backends),
-        "agreement": agreement_section(run_dir, backends),
+        "agreement": agreement_section(run_dir, backends, settings),
         "onnxruntime": onnxruntime_section(run_dir, backends, settings, threads),
     }
     write_json(run_dir / "comparison.json", comparison)

@@ -42,7 +42,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, true_boxes, predicted_boxes) ->
     return canvas
 
 
-def write(folder: Path, images, maps, positions, class_indices, truth_local, threshold, files) -> None:
+def write(folder: Path, images, maps, positions, class_indices, truth_local, threshold, files,
+          method: str = "relative") -> None:
     """One PNG per (shown image, class of one of its boxes)."""
     from cxrbench.metrics.localisation import heatmap_to_boxes
 
@@ -56,7 +57,7 @@ def write(folder: Path, images, maps, positions, class_indices, truth_local, thr
             c = CLASSES.index(label)
             heat = to_uint8(maps[i, column[c]])
             true_boxes = [(b.x, b.y, b.w, b.h) for pos, b in truth_local if pos == i and b.label == label]
-            predicted = heatmap_to_boxes(maps[i, column[c]], threshold)
+            predicted = heatmap_to_boxes(maps[i, column[c]], threshold, method)
             png = f"{i:03d}_{label}.png"
             overlay(images[i], heat, true_boxes, predicted).save(out / png)
             entries.append({"file": png, "image": name, "position": int(position), "class": label,

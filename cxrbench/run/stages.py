@@ -105,13 +105,28 @@ def evaluate(ctx: StageContext) -> None:
     start = time.perf_counter()
     logits = ctx.logits(images)
     seconds = time.perf_counter() - start
-    files = np.asarray([ctx.data.index.files[r] for r in ctx.data.rows("test")])
-    save_npz(ctx.folder / "predictions.npz", logits=logits, labels=labels, files=files)
-    answers = ctx.hook.cxrbench_evaluate(labels=labels, scores=sigmoid(logits), classes=list(CLASSES), settings=ctx.settings)
-    write_json(ctx.folder / "metrics.json", merge_metrics(answers))
+    rows = ctx.data.rows("test")
+    files = np.asarray([ctx.data.index.files[r] for r in rows])
+    patients = np.asarray(ctx.data.index.patients)[rows]
+    save_npz(ctx.folder / "predictions.npz", logits=logits, labels=labels, files=files, patients=patients)
+    answers = ctx.hook.cxrbench_evaluate(labels=labels, scores=sigmoid(logits), classes=list(CLASSES), groups=patients,
+                                         settings=ctx.settings)
+    metrics = merge_metrics(answers)
+    notes = independence_notes(ctx.hook.cxrbench_evaluate)
+    if notes:
+        metrics["independence_notes"] = notes
+    write_json(ctx.folder / "metrics.json", metrics)
     throughput = read_json(ctx.folder / "throughput.json", {"gpus": ctx.settings.run.gpus})
     throughput["predict_images_per_s"] = len(images) / seconds if seconds else None
     write_json(ctx.folder / "throughput.json", throughput)
+
+
+def independence_notes(caller) -> list[str]:
+    """One note per ``cxrbench_evaluate`` implementation that does not take ``groups``: pluggy calls it
+    without the patients, so any interval or test it reports treats images as independent."""
+    return [f"plugin {impl.plugin_name!r}: cxrbench_evaluate does not accept groups (patient ids), so its "
+            "intervals and tests treat images as independent (too narrow when patients have several images)"
+            for impl in caller.get_hookimpls() if "groups" not in impl.argnames]
 
 
 def merge_metrics(answers: list[dict | None]) -> dict[str, Any]:
@@ -132,9 +147,10 @@ def cam(ctx: StageContext) -> None:
     from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy, upsample
 
     truth = ctx.data.boxes("test")
-    threshold = ctx.settings.eval.cam_threshold
+    threshold, method = ctx.settings.eval.cam_threshold, ctx.settings.eval.cam_method
     if not truth:
-        write_json(ctx.folder / "localisation.json", {"skipped": "no test image has a box", "threshold": threshold})
+        write_json(ctx.folder / "localisation.json",
+                   {"skipped": "no test image has a box", "threshold": threshold, "method": method})
         return
     positions = sorted({pos for pos, _ in truth})
     local = {pos: i for i, pos in enumerate(positions)}
@@ -143,7 +159,7 @@ def cam(ctx: StageContext) -> None:
     images = ctx.data.split_images("test")[positions]
     result = ctx.call("cxrbench_cam", model=ctx.model, images=images, classes=class_indices)
     maps = upsample(np.asarray(result.maps, dtype=np.float32), ctx.data.size)
-    scores = cam_localisation(maps, truth_local, class_indices, threshold)
+    scores = cam_localisation(maps, truth_local, class_indices, threshold, method)
     baseline = localisation_accuracy(centred_box_baseline(truth_local, ctx.data.size), truth_local, metric="iobb")
     write_json(
         ctx.folder / "localisation.json",
@@ -152,13 +168,15 @@ def cam(ctx: StageContext) -> None:
             "iou": scores["iou"],
             "centred_box": baseline,
             "threshold": threshold,
+            "method": scores["method"],
+            "method_description": scores["method_description"],
             "images": len(positions),
             "classes": [CLASSES[c] for c in class_indices],
         },
     )
     shown = positions[: ctx.settings.eval.cam_images]
     gallery.write(ctx.folder, images[: len(shown)], maps[: len(shown)], shown, class_indices, truth_local, threshold,
-                  [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown])
+                  [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown], method)
 
 
 # -- export --------------------------------------------------------------------------------------

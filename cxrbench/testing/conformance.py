@@ -26,6 +26,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,28 @@ def exported(request, backend: Backend, tmp_path_factory) -> tuple[Settings, Any
 
 
 # -- discovery ------------------------------------------------------------------------------------
+
+
+def test_metric_plugins_take_patient_groups(backend: Backend):
+    """Every ``cxrbench_evaluate`` answer (the core's and any --cxrbench-plugin's) is a JSON-able dict or None
+    when called with the patient of each row; the core's AUROC intervals then resample patients. A plugin
+    without ``groups`` still works but is named (its intervals treat images as independent)."""
+    from cxrbench.run.stages import independence_notes
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, NUM_CLASSES)) < 0.5).astype(np.uint8)
+    scores, groups = rng.random((40, NUM_CLASSES)), np.repeat(np.arange(10), 4)
+    caller = backend.plugins.hook.cxrbench_evaluate
+    answers = caller(labels=labels, scores=scores, classes=[f"c{i}" for i in range(NUM_CLASSES)], groups=groups,
+                     settings=kit_settings(**{"eval.bootstrap_rounds": 20, "eval.min_positives": 2}))
+    for answer in answers:
+        assert answer is None or isinstance(answer, dict), f"cxrbench_evaluate must return a dict or None: {answer!r}"
+        json.dumps(answer, allow_nan=False)
+    [core] = [a["auroc"] for a in answers if a and "auroc" in a]
+    assert core["resampling"] == "patients" and core["patients"] == 10
+    for note in independence_notes(caller):
+        warnings.warn(note, stacklevel=1)
+
 
 
 def test_backend_info_describes_the_backend(backend: Backend):

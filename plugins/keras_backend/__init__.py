@@ -38,8 +38,12 @@ def cxrbench_backend_info():
 
 @hookimpl
 def cxrbench_build_model(settings, weights):
+    from cxrbench_keras import determinism
+
+    determinism.prepare_environment(settings.numerics)  # before the first TensorFlow import
     from cxrbench_keras.model import build
 
+    determinism.apply(settings.numerics)
     return build(settings, weights)
 
 
@@ -60,9 +64,12 @@ def cxrbench_set_weights(model, weights):
 
 @hookimpl
 def cxrbench_train(model, data, settings, recorder):
+    from cxrbench_keras import determinism
     from cxrbench_keras.loop import train
 
-    return train(model, data, settings, recorder)
+    result = train(model, data, settings, recorder)
+    result["numerics"] = {**result.get("numerics", {}), **determinism.describe(settings.numerics)}
+    return result
 
 
 @hookimpl

@@ -14,7 +14,7 @@ from cxrbench import weights as canonical
 from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
-from cxrbench_pytorch import numerics
+from cxrbench_pytorch import determinism, numerics
 from cxrbench_pytorch import weights as tv_weights
 
 
@@ -73,6 +73,7 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None, device: tor
     canonical.check_image_size(settings.data.image_size)
     device = device or numerics.select_device(settings)
     numerics.apply(settings.numerics)
+    determinism.apply(settings.numerics)
     net = new_densenet(settings.model.block_config, settings.run.seed)
     initial, origin = (weights, "weights") if weights is not None else _initial_weights(settings, net)
     if initial is not None:
