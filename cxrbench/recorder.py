@@ -2,7 +2,8 @@
 
 Backends report through a :class:`Recorder` so that every framework's numbers mean the same
 thing; :class:`Stopwatch` synchronises the device at both edges of a timed region, and
-:class:`WaitTimer` measures how long a training loop waited for its input.
+:meth:`Recorder.timed` wraps a loop's batches in a :class:`~cxrbench.timing.WindowTimer` (warm-up,
+steady-state windows, data wait).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from cxrbench.api import EpochRecord
+from cxrbench.timing import INFERENCE_WARMUP_STEPS, WaitTimer, WindowTimer, _no_sync
+
+__all__ = ["Recorder", "Stopwatch", "WaitTimer", "WindowTimer"]
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -28,6 +32,8 @@ class Recorder:
         self.history: list[EpochRecord] = []
         self.phase_name = "idle"
         self.epoch = 0
+        self.warmup_steps, self.window_steps = 1, 5  #: set by the training recipe from the settings
+        self._timers: dict[str, WindowTimer] = {}
 
     def _emit(self, event: str, **payload: Any) -> None:
         for listener in self.listeners:
@@ -39,7 +45,21 @@ class Recorder:
 
     def step(self, epoch: int, step: int, steps: int | None = None) -> None:
         """Optional progress; never pass a device value that would force a synchronisation."""
-        self._emit("step", epoch=epoch, step=step, steps=steps)
+        self._emit("step", epoch=epoch, step=step, steps=steps, t=time.time())
+
+    def timed(self, batches: Iterable, sync: Callable[[], None], images: int | Callable[[Any], int]) -> WindowTimer:
+        """Wrap the current phase's batches in a window timer; the recipe collects it with :meth:`take_timer`.
+
+        Training warms up over ``warmup_steps``; validation and prediction over their first step.
+        """
+        warmup = self.warmup_steps if self.phase_name == "train" else INFERENCE_WARMUP_STEPS
+        timer = WindowTimer(batches, sync, images, warmup, self.window_steps)
+        self._timers[self.phase_name] = timer
+        return timer
+
+    def take_timer(self, phase: str) -> WindowTimer | None:
+        """The timer a loop made during ``phase`` (None when the loop did not time its batches)."""
+        return self._timers.pop(phase, None)
 
     @contextmanager
     def phase(self, name: str):
@@ -54,10 +74,6 @@ class Recorder:
     def epoch_ended(self, record: EpochRecord) -> None:
         self.history.append(record)
         self._emit("epoch_ended", **record.to_dict())
-
-
-def _no_sync() -> None:
-    return None
 
 
 class Stopwatch:
@@ -76,21 +92,3 @@ class Stopwatch:
         finally:
             self.sync()
             self.seconds = time.perf_counter() - start
-
-
-class WaitTimer:
-    """Wrap an iterator and add up the time spent waiting in ``next()``: the loop's data wait."""
-
-    def __init__(self, iterable: Iterable):
-        self._iterator = iter(iterable)
-        self.seconds = 0.0
-
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self._iterator)
-        finally:
-            self.seconds += time.perf_counter() - start
