@@ -33,6 +33,7 @@ class Recorder:
         self.phase_name = "idle"
         self.epoch = 0
         self.warmup_steps, self.window_steps = 1, 5  #: set by the training recipe from the settings
+        self.clock: Callable[[], float] = time.perf_counter  #: the timers' clock (tests drive a fake one)
         self._timers: dict[str, WindowTimer] = {}
 
     def _emit(self, event: str, **payload: Any) -> None:
@@ -53,7 +54,7 @@ class Recorder:
         Training warms up over ``warmup_steps``; validation and prediction over their first step.
         """
         warmup = self.warmup_steps if self.phase_name == "train" else INFERENCE_WARMUP_STEPS
-        timer = WindowTimer(batches, sync, images, warmup, self.window_steps)
+        timer = WindowTimer(batches, sync, images, warmup, self.window_steps, self.clock)
         self._timers[self.phase_name] = timer
         return timer
 

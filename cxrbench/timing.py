@@ -40,19 +40,20 @@ def _no_sync() -> None:
 class WaitTimer:
     """Wrap an iterator and add up the time spent waiting in ``next()``: the loop's data wait."""
 
-    def __init__(self, iterable: Iterable):
+    def __init__(self, iterable: Iterable, clock: Callable[[], float] = time.perf_counter):
         self._iterator = iter(iterable)
+        self.clock = clock
         self.seconds = 0.0
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self):
-        start = time.perf_counter()
+        start = self.clock()
         try:
             return next(self._iterator)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class WindowTimer:
 
     def __init__(self, iterable: Iterable, sync: Callable[[], None] = _no_sync, images: int | Callable[[Any], int] = 1,
                  warmup_steps: int = 1, window_steps: int = 5, clock: Callable[[], float] = time.perf_counter):
-        self.waits = WaitTimer(iterable)
+        self.waits = WaitTimer(iterable, clock)
         self.sync, self.clock = sync, clock
         self.count = images if callable(images) else (lambda batch, n=images: n)
         self.warmup_steps, self.window_steps = max(1, warmup_steps), max(1, window_steps)
