@@ -198,3 +198,28 @@ def test_cli_refuses_a_warmup_longer_than_an_epoch_before_training(tmp_path, cap
     assert err[-1].endswith("train.warmup_steps = 4 leaves no step to time: an epoch has 4 training step(s) "
                             "(lower train.warmup_steps or raise train.max_steps)")
     assert not (out / "numpy" / "history.json").exists()
+
+
+def test_one_epoch_charts_have_whole_number_epoch_axes(monkeypatch):
+    """The loss, learning-rate, epoch-time and throughput charts of a one-epoch run show the tick 1 only."""
+    import matplotlib.figure
+
+    from cxrbench.report import charts
+
+    record = {"epoch": 1, "warmup": True, "train_loss": 0.6, "val_loss": 0.5, "train_time_s": 20.0, "val_time_s": 2.0,
+              "data_wait_s": 0.5, "images": 480, "images_per_s": 24.0, "lr": 1e-3, "steps": 30,
+              "steady_images_per_s": 26.0, "steady_images_per_s_interval": [25.0, 27.5]}
+    ticks = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        for ax in figure.axes:
+            low, high = ax.get_xlim()
+            ticks[ax.get_title()] = [float(t) for t in ax.get_xticks() if low <= t <= high]
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    colours = {"pytorch": "#1f77b4", "keras": "#d62728"}
+    assert charts.training_chart({"pytorch": [record]}, colours)
+    assert charts.epoch_time_chart({"pytorch": [record], "keras": [record]}, colours)
+    assert len(ticks) == 4 and all(visible == [1.0] for visible in ticks.values()), ticks
