@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from cxrbench.api import EpochRecord
-from cxrbench.timing import INFERENCE_WARMUP_STEPS, WaitTimer, WindowTimer, _no_sync
+from cxrbench.timing import INFERENCE_WARMUP_STEPS, WaitTimer, WindowTimer, no_sync
 
 __all__ = ["Recorder", "Stopwatch", "WaitTimer", "WindowTimer"]
 
@@ -44,9 +44,12 @@ class Recorder:
         self.epoch = epoch
         self._emit("epoch_started", epoch=epoch, warmup=warmup, steps=steps)
 
-    def step(self, epoch: int, step: int, steps: int | None = None) -> None:
-        """Optional progress; never pass a device value that would force a synchronisation."""
-        self._emit("step", epoch=epoch, step=step, steps=steps, t=time.time())
+    def step(self, epoch: int, step: int, steps: int | None = None, t: float | None = None) -> None:
+        """Optional progress; never pass a device value that would force a synchronisation.
+
+        ``t`` (wall clock, default now) lets a replayed event from another process keep its time.
+        """
+        self._emit("step", epoch=epoch, step=step, steps=steps, t=time.time() if t is None else t)
 
     def timed(self, batches: Iterable, sync: Callable[[], None], images: int | Callable[[Any], int]) -> WindowTimer:
         """Wrap the current phase's batches in a window timer; the recipe collects it with :meth:`take_timer`.
@@ -80,7 +83,7 @@ class Recorder:
 class Stopwatch:
     """Wall time of a region with the device synchronised at both edges (monotonic clock)."""
 
-    def __init__(self, sync: Callable[[], None] = _no_sync):
+    def __init__(self, sync: Callable[[], None] = no_sync):
         self.sync = sync
         self.seconds = 0.0
 

@@ -33,7 +33,7 @@ RATIO_SEED = 0
 INFERENCE_WARMUP_STEPS = 1
 
 
-def _no_sync() -> None:
+def no_sync() -> None:
     return None
 
 
@@ -84,7 +84,7 @@ class WindowTimer:
     step, or a function of the batch for splits whose last batch is short.
     """
 
-    def __init__(self, iterable: Iterable, sync: Callable[[], None] = _no_sync, images: int | Callable[[Any], int] = 1,
+    def __init__(self, iterable: Iterable, sync: Callable[[], None] = no_sync, images: int | Callable[[Any], int] = 1,
                  warmup_steps: int = 1, window_steps: int = 5, clock: Callable[[], float] = time.perf_counter):
         self.waits = WaitTimer(iterable, clock)
         self.sync, self.clock = sync, clock
@@ -189,8 +189,11 @@ def summarise(windows: Iterable[Sequence[float] | Window]) -> dict[str, Any]:
     }
 
 
-def no_steady_reason(steps_after_warmup: int, windows: int, warmup_steps: int, window_steps: int) -> str:
+def no_steady_reason(steps_after_warmup: int, windows: int, warmup_steps: int, window_steps: int,
+                     timed: bool = True) -> str:
     """Why a run has no steady-state figure, in the words the summary prints."""
+    if not timed:
+        return "no steady state: the backend's loop does not time its batches (recorder.timed)"
     return (f"no steady state: {steps_after_warmup} steps after warm-up (train.warmup_steps = {warmup_steps}) "
             f"make {windows} window(s) of {window_steps} steps (train.window_steps), {MIN_WINDOWS} needed")
 

@@ -43,8 +43,8 @@ def test_a_busy_phase_or_another_gpu_process_is_disturbed():
     verdicts = noise.judge(rows + [_cpu_row("export", 0.9)])
     assert verdicts["train"]["disturbed"] and verdicts["validate"]["disturbed"]
     assert "export" not in verdicts  # not a timed phase
-    assert noise.describe("train", verdicts["train"]) == "train: others used 50% of the CPU (limit 15%)"
-    assert noise.describe("validate", verdicts["validate"]) == "validate: 1 other process(es) on the GPU"
+    assert noise.describe(verdicts["train"]) == "others used 50% of the CPU (limit 15%)"
+    assert noise.describe(verdicts["validate"]) == "1 other process(es) on the GPU"
 
 
 def test_verdicts_merge_into_throughput_json_and_reach_the_end_of_run_warning(tmp_path):

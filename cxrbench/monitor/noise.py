@@ -74,14 +74,15 @@ def record(folder: Path, verdicts: dict[str, dict[str, Any]]) -> None:
     write_json(path, throughput)
 
 
-def describe(phase: str, verdict: dict[str, Any]) -> str:
-    """"train: others used 42 % of the CPU (limit 15 %)" or a GPU shared with other processes."""
+def describe(verdict: dict[str, Any], limit: bool = True) -> str:
+    """"others used 42% of the CPU (limit 15%)", and/or other processes on the GPU."""
     parts = []
     if verdict.get("others_cpu_share_mean", 0) > verdict.get("limit", OTHERS_CPU_SHARE_LIMIT):
-        parts.append(f"others used {verdict['others_cpu_share_mean']:.0%} of the CPU (limit {verdict['limit']:.0%})")
+        bound = f" (limit {verdict['limit']:.0%})" if limit else ""
+        parts.append(f"others used {verdict['others_cpu_share_mean']:.0%} of the CPU{bound}")
     if verdict.get("gpu_other_processes_max"):
         parts.append(f"{verdict['gpu_other_processes_max']} other process(es) on the GPU")
-    return f"{phase}: " + ", ".join(parts)
+    return ", ".join(parts)
 
 
 def warnings(backends: dict[str, dict[str, Any]]) -> list[str]:
@@ -90,5 +91,5 @@ def warnings(backends: dict[str, dict[str, Any]]) -> list[str]:
     for name, result in backends.items():
         for phase, verdict in ((result.get("throughput") or {}).get("disturbance") or {}).items():
             if verdict.get("disturbed"):
-                lines.append(f"warning: {name} speed measurement disturbed, {describe(phase, verdict)}")
+                lines.append(f"warning: {name} speed measurement disturbed, {phase}: {describe(verdict)}")
     return lines

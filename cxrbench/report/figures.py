@@ -103,9 +103,9 @@ STEADY_RATIOS = (("train", "train_images_per_s", "in training"), ("predict", "pr
 
 
 def disturbed_note(throughput: dict[str, Any], phase: str) -> str:
-    """" (disturbed: train: others used 42 % of the CPU ...)" when the noise guard flagged ``phase``, else ""."""
+    """" (disturbed: others used 42% of the CPU)" when the noise guard flagged ``phase``, else ""."""
     verdict = (throughput.get("disturbance") or {}).get(phase) or {}
-    return f" (disturbed: {noise.describe(phase, verdict)})" if verdict.get("disturbed") else ""
+    return f" (disturbed: {noise.describe(verdict, limit=False)})" if verdict.get("disturbed") else ""
 
 
 def _no_steady(name: str, throughput: dict[str, Any], phase: str, what: str) -> str:

@@ -104,7 +104,8 @@ def training_throughput(history: list[dict], settings: Settings) -> dict[str, An
         "validate_images_per_s_interval": figures["validate"]["interval"],
         "steady": figures["train"]["steady"],
         "no_steady_state": None if figures["train"]["steady"] else timing.no_steady_reason(
-            steps_after, figures["train"]["windows"], train.warmup_steps, train.window_steps),
+            steps_after, figures["train"]["windows"], train.warmup_steps, train.window_steps,
+            timed=any(r.get("first_step_s") is not None for r in history)),
         "epoch_time_s": statistics.median(r["train_time_s"] for r in measured),
         "warmup_epoch_time_s": next((r["train_time_s"] for r in history if r["warmup"]), None),
         "warmup_only": not later,
