@@ -9,7 +9,7 @@ steady-state windows, data wait).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 

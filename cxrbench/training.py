@@ -90,7 +90,8 @@ def window_fields(train: WindowTimer | None, validate: WindowTimer | None) -> di
         steady = summarise(train.windows)
         fields.update(first_step_s=train.first_step_s, steady_images_per_s=steady["images_per_s"],
                       steady_images_per_s_interval=steady["interval"], windows=steady["windows"],
-                      steps_after_warmup=train.steps_after_warmup, train_window_list=[w.to_list() for w in train.windows])
+                      steps_after_warmup=train.steps_after_warmup,
+                      train_window_list=[w.to_list() for w in train.windows])
     if validate is not None:
         steady = summarise(validate.windows)
         fields.update(val_images_per_s=steady["images_per_s"], val_images_per_s_interval=steady["interval"],

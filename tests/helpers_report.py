@@ -188,7 +188,8 @@ def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool,
         steady = [r for r in history if not r["warmup"]]
         rates = {"train": speed * rng.uniform(0.95, 1.05, 12), "predict": speed * 3.4 * rng.uniform(0.9, 1.1, 6)}
         summary["throughput"] = {"train_images_per_s": float(np.median(rates["train"])),
-                                 "train_images_per_s_interval": [float(np.percentile(rates["train"], q)) for q in (2.5, 97.5)],
+                                 "train_images_per_s_interval": [float(np.percentile(rates["train"], q))
+                                                                 for q in (2.5, 97.5)],
                                  "first_step_s": 100.0 if name == "keras" else 1.2, "steady": True,
                                  "epoch_time_s": float(np.median([r["train_time_s"] for r in steady])),
                                  "warmup_epoch_time_s": history[0]["train_time_s"],

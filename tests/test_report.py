@@ -75,8 +75,9 @@ def test_speed_ratio_reads_at_a_glance(fake_run, report):
     ratio = keras_tp["train_images_per_s"] / torch_tp["train_images_per_s"]
     low, high = ratio_interval(keras_tp["window_rates"]["train"], torch_tp["window_rates"]["train"])
     assert low <= ratio <= high
-    expected = (f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] (steady state, "
-                f"{format_number(keras_tp['train_images_per_s'])} vs {format_number(torch_tp['train_images_per_s'])} img/s)")
+    keras_speed, torch_speed = (format_number(t["train_images_per_s"]) for t in (keras_tp, torch_tp))
+    expected = (f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] "
+                f"(steady state, {keras_speed} vs {torch_speed} img/s)")
     assert expected in report
     assert "keras spends 100 s before its first step, pytorch 1.2 s" in report
 

@@ -15,7 +15,8 @@ from cxrbench.recorder import Recorder
 from cxrbench.run.progress import StepRate, status_line
 from cxrbench.run.stages import training_throughput
 from cxrbench.suite import Settings
-from cxrbench.timing import MIN_WINDOWS, Window, WindowTimer, check_warmup, ratio_interval, summarise, timed_calls
+from cxrbench.timing import (MIN_WINDOWS, Window, WindowTimer, batch_images, check_warmup, ratio_interval, summarise,
+                             timed_calls)
 from cxrbench.training import EpochOutcome, run_recipe
 
 
@@ -41,7 +42,7 @@ def _fetching(clock: Clock, n: int, wait_s: float):
         yield i
 
 
-def test_edges_are_first_step_warmup_end_and_every_window(tmp_path):
+def test_edges_are_first_step_warmup_end_and_every_window():
     clock, synced_at = Clock(), []
 
     def sync():
@@ -69,7 +70,7 @@ def test_a_tail_of_at_least_half_a_window_counts():
 def test_batch_sizes_from_the_batches():
     clock = Clock()
     batches = [types.SimpleNamespace(images=np.zeros(n)) for n in (4, 4, 4, 4, 2)]
-    timer = WindowTimer(batches, images=lambda b: len(b.images), warmup_steps=1, window_steps=2, clock=clock)
+    timer = WindowTimer(batches, images=batch_images, warmup_steps=1, window_steps=2, clock=clock)
     _run(timer, clock, first_s=1.0, step_s=1.0)
     assert timer.windows == [Window(2, 8, 2.0), Window(2, 6, 2.0)]
 
@@ -134,7 +135,7 @@ class LongFirstStep:
         return EpochOutcome(np.full(self.steps, 0.5), self.steps * self.batch, batches.data_wait_s)
 
     def validate(self) -> float:
-        for _ in self.recorder.timed([types.SimpleNamespace(images=np.zeros(4))] * 7, self.sync, len_images):
+        for _ in self.recorder.timed([types.SimpleNamespace(images=np.zeros(4))] * 7, self.sync, batch_images):
             self.clock.advance(0.25)
         return 0.4
 
@@ -143,10 +144,6 @@ class LongFirstStep:
 
     def restore(self, snapshot) -> None:
         pass
-
-
-def len_images(batch) -> int:
-    return len(batch.images)
 
 
 def test_one_epoch_run_with_a_long_first_step_reports_warmup_apart_and_a_steady_figure():

@@ -48,7 +48,8 @@ def judge(samples: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         shares = _values(cpu, "others_cpu_share")
         if not shares:
             continue
-        gpu_others = _values([r for r in rows if r.get("phase") == phase and r.get("device") != "cpu"], "other_processes")
+        gpu_rows = [r for r in rows if r.get("phase") == phase and r.get("device") != "cpu"]
+        gpu_others = _values(gpu_rows, "other_processes")
         mean = float(np.mean(shares))
         verdicts[phase] = {
             "others_cpu_share_mean": round(mean, 4),

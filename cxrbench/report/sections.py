@@ -14,7 +14,8 @@ import numpy as np
 
 from cxrbench.errors import CxrError
 from cxrbench.report import charts
-from cxrbench.report.figures import disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason, ratio_sentences
+from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
+                                     ratio_sentences)
 from cxrbench.report.gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD

@@ -148,7 +148,8 @@ class Orchestrator:
         data = cache.prepare(index, settings.data.image_size)
         world = max([1, *self.run["gpu_counts"]])
         train = settings.train
-        timing.check_warmup(train.warmup_steps, data.num_batches("train", train.batch_size, world, max_steps=train.max_steps))
+        steps = data.num_batches("train", train.batch_size, world, max_steps=train.max_steps)
+        timing.check_warmup(train.warmup_steps, steps)
         self.run["data"] = {
             "source": index.source,
             "root": str(index.root),

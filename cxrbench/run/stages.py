@@ -113,11 +113,16 @@ def training_throughput(history: list[dict], settings: Settings) -> dict[str, An
         "warmup_steps": train.warmup_steps,
         "window_steps": train.window_steps,
         "phases": figures,
-        "window_rates": {phase: [round(float(r), 4) for r in timing.window_rates(found)] for phase, found in windows.items()},
+        "window_rates": {phase: rounded_rates(found) for phase, found in windows.items()},
         "disturbed": False,
         "disturbance": {},
         "gpus": gpus,
     }
+
+
+def rounded_rates(windows: list) -> list[float]:
+    """Each window's images/s for throughput.json (the ratio intervals of the report resample them)."""
+    return [round(float(r), 4) for r in timing.window_rates(windows)]
 
 
 def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer) -> dict[str, Any]:
@@ -125,7 +130,7 @@ def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer
     figure = timing.summarise(timer.windows)
     throughput.update(predict_images_per_s=figure["images_per_s"], predict_images_per_s_interval=figure["interval"])
     throughput.setdefault("phases", {})["predict"] = figure
-    throughput.setdefault("window_rates", {})["predict"] = [round(float(r), 4) for r in timing.window_rates(timer.windows)]
+    throughput.setdefault("window_rates", {})["predict"] = rounded_rates(timer.windows)
     return throughput
 
 

@@ -55,8 +55,8 @@ class Worker:
     def _on_event(self, event: str, payload: dict[str, Any]) -> None:
         if event == "epoch_started":
             self.rate.start_epoch()
-            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0, steps=payload["steps"],
-                                 images_per_s=None, eta_s=None)
+            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0,
+                                 steps=payload["steps"], images_per_s=None, eta_s=None)
         elif event == "step":
             rate = self.rate.update(payload["step"], payload["steps"], payload.get("t", time.time()))
             self.status.progress(epoch=payload["epoch"], step=payload["step"], steps=payload["steps"], **rate)
