@@ -141,6 +141,8 @@ def test_nvml_path_with_a_fake_pynvml(monkeypatch):
         {"util": 64.0, "mem_mib": 1024.0, "power_w": 251.5, "temp_c": 55.0, "other_processes": 1.0},
         {"util": 12.0, "mem_mib": 1536.0, "power_w": None, "temp_c": 60.0, "other_processes": None},
     ]
+    # In a container NVML lists host PIDs: none is the worker's, so one of the two is taken to be it.
+    assert reader.read({555})[0]["other_processes"] == 1.0
     reader.close()
     assert fake.shutdown_calls == 1
 

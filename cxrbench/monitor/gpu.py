@@ -57,8 +57,16 @@ class NvmlReader:
         self.names = [_text(pynvml.nvmlDeviceGetName(h)) for h in self.handles]
 
     def _others(self, handle, own_pids: set[int]) -> float | None:
+        """Compute processes on the device that are not the worker's.
+
+        In a container NVML reports host PIDs, which never match the worker's own: when none of the
+        listed PIDs is the worker's, one of them is taken to be the worker.
+        """
         processes = _optional(lambda: self.nvml.nvmlDeviceGetComputeRunningProcesses(handle))
-        return None if processes is None else float(sum(p.pid not in own_pids for p in processes))
+        if processes is None:
+            return None
+        mine = sum(p.pid in own_pids for p in processes)
+        return float(len(processes) - mine if mine else max(len(processes) - 1, 0))
 
     def read(self, own_pids: set[int] = frozenset()) -> list[dict[str, float | None]]:
         nvml = self.nvml
