@@ -129,6 +129,8 @@ def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer
     """The prediction figures (windows of ``cxrbench_predict`` calls on the test split) into throughput.json."""
     figure = timing.summarise(timer.windows)
     throughput.update(predict_images_per_s=figure["images_per_s"], predict_images_per_s_interval=figure["interval"])
+    throughput.setdefault("disturbed", False)  # the noise guard's verdicts are merged in when the worker ends
+    throughput.setdefault("disturbance", {})
     throughput.setdefault("phases", {})["predict"] = figure
     throughput.setdefault("window_rates", {})["predict"] = rounded_rates(timer.windows)
     return throughput
