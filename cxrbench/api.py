@@ -37,6 +37,21 @@ class EpochRecord:
     lr: float  #: learning rate used during this epoch
     steps: int
     best: bool = False  #: validation loss is the best so far (these weights are kept)
+    #: Seconds from the start of the epoch's training to the end of its first step (None: not timed).
+    first_step_s: float | None = None
+    #: Median images/s over the windows after train.warmup_steps, and the central 95 % of the window rates;
+    #: None unless the epoch has cxrbench.timing.MIN_WINDOWS windows (see ``windows``).
+    steady_images_per_s: float | None = None
+    steady_images_per_s_interval: list[float] | None = None
+    windows: int = 0
+    steps_after_warmup: int = 0
+    #: The same for validation (warm-up: its first step).
+    val_images_per_s: float | None = None
+    val_images_per_s_interval: list[float] | None = None
+    val_windows: int = 0
+    #: Raw windows ``[steps, images, seconds]`` of training and validation, pooled over epochs by the core.
+    train_window_list: list[list[float]] = field(default_factory=list)
+    val_window_list: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

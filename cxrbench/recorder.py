@@ -2,17 +2,21 @@
 
 Backends report through a :class:`Recorder` so that every framework's numbers mean the same
 thing; :class:`Stopwatch` synchronises the device at both edges of a timed region, and
-:class:`WaitTimer` measures how long a training loop waited for its input.
+:meth:`Recorder.timed` wraps a loop's batches in a :class:`~cxrbench.timing.WindowTimer` (warm-up,
+steady-state windows, data wait).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
 from cxrbench.api import EpochRecord
+from cxrbench.timing import INFERENCE_WARMUP_STEPS, WaitTimer, WindowTimer, no_sync
+
+__all__ = ["Recorder", "Stopwatch", "WaitTimer", "WindowTimer"]
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -28,6 +32,9 @@ class Recorder:
         self.history: list[EpochRecord] = []
         self.phase_name = "idle"
         self.epoch = 0
+        self.warmup_steps, self.window_steps = 1, 5  #: set by the training recipe from the settings
+        self.clock: Callable[[], float] = time.perf_counter  #: the timers' clock (tests drive a fake one)
+        self._timers: dict[str, WindowTimer] = {}
 
     def _emit(self, event: str, **payload: Any) -> None:
         for listener in self.listeners:
@@ -37,9 +44,26 @@ class Recorder:
         self.epoch = epoch
         self._emit("epoch_started", epoch=epoch, warmup=warmup, steps=steps)
 
-    def step(self, epoch: int, step: int, steps: int | None = None) -> None:
-        """Optional progress; never pass a device value that would force a synchronisation."""
-        self._emit("step", epoch=epoch, step=step, steps=steps)
+    def step(self, epoch: int, step: int, steps: int | None = None, t: float | None = None) -> None:
+        """Optional progress; never pass a device value that would force a synchronisation.
+
+        ``t`` (wall clock, default now) lets a replayed event from another process keep its time.
+        """
+        self._emit("step", epoch=epoch, step=step, steps=steps, t=time.time() if t is None else t)
+
+    def timed(self, batches: Iterable, sync: Callable[[], None], images: int | Callable[[Any], int]) -> WindowTimer:
+        """Wrap the current phase's batches in a window timer; the recipe collects it with :meth:`take_timer`.
+
+        Training warms up over ``warmup_steps``; validation and prediction over their first step.
+        """
+        warmup = self.warmup_steps if self.phase_name == "train" else INFERENCE_WARMUP_STEPS
+        timer = WindowTimer(batches, sync, images, warmup, self.window_steps, self.clock)
+        self._timers[self.phase_name] = timer
+        return timer
+
+    def take_timer(self, phase: str) -> WindowTimer | None:
+        """The timer a loop made during ``phase`` (None when the loop did not time its batches)."""
+        return self._timers.pop(phase, None)
 
     @contextmanager
     def phase(self, name: str):
@@ -56,14 +80,10 @@ class Recorder:
         self._emit("epoch_ended", **record.to_dict())
 
 
-def _no_sync() -> None:
-    return None
-
-
 class Stopwatch:
     """Wall time of a region with the device synchronised at both edges (monotonic clock)."""
 
-    def __init__(self, sync: Callable[[], None] = _no_sync):
+    def __init__(self, sync: Callable[[], None] = no_sync):
         self.sync = sync
         self.seconds = 0.0
 
@@ -76,21 +96,3 @@ class Stopwatch:
         finally:
             self.sync()
             self.seconds = time.perf_counter() - start
-
-
-class WaitTimer:
-    """Wrap an iterator and add up the time spent waiting in ``next()``: the loop's data wait."""
-
-    def __init__(self, iterable: Iterable):
-        self._iterator = iter(iterable)
-        self.seconds = 0.0
-
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self._iterator)
-        finally:
-            self.seconds += time.perf_counter() - start

@@ -74,6 +74,11 @@ class TrainSettings:
     hflip: bool = True
     #: Cap on optimisation steps per epoch (0: the whole training split).
     max_steps: int = field(default=0, metadata={"min": 0})
+    #: Steps at the start of every epoch left out of the steady-state figure (tracing, compilation,
+    #: autotuning, allocator and input pipeline warm-up). Must be below the steps of an epoch.
+    warmup_steps: int = field(default=5, metadata={"min": 1})
+    #: Steps per timing window after the warm-up: the device is synchronised only at window edges.
+    window_steps: int = field(default=5, metadata={"min": 1})
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class NumericsSettings:
     jit_compile: bool = False
     cudnn_benchmark: bool = False
     memory_growth: bool = True
-    #: 0 leaves the framework's default.
+    #: CPU thread budget of every framework; 0: the core's default, the usable cores of this process
+    #: (os.sched_getaffinity), the same for every backend (cxrbench.budget).
     intra_op_threads: int = field(default=0, metadata={"min": 0})
     inter_op_threads: int = field(default=0, metadata={"min": 0})
     loader_workers: int = field(default=0, metadata={"min": 0})

@@ -3,7 +3,8 @@
 A backend supplies an :class:`EpochLoop` (how to run one epoch, validate, and copy weights in its
 framework); :func:`run_recipe` owns everything the frameworks must do identically: the learning
 rate schedule (ReduceLROnPlateau on validation loss), keeping the best-validation-loss weights,
-NaN detection, timing with device synchronisation, and the per-epoch record.
+NaN detection, timing with device synchronisation (whole phases, and the steady-state windows of
+:mod:`cxrbench.timing` when the loop wraps its batches with ``recorder.timed``), and the per-epoch record.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cxrbench.api import EpochRecord
 from cxrbench.errors import TrainingDiverged
 from cxrbench.recorder import Recorder, Stopwatch
 from cxrbench.suite import Settings
+from cxrbench.timing import WindowTimer, summarise
 
 
 @dataclass
@@ -81,9 +83,26 @@ def first_non_finite(losses: np.ndarray) -> int | None:
     return int(bad[0]) + 1 if bad.size else None
 
 
+def window_fields(train: WindowTimer | None, validate: WindowTimer | None) -> dict[str, Any]:
+    """The EpochRecord's warm-up and steady-state figures from the phase timers (empty when not timed)."""
+    fields: dict[str, Any] = {}
+    if train is not None:
+        steady = summarise(train.windows)
+        fields.update(first_step_s=train.first_step_s, steady_images_per_s=steady["images_per_s"],
+                      steady_images_per_s_interval=steady["interval"], windows=steady["windows"],
+                      steps_after_warmup=train.steps_after_warmup,
+                      train_window_list=[w.to_list() for w in train.windows])
+    if validate is not None:
+        steady = summarise(validate.windows)
+        fields.update(val_images_per_s=steady["images_per_s"], val_images_per_s_interval=steady["interval"],
+                      val_windows=steady["windows"], val_window_list=[w.to_list() for w in validate.windows])
+    return fields
+
+
 def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: int = 1) -> dict[str, Any]:
     """Train for ``settings.train.epochs`` epochs and leave the best-validation-loss weights in place."""
     lr = scaled_learning_rate(settings, world)
+    recorder.warmup_steps, recorder.window_steps = settings.train.warmup_steps, settings.train.window_steps
     plateau = Plateau(lr, settings.train.plateau_factor, settings.train.plateau_patience)
     best_loss, best_epoch, best_weights = math.inf, 0, None
     for epoch in range(1, settings.train.epochs + 1):
@@ -91,6 +110,7 @@ def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: i
         train_watch, val_watch = Stopwatch(loop.sync), Stopwatch(loop.sync)
         with recorder.phase("train"), train_watch.region():
             outcome = loop.train_epoch(epoch, lr)
+        train_timer = recorder.take_timer("train")
         bad_step = first_non_finite(outcome.losses)
         if bad_step is not None:
             if best_weights is not None:
@@ -98,6 +118,7 @@ def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: i
             raise TrainingDiverged(epoch, bad_step, float(outcome.losses[bad_step - 1]))
         with recorder.phase("validate"), val_watch.region():
             val_loss = loop.validate()
+        val_timer = recorder.take_timer("validate")
         if not math.isfinite(val_loss):
             if best_weights is not None:
                 loop.restore(best_weights)
@@ -119,6 +140,7 @@ def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: i
                 lr=lr,
                 steps=len(outcome.losses),
                 best=is_best,
+                **window_fields(train_timer, val_timer),
             )
         )
         lr = plateau.step(val_loss)

@@ -77,7 +77,8 @@ def test_gputil_path_reads_the_nvidia_smi_stand_in(tmp_path, monkeypatch):
     assert status.gpu_available and status.source == "gputil"
     assert status.devices == ["Tesla V100-SXM2-16GB"] * 2
     readings = reader.read()
-    assert readings[0] == {"util": pytest.approx(37.0), "mem_mib": 5021.0, "power_w": None, "temp_c": 45.0}
+    assert readings[0] == {"util": pytest.approx(37.0), "mem_mib": 5021.0, "power_w": None, "temp_c": 45.0,
+                           "other_processes": None}
     assert readings[1]["util"] == pytest.approx(91.0) and readings[1]["mem_mib"] == 15800.0
 
 
@@ -122,6 +123,12 @@ class _FakeNvml(types.ModuleType):
     def nvmlDeviceGetTemperature(self, handle, sensor):
         return [55, 60][handle]
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        """Device 0 runs the worker (pid 100) and one stranger (pid 7); device 1 cannot say."""
+        if handle == 1:
+            raise self.NVMLError_NotSupported()
+        return [types.SimpleNamespace(pid=100, usedGpuMemory=1), types.SimpleNamespace(pid=7, usedGpuMemory=1)]
+
 
 def test_nvml_path_with_a_fake_pynvml(monkeypatch):
     fake = _FakeNvml()
@@ -130,10 +137,12 @@ def test_nvml_path_with_a_fake_pynvml(monkeypatch):
     reader, status = open_gpu_reader()
 
     assert status.to_dict() == {"gpu_available": True, "source": "nvml", "reason": None, "devices": ["NVIDIA A100-SXM4-40GB"] * 2}
-    assert reader.read() == [
-        {"util": 64.0, "mem_mib": 1024.0, "power_w": 251.5, "temp_c": 55.0},
-        {"util": 12.0, "mem_mib": 1536.0, "power_w": None, "temp_c": 60.0},
+    assert reader.read({100}) == [
+        {"util": 64.0, "mem_mib": 1024.0, "power_w": 251.5, "temp_c": 55.0, "other_processes": 1.0},
+        {"util": 12.0, "mem_mib": 1536.0, "power_w": None, "temp_c": 60.0, "other_processes": None},
     ]
+    # In a container NVML lists host PIDs: none is the worker's, so one of the two is taken to be it.
+    assert reader.read({555})[0]["other_processes"] == 1.0
     reader.close()
     assert fake.shutdown_calls == 1
 
@@ -156,7 +165,7 @@ class _Tags:
 class _StubReader:
     source = "nvml"
 
-    def read(self):
+    def read(self, own_pids=frozenset()):
         return [{"util": 50.0, "mem_mib": 100.0, "power_w": 80.0, "temp_c": 40.0}]
 
     def close(self):
@@ -172,7 +181,9 @@ def test_sampler_tags_rows_with_phase_and_epoch_and_writes_the_summary(tmp_path)
     summary = sampler.stop()
 
     rows = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
-    assert rows and set(rows[0]) == {"t", "backend", "phase", "epoch", "device", "util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib"}
+    assert rows and set(rows[0]) == {"t", "backend", "phase", "epoch", "device", "util", "mem_mib", "power_w", "temp_c",
+                                     "cpu_percent", "rss_mib", "system_cpu_percent", "others_cpu_share", "load_1m",
+                                     "other_processes"}
     assert {(r["phase"], r["epoch"]) for r in rows} >= {("train", 1), ("validate", 1)}
     assert {r["device"] for r in rows} == {"cpu", "gpu0"}
     assert all(r["rss_mib"] > 0 for r in rows if r["device"] == "cpu")

@@ -15,9 +15,11 @@ import pytest
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
+from cxrbench.report.figures import format_number
 from cxrbench.report.load import load_run
 from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
+from cxrbench.timing import ratio_interval
 from helpers_report import (HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run)
 
 
@@ -67,16 +69,44 @@ def test_summary_shows_each_backends_mean_auroc_and_ci(fake_run, report):
 
 
 def test_speed_ratio_reads_at_a_glance(fake_run, report):
+    """Steady-state ratio with its bootstrap interval over both backends' windows, and the warm-up apart."""
     run = load_run(fake_run)
-    torch_speed = run.backends["pytorch"].get("throughput")["train_images_per_s"]
-    keras_speed = run.backends["keras"].get("throughput")["train_images_per_s"]
-    expected = f"keras is {torch_speed / keras_speed:.2f}x slower than pytorch in training"
+    torch_tp, keras_tp = (run.backends[n].get("throughput") for n in ("pytorch", "keras"))
+    ratio = keras_tp["train_images_per_s"] / torch_tp["train_images_per_s"]
+    low, high = ratio_interval(keras_tp["window_rates"]["train"], torch_tp["window_rates"]["train"])
+    assert low <= ratio <= high
+    keras_speed, torch_speed = (format_number(t["train_images_per_s"]) for t in (keras_tp, torch_tp))
+    expected = (f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] "
+                f"(steady state, {keras_speed} vs {torch_speed} img/s)")
     assert expected in report
+    assert "keras spends 100 s before its first step, pytorch 1.2 s" in report
+
+
+def test_disturbed_figure_is_marked_next_to_the_number(tmp_path):
+    run_dir = make_fake_run(tmp_path / "busy")
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text())
+    verdict = {"others_cpu_share_mean": 0.42, "limit": 0.15, "disturbed": True}
+    data["backends"]["keras"]["throughput"].update(disturbed=True, disturbance={"train": verdict})
+    path.write_text(json.dumps(data))
+    html = write_report([run_dir], out=tmp_path / "r.html").read_text()
+    assert "(disturbed: others used 42% of the CPU)" in html
+
+
+def test_no_steady_state_says_so_instead_of_a_ratio(tmp_path):
+    run_dir = make_fake_run(tmp_path / "short")
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text())
+    reason = "no steady state: 3 steps after warm-up (train.warmup_steps = 5) make 0 window(s)"
+    data["backends"]["keras"]["throughput"].update(train_images_per_s=None, steady=False, no_steady_state=reason)
+    path.write_text(json.dumps(data))
+    html = write_report([run_dir], out=tmp_path / "r.html").read_text()
+    assert f"keras in training: {reason}" in html and "x pytorch in training" not in html
 
 
 def test_baseline_option_flips_the_sentence(fake_run, tmp_path):
     html = write_report([fake_run], out=tmp_path / "r.html", baseline="keras").read_text()
-    assert "pytorch is " in html and "faster than keras in training" in html
+    assert "pytorch " in html and "x keras in training [" in html
     with pytest.raises(CxrError, match="--baseline 'tensorflow'.*pytorch, keras"):
         write_report([fake_run], out=tmp_path / "r.html", baseline="tensorflow")
 

@@ -131,9 +131,10 @@ def test_summary_table_and_exit_status():
     comparison = {"equivalence": equivalence_matrix({"pytorch": np.zeros((1, 14)), "keras": np.ones((1, 14))}, 1e-4),
                   "parity": {"pytorch": {"passed": True}}}
     table = summary_table(run, comparison).splitlines()
-    assert table[0].split() == ["backend", "status", "mean", "AUROC", "train", "img/s", "epoch", "s", "ONNX", "parity", "equivalence"]
-    assert table[1].split() == ["pytorch", "completed", "0.8123", "30.0", "18.6", "pass", "FAIL"]
-    assert table[2].split() == ["keras", "failed", "-", "-", "-", "-", "FAIL"]
+    assert table[0].split() == ["backend", "status", "mean", "AUROC", "steady", "img/s", "[95", "%]", "first", "step",
+                                "s", "epoch", "s", "ONNX", "parity", "equivalence"]
+    assert table[1].split() == ["pytorch", "completed", "0.8123", "30.0", "-", "-", "18.6", "pass", "FAIL"]
+    assert table[2].split() == ["keras", "failed", "-", "-", "-", "-", "-", "-", "FAIL"]
     assert exit_status(run, comparison) == 1
     run["backends"].pop("keras")
     assert exit_status(run, {"equivalence": {"passed": True}, "parity": {"pytorch": {"passed": True}}}) == 0

@@ -1,7 +1,8 @@
 """GPU readers: NVML (``nvidia-ml-py``) when it initialises, else GPUtil (which runs ``nvidia-smi``).
 
 A reader returns one dict per GPU with ``util`` (percent of time a kernel ran), ``mem_mib``,
-``power_w`` and ``temp_c``; a value the source cannot give is ``None``, never 0. When neither
+``power_w``, ``temp_c`` and ``other_processes`` (compute processes outside the worker's tree, for the
+noise guard); a value the source cannot give is ``None``, never 0. When neither
 source finds a GPU, :func:`open_gpu_reader` says so and why, so results never show zeros that
 look like measurements.
 """
@@ -17,7 +18,7 @@ MIB = 2**20
 class GpuReader(Protocol):
     source: str
 
-    def read(self) -> list[dict[str, float | None]]: ...
+    def read(self, own_pids: set[int] = frozenset()) -> list[dict[str, float | None]]: ...
 
     def close(self) -> None: ...
 
@@ -55,7 +56,19 @@ class NvmlReader:
         self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         self.names = [_text(pynvml.nvmlDeviceGetName(h)) for h in self.handles]
 
-    def read(self) -> list[dict[str, float | None]]:
+    def _others(self, handle, own_pids: set[int]) -> float | None:
+        """Compute processes on the device that are not the worker's.
+
+        In a container NVML reports host PIDs, which never match the worker's own: when none of the
+        listed PIDs is the worker's, one of them is taken to be the worker.
+        """
+        processes = _optional(lambda: self.nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        if processes is None:
+            return None
+        mine = sum(p.pid in own_pids for p in processes)
+        return float(len(processes) - mine if mine else max(len(processes) - 1, 0))
+
+    def read(self, own_pids: set[int] = frozenset()) -> list[dict[str, float | None]]:
         nvml = self.nvml
         return [
             {
@@ -63,6 +76,7 @@ class NvmlReader:
                 "mem_mib": nvml.nvmlDeviceGetMemoryInfo(h).used / MIB,
                 "power_w": _optional(lambda h=h: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0),
                 "temp_c": _optional(lambda h=h: float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))),
+                "other_processes": self._others(h, own_pids),
             }
             for h in self.handles
         ]
@@ -80,9 +94,10 @@ class GputilReader:
         self.gputil = gputil
         self.names = [g.name for g in gpus]
 
-    def read(self) -> list[dict[str, float | None]]:
+    def read(self, own_pids: set[int] = frozenset()) -> list[dict[str, float | None]]:
         return [
-            {"util": g.load * 100.0, "mem_mib": float(g.memoryUsed), "power_w": None, "temp_c": float(g.temperature)}
+            {"util": g.load * 100.0, "mem_mib": float(g.memoryUsed), "power_w": None, "temp_c": float(g.temperature),
+             "other_processes": None}
             for g in self.gputil.getGPUs()
         ]
 

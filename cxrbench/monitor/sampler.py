@@ -1,5 +1,9 @@
 """The background sampler: every ``interval_s`` one CPU/memory row and one row per GPU.
 
+The CPU row also carries the whole machine's view for the noise guard (:mod:`cxrbench.monitor.noise`):
+the busy percent of the cores this process may use, the share of them other processes used, and the
+1-minute load average; GPU rows count other processes on the device (NVML).
+
 Rows are tagged with the backend and with the recorder's current phase and epoch, appended to
 ``monitor.jsonl`` as they are taken (so a killed worker keeps its samples), and summarised per
 phase and device into ``monitor.json`` when the sampler stops.
@@ -8,6 +12,7 @@ phase and device into ``monitor.json`` when the sampler stops.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,8 +20,10 @@ from typing import Any, Protocol
 
 import psutil
 
+from cxrbench.budget import usable_cores
+from cxrbench.monitor import noise
 from cxrbench.monitor.gpu import GpuReader, GpuStatus, open_gpu_reader
-from cxrbench.monitor.summary import summarise
+from cxrbench.monitor.summary import FIELDS, summarise
 from cxrbench.run.store import write_json
 
 MIB = 2**20
@@ -45,6 +52,10 @@ class ProcessTree:
         self._known = {p.pid: self._known.get(p.pid, p) for p in current}
         return list(self._known.values())
 
+    @property
+    def pids(self) -> set[int]:
+        return set(self._known)
+
     def read(self) -> dict[str, float]:
         cpu = rss = 0.0
         for process in self._processes():
@@ -54,6 +65,19 @@ class ProcessTree:
             except psutil.NoSuchProcess:
                 continue
         return {"cpu_percent": cpu, "rss_mib": rss / MIB}
+
+
+class MachineCpu:
+    """Busy percent summed over the usable cores (100 = one core), and the load average."""
+
+    def __init__(self):
+        self.cores = usable_cores()
+        self._indices = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+    def read(self) -> dict[str, float]:
+        per_cpu = psutil.cpu_percent(interval=None, percpu=True)
+        chosen = [per_cpu[i] for i in self._indices if i < len(per_cpu)] if self._indices else per_cpu
+        return {"system_cpu_percent": float(sum(chosen)), "load_1m": float(os.getloadavg()[0])}
 
 
 class Sampler:
@@ -71,27 +95,31 @@ class Sampler:
         self.folder = Path(folder)
         self.backend, self.tags, self.interval_s = backend, tags, interval_s
         self.tree = ProcessTree(pid or psutil.Process().pid)
+        self.machine = MachineCpu()
         self.gpu, self.status = gpu or open_gpu_reader()
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxrbench-monitor", daemon=True)
 
     def start(self) -> "Sampler":
-        self.tree.read()  # the first cpu_percent of a process is always 0: prime it
+        self.tree.read()  # the first cpu_percent of a process (and of the machine) is always 0: prime it
+        self.machine.read()
         self._thread.start()
         return self
 
     def _row(self, t: float, device: str, values: dict[str, Any]) -> dict[str, Any]:
         row = {"t": round(t, 3), "backend": self.backend, "phase": self.tags.phase_name, "epoch": self.tags.epoch, "device": device}
-        row.update({k: None for k in ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib")})
+        row.update({k: None for k in FIELDS})
         row.update(values)
         return row
 
     def sample_once(self) -> list[dict[str, Any]]:
         t = time.time()
-        rows = [self._row(t, "cpu", self.tree.read())]
+        own, machine = self.tree.read(), self.machine.read()
+        share = noise.others_cpu_share(machine["system_cpu_percent"], own["cpu_percent"], self.machine.cores)
+        rows = [self._row(t, "cpu", {**own, **machine, "others_cpu_share": share})]
         if self.gpu is not None:
-            rows += [self._row(t, f"gpu{i}", values) for i, values in enumerate(self.gpu.read())]
+            rows += [self._row(t, f"gpu{i}", values) for i, values in enumerate(self.gpu.read(self.tree.pids))]
         return rows
 
     def _loop(self) -> None:
@@ -108,5 +136,7 @@ class Sampler:
         if self.gpu is not None:
             self.gpu.close()
         summary = summarise(self.samples, self.status, self.interval_s)
+        summary["disturbance"] = noise.judge(self.samples)
         write_json(self.folder / "monitor.json", summary)
+        noise.record(self.folder, summary["disturbance"])
         return summary

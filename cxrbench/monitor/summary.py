@@ -9,7 +9,8 @@ import numpy as np
 
 from cxrbench.monitor.gpu import GpuStatus
 
-FIELDS = ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib")
+FIELDS = ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib", "system_cpu_percent", "others_cpu_share",
+          "load_1m", "other_processes")
 
 
 def statistics(values: list[float]) -> dict[str, float | int]:

@@ -112,15 +112,35 @@ def training_chart(histories: dict[str, list[dict]], colours: dict[str, str]) ->
         lr_ax.set(title="learning rate", xlabel="epoch", yscale="log")
         _whole_epochs(loss_ax, lr_ax)
         for ax in (loss_ax, lr_ax):
-            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7, frameon=False)
         return to_svg(fig)
 
 
 def _whole_epochs(*axes) -> None:
-    """Epochs are whole numbers: no 0.96 ... 1.04 ticks when a run has one epoch."""
+    """Epochs are whole numbers: no 0.96 ... 1.04 ticks when a run has one epoch.
+
+    One tick is enough (``min_n_ticks=1``: otherwise the locator falls back to fractions when the
+    range holds a single integer), and a single epoch gets a range one epoch wide around it.
+    """
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        low, high = ax.get_xlim()
+        if high - low < 1:
+            middle = (low + high) / 2
+            ax.set_xlim(middle - 0.5, middle + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _speed_series(ax, history: list[dict], colour: str, label: str) -> None:
+    """Steady-state images/s per epoch with its window interval; the whole-epoch average dotted beside it."""
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["images_per_s"] for r in history], ":", marker=".", color=colour, label=f"{label} whole epoch")
+    steady = [r for r in history if isinstance(r.get("steady_images_per_s"), (int, float))]
+    if steady:
+        middle = np.array([r["steady_images_per_s"] for r in steady])
+        low, high = (np.array([(r.get("steady_images_per_s_interval") or [m, m])[i] for r, m in zip(steady, middle)])
+                     for i in (0, 1))
+        ax.errorbar([r["epoch"] for r in steady], middle, yerr=[middle - low, high - middle], marker="o", ms=3,
+                    capsize=3, color=colour, label=f"{label} steady")
 
 
 def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) -> str | None:
@@ -145,14 +165,12 @@ def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) 
             time_ax.bar(epochs, train, width, bottom=wait, color=base, hatch=hatch, label=f"{plain(backend)} train")
             time_ax.bar(epochs, val, width, bottom=wait + train, color=base, alpha=0.6, hatch=hatch,
                         label=f"{plain(backend)} validation", edgecolor="white")
-            speed_ax.plot([r["epoch"] for r in history], [r["images_per_s"] for r in history], marker="o", ms=3,
-                          color=base, label=plain(backend))
+            _speed_series(speed_ax, history, base, plain(backend))
         time_ax.set(title="time per epoch (hatched: warm-up)", xlabel="epoch", ylabel="seconds")
-        speed_ax.set(title="training throughput", xlabel="epoch", ylabel="images/s")
+        speed_ax.set(title="training throughput (steady state, 95 % of windows)", xlabel="epoch", ylabel="images/s")
         _whole_epochs(time_ax, speed_ax)
         speed_ax.set_ylim(bottom=0)
         for ax in (time_ax, speed_ax):
-            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7, frameon=False)
         return to_svg(fig)
 

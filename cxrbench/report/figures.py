@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrbench import timing
+from cxrbench.monitor import noise
 from cxrbench.report.load import BackendRun, Run
 
 
@@ -27,7 +29,9 @@ class Headline:
 HEADLINES = (
     Headline("mean_auroc", "mean AUROC", "", True),
     Headline("train_images_per_s", "train images/s", "img/s", True),
+    Headline("first_step_s", "time to first step", "s", False),
     Headline("epoch_time_s", "epoch time", "s", False),
+    Headline("validate_images_per_s", "validation images/s", "img/s", True),
     Headline("predict_images_per_s", "predict images/s", "img/s", True),
     Headline("gpu_util_mean", "GPU utilisation (train, mean)", "%", True),
     Headline("onnx_latency_ms_p50", "ONNX Runtime latency b1 p50", "ms", False),
@@ -72,7 +76,9 @@ def headline_values(run: Run, backend: BackendRun) -> dict[str, float | None]:
     return {
         "mean_auroc": _number((backend.get("auroc") or {}).get("mean")),
         "train_images_per_s": _number(throughput.get("train_images_per_s")),
+        "first_step_s": _number(throughput.get("first_step_s")),
         "epoch_time_s": _number(throughput.get("epoch_time_s")),
+        "validate_images_per_s": _number(throughput.get("validate_images_per_s")),
         "predict_images_per_s": _number(throughput.get("predict_images_per_s")),
         "gpu_util_mean": gpu["mean"] if gpu else None,
         "onnx_latency_ms_p50": _number((ort.get("latency_ms_b1") or {}).get("p50")),
@@ -92,27 +98,75 @@ def speed_ratio(name: str, baseline: str, value: float | None, base: float | Non
     return f"{name} is {ratio:.2f}x {word} than {baseline} {what} ({format_number(value)} vs {format_number(base)} {figure.unit})"
 
 
-_RATIO_FIGURES = (
-    ("train_images_per_s", "in training"),
-    ("predict_images_per_s", "at prediction"),
-    ("onnx_latency_ms_p50", "in ONNX Runtime at batch 1"),
-)
+#: Steady-state figures compared between backends: (phase, throughput.json key, words).
+STEADY_RATIOS = (("train", "train_images_per_s", "in training"), ("predict", "predict_images_per_s", "at prediction"))
+
+
+def disturbed_note(throughput: dict[str, Any], phase: str) -> str:
+    """" (disturbed: others used 42% of the CPU)" when the noise guard flagged ``phase``, else ""."""
+    verdict = (throughput.get("disturbance") or {}).get(phase) or {}
+    return f" (disturbed: {noise.describe(verdict, limit=False)})" if verdict.get("disturbed") else ""
+
+
+def _no_steady(name: str, throughput: dict[str, Any], phase: str, what: str) -> str:
+    if phase == "train" and throughput.get("no_steady_state"):
+        return f"{name} {what}: {throughput['no_steady_state']}"
+    windows = ((throughput.get("phases") or {}).get(phase) or {}).get("windows", 0)
+    return f"{name} {what}: no steady state ({windows} timing window(s), {timing.MIN_WINDOWS} needed)"
+
+
+def steady_ratio(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any], phase: str, key: str,
+                 what: str) -> str | None:
+    """"keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none.
+
+    The interval is a seeded bootstrap over both backends' window rates (:func:`cxrbench.timing.ratio_interval`).
+    """
+    if key not in value or key not in base:  # not measured (stage not run): nothing to say
+        return None
+    if value.get(key) is None or base.get(key) is None:
+        missing = [(n, t) for n, t in ((name, value), (baseline, base)) if t.get(key) is None]
+        return "; ".join(_no_steady(n, t, phase, what) for n, t in missing)
+    interval = timing.ratio_interval((value.get("window_rates") or {}).get(phase) or [],
+                                     (base.get("window_rates") or {}).get(phase) or [])
+    spread = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+    return (f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, "
+            f"{format_number(value[key])}{disturbed_note(value, phase)} vs {format_number(base[key])}"
+            f"{disturbed_note(base, phase)} img/s)")
+
+
+def first_step_sentence(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any]) -> str | None:
+    """"keras spends 104 s before its first step, pytorch 1.2 s" (tracing, compilation, loader start)."""
+    mine, theirs = _number(value.get("first_step_s")), _number(base.get("first_step_s"))
+    if mine is None or theirs is None:
+        return None
+    return f"{name} spends {format_number(mine)} s before its first step, {baseline} {format_number(theirs)} s"
+
+
+def speed_sentences(throughputs: dict[str, dict[str, Any] | None], baseline: str) -> list[str]:
+    """Every backend against the baseline: steady-state ratios with their interval, and the warm-up."""
+    base = throughputs.get(baseline) or {}
+    sentences = []
+    for name, throughput in throughputs.items():
+        if name == baseline or not throughput or not base:
+            continue
+        for phase, key, what in STEADY_RATIOS:
+            sentences.append(steady_ratio(name, baseline, throughput, base, phase, key, what))
+        sentences.append(first_step_sentence(name, baseline, throughput, base))
+    return [s for s in sentences if s]
 
 
 def ratio_sentences(run: Run, baseline: str) -> list[str]:
-    """One sentence per (backend, speed figure) against the baseline backend."""
+    """Steady-state speed sentences against the baseline, then ONNX Runtime latency at batch 1."""
     if baseline not in run.backends:
         return []
+    sentences = speed_sentences({name: b.get("throughput") for name, b in run.backends.items()}, baseline)
     base = headline_values(run, run.backends[baseline])
-    sentences = []
+    figure = HEADLINE_BY_KEY["onnx_latency_ms_p50"]
     for name, backend in run.backends.items():
-        if name == baseline:
-            continue
-        values = headline_values(run, backend)
-        for key, what in _RATIO_FIGURES:
-            sentence = speed_ratio(name, baseline, values[key], base[key], HEADLINE_BY_KEY[key], what)
-            if sentence:
-                sentences.append(sentence)
+        if name != baseline:
+            value = headline_values(run, backend)[figure.key]
+            sentence = speed_ratio(name, baseline, value, base[figure.key], figure, "in ONNX Runtime at batch 1")
+            sentences += [sentence] if sentence else []
     return sentences
 
 

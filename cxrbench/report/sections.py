@@ -14,7 +14,8 @@ import numpy as np
 
 from cxrbench.errors import CxrError
 from cxrbench.report import charts
-from cxrbench.report.figures import gpu_train_utilisation, headline_values, no_gpu_reason, ratio_sentences
+from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
+                                     ratio_sentences)
 from cxrbench.report.gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
@@ -74,6 +75,10 @@ def summary_rows(run: Run) -> list[dict[str, Any]]:
             "values": headline_values(run, backend),
             "warmup_epoch_time_s": throughput.get("warmup_epoch_time_s"),
             "warmup_only": bool(throughput.get("warmup_only")),
+            "train_interval": throughput.get("train_images_per_s_interval"),
+            "predict_interval": throughput.get("predict_images_per_s_interval"),
+            "no_steady_state": throughput.get("no_steady_state"),
+            "disturbed": {phase: disturbed_note(throughput, phase) for phase in ("train", "validate", "predict")},
             "gpu": gpu_train_utilisation(backend),
             "no_gpu": no_gpu_reason(backend),
             "parity": _parity_of(run, backend),
@@ -345,6 +350,7 @@ def environment(run: Run) -> dict[str, Any]:
         "packages": packages,
         "settings": settings,
         "numerics": {name: flatten(n) for name, n in numerics.items() if n},
+        "threads": {name: flatten(n) for name, n in numerics.items() if n and "intra_op_threads" in n},
         "info": {name: b.get("info") for name, b in run.backends.items() if b.get("info")},
     }
 

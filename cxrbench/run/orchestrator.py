@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 
 from cxrbench import __version__
+from cxrbench import timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.env import capture, gpu_inventory
@@ -145,6 +146,10 @@ class Orchestrator:
         settings = self.settings
         index = require_answer(self.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
         data = cache.prepare(index, settings.data.image_size)
+        world = max([1, *self.run["gpu_counts"]])
+        train = settings.train
+        steps = data.num_batches("train", train.batch_size, world, max_steps=train.max_steps)
+        timing.check_warmup(train.warmup_steps, steps)
         self.run["data"] = {
             "source": index.source,
             "root": str(index.root),

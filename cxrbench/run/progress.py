@@ -10,6 +10,8 @@ import sys
 from typing import Any, TextIO
 
 from cxrbench.checks.equivalence import model_passes
+from cxrbench.monitor.noise import warnings
+from cxrbench.report.figures import speed_sentences
 
 
 def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> str:
@@ -24,9 +26,43 @@ def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> st
             parts.append(f"epoch {progress['epoch']}/{progress.get('epochs', '?')}")
             if progress.get("steps"):
                 parts.append(f"step {progress.get('step', 0)}/{progress['steps']}")
+            if progress.get("images_per_s"):
+                parts.append(f"{progress['images_per_s']:.1f} img/s  ETA {_duration(progress.get('eta_s'))}")
     if status.get("error"):
         parts.append(status["error"])
     return "  ".join(parts).rstrip()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+class StepRate:
+    """Images/s and time left in an epoch from the recorder's timestamped step events (no device sync).
+
+    The rate counts from the end of the first step, so tracing and compilation do not drag it down;
+    it is the rate at which steps are issued, which a GPU queue can run ahead of by a few steps.
+    """
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.first: float | None = None
+
+    def start_epoch(self) -> None:
+        self.first = None
+
+    def update(self, step: int, steps: int | None, t: float) -> dict[str, float]:
+        if step <= 1 or self.first is None:
+            self.first = t
+            return {}
+        per_step = (t - self.first) / (step - 1)
+        if per_step <= 0:
+            return {}
+        return {"images_per_s": round(self.images_per_step / per_step, 2),
+                "eta_s": round(per_step * (steps - step), 1) if steps else None}
 
 
 def _coarse(line: str) -> str:
@@ -84,11 +120,14 @@ def summary_rows(run: dict[str, Any], comparison: dict[str, Any]) -> list[tuple[
         throughput = result.get("throughput") or {}
         parity = comparison.get("parity", {}).get(name)
         equivalent = "skipped" if "skipped" in matrix else _verdict(model_passes(matrix, name))
+        interval = throughput.get("train_images_per_s_interval")
         rows.append((
             name,
             result["status"],
             _number(auroc, ".4f"),
-            _number(throughput.get("train_images_per_s"), ".1f"),
+            _number(throughput.get("train_images_per_s"), ".1f") + ("*" if throughput.get("disturbed") else ""),
+            f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "-",
+            _number(throughput.get("first_step_s"), ".1f"),
             _number(throughput.get("epoch_time_s"), ".1f"),
             _verdict(parity["passed"]) if parity else "-",
             equivalent,
@@ -96,10 +135,17 @@ def summary_rows(run: dict[str, Any], comparison: dict[str, Any]) -> list[tuple[
     return rows
 
 
-HEADER = ("backend", "status", "mean AUROC", "train img/s", "epoch s", "ONNX parity", "equivalence")
+HEADER = ("backend", "status", "mean AUROC", "steady img/s", "[95 %]", "first step s", "epoch s", "ONNX parity",
+          "equivalence")
 
 
 def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
+    """The table, then the steady-state speed sentences, then a warning per disturbed measurement (* in the table)."""
     rows = [HEADER, *summary_rows(run, comparison)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    backends = run.get("backends") or {}
+    baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
+    if baseline is not None:
+        lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
+    return "\n".join(lines + warnings(backends))

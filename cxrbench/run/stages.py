@@ -7,13 +7,13 @@ backend's folder; the worker marks the stage done afterwards.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxrbench import timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
@@ -77,23 +77,63 @@ def train(ctx: StageContext) -> None:
     weights = ctx.call("cxrbench_get_weights", model=ctx.model)
     canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
     canonical.save(weights, ctx.folder / "weights_best.npz")
-    write_json(ctx.folder / "throughput.json", training_throughput([r.to_dict() for r in ctx.recorder.history], ctx.settings.run.gpus))
+    history = [r.to_dict() for r in ctx.recorder.history]
+    write_json(ctx.folder / "throughput.json", training_throughput(history, ctx.settings))
 
 
-def training_throughput(history: list[dict], gpus: int) -> dict[str, Any]:
-    """Median images/s and epoch time over the epochs after the warm-up (the warm-up when alone)."""
+def training_throughput(history: list[dict], settings: Settings) -> dict[str, Any]:
+    """Steady-state training and validation images/s pooled over every epoch's windows, and the warm-up.
+
+    Epoch times keep their old meaning: the median over the epochs after the warm-up epoch (the
+    warm-up epoch when alone).
+    """
+    gpus, train = settings.run.gpus, settings.train
     if not history:
-        return {"gpus": gpus}
-    steady = [r for r in history if not r["warmup"]]
-    measured = steady or history
+        return {"gpus": gpus, "steady": False, "disturbed": False, "disturbance": {}}
+    later = [r for r in history if not r["warmup"]]
+    measured = later or history
+    windows = {phase: [w for r in history for w in r.get(key) or []]
+               for phase, key in (("train", "train_window_list"), ("validate", "val_window_list"))}
+    figures = {phase: timing.summarise(found) for phase, found in windows.items()}
+    steps_after = sum(r.get("steps_after_warmup") or 0 for r in history)
     return {
-        "train_images_per_s": statistics.median(r["images_per_s"] for r in measured),
+        "train_images_per_s": figures["train"]["images_per_s"],
+        "train_images_per_s_interval": figures["train"]["interval"],
+        "first_step_s": history[0].get("first_step_s"),
+        "validate_images_per_s": figures["validate"]["images_per_s"],
+        "validate_images_per_s_interval": figures["validate"]["interval"],
+        "steady": figures["train"]["steady"],
+        "no_steady_state": None if figures["train"]["steady"] else timing.no_steady_reason(
+            steps_after, figures["train"]["windows"], train.warmup_steps, train.window_steps,
+            timed=any(r.get("first_step_s") is not None for r in history)),
         "epoch_time_s": statistics.median(r["train_time_s"] for r in measured),
         "warmup_epoch_time_s": next((r["train_time_s"] for r in history if r["warmup"]), None),
-        "warmup_only": not steady,
+        "warmup_only": not later,
         "epochs_measured": len(measured),
+        "warmup_steps": train.warmup_steps,
+        "window_steps": train.window_steps,
+        "phases": figures,
+        "window_rates": {phase: rounded_rates(found) for phase, found in windows.items()},
+        "disturbed": False,
+        "disturbance": {},
         "gpus": gpus,
     }
+
+
+def rounded_rates(windows: list) -> list[float]:
+    """Each window's images/s for throughput.json (the ratio intervals of the report resample them)."""
+    return [round(float(r), 4) for r in timing.window_rates(windows)]
+
+
+def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer) -> dict[str, Any]:
+    """The prediction figures (windows of ``cxrbench_predict`` calls on the test split) into throughput.json."""
+    figure = timing.summarise(timer.windows)
+    throughput.update(predict_images_per_s=figure["images_per_s"], predict_images_per_s_interval=figure["interval"])
+    throughput.setdefault("disturbed", False)  # the noise guard's verdicts are merged in when the worker ends
+    throughput.setdefault("disturbance", {})
+    throughput.setdefault("phases", {})["predict"] = figure
+    throughput.setdefault("window_rates", {})["predict"] = rounded_rates(timer.windows)
+    return throughput
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -102,9 +142,7 @@ def training_throughput(history: list[dict], gpus: int) -> dict[str, Any]:
 def evaluate(ctx: StageContext) -> None:
     """Logits on the test split, and every plugin's metrics of them."""
     images, labels = ctx.data.split_images("test"), ctx.data.split_labels("test")
-    start = time.perf_counter()
-    logits = ctx.logits(images)
-    seconds = time.perf_counter() - start
+    logits, timer = timing.timed_calls(ctx.logits, images, ctx.settings.train.batch_size)
     rows = ctx.data.rows("test")
     files = np.asarray([ctx.data.index.files[r] for r in rows])
     patients = np.asarray(ctx.data.index.patients)[rows]
@@ -117,8 +155,7 @@ def evaluate(ctx: StageContext) -> None:
         metrics["independence_notes"] = notes
     write_json(ctx.folder / "metrics.json", metrics)
     throughput = read_json(ctx.folder / "throughput.json", {"gpus": ctx.settings.run.gpus})
-    throughput["predict_images_per_s"] = len(images) / seconds if seconds else None
-    write_json(ctx.folder / "throughput.json", throughput)
+    write_json(ctx.folder / "throughput.json", add_prediction_figures(throughput, timer))
 
 
 def independence_notes(caller) -> list[str]:

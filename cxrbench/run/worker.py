@@ -23,6 +23,7 @@ from cxrbench.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
 from cxrbench.recorder import Recorder
 from cxrbench.run import stages
+from cxrbench.run.progress import StepRate
 from cxrbench.run.store import DONE, WORKER_STAGES, BackendStatus, read_json, write_json
 from cxrbench.suite import Settings
 
@@ -46,15 +47,19 @@ class Worker:
         self.run_dir, self.folder, self.backend = run_dir, folder, backend
         self.hook, self.settings, self.status = plugins.hook, settings, status
         self.recorder = Recorder([self._on_event])
+        self.rate = StepRate(settings.train.batch_size * max(1, settings.run.gpus))
         self.ctx = stages.StageContext(folder=folder, backend=backend, hook=self.hook, settings=settings, recorder=self.recorder)
 
     # -- progress ------------------------------------------------------------------------------
 
     def _on_event(self, event: str, payload: dict[str, Any]) -> None:
         if event == "epoch_started":
-            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0, steps=payload["steps"])
+            self.rate.start_epoch()
+            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0,
+                                 steps=payload["steps"], images_per_s=None, eta_s=None)
         elif event == "step":
-            self.status.progress(epoch=payload["epoch"], step=payload["step"], steps=payload["steps"])
+            rate = self.rate.update(payload["step"], payload["steps"], payload.get("t", time.time()))
+            self.status.progress(epoch=payload["epoch"], step=payload["step"], steps=payload["steps"], **rate)
         elif event == "epoch_ended":
             write_json(self.folder / "history.json", [r.to_dict() for r in self.recorder.history])
             self.status.progress(throttle_s=0, step=payload["steps"], steps=payload["steps"])

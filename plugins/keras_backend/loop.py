@@ -3,7 +3,8 @@
 Per-step losses stay on the device (the tensors each step returns are collected in a list) and are
 fetched in one transfer after the epoch, so NaN detection costs no per-step host synchronisation.
 ``data_wait_s`` is the time the Python loop spent in ``next()`` on the prefetched tf.data iterator:
-how long the step loop waited for input that was not ready.
+how long the step loop waited for input that was not ready. The core's window timer
+(``recorder.timed``) synchronises the device only at its window edges.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from cxrbench.classes import NUM_CLASSES
-from cxrbench.recorder import Recorder, WaitTimer
+from cxrbench.recorder import Recorder
+from cxrbench.timing import batch_images
 from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
 
 from cxrbench_keras.distributed import is_chief, steps_per_epoch, train_dataset
@@ -67,17 +69,19 @@ class KerasEpochLoop:
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         self.optimizer.learning_rate.assign(lr)
         steps = steps_per_epoch(self.strategy, self.data, self.settings)
-        batches = WaitTimer(train_dataset(self.strategy, self.data, self.settings, epoch))
+        dataset = train_dataset(self.strategy, self.data, self.settings, epoch)
+        batches = self.recorder.timed(dataset, self.sync, self.global_batch)
         losses = []
         for step, batch in enumerate(batches, start=1):
             losses.append(self.train_step(batch))
             self.recorder.step(epoch, step, steps)
         fetched = tf.stack(losses).numpy() if losses else np.zeros(0, dtype=np.float32)
-        return EpochOutcome(fetched, images=len(losses) * self.global_batch, data_wait_s=batches.seconds)
+        return EpochOutcome(fetched, images=len(losses) * self.global_batch, data_wait_s=batches.data_wait_s)
 
     def validate(self) -> float:
         sums, count = [], 0
-        for batch in self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False):
+        batches = self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False)
+        for batch in self.recorder.timed(batches, self.sync, batch_images):
             sums.append(self._val_loss_sum(batch.images, batch.labels))
             count += len(batch.images)
         return float(tf.add_n(sums).numpy()) / (count * NUM_CLASSES) if count else float("nan")

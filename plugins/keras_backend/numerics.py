@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import keras
 import tensorflow as tf
 
+from cxrbench.budget import thread_budget
 from cxrbench.errors import BackendError
 
 #: settings.numerics.precision -> Keras dtype policy.
@@ -19,15 +20,12 @@ POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"
 
 
 def configure_runtime(settings) -> None:
-    """Apply thread counts, GPU visibility, memory growth, TF32 and the precision policy."""
+    """Apply the core's thread budget, GPU visibility, memory growth, TF32 and the precision policy."""
     numerics = settings.numerics
     threading = tf.config.threading
-    for setter, count in (
-        (threading.set_intra_op_parallelism_threads, numerics.intra_op_threads),
-        (threading.set_inter_op_parallelism_threads, numerics.inter_op_threads),
-    ):
-        if count:  # 0 leaves TensorFlow's default
-            _try_before_init(setter, count)
+    budget = thread_budget(numerics)
+    _try_before_init(threading.set_intra_op_parallelism_threads, budget["intra_op"])
+    _try_before_init(threading.set_inter_op_parallelism_threads, budget["inter_op"])
     gpus = tf.config.list_physical_devices("GPU")
     wanted = settings.run.gpus or min(len(gpus), 1)
     if wanted > len(gpus):
@@ -61,6 +59,7 @@ def describe(settings, strategy, global_batch: int, learning_rate: float) -> dic
         "memory_growth": [tf.config.experimental.get_memory_growth(g) for g in gpus],
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "thread_budget": thread_budget(settings.numerics),
         "input_pipeline": "tf.data.Dataset.from_generator(PreparedData.batches) + prefetch(AUTOTUNE)",
         "devices": [d.name for d in gpus] or ["/cpu:0"],
         "strategy": type(strategy).__name__,

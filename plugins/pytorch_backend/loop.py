@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import Batch, PreparedData
 from cxrbench.errors import DataError
-from cxrbench.recorder import Recorder, WaitTimer
+from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
+from cxrbench.timing import batch_images
 from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
 from cxrbench_pytorch import numerics
 from cxrbench_pytorch.model import TorchModel
@@ -93,13 +94,13 @@ class TorchEpochLoop:
         self.model.net.train()
         batch_size = self.settings.train.batch_size
         steps = self.data.num_batches("train", batch_size, self.world, max_steps=self.settings.train.max_steps)
-        batches = WaitTimer(self._train_batches(epoch))
+        batches = self.recorder.timed(self._train_batches(epoch), self.sync, batch_size * self.world)
         losses: list[torch.Tensor] = []
         with numerics.out_of_memory_as_error(self.model.device, batch_size, "training"):
             for step, (images, labels) in enumerate(batches, start=1):
                 losses.append(self._step(images, labels))
                 self.recorder.step(epoch, step, steps)
-        return EpochOutcome(self._mean_over_ranks(losses), len(losses) * batch_size * self.world, batches.seconds)
+        return EpochOutcome(self._mean_over_ranks(losses), len(losses) * batch_size * self.world, batches.data_wait_s)
 
     def _train_batches(self, epoch: int) -> Iterable:
         train = self.settings.train
@@ -138,7 +139,7 @@ class TorchEpochLoop:
         total = torch.zeros(2, dtype=torch.float64, device=self.model.device)  # summed loss, images
         batches = self.data.batches("val", batch_size, shuffle=False, drop_last=False, rank=self.rank, world=self.world)
         with torch.inference_mode(), numerics.out_of_memory_as_error(self.model.device, batch_size, "validating"):
-            for batch in batches:
+            for batch in self.recorder.timed(batches, self.sync, batch_images):
                 with self.autocast():
                     logits = net(self.model.inputs(torch.from_numpy(batch.images)))
                 labels = torch.from_numpy(batch.labels).to(self.model.device, non_blocking=True)

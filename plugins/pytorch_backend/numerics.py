@@ -11,7 +11,9 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from cxrbench.budget import thread_budget
 from cxrbench.errors import BackendError
 from cxrbench.suite import NumericsSettings, Settings
 
@@ -26,11 +28,16 @@ def select_device(settings: Settings) -> torch.device:
     return torch.device("cuda", 0) if available else torch.device("cpu")
 
 
+def _processes() -> int:
+    """Ranks sharing this machine's cores: the process group's size once one is initialised."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def apply(numerics: NumericsSettings) -> None:
-    """Set torch's process-wide switches: threads, TF32 and cuDNN autotuning."""
-    if numerics.intra_op_threads:
-        torch.set_num_threads(numerics.intra_op_threads)
-    _set_interop_threads(numerics.inter_op_threads)
+    """Set torch's process-wide switches: the core's thread budget, TF32 and cuDNN autotuning."""
+    budget = thread_budget(numerics, _processes())
+    torch.set_num_threads(budget["intra_op"])
+    _set_interop_threads(budget["inter_op"], requested=bool(numerics.inter_op_threads))
     # The fp32_precision API only: torch 2.9+ refuses to mix it with the legacy allow_tf32 flags.
     precision = "tf32" if numerics.tf32 else "ieee"
     torch.backends.cuda.matmul.fp32_precision = precision
@@ -38,13 +45,18 @@ def apply(numerics: NumericsSettings) -> None:
     torch.backends.cudnn.benchmark = numerics.cudnn_benchmark
 
 
-def _set_interop_threads(threads: int) -> None:
-    """torch allows this once, before any inter-op work: fail clearly when it is too late."""
-    if not threads or torch.get_num_interop_threads() == threads:
+def _set_interop_threads(threads: int, requested: bool) -> None:
+    """torch allows this once, before any inter-op work: fail clearly when a requested count comes too late.
+
+    The default budget is best effort (a second model in one process): ``describe`` records what runs.
+    """
+    if torch.get_num_interop_threads() == threads:
         return
     try:
         torch.set_num_interop_threads(threads)
     except RuntimeError:
+        if not requested:
+            return
         raise BackendError(
             f"numerics.inter_op_threads = {threads} cannot be applied: torch's inter-op pool already runs "
             f"{torch.get_num_interop_threads()} threads in this process (set it before any torch work)"
@@ -105,6 +117,7 @@ def describe(settings: Settings, device: torch.device, world: int, learning_rate
         "compile": numerics.compile,
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
+        "thread_budget": thread_budget(numerics, world),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": cudnn.version() if cudnn.is_available() else None,

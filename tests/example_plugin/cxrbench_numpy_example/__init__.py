@@ -99,7 +99,7 @@ def cxrbench_train(model, data, settings, recorder):
 
     # A diverging loss is caught by the recipe (TrainingDiverged); numpy's warnings would only repeat it.
     with np.errstate(over="ignore", invalid="ignore"):
-        result = run_recipe(LinearProbeLoop(model, data, settings), settings, recorder)
+        result = run_recipe(LinearProbeLoop(model, data, settings, recorder), settings, recorder)
     result["numerics"] = {"precision": "fp32", "device": "cpu", "trained": "classifier only (linear probe)"}
     return result
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from cxrbench.data.prepared import PreparedData
-from cxrbench.recorder import WaitTimer
+from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
+from cxrbench.timing import batch_images
 from cxrbench.training import EpochOutcome
 
 from cxrbench_numpy_example.network import classify, pooled_features
@@ -55,8 +56,8 @@ class Adam:
 class LinearProbeLoop:
     """The :class:`cxrbench.training.EpochLoop` of the numpy backend."""
 
-    def __init__(self, model, data: PreparedData, settings: Settings):
-        self.model, self.data, self.settings = model, data, settings
+    def __init__(self, model, data: PreparedData, settings: Settings, recorder: Recorder):
+        self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
         self.adam = Adam(settings, {k: model.weights[k] for k in TRAINED})
 
     def sync(self) -> None:
@@ -72,11 +73,13 @@ class LinearProbeLoop:
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         train = self.settings.train
-        batches = WaitTimer(
+        batches = self.recorder.timed(
             self.data.batches(
                 "train", train.batch_size, epoch=epoch, seed=self.settings.run.seed,
                 hflip=train.hflip, max_steps=train.max_steps,
-            )
+            ),
+            self.sync,
+            batch_images,
         )
         losses, images = [], 0
         for batch in batches:
@@ -84,12 +87,13 @@ class LinearProbeLoop:
             self.adam.step(self.model.weights, grads, lr)
             losses.append(loss)
             images += len(batch.images)
-        return EpochOutcome(np.asarray(losses, dtype=np.float32), images, batches.seconds)
+        return EpochOutcome(np.asarray(losses, dtype=np.float32), images, batches.data_wait_s)
 
     def validate(self) -> float:
         """Mean loss over every element of the validation split (no shuffle, no flip, no batch left out)."""
         total, count = 0.0, 0
-        for batch in self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False):
+        batches = self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False)
+        for batch in self.recorder.timed(batches, self.sync, batch_images):
             logits = classify(self.model.weights, pooled_features(self.model.weights, self.model.block_config, batch.images))
             total += float(bce_with_logits(logits, batch.labels).sum(dtype=np.float64))
             count += batch.labels.size
