@@ -276,7 +276,9 @@ def test_cli_writes_report_with_benchmarks_and_comparison(fake_run, tmp_path, ca
     other = make_fake_run(tmp_path / "run-b", gpus=1)
     data = json.loads((other / "run.json").read_text())
     data["environment"]["packages"]["torch"] = "2.15.0"
-    data["backends"]["keras"]["throughput"]["train_images_per_s"] *= 1.5
+    throughput = data["backends"]["keras"]["throughput"]
+    throughput["train_images_per_s"] *= 1.5  # the whole window distribution moved: the intervals part
+    throughput["train_images_per_s_interval"] = [1.5 * bound for bound in throughput["train_images_per_s_interval"]]
     (other / "run.json").write_text(json.dumps(data))
     out = tmp_path / "cmp.html"
     code = main(["report", str(fake_run), str(other), "--out", str(out), "--benchmark-json", str(bench), "--threshold", "10"])
