@@ -298,13 +298,16 @@ def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers
         return
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(), initializer=_leave_ctrl_c_to_parent) as pool:
         pending = {pool.submit(function, *job) for job in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                if future.exception() is not None:
-                    pool.shutdown(cancel_futures=True)
-                    raise future.exception()
-                advance(future.result())
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        raise future.exception()
+                    advance(future.result())
+        except BaseException:  # a failed job or Ctrl-C: drop the queued jobs, wait only for the running ones
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _leave_ctrl_c_to_parent() -> None:

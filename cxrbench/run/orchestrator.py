@@ -349,11 +349,11 @@ class Orchestrator:
         """run.json says ``failed`` with the error; files already written stay, and ``--resume`` goes on from them."""
         error = first_line(exc) if isinstance(exc, CxrError) else first_line(exc, with_type=True)
         self.run.update(status="failed", error=error, finished=now_iso())
-        self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         try:
+            self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
             self._save_run()
-        except StorageError:
-            pass  # the disk that failed the run refuses run.json too: `report` and `--resume` see it as interrupted
+        except CxrError:
+            pass  # e.g. the disk that failed the run refuses run.json too: `report` and `--resume` see it as interrupted
 
 
 def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:

@@ -280,11 +280,14 @@ class RunLock:
             except BlockingIOError:
                 owner = _read_lock(fd)
                 os.close(fd)
-                if process_gone(owner.get("pid"), owner.get("host"), owner.get("started")) and time.monotonic() < deadline:
+                gone = process_gone(owner.get("pid"), owner.get("host"), owner.get("started"))
+                if gone and time.monotonic() < deadline:
                     time.sleep(0.2)  # its owner is dead: a worker it left is finishing its last write
                     continue
-                raise CxrError(f"{self.path.parent}: another cxrbench run is writing into this folder (pid {owner.get('pid')} "
-                               f"on {owner.get('host')}, since {owner.get('started')}); wait for it to end or use another --out")
+                raise CxrError(_held_message(self.path, owner, gone)) from None
+            except OSError as exc:  # a file system without flock: run unlocked rather than not at all
+                self.fd = fd
+                return f"cannot lock {self.path} ({exc.strerror}): a second run into this folder would not be refused"
             if os.fstat(fd).st_ino == _inode(self.path):
                 break
             os.close(fd)  # the file was replaced while we waited for it: lock the current one
@@ -311,6 +314,14 @@ class RunLock:
             self.path.unlink()
         os.close(self.fd)
         self.fd = None
+
+
+def _held_message(path: Path, owner: dict[str, Any], gone: bool) -> str:
+    who = f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}"
+    if gone:
+        return (f"{path.parent}: a worker of the run that held it ({who}, now gone) is still writing; "
+                f"stop it or try again when it has ended")
+    return f"{path.parent}: another cxrbench run is writing into this folder ({who}); wait for it to end or use another --out"
 
 
 def _inode(path: Path) -> int | None:
