@@ -256,3 +256,35 @@ def test_keep_values_and_the_folder_sizes_they_leave(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nrun folder bytes by run.keep (densenet-tiny, 32 px, 120 images): {sizes}")
     shutil.rmtree(tmp_path / "all")
+
+
+def test_a_run_that_fails_after_its_folder_exists_says_failed_with_its_error(tmp_path):
+    data = tmp_path / "data"
+    assert _finish(_start("data", "synth", "--out", str(data), "--images", "60", "--size", "64"))[0] == 0
+    broken = sorted((data / "images").glob("*.png"))[7]
+    broken.write_bytes(broken.read_bytes()[:100])  # an interrupted copy: found when the cache decodes it
+    run_dir = tmp_path / "run"
+
+    code, err = _finish(_start("run", "--out", str(run_dir), "--data", str(data), *TINY))
+
+    assert code == 2
+    line = _last_line(err)
+    assert line.startswith("cxrbench: error: ") and broken.name in line
+    run = json.loads((run_dir / "run.json").read_text())
+    validate(run)
+    assert run["status"] == "failed" and run["error"] == line.removeprefix("cxrbench: error: ") and run["finished"]
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_disk_too_small_for_the_weights_is_refused_before_writing_them(tmp_path):
+    with _tmpfs(tmp_path / "small", "10m") as disk:
+        run_dir = disk / "run"
+        code, err = _finish(_start("run", "--out", str(run_dir), *TINY))
+
+        assert code == 1
+        line = _last_line(err)
+        assert line.startswith(f"cxrbench: error: {run_dir}: the weights file shared_init.npz needs ")
+        assert " bytes are free there: free space or choose a folder on another disk; results so far are kept" in line
+        assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["status"] == "failed" and run["error"] in line
