@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a mismatch rebuilds it (exit 1)")
     _add_index_options(verify)
     verify.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
-    verify.add_argument("--cache", help="cache folder (default: $CXRBENCH_CACHE/prepared or ~/.cache/cxrbench/prepared)")
+    verify.add_argument("--cache", help="cache folder (default: as for data prepare)")
     verify.add_argument("--no-rebuild", action="store_true", help="only report a mismatch; remove the corrupt cache")
     verify.set_defaults(func=_cmd_data_verify)
 

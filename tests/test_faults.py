@@ -29,6 +29,7 @@ from cxrbench.run import keep, stages, store
 from cxrbench.suite import Settings
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+NO_SPACE = "no space left on the device: free space there or choose a folder on another disk"
 
 
 def _no_temporaries(folder: Path) -> None:
@@ -80,7 +81,7 @@ def test_json_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, m
         store.write_json(path, {"auroc": {"mean": 0.9}, "more": list(range(100))})
 
     message = str(caught.value)
-    assert message == f"{path}: cannot write (no space left on the device: free space there or choose a folder on another disk)"
+    assert message == f"{path}: cannot write ({NO_SPACE})"
     assert "\n" not in message
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"auroc": {"mean": 0.8}}
@@ -169,7 +170,7 @@ def test_a_read_only_folder_is_one_line(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
-    with pytest.raises(StorageError, match=r"cannot write \(permission denied: make it writable or choose another folder\)"):
+    with pytest.raises(StorageError, match=r"cannot write \(permission denied: make it writable or choose another"):
         store.write_json(folder / "run.json", {})
 
 
@@ -238,12 +239,14 @@ def test_data_verify_checks_every_block_and_rebuilds_a_mismatch(dataset, tmp_pat
                "--cache", str(tmp_path / "cache")]
 
     ok = subprocess.run(command, capture_output=True, text=True)
-    assert ok.returncode == 0 and ok.stdout == f"{npy.parent}: all 1 blocks match the checksum written when it was built\n"
+    assert ok.returncode == 0
+    assert ok.stdout == f"{npy.parent}: all 1 blocks match the checksum written when it was built\n"
 
     _flip(npy, offset=1000)
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 1, bad.stderr
-    assert bad.stdout == f"{npy.parent}: block 1 of 1 of images.npy does not match its checksum (the file was altered): rebuilt it from the images\n"
+    assert bad.stdout == (f"{npy.parent}: block 1 of 1 of images.npy does not match its checksum "
+                          "(the file was altered): rebuilt it from the images\n")
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
 
     _flip(npy, offset=1000)
@@ -267,7 +270,8 @@ def test_a_cache_on_a_full_disk_is_refused_before_decoding(dataset, tmp_path, mo
     with pytest.raises(StorageError) as caught:
         cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)
     needed = len(dataset) * 64 * 64 + cache.CHECKSUM_BLOCK + store.SPACE_MARGIN_BYTES
-    assert str(caught.value) == (f"{tmp_path / 'cache'}: the prepared cache needs {needed:,} bytes ({needed / 2**20:.0f} MiB)"
+    assert str(caught.value) == (f"{tmp_path / 'cache'}: the prepared cache needs {needed:,} bytes "
+                                 f"({needed / 2**20:.0f} MiB)"
                                  " but only 1,000 bytes are free there: free space or choose a folder on another disk"
                                  " (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
@@ -308,7 +312,8 @@ def test_the_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
         assert store.run_is_active(tmp_path)
         with pytest.raises(CxrError) as caught:
             store.RunLock(tmp_path).acquire()
-        assert str(caught.value).startswith(f"{tmp_path}: another cxrbench run is writing into this folder (pid {holder.pid} on ")
+        expected = f"{tmp_path}: another cxrbench run is writing into this folder (pid {holder.pid} on "
+        assert str(caught.value).startswith(expected)
         assert str(caught.value).endswith("; wait for it to end or use another --out")
     finally:
         holder.kill()
@@ -332,7 +337,8 @@ def _fake_run(run_dir: Path) -> None:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_bytes(b"x" * 100)
     for backend in ("pytorch", "keras"):
-        for name in ("init.onnx", "model.onnx", "weights_best.npz", "metrics.json", "predictions.npz", "cams/001_Mass.png"):
+        for name in ("init.onnx", "model.onnx", "weights_best.npz", "metrics.json", "predictions.npz",
+                     "cams/001_Mass.png"):
             path = run_dir / backend / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x" * 10)
@@ -341,8 +347,8 @@ def _fake_run(run_dir: Path) -> None:
 @pytest.mark.parametrize(("value", "removed"), [
     ("all", []),
     ("results", ["keras/init.onnx", "pytorch/init.onnx"]),
-    ("minimal", ["keras/init.onnx", "keras/model.onnx", "pytorch/init.onnx", "pytorch/model.onnx", "keras/weights_best.npz",
-                 "pytorch/weights_best.npz", "shared_init.npz", "equivalence_batch.npy"]),
+    ("minimal", ["keras/init.onnx", "keras/model.onnx", "pytorch/init.onnx", "pytorch/model.onnx",
+                 "keras/weights_best.npz", "pytorch/weights_best.npz", "shared_init.npz", "equivalence_batch.npy"]),
 ])
 def test_keep_removes_only_what_it_says(tmp_path, value, removed):
     _fake_run(tmp_path)
@@ -351,7 +357,8 @@ def test_keep_removes_only_what_it_says(tmp_path, value, removed):
     assert sorted(kept["removed"]) == sorted(removed)
     assert kept["kept_bytes"] == keep.folder_bytes(tmp_path) == before - kept["removed_bytes"]
     assert all(not (tmp_path / name).exists() for name in removed)
-    assert (tmp_path / "keras" / "metrics.json").is_file() and (tmp_path / "pytorch" / "cams" / "001_Mass.png").is_file()
+    assert (tmp_path / "keras" / "metrics.json").is_file()
+    assert (tmp_path / "pytorch" / "cams" / "001_Mass.png").is_file()
 
 
 def test_an_incomplete_run_keeps_everything_for_resume(tmp_path):
@@ -373,7 +380,8 @@ def _closed_pipe_run(*args: str) -> subprocess.CompletedProcess:
     read, write = os.pipe()
     os.close(read)  # the reader (`head`) has gone: the first write gets EPIPE
     try:
-        return subprocess.run([sys.executable, "-m", "cxrbench", *args], stdout=write, stderr=subprocess.PIPE, text=True)
+        return subprocess.run([sys.executable, "-m", "cxrbench", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True)
     finally:
         os.close(write)
 

@@ -136,7 +136,8 @@ def check_contents(folder: Path, full: bool) -> str | None:
         for number in blocks:
             handle.seek(number * block)
             if hashlib.sha256(handle.read(block)).hexdigest() != checksum["blocks"][number]:
-                return f"block {number + 1} of {count} of {IMAGES_FILE} does not match its checksum (the file was altered)"
+                return (f"block {number + 1} of {count} of {IMAGES_FILE} does not match its checksum "
+                        "(the file was altered)")
     return None
 
 
@@ -216,7 +217,8 @@ def is_valid(folder: Path, key: str, count: int, size: int) -> bool:
     except (OSError, ValueError):
         return False
     expected = {"key": key, "count": count, "size": size, "complete": True, "format": CACHE_FORMAT}
-    return "checksum" in manifest and all(manifest.get(k) == v for k, v in expected.items()) and array.shape == (count, size, size) and array.dtype == np.uint8
+    matches = "checksum" in manifest and all(manifest.get(k) == v for k, v in expected.items())
+    return matches and array.shape == (count, size, size) and array.dtype == np.uint8
 
 
 def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
@@ -296,7 +298,8 @@ def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers
         for job in jobs:
             advance(function(*job))
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(), initializer=_leave_ctrl_c_to_parent) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(),
+                             initializer=_leave_ctrl_c_to_parent) as pool:
         pending = {pool.submit(function, *job) for job in jobs}
         try:
             while pending:

@@ -323,7 +323,8 @@ def kept(run: Run) -> str | None:
     removed = info.get("removed") or []
     sentence = f"run.keep = {info.get('keep')}: the folder keeps {info.get('kept_bytes', 0) / 2**20:.1f} MiB"
     if removed:
-        sentence += f"; removed {len(removed)} files ({info.get('removed_bytes', 0) / 2**20:.1f} MiB): {', '.join(removed)}"
+        mib = info.get("removed_bytes", 0) / 2**20
+        sentence += f"; removed {len(removed)} files ({mib:.1f} MiB): {', '.join(removed)}"
     return sentence + (f" ({info['note']})" if info.get("note") else "")
 
 

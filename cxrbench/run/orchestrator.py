@@ -32,8 +32,8 @@ from cxrbench.run import keep, scaling
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import (SCHEMA_VERSION, WORKER_STAGES, BackendStatus, RunLock, current_status, now_iso, read_json,
-                                save_npy, write_json)
+from cxrbench.run.store import (SCHEMA_VERSION, WORKER_STAGES, BackendStatus, RunLock, current_status, now_iso,
+                                read_json, save_npy, write_json)
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -328,7 +328,8 @@ class Orchestrator:
             comparison = self.finish(outcome)
         except StorageError as exc:
             self._record_failure(exc)
-            raise StorageError(f"{exc}; results so far are kept: free space, then `cxrbench run --resume {self.run_dir}`") from None
+            resume = f"cxrbench run --resume {self.run_dir}"
+            raise StorageError(f"{exc}; results so far are kept: free space, then `{resume}`") from None
         except Exception as exc:
             self._record_failure(exc)
             raise
@@ -342,8 +343,8 @@ class Orchestrator:
                 stage = status.data.get("stage") or "start-up"
                 status.finish("interrupted", f"its process (pid {status.data.get('pid')}) ended without recording an "
                                              f"outcome during stage {stage}")
-                self.progress.message(f"note: {name} was interrupted during stage {stage} (process {status.data.get('pid')} "
-                                      "is gone); resuming it from its last completed stage")
+                self.progress.message(f"note: {name} was interrupted during stage {stage} (process "
+                                      f"{status.data.get('pid')} is gone); resuming it from its last completed stage")
 
     def _record_failure(self, exc: Exception) -> None:
         """run.json says ``failed`` with the error; files already written stay, and ``--resume`` goes on from them."""
@@ -353,7 +354,7 @@ class Orchestrator:
             self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
             self._save_run()
         except CxrError:
-            pass  # e.g. the disk that failed the run refuses run.json too: `report` and `--resume` see it as interrupted
+            pass  # e.g. the full disk refuses run.json too: `report` and `--resume` then see it as interrupted
 
 
 def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:

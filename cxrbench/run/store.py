@@ -104,12 +104,10 @@ def require_space(folder: Path, needed: int, what: str) -> None:
     """Refuse a big write before it starts when ``folder``'s disk has less than ``needed`` bytes free."""
     folder = Path(folder)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(existing).free
-    if free < needed + SPACE_MARGIN_BYTES:
-        raise StorageError(
-            f"{folder}: {what} needs {needed + SPACE_MARGIN_BYTES:,} bytes ({(needed + SPACE_MARGIN_BYTES) / 2**20:.0f} MiB)"
-            f" but only {free:,} bytes are free there: free space or choose a folder on another disk"
-        )
+    free, total = shutil.disk_usage(existing).free, needed + SPACE_MARGIN_BYTES
+    if free < total:
+        raise StorageError(f"{folder}: {what} needs {total:,} bytes ({total / 2**20:.0f} MiB) but only {free:,} bytes "
+                           "are free there: free space or choose a folder on another disk")
 
 
 def _json_default(value: Any) -> Any:
@@ -191,7 +189,8 @@ class BackendStatus:
         return self.data["stages"].get(stage) == DONE
 
     def start(self, pid: int) -> None:
-        self.data.update(status="running", pid=pid, host=socket.gethostname(), started=now_iso(), finished=None, error=None)
+        self.data.update(status="running", pid=pid, host=socket.gethostname(), started=now_iso(), finished=None,
+                         error=None)
         self.save()
 
     def set_stage(self, stage: str, state: str, seconds: float | None = None) -> None:
@@ -321,7 +320,8 @@ def _held_message(path: Path, owner: dict[str, Any], gone: bool) -> str:
     if gone:
         return (f"{path.parent}: a worker of the run that held it ({who}, now gone) is still writing; "
                 f"stop it or try again when it has ended")
-    return f"{path.parent}: another cxrbench run is writing into this folder ({who}); wait for it to end or use another --out"
+    return (f"{path.parent}: another cxrbench run is writing into this folder ({who}); "
+            "wait for it to end or use another --out")
 
 
 def _inode(path: Path) -> int | None:
