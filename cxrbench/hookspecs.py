@@ -163,8 +163,7 @@ def cxrbench_export_onnx(model, path, settings):
     layout (NCHW or NHWC, stated in the result); output: logits. Opset ``settings.export.opset``.
     The backend stamps the metadata of :func:`cxrbench.checks.onnx.model_metadata` with
     :func:`cxrbench.checks.onnx.stamp_metadata`; the core checks it with ``onnx.checker`` and
-    compares onnxruntime with :func:`cxrbench_predict`. ``path`` is a temporary name beside the
-    final file: the core renames it into place once checked, so a crash never leaves half a model.
+    compares onnxruntime with :func:`cxrbench_predict`.
 
     :return: a :class:`cxrbench.api.ExportInfo`.
     """
