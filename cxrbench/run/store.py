@@ -45,7 +45,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _atomic(path: Path, write) -> Path:
+def write_with(path: Path, write) -> Path:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A reader (the parent, a browser, another tool) never sees half a file.
@@ -121,7 +121,7 @@ def _json_default(value: Any) -> Any:
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    return write_with(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def write_json(path: Path, data: Any) -> Path:
@@ -152,11 +152,11 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    return _atomic(path, lambda handle: np.savez(handle, **arrays))
+    return write_with(path, lambda handle: np.savez(handle, **arrays))
 
 
 def save_npy(path: Path, array: np.ndarray) -> Path:
-    return _atomic(path, lambda handle: np.save(handle, array))
+    return write_with(path, lambda handle: np.save(handle, array))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
