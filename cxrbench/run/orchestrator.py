@@ -161,7 +161,7 @@ class Orchestrator:
         from cxrbench.data import cache
 
         settings = self.settings
-        index = self.index or _dataset(self.plugins, settings)
+        index = self.index if self.index is not None else _dataset(self.plugins, settings)
         data = cache.prepare(index, settings.data.image_size)
         self.run["data"] = {
             "source": index.source,
