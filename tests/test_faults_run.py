@@ -183,7 +183,8 @@ def test_a_killed_run_is_reported_interrupted_and_resumes_from_its_last_stage(tm
     process.wait()
     while psutil.pid_exists(status["pid"]) and psutil.Process(status["pid"]).status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.05)
-    assert _status(run_dir)["status"] == "running"
+    status = _status(run_dir)  # as the kill left it (the stage may have moved on since equivalence)
+    assert status["status"] == "running"
     equivalence = _fingerprints([run_dir / "numpy" / "equivalence.npz"])
 
     code, err = _finish(_start("report", str(run_dir)))
