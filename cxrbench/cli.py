@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from cxrbench import __version__
-from cxrbench.errors import CxrError
+from cxrbench.errors import CxrError, StorageError, is_storage_fault, storage_error
+
+#: Exit statuses (README "Exit status"): 128 + SIGPIPE, as a shell reports a pipeline reader that closed early.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -83,6 +87,15 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if check.is_usable(summary) else 1
 
 
+def _cmd_data_verify(args: argparse.Namespace) -> int:
+    from cxrbench.data import cache
+
+    result = cache.verify(_read_index(args), args.size, cache_dir=Path(args.cache) if args.cache else None,
+                          rebuild=not args.no_rebuild)
+    print(result.message)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 def _add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="NIH ChestX-ray14 folder (or a phantom one)")
     parser.add_argument("--split", default="official", choices=("official", "random-70-10-20"))
@@ -130,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-verify", action="store_true", help="do not decode every image")
     check.set_defaults(func=_cmd_data_check)
 
+    verify = data_commands.add_parser("verify", help="check every block of a prepared cache against its checksum; "
+                                      "a mismatch rebuilds it (exit 1)")
+    _add_index_options(verify)
+    verify.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
+    verify.add_argument("--cache", help="cache folder (default: as for data prepare)")
+    verify.add_argument("--no-rebuild", action="store_true", help="only report a mismatch; remove the corrupt cache")
+    verify.set_defaults(func=_cmd_data_verify)
+
     from cxrbench.report import cli as report_cli
     from cxrbench.run import cli as run_cli
 
@@ -138,13 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _error(text: str) -> None:
+    """One line on stderr; a closed stderr cannot make it a traceback."""
     try:
-        return args.func(args)
+        print(f"cxrbench: {text}", file=sys.stderr)
+    except OSError:
+        pass
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise again on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends as one line and an exit status, never a traceback (bugs aside)."""
+    try:
+        args = build_parser().parse_args(argv)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so a closed pipe is handled below
+        return status
+    except StorageError as exc:
+        _error(f"error: {exc}")
+        return EXIT_FAILED
     except CxrError as exc:
-        print(f"cxrbench: error: {exc}", file=sys.stderr)
-        return 2
+        _error(f"error: {exc}")
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("cxrbench: interrupted", file=sys.stderr)
-        return 130
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `cxrbench ... | head`: the reader has what it wanted
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if not is_storage_fault(exc):
+            raise
+        _error(f"error: {storage_error(exc)}")
+        return EXIT_FAILED

@@ -1,5 +1,7 @@
 """Errors that reach the user as one line, never as a traceback."""
 
+import errno
+
 
 def first_line(exc: BaseException, with_type: bool = False) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
@@ -43,3 +45,28 @@ class TrainingDiverged(CxrError):
 
 class MetricsError(CxrError):
     """Labels, scores, heat maps or boxes given to a metric have the wrong shape or values."""
+
+
+class StorageError(CxrError):
+    """A file could not be written: the disk is full, over quota, read-only, or the folder is not writable."""
+
+
+#: errno -> what the user can do about it; any other OSError is a bug to report, not a storage fault.
+_STORAGE_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free space there or choose a folder on another disk",
+    errno.EDQUOT: "disk quota exceeded: free space there or choose a folder on another disk",
+    errno.EROFS: "read-only file system: choose a writable folder",
+    errno.EACCES: "permission denied: make it writable or choose another folder",
+    errno.EPERM: "operation not permitted: make it writable or choose another folder",
+}
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """True for the OSErrors a full, read-only or foreign disk produces (not for missing files or bugs)."""
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ADVICE
+
+
+def storage_error(exc: OSError, path: object = None) -> StorageError:
+    """One line naming the path and what to do about an out-of-space or permission error."""
+    where = path if path is not None else (exc.filename or "a file")
+    return StorageError(f"{where}: cannot write ({_STORAGE_ADVICE[exc.errno]})")

@@ -134,6 +134,8 @@ class RunSettings:
     equivalence_atol: float = field(default=1e-4, metadata={"min": 0.0})
     #: Stop after this stage: "train" skips evaluation, CAM and export (throughput suites).
     stages: tuple[str, ...] = ("train", "evaluate", "cam", "export")
+    #: Large files a completed run keeps: all | results (drops init.onnx) | minimal (reports and metrics only).
+    keep: str = field(default="results", metadata=_choice("all", "results", "minimal"))
 
 
 STAGES = ("train", "evaluate", "cam", "export")

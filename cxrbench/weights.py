@@ -97,13 +97,20 @@ def validate(weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], o
         raise WeightsError(f"{origin}: unexpected tensor {extra[0]!r} ({len(extra)} not in the canonical layout)")
 
 
+def nbytes(block_config: tuple[int, ...]) -> int:
+    """Bytes of the canonical float32 weights: the size of a checkpoint or an ONNX export, before writing one."""
+    return 4 * sum(int(np.prod(shape)) for shape in densenet_spec(block_config).values())
+
+
 def save(weights: Mapping[str, np.ndarray], path: str | Path) -> Path:
-    """Write canonical weights to ``.npz`` (atomically: a temporary file, then a rename)."""
+    """Write canonical weights to ``.npz``: refused early when the disk cannot take them, then written atomically
+    (a unique temporary file beside ``path``, renamed over it), so ``path`` never holds half a checkpoint."""
+    from cxrbench.run.store import require_space, save_npz
+
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: np.asarray(v, dtype=np.float32) for k, v in weights.items()})
-    tmp.replace(path)
-    return path
+    require_space(path.parent, sum(a.nbytes for a in arrays.values()), f"the weights file {path.name}")
+    return save_npz(path, **arrays)
 
 
 def load(path: str | Path) -> dict[str, np.ndarray]:

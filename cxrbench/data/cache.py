@@ -6,6 +6,12 @@ content of the metadata files, the exclusion list's effect, the image size and t
 version. A build writes into a unique temporary folder (workers fill row chunks straight into
 the memmap), fsyncs, writes the manifest last, then renames the folder into place in one atomic
 step: an interrupted build or a concurrent one never leaves a folder that loads as valid.
+
+The manifest carries a sha256 of every 1 MiB block of ``images.npy``, computed at build time.
+Every open verifies a sample of blocks (all of them for a cache of up to ``SAMPLE_BLOCKS`` MiB,
+like the smoke suite's); every block is verified by ``cxrbench data verify`` and whenever an
+image is newer than the manifest. A mismatch discards the cache and rebuilds it from the images,
+which are its only input, saying why on stderr.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +37,13 @@ from cxrbench.data import images
 from cxrbench.data.index import DataIndex
 from cxrbench.data.nih import METADATA_FILES
 from cxrbench.data.prepared import PreparedData
-from cxrbench.errors import DataError
+from cxrbench.errors import DataError, StorageError, is_storage_fault, storage_error
 
-CACHE_FORMAT = 1
+#: 2: the manifest carries per-block checksums (format-1 caches get a new key and are rebuilt once).
+CACHE_FORMAT = 2
+#: Checksummed block size, and how many blocks every open verifies (the first, the last and random others).
+CHECKSUM_BLOCK = 1 << 20
+SAMPLE_BLOCKS = 32
 #: Below this many images per worker, starting processes costs more than it saves (measured here).
 IMAGES_PER_WORKER = 500
 IMAGES_FILE, MANIFEST_FILE = "images.npy", "manifest.json"
@@ -58,11 +71,97 @@ def prepare(
     if size < 1:
         raise DataError(f"image size {size}: must be positive")
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "prepared"
-    key = cache_key(index, size)
+    key, newest = _key_and_newest(index, size)
     folder = cache_dir / key
+    if is_valid(folder, key, len(index), size):
+        try:
+            full = _manifest_mtime_ns(folder) < newest
+            problem = check_contents(folder, full=full)
+        except FileNotFoundError:  # another process discarded it meanwhile: rebuilt below
+            full, problem = False, None
+        if problem:
+            why = " (an image is newer than the manifest, so every block was checked)" if full else ""
+            print(f"note: prepared cache {folder}: {problem}{why}: rebuilding it from the images", file=sys.stderr)
+            _discard(folder)
     if not is_valid(folder, key, len(index), size):
         _build(index, size, folder, workers or default_workers(len(index)), progress)
     return PreparedData(index, np.load(folder / IMAGES_FILE, mmap_mode="r"), key)
+
+
+@dataclass(frozen=True)
+class Verified:
+    ok: bool
+    message: str
+
+
+def verify(index: DataIndex, size: int, *, cache_dir: Path | None = None, rebuild: bool = True) -> Verified:
+    """Check every block of the index's prepared cache; a mismatch rebuilds it (or only removes it)."""
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "prepared"
+    key, _ = _key_and_newest(index, size)
+    folder = cache_dir / key
+    if not is_valid(folder, key, len(index), size):
+        raise DataError(f"{folder}: no prepared cache of this data set at {size} px (cxrbench data prepare makes one)")
+    problem = check_contents(folder, full=True)
+    if problem is None:
+        blocks = len(_read_manifest(folder)["checksum"]["blocks"])
+        return Verified(True, f"{folder}: all {blocks} blocks match the checksum written when it was built")
+    _discard(folder)
+    if not rebuild:
+        return Verified(False, f"{folder}: {problem}: removed it (cxrbench data prepare or the next run rebuilds it)")
+    _build(index, size, folder, default_workers(len(index)), progress=False)
+    return Verified(False, f"{folder}: {problem}: rebuilt it from the images")
+
+
+def _read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def _manifest_mtime_ns(folder: Path) -> int:
+    return (folder / MANIFEST_FILE).stat().st_mtime_ns
+
+
+def check_contents(folder: Path, full: bool) -> str | None:
+    """Compare blocks of ``images.npy`` with the manifest's checksum: all of them, or a random sample.
+
+    Returns the first mismatch as a reason, None when every compared block matches.
+    """
+    checksum = _read_manifest(folder)["checksum"]
+    npy = folder / IMAGES_FILE
+    actual = npy.stat().st_size
+    if actual != checksum["bytes"]:
+        return f"{IMAGES_FILE} is {actual} bytes, its checksum was made over {checksum['bytes']}"
+    count, block = len(checksum["blocks"]), checksum["block_bytes"]
+    blocks = range(count) if full or count <= SAMPLE_BLOCKS else _sample(count)
+    with open(npy, "rb") as handle:
+        for number in blocks:
+            handle.seek(number * block)
+            if hashlib.sha256(handle.read(block)).hexdigest() != checksum["blocks"][number]:
+                return (f"block {number + 1} of {count} of {IMAGES_FILE} does not match its checksum "
+                        "(the file was altered)")
+    return None
+
+
+def _sample(count: int) -> list[int]:
+    """The first and last block and random others: a different sample each open covers the file over time."""
+    return sorted({0, count - 1, *random.sample(range(1, count - 1), SAMPLE_BLOCKS - 2)})
+
+
+def _checksum(npy: Path) -> dict:
+    digests = []
+    with open(npy, "rb") as handle:
+        for block in iter(lambda: handle.read(CHECKSUM_BLOCK), b""):
+            digests.append(hashlib.sha256(block).hexdigest())
+    return {"algorithm": "sha256", "block_bytes": CHECKSUM_BLOCK, "bytes": npy.stat().st_size, "blocks": digests}
+
+
+def _discard(folder: Path) -> None:
+    """Move a corrupt cache aside atomically and delete it (readers that mapped it keep their pages)."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.", suffix=".corrupt", dir=folder.parent))
+    try:
+        os.rename(folder, aside / folder.name)
+    except FileNotFoundError:
+        pass  # another process discarded it first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def default_workers(images: int) -> int:
@@ -72,16 +171,23 @@ def default_workers(images: int) -> int:
 
 def cache_key(index: DataIndex, size: int) -> str:
     """sha256 over every input of the prepared array; any change gives a new key."""
+    return _key_and_newest(index, size)[0]
+
+
+def _key_and_newest(index: DataIndex, size: int) -> tuple[str, int]:
+    """The cache key, and the newest image modification time (ns) seen while computing it."""
     digest = hashlib.sha256()
     _update(digest, {"format": CACHE_FORMAT, "preprocessing": images.PREPROCESSING, "size": size, "source": index.source})
+    newest = 0
     for name, path in zip(index.files, index.paths):
         stat = _stat(path)
         _update(digest, [name, stat.st_size, stat.st_mtime_ns])
+        newest = max(newest, stat.st_mtime_ns)
     for name in METADATA_FILES:
         if (index.root / name).is_file():
             _update(digest, [name, _file_sha256(index.root / name)])
     _update(digest, {"excluded": sorted(index.excluded)})
-    return digest.hexdigest()
+    return digest.hexdigest(), newest
 
 
 def _update(digest, value) -> None:
@@ -111,16 +217,34 @@ def is_valid(folder: Path, key: str, count: int, size: int) -> bool:
     except (OSError, ValueError):
         return False
     expected = {"key": key, "count": count, "size": size, "complete": True, "format": CACHE_FORMAT}
-    return all(manifest.get(k) == v for k, v in expected.items()) and array.shape == (count, size, size) and array.dtype == np.uint8
+    matches = "checksum" in manifest and all(manifest.get(k) == v for k, v in expected.items())
+    return matches and array.shape == (count, size, size) and array.dtype == np.uint8
 
 
 def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Build, refusing early when the disk lacks the space; a full or read-only disk is one line naming the folder."""
+    from cxrbench.run.store import require_space
+
+    try:
+        require_space(folder.parent, len(index) * size * size + CHECKSUM_BLOCK, "the prepared cache")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _build_into(index, size, folder, workers, progress)
+    except StorageError as exc:
+        raise StorageError(f"{exc} (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)") from None
+    except OSError as exc:
+        if not is_storage_fault(exc):
+            raise
+        raise StorageError(f"{storage_error(exc, folder.parent)} (the cache folder is $CXRBENCH_CACHE/prepared, "
+                           "or --cache)") from None
+
+
+def _build_into(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.", dir=folder.parent))
     try:
         started = time.monotonic()
         array = np.lib.format.open_memmap(building / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(index), size, size))
         del array  # created at full size; every worker opens it itself
+        _allocate(building / IMAGES_FILE)
         report = ProgressReport(len(index), "preparing images") if progress else None
         jobs = [(building / IMAGES_FILE, start, paths, size) for start, paths in _chunks(index.paths, workers)]
         run_parallel(_fill_rows, jobs, workers, report.advance if report else _ignore)
@@ -133,6 +257,15 @@ def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bo
             report.finish()
     finally:
         shutil.rmtree(building, ignore_errors=True)
+
+
+def _allocate(npy: Path) -> None:
+    """Reserve the array's blocks now: a full disk is an OSError here, not a SIGBUS in a worker writing the memmap."""
+    fd = os.open(npy, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _ignore(_done: int) -> None:
@@ -165,15 +298,24 @@ def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers
         for job in jobs:
             advance(function(*job))
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context()) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(),
+                             initializer=_leave_ctrl_c_to_parent) as pool:
         pending = {pool.submit(function, *job) for job in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in done:
-                if future.exception() is not None:
-                    pool.shutdown(cancel_futures=True)
-                    raise future.exception()
-                advance(future.result())
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        raise future.exception()
+                    advance(future.result())
+        except BaseException:  # a failed job or Ctrl-C: drop the queued jobs, wait only for the running ones
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _leave_ctrl_c_to_parent() -> None:
+    """Ctrl-C reaches the whole process group: the parent cancels the pool; workers print nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _context():
@@ -198,6 +340,7 @@ def _write_manifest(building: Path, index: DataIndex, size: int, key: str, worke
         "files_sha256": hashlib.sha256("\n".join(index.files).encode()).hexdigest(),
         "workers": workers,
         "build_seconds": round(seconds, 3),
+        "checksum": _checksum(building / IMAGES_FILE),
         "complete": True,  # written last: a manifest without it is never loaded
     }
     path = building / MANIFEST_FILE

@@ -19,6 +19,7 @@ import numpy as np
 
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
+from cxrbench.run.store import LOCK_FILE, current_status, run_is_active
 
 #: run.json backend key -> (file in the backend folder, key inside that file or None for all of it).
 _BACKEND_FILES: dict[str, tuple[str, str | None]] = {
@@ -107,7 +108,7 @@ def _load_backend(run_dir: Path, name: str, merged: dict, notes: list[str]) -> B
     summary = dict(merged)
     status = read_optional_json(folder / "status.json", notes) or {}
     if summary.get("status") in (None, "pending") and status.get("status"):
-        summary["status"] = status["status"]  # the parent has not merged yet: the worker's own record is fresher
+        summary["status"] = current_status(status)  # not merged yet: the worker's own record is fresher
     if summary.get("error") is None and status.get("error") is not None:
         summary["error"] = status["error"]
     for key, (file_name, inner) in _BACKEND_FILES.items():
@@ -128,6 +129,9 @@ def load_run(run_dir: Path) -> Run:
         found = meta.get("schema_version") if isinstance(meta, dict) else type(meta).__name__
         raise CxrError(f"{run_json}: schema_version must be 1, found {found!r}")
     notes: list[str] = []
+    if meta.get("status") == "running" and not run_is_active(run_dir):
+        meta["status"] = "interrupted"  # no process holds the run's lock: it was killed before recording an outcome
+        notes.append(f"{run_json}: says running, but no cxrbench run holds {run_dir / LOCK_FILE}: interrupted")
     comparison = read_optional_json(run_dir / "comparison.json", notes) or {}
     merged = meta.get("backends") or {}
     backends = {name: _load_backend(run_dir, name, merged.get(name) or {}, notes) for name in _backend_names(run_dir, meta)}

@@ -140,6 +140,7 @@ def build_context(runs: Sequence[Run], baseline: str | None, benchmarks: list[di
         "environment": sections.environment(run),
         "failures": sections.failures(run),
         "pending": sections.pending(run),
+        "kept": sections.kept(run),
         "plugin_sections": plugin_sections(run),
         "benchmarks": benchmarks,
         "comparisons": [compare_runs(run, other, threshold_pct) for other in runs[1:]],

@@ -361,6 +361,19 @@ def failures(run: Run) -> list[dict[str, Any]]:
             for name, b in run.backends.items() if b.status in FAILED]
 
 
+def kept(run: Run) -> str | None:
+    """What the run folder kept under ``run.keep`` (run.json ``kept``), as one sentence."""
+    info = run.meta.get("kept")
+    if not info:
+        return None
+    removed = info.get("removed") or []
+    sentence = f"run.keep = {info.get('keep')}: the folder keeps {info.get('kept_bytes', 0) / 2**20:.1f} MiB"
+    if removed:
+        mib = info.get("removed_bytes", 0) / 2**20
+        sentence += f"; removed {len(removed)} files ({mib:.1f} MiB): {', '.join(removed)}"
+    return sentence + (f" ({info['note']})" if info.get("note") else "")
+
+
 def pending(run: Run) -> list[str]:
     return [name for name, b in run.backends.items() if b.status not in FAILED + ("completed",)]
 

@@ -6,13 +6,14 @@ Drawn with Pillow (no plotting library in the worker); each (image, class) becom
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from cxrbench.classes import CLASSES
-from cxrbench.run.store import save_npz, write_json
+from cxrbench.run.store import save_npz, write_json, write_with
 
 #: Gallery PNGs are scaled up to at least this many pixels a side so 64 px images stay legible.
 MIN_SIDE = 256
@@ -59,7 +60,7 @@ def write(folder: Path, images, maps, positions, class_indices, truth_local, thr
             true_boxes = [(b.x, b.y, b.w, b.h) for pos, b in truth_local if pos == i and b.label == label]
             predicted = heatmap_to_boxes(maps[i, column[c]], threshold, method)
             png = f"{i:03d}_{label}.png"
-            overlay(images[i], heat, true_boxes, predicted).save(out / png)
+            write_with(out / png, partial(overlay(images[i], heat, true_boxes, predicted).save, format="PNG"))
             entries.append({"file": png, "image": name, "position": int(position), "class": label,
                             "true_boxes": true_boxes, "predicted_boxes": predicted})
             kept_positions.append(position)

@@ -27,13 +27,14 @@ from cxrbench import timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.env import capture, gpu_inventory
-from cxrbench.errors import BackendError, CxrError
+from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.run import scaling
+from cxrbench.run import keep, scaling
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import SCHEMA_VERSION, WORKER_STAGES, BackendStatus, now_iso, read_json, save_npy, write_json
+from cxrbench.run.store import (SCHEMA_VERSION, WORKER_STAGES, BackendStatus, RunLock, current_status, now_iso,
+                                read_json, save_npy, write_json)
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -80,8 +81,13 @@ def _check_gpus(counts: list[int]) -> None:
         scaling.check_available(counts, gpu_inventory())
 
 
+def _dataset(plugins: Plugins, settings: Settings):
+    """The data set's index: read (and so validated) before the run folder is created."""
+    return require_answer(plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
+
+
 def new_run(request: RunRequest) -> "Orchestrator":
-    """Check everything that can be refused (backends, GPUs, folder) before any work starts."""
+    """Check everything that can be refused (backends, GPUs, data, folder) before the run folder exists."""
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
     _check_gpus(counts)
     plugins = load_plugins(request.plugins)
@@ -90,9 +96,9 @@ def new_run(request: RunRequest) -> "Orchestrator":
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
+    index = _dataset(plugins, settings)
     run_dir = request.out or _default_out(settings)
-    if (run_dir / "run.json").exists():
-        raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
+    _refuse_existing(run_dir)
     run = {
         "schema_version": SCHEMA_VERSION,
         "cxrbench_version": __version__,
@@ -110,7 +116,12 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
         "scaling": None,
     }
-    return Orchestrator(run_dir, run, plugins, request.monitor_interval)
+    return Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
+
+
+def _refuse_existing(run_dir: Path) -> None:
+    if (run_dir / "run.json").exists():
+        raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
 
 
 def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) -> "Orchestrator":
@@ -118,21 +129,28 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
     run = read_json(run_dir / "run.json")
     if run is None:
         raise CxrError(f"--resume {run_dir}: no run.json there")
+    if (run.get("kept") or {}).get("removed"):
+        raise CxrError(f"--resume {run_dir}: the run completed and its large files were removed (run.keep = "
+                       f"{run['kept']['keep']}): nothing to resume")
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]))
     _check_gpus(run["gpu_counts"])
-    run.update(status="running", finished=None)
+    index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / "run.json")))
+    run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
-    return Orchestrator(run_dir, run, plugins, monitor_interval)
+    return Orchestrator(run_dir, run, plugins, monitor_interval, index)
 
 
 class Orchestrator:
-    def __init__(self, run_dir: Path, run: dict[str, Any], plugins: Plugins, monitor_interval: float):
+    def __init__(self, run_dir: Path, run: dict[str, Any], plugins: Plugins, monitor_interval: float, index=None,
+                 new: bool = False):
         self.run_dir, self.run, self.plugins = Path(run_dir), run, plugins
         self.settings = Settings.from_dict(run["settings"], str(self.run_dir / "run.json"))
         self.backends = list(run["backends"])
         self.monitor_interval = monitor_interval
         self.progress = Progress(self.backends)
+        self.index, self.new = index, new
+        self.lock = RunLock(self.run_dir)
 
     # -- before the workers ----------------------------------------------------------------------
 
@@ -144,7 +162,7 @@ class Orchestrator:
         from cxrbench.data import cache
 
         settings = self.settings
-        index = require_answer(self.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
+        index = self.index if self.index is not None else _dataset(self.plugins, settings)
         data = cache.prepare(index, settings.data.image_size)
         world = max([1, *self.run["gpu_counts"]])
         train = settings.train
@@ -187,8 +205,10 @@ class Orchestrator:
         with open(folder / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
+            # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
             process = subprocess.Popen(self._worker_command(name, gpus, folder, stages), stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                       pass_fds=(self.lock.fd,) if self.lock.fd is not None else ())
             try:
                 returncode = self._wait(name, process, folder)
             except KeyboardInterrupt:
@@ -268,6 +288,8 @@ class Orchestrator:
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
         comparison = write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads()) if self.run["data"] else {}
+        complete = all(b["status"] == "completed" for b in self.run["backends"].values())
+        self.run["kept"] = keep.prune(self.run_dir, self.settings.run.keep, complete and outcome == "completed")
         self.run.update(status=outcome, finished=now_iso())
         self._save_run()
         report = write_index(self.run_dir, self.run, comparison, self.run["baseline"])
@@ -279,7 +301,22 @@ class Orchestrator:
 
     def execute(self) -> int:
         """The whole run; the exit status is 0 only when every backend completed and every check passed."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise (storage_error(exc, self.run_dir) if is_storage_fault(exc) else exc) from None
+        note = self.lock.acquire()
+        try:
+            if note:
+                self.progress.message(f"note: {note}")
+            return self._execute_locked()
+        finally:
+            self.lock.release()
+
+    def _execute_locked(self) -> int:
+        if self.new:
+            _refuse_existing(self.run_dir)  # another run may have started here since new_run() looked
+        self._mark_stale_backends()
         self._save_run()
         # Ctrl-C and SIGTERM both stop the run cleanly, even where SIGINT was ignored at start (`cmd &`).
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -287,13 +324,42 @@ class Orchestrator:
         self.progress.message(f"cxrbench run {self.settings.name}: {', '.join(self.backends)} -> {self.run_dir}")
         outcome = "completed"
         try:
-            self.prepare()
-            self.run_workers()
-        except KeyboardInterrupt:
-            outcome = "interrupted"
-            self.progress.message("interrupted: workers stopped, writing what finished")
-        comparison = self.finish(outcome)
+            try:
+                self.prepare()
+                self.run_workers()
+            except KeyboardInterrupt:
+                outcome = "interrupted"
+                self.progress.message("interrupted: workers stopped, writing what finished")
+            comparison = self.finish(outcome)
+        except StorageError as exc:
+            self._record_failure(exc)
+            resume = f"cxrbench run --resume {self.run_dir}"
+            raise StorageError(f"{exc}; results so far are kept: free space, then `{resume}`") from None
+        except Exception as exc:
+            self._record_failure(exc)
+            raise
         return exit_status(self.run, comparison)
+
+    def _mark_stale_backends(self) -> None:
+        """A backend left ``running`` by a process that is gone was interrupted: say so, then resume it."""
+        for name in self.backends:
+            status = BackendStatus(self.run_dir / name, name)
+            if status.data["status"] == "running" and current_status(status.data) == "interrupted":
+                stage = status.data.get("stage") or "start-up"
+                status.finish("interrupted", f"its process (pid {status.data.get('pid')}) ended without recording an "
+                                             f"outcome during stage {stage}")
+                self.progress.message(f"note: {name} was interrupted during stage {stage} (process "
+                                      f"{status.data.get('pid')} is gone); resuming it from its last completed stage")
+
+    def _record_failure(self, exc: Exception) -> None:
+        """run.json says ``failed`` with the error; files already written stay, and ``--resume`` goes on from them."""
+        error = first_line(exc) if isinstance(exc, CxrError) else first_line(exc, with_type=True)
+        self.run.update(status="failed", error=error, finished=now_iso())
+        try:
+            self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
+            self._save_run()
+        except CxrError:
+            pass  # e.g. the full disk refuses run.json too: `report` and `--resume` then see it as interrupted
 
 
 def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:

@@ -6,6 +6,7 @@ backend's folder; the worker marks the stage done afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from cxrbench.errors import CxrError
 from cxrbench.plugins import require_answer
 from cxrbench.recorder import Recorder
 from cxrbench.run import gallery
-from cxrbench.run.store import read_json, save_npz, write_json
+from cxrbench.run.store import atomic_output, read_json, require_space, save_npz, write_json
 from cxrbench.suite import Settings
 
 #: Random (uint8 noise) images compared between the native model and its ONNX export.
@@ -61,7 +62,7 @@ def equivalence(ctx: StageContext, batch_path: Path) -> None:
     batch = np.load(batch_path, allow_pickle=False)
     save_npz(ctx.folder / "equivalence.npz", logits=ctx.logits(batch, tta=False))
     if ctx.settings.export.onnx:
-        info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(ctx.folder / "init.onnx"), settings=ctx.settings)
+        info = export_onnx(ctx, ctx.folder / "init.onnx")
         write_json(ctx.folder / "init_onnx.json", {"export": info.to_dict()})
 
 
@@ -219,13 +220,29 @@ def cam(ctx: StageContext) -> None:
 # -- export --------------------------------------------------------------------------------------
 
 
+def export_onnx(ctx: StageContext, path: Path):
+    """The backend exports to a temporary name beside ``path``; checked by ``onnx.checker``, it is renamed into
+    place. A crash, a full disk or a rejected model never leaves a file (whole or partial) under ``path``."""
+    from cxrbench.checks import onnx as onnx_checks
+
+    require_space(path.parent, canonical.nbytes(ctx.settings.model.block_config), f"the ONNX export {path.name}")
+    tmp: Path | None = None
+    try:
+        with atomic_output(path, check=onnx_checks.check_model) as tmp:
+            info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(tmp), settings=ctx.settings)
+    except CxrError as exc:
+        if tmp is None or str(tmp) not in str(exc):
+            raise
+        raise CxrError(str(exc).replace(str(tmp), str(path))) from None  # name the file the user knows
+    return dataclasses.replace(info, path=str(path))
+
+
 def export(ctx: StageContext) -> None:
     """The trained model in ONNX, checked, and compared with the native model."""
     from cxrbench.checks import onnx as onnx_checks
 
     settings, path = ctx.settings, ctx.folder / "model.onnx"
-    info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(path), settings=settings)
-    onnx_checks.check_model(path)
+    info = export_onnx(ctx, path)
     images = ctx.data.split_images("test")
     noise = np.random.default_rng(settings.run.seed).integers(0, 256, (RANDOM_PARITY_IMAGES, ctx.data.size, ctx.data.size), dtype=np.uint8)
 

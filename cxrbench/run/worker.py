@@ -12,13 +12,14 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from cxrbench import weights as canonical
-from cxrbench.errors import CxrError, DataError
+from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
 from cxrbench.recorder import Recorder
@@ -133,8 +134,25 @@ def _settings(run_dir: Path, gpus: int | None) -> Settings:
     return settings.replace(**{"run.gpus": gpus}) if gpus is not None else settings
 
 
+#: Why SIGTERM arrived when the worker sent it to itself (its parent is gone).
+_stop_reason: list[str] = []
+#: Seconds between checks that the parent orchestrator still runs.
+PARENT_POLL_S = 0.5
+
+
 def _raise_interrupted(signum, frame):
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+    raise Interrupted(_stop_reason[0] if _stop_reason else f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop (as on SIGTERM) when the orchestrator dies: an orphan would race a resumed run for the folder."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        _stop_reason.append(f"the cxrbench run that started this worker (pid {parent}) is gone")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cxrbench-parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     status = BackendStatus(folder, args.backend)
     status.start(os.getpid())
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    _watch_parent(os.getppid())
     outcome, error = "completed", None
     sampler = None
     try:
@@ -159,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if sampler is not None:
             sampler.stop()
-    status.finish(outcome, error)
     print(f"[{args.backend}] {outcome}" + (f": {error}" if error else ""), flush=True)
+    try:
+        status.finish(outcome, error)
+    except StorageError as exc:  # the disk that stopped the stage may refuse the status too: the parent records it
+        print(f"[{args.backend}] could not record the outcome: {exc}", flush=True)
+        return 1
     return {"completed": 0, "interrupted": 130}.get(outcome, 1)
 
 
