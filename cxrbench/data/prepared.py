@@ -31,6 +31,13 @@ def flip_decisions(n: int, seed: int, epoch: int, probability: float = 0.5) -> n
     return np.random.default_rng([seed, epoch, _FLIP_STREAM]).random(n) < probability
 
 
+def count_batches(n: int, batch_size: int, world: int = 1, drop_last: bool = True, max_steps: int = 0) -> int:
+    """Steps an epoch over ``n`` images takes at ``batch_size`` per rank on ``world`` ranks."""
+    global_batch = batch_size * world
+    steps = n // global_batch if drop_last else -(-n // global_batch)
+    return min(steps, max_steps) if max_steps else steps
+
+
 @dataclass(frozen=True)
 class Batch:
     images: np.ndarray  #: uint8 (B, S, S), flips applied
@@ -77,10 +84,7 @@ class PreparedData:
         return self.index.labels[self.rows(split)].astype(np.float32)
 
     def num_batches(self, split: str, batch_size: int, world: int = 1, drop_last: bool = True, max_steps: int = 0) -> int:
-        n = len(self.rows(split))
-        global_batch = batch_size * world
-        steps = n // global_batch if drop_last else -(-n // global_batch)
-        return min(steps, max_steps) if max_steps else steps
+        return count_batches(len(self.rows(split)), batch_size, world, drop_last, max_steps)
 
     def batches(
         self,

@@ -26,6 +26,7 @@ from cxrbench import __version__
 from cxrbench import timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
+from cxrbench.data.prepared import count_batches
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.plugins import Plugins, load_plugins, require_answer
@@ -86,6 +87,13 @@ def _dataset(plugins: Plugins, settings: Settings):
     return require_answer(plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
 
 
+def _check_warmup(settings: Settings, index, gpu_counts: list[int]) -> None:
+    """The warm-up must leave steps to time at the largest world size the run uses."""
+    train = settings.train
+    steps = count_batches(len(index.rows("train")), train.batch_size, max([1, *gpu_counts]), max_steps=train.max_steps)
+    timing.check_warmup(train.warmup_steps, steps)
+
+
 def new_run(request: RunRequest) -> "Orchestrator":
     """Check everything that can be refused (backends, GPUs, data, folder) before the run folder exists."""
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
@@ -97,6 +105,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
     index = _dataset(plugins, settings)
+    _check_warmup(settings, index, counts)
     run_dir = request.out or _default_out(settings)
     _refuse_existing(run_dir)
     run = {
@@ -164,10 +173,6 @@ class Orchestrator:
         settings = self.settings
         index = self.index if self.index is not None else _dataset(self.plugins, settings)
         data = cache.prepare(index, settings.data.image_size)
-        world = max([1, *self.run["gpu_counts"]])
-        train = settings.train
-        steps = data.num_batches("train", train.batch_size, world, max_steps=train.max_steps)
-        timing.check_warmup(train.warmup_steps, steps)
         self.run["data"] = {
             "source": index.source,
             "root": str(index.root),
