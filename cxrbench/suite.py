@@ -119,6 +119,8 @@ class RunSettings:
     equivalence_atol: float = field(default=1e-4, metadata={"min": 0.0})
     #: Stop after this stage: "train" skips evaluation, CAM and export (throughput suites).
     stages: tuple[str, ...] = ("train", "evaluate", "cam", "export")
+    #: Seed repeats (``--repeats``): repeat i trains every backend again with seed ``seed + i - 1``.
+    repeats: int = field(default=1, metadata={"min": 1})
 
 
 STAGES = ("train", "evaluate", "cam", "export")
@@ -160,6 +162,8 @@ class Settings:
         raw = self.to_dict()
         for key, value in dotted.items():
             section, _, name = key.partition(".")
+            if not isinstance(raw.get(section), dict):
+                raise SuiteError(f"<override>: unknown key {key!r} (sections: {', '.join(_SECTIONS)})")
             raw[section][name] = value
         return _build(raw, "<override>")
 

@@ -28,7 +28,7 @@ from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.run import scaling
+from cxrbench.run import repeats, scaling, sweep
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
@@ -41,7 +41,7 @@ EQUIVALENCE_IMAGES = 8
 STOP_GRACE_S = 15.0
 POLL_S = 0.5
 #: Worker stages of a scaling sweep point (speed only).
-SWEEP_STAGES = ("prepare-check", "train")
+SWEEP_STAGES = sweep.SWEEP_STAGES
 
 
 @dataclass
@@ -56,6 +56,7 @@ class RunRequest:
     baseline: str | None = None
     argv: list[str] = field(default_factory=list)
     monitor_interval: float = 1.0
+    sweep: list[str] = field(default_factory=list)  #: ``--sweep KEY=V1,V2`` texts
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str]) -> list[str]:
@@ -89,6 +90,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
+    grid = sweep.parse_grid(request.sweep, settings)
     run_dir = request.out or _default_out(settings)
     if (run_dir / "run.json").exists():
         raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
@@ -108,6 +110,8 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "data": None,
         "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
         "scaling": None,
+        "repeats": None,
+        "sweep": {"grid": grid, "cells": None} if grid else None,
     }
     return Orchestrator(run_dir, run, plugins, request.monitor_interval)
 
@@ -156,23 +160,30 @@ class Orchestrator:
             "boxes_test": len(data.boxes("test")),
             "notes": list(index.notes),
         }
-        if settings.model.init == "shared" and not (self.run_dir / "shared_init.npz").exists():
-            canonical.save(canonical.init_canonical(settings.model.block_config, settings.run.seed), self.run_dir / "shared_init.npz")
+        if settings.model.init == "shared":
+            for seed in self.seeds():
+                path = repeats.shared_init_path(self.run_dir, seed, settings.run.seed)
+                if not path.exists():
+                    canonical.save(canonical.init_canonical(settings.model.block_config, seed), path)
         if not (self.run_dir / "equivalence_batch.npy").exists():
             save_npy(self.run_dir / "equivalence_batch.npy", np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES]))
         self._save_run()
 
+    def seeds(self) -> list[int]:
+        """The seed of every repeat, the run's own first."""
+        return [repeats.seed_of(self.settings.run.seed, i) for i in range(1, self.settings.run.repeats + 1)]
+
     # -- workers ---------------------------------------------------------------------------------
 
-    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> list[str]:
+    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]) -> list[str]:
         command = [sys.executable, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
                    "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
-                   "--monitor-interval", str(self.monitor_interval)]
+                   "--monitor-interval", str(self.monitor_interval), *extra]
         for module in self.run.get("plugins", []):
             command += ["--plugin", module]
         return command
 
-    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> None:
+    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None) -> None:
         """Start the worker, show its progress until it exits, and record how it ended."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
@@ -182,7 +193,7 @@ class Orchestrator:
         with open(folder / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
-            process = subprocess.Popen(self._worker_command(name, gpus, folder, stages), stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(self._worker_command(name, gpus, folder, stages, extra or []), stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
                 returncode = self._wait(name, process, folder)
@@ -230,6 +241,21 @@ class Orchestrator:
         for gpus in counts[1:]:
             for name in self.backends:
                 self.run_worker(name, gpus, scaling.sweep_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
+        self.run_repeats(counts[0])
+        self.run_sweep(counts[0])
+
+    def run_repeats(self, gpus: int) -> None:
+        """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
+        for i, seed in enumerate(self.seeds()[1:], start=2):
+            for name in self.backends:
+                self.run_worker(name, gpus, repeats.folder_of(self.run_dir, name, i), repeats.REPEAT_STAGES, ["--seed", str(seed)])
+
+    def run_sweep(self, gpus: int) -> None:
+        """The speed stages of every backend at every grid point of ``--sweep``."""
+        for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
+            for name in self.backends:
+                self.run_worker(name, gpus, sweep.folder_of(self.run_dir, point["name"], name), SWEEP_STAGES,
+                                sweep.set_options(point["overrides"]))
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -262,6 +288,10 @@ class Orchestrator:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
+        self.run["repeats"] = repeats.collect(self.run_dir, self.backends, self.settings.run.repeats, self.settings.run.seed, list(CLASSES))
+        if self.run.get("sweep"):
+            self.run["sweep"] = sweep.table(self.run_dir, self.backends, self.run["sweep"]["grid"])
+            sweep.write_csv(self.run_dir, self.run["sweep"])
         comparison = write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads()) if self.run["data"] else {}
         self.run.update(status=outcome, finished=now_iso())
         self._save_run()
@@ -295,6 +325,7 @@ def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
     if run["status"] == "interrupted":
         return 130
     backends_ok = all(b["status"] == "completed" for b in run["backends"].values())
+    repeats_ok = all(r["status"] == "completed" for b in ((run.get("repeats") or {}).get("backends") or {}).values() for r in b["repeats"])
     equivalent = comparison.get("equivalence", {}).get("passed") is not False
     parity = all(p.get("passed") for p in comparison.get("parity", {}).values())
-    return 0 if backends_ok and equivalent and parity else 1
+    return 0 if backends_ok and repeats_ok and equivalent and parity else 1
