@@ -4,6 +4,7 @@ and (slow) a real two-repeat run of a tiny PyTorch model."""
 import json
 import math
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.run import repeats
 from cxrbench.run.orchestrator import exit_status
+from cxrbench.run.schema import validate
 from cxrbench.run.store import write_json
 from cxrbench.run.worker import _settings
 from cxrbench.suite import ARCHITECTURES, Settings
@@ -207,3 +209,12 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     assert seeds == [0, 1] and None not in aurocs and aurocs[0] != aurocs[1]
     assert section["backends"]["pytorch"]["summary"]["mean_auroc"]["mean"] == pytest.approx(sum(aurocs) / 2)
     assert 'id="repeats-table"' in (out / "index.html").read_text()
+    validate(json.loads((out / "run.json").read_text()))
+
+    # --resume completes a missing repeat and leaves the finished ones alone.
+    shutil.rmtree(r2)
+    assert main(["run", "--resume", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((r2 / "status.json").read_text())["status"] == "completed"
+    assert (out / "pytorch" / "log.txt").read_text().count("=== cxrbench worker pytorch started") == 1
+    resumed = json.loads((out / "run.json").read_text())["repeats"]["backends"]["pytorch"]["repeats"]
+    assert resumed[0]["mean_auroc"] == aurocs[0] and resumed[1]["status"] == "completed"

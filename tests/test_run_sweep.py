@@ -13,6 +13,7 @@ from cxrbench.cli import main
 from cxrbench.errors import CxrError
 from cxrbench.report.render import write_report
 from cxrbench.run import sweep
+from cxrbench.run.schema import validate
 from cxrbench.run.store import write_json
 from cxrbench.suite import Settings, parse_set_option
 
@@ -163,3 +164,4 @@ def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
         assert cell["peak_memory_mib"] is None or cell["memory_source"] == "rss"
     assert len((out / "sweep.csv").read_text().splitlines()) == 3
     assert 'id="sweep-table"' in (out / "index.html").read_text()
+    validate(json.loads((out / "run.json").read_text()))
