@@ -1,6 +1,7 @@
 """tools/gpu-check.sh: refused in one line without a GPU; its --dry-run runs every step at tiny size on the CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "gpu-check.sh"
 
 def _check(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
+                          env={**os.environ, "PYTHON": sys.executable})
 
 
 @pytest.mark.skipif(gpu_inventory()["count"] > 0, reason="this machine has a GPU")

@@ -29,8 +29,10 @@ from helpers_report import HOSTILE_BACKEND, make_fake_run
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]
 #: Hand-made per-repeat figures: (mean AUROC, AUROC of class A, of class B, steady img/s, first step s, disturbed).
 FIGURES = {
-    "pytorch": [(0.80, 0.70, 0.90, 30.0, 2.0, False), (0.82, 0.72, 0.92, 28.0, 2.5, False), (0.84, 0.74, 0.94, 32.0, 1.5, True)],
-    "keras": [(0.70, 0.60, 0.80, 20.0, 9.0, False), (0.71, 0.74, 0.68, 22.0, 8.0, False), (0.72, 0.70, 0.74, 21.0, 10.0, False)],
+    "pytorch": [(0.80, 0.70, 0.90, 30.0, 2.0, False), (0.82, 0.72, 0.92, 28.0, 2.5, False),
+                (0.84, 0.74, 0.94, 32.0, 1.5, True)],
+    "keras": [(0.70, 0.60, 0.80, 20.0, 9.0, False), (0.71, 0.74, 0.68, 22.0, 8.0, False),
+              (0.72, 0.70, 0.74, 21.0, 10.0, False)],
 }
 
 
@@ -38,8 +40,8 @@ def _write_repeat(folder: Path, figures: tuple, status: str = "completed") -> No
     mean, a, b, speed, first, disturbed = figures
     write_json(folder / "status.json", {"status": status, "error": None if status == "completed" else "boom"})
     write_json(folder / "metrics.json", {"auroc": {"mean": mean, "per_class": {CLASS_A: a, CLASS_B: b}}})
-    write_json(folder / "throughput.json", {"train_images_per_s": speed, "train_images_per_s_interval": [speed - 1, speed + 1],
-                                            "first_step_s": first, "disturbed": disturbed})
+    write_json(folder / "throughput.json", {"train_images_per_s": speed, "first_step_s": first, "disturbed": disturbed,
+                                            "train_images_per_s_interval": [speed - 1, speed + 1]})
 
 
 def _hand_made(run_dir: Path, figures=FIGURES) -> Path:
@@ -82,7 +84,8 @@ def test_worker_seed_changes_model_and_order_seed_but_not_the_data_settings():
 
 
 def test_spread_is_mean_sample_sd_min_max():
-    assert repeats.spread([0.80, None, 0.84, 0.82]) == pytest.approx({"n": 3, "mean": 0.82, "sd": 0.02, "min": 0.80, "max": 0.84})
+    expected = {"n": 3, "mean": 0.82, "sd": 0.02, "min": 0.80, "max": 0.84}
+    assert repeats.spread([0.80, None, 0.84, 0.82]) == pytest.approx(expected)
     assert repeats.spread([0.5]) == {"n": 1, "mean": 0.5, "sd": None, "min": 0.5, "max": 0.5}
     assert repeats.spread([None]) == {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
     assert repeats.speed_spread([30.0, 28.0, 32.0, None]) == {"n": 3, "median": 30.0, "interval": [28.0, 32.0]}
@@ -144,7 +147,8 @@ def test_failed_repeats_and_missing_files_are_tolerated(tmp_path):
     keras = section["backends"]["keras"]
     assert [r["status"] for r in keras["repeats"]] == ["completed", "completed", "failed", "pending"]
     assert keras["summary"]["completed"] == 2 and keras["summary"]["mean_auroc"]["mean"] == pytest.approx(0.705)
-    assert section["backends"]["pytorch"]["summary"]["train_images_per_s"] == {"n": 2, "median": 31.0, "interval": [30.0, 32.0]}
+    speed = section["backends"]["pytorch"]["summary"]["train_images_per_s"]
+    assert speed == {"n": 2, "median": 31.0, "interval": [30.0, 32.0]}
     assert section["comparisons"][0]["mean_auroc"]["verdict"] is None  # keras has 2 completed repeats
     assert exit_status({"status": "completed", "backends": {}, "repeats": section}, {}) == 1
     assert repeats.collect(tmp_path, ["pytorch"], 1, 0, [CLASS_A]) is None
@@ -159,7 +163,8 @@ def _with_repeats(run_dir: Path, names: list[str]) -> Path:
         for i, row in enumerate(rows[1:], start=2):
             _write_repeat(repeats.folder_of(run_dir, name, i), row)
     run = json.loads((run_dir / "run.json").read_text())
-    per_backend = {name: [repeats.repeat_figures(repeats.folder_of(run_dir, name, i), i, i - 1) for i in (1, 2, 3)] for name in names}
+    per_backend = {name: [repeats.repeat_figures(repeats.folder_of(run_dir, name, i), i, i - 1) for i in (1, 2, 3)]
+                   for name in names}
     run["repeats"] = repeats.summarise(per_backend, run["data"]["classes"])
     write_json(run_dir / "run.json", run)
     return run_dir
@@ -200,9 +205,9 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     for key, value in canonical.init_canonical(block, 1).items():
         np.testing.assert_array_equal(second[key], value)
     r2 = out / "pytorch" / "repeats" / "r2"
-    assert json.loads((r2 / "status.json").read_text())["stages"] == {"prepare-check": "done", "equivalence": "skipped",
-                                                                      "train": "done", "evaluate": "done", "cam": "skipped",
-                                                                      "export": "skipped"}
+    stages = json.loads((r2 / "status.json").read_text())["stages"]
+    assert stages == {"prepare-check": "done", "equivalence": "skipped", "train": "done", "evaluate": "done",
+                      "cam": "skipped", "export": "skipped"}
     section = json.loads((out / "run.json").read_text())["repeats"]
     seeds = [r["seed"] for r in section["backends"]["pytorch"]["repeats"]]
     aurocs = [r["mean_auroc"] for r in section["backends"]["pytorch"]["repeats"]]

@@ -24,20 +24,24 @@ from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 
 
 def test_grid_values_are_typed_and_points_cover_every_combination():
-    grid = sweep.parse_grid(["numerics.precision=fp32,bf16", "train.batch_size=32, 64", "numerics.channels_last=false,true"],
-                            Settings())
-    assert grid == {"numerics.precision": ["fp32", "bf16"], "train.batch_size": [32, 64], "numerics.channels_last": [False, True]}
+    texts = ["numerics.precision=fp32,bf16", "train.batch_size=32, 64", "numerics.channels_last=false,true"]
+    grid = sweep.parse_grid(texts, Settings())
+    assert grid == {"numerics.precision": ["fp32", "bf16"], "train.batch_size": [32, 64],
+                    "numerics.channels_last": [False, True]}
     points = sweep.points(grid)
     assert len(points) == 8
     assert points[0] == {"name": "numerics.precision-fp32__train.batch_size-32__numerics.channels_last-false",
-                         "overrides": {"numerics.precision": "fp32", "train.batch_size": 32, "numerics.channels_last": False}}
-    assert points[-1]["overrides"] == {"numerics.precision": "bf16", "train.batch_size": 64, "numerics.channels_last": True}
+                         "overrides": {"numerics.precision": "fp32", "train.batch_size": 32,
+                                       "numerics.channels_last": False}}
+    assert points[-1]["overrides"] == {"numerics.precision": "bf16", "train.batch_size": 64,
+                                       "numerics.channels_last": True}
     assert len({p["name"] for p in points}) == 8
     assert sweep.points({}) == []
 
 
 def test_worker_set_options_read_back_to_the_same_values():
-    overrides = {"numerics.precision": "bf16", "train.batch_size": 64, "numerics.channels_last": True, "train.learning_rate": 0.5}
+    overrides = {"numerics.precision": "bf16", "train.batch_size": 64, "numerics.channels_last": True,
+                 "train.learning_rate": 0.5}
     options = sweep.set_options(overrides)
     assert options[::2] == ["--set"] * 4
     assert dict(parse_set_option(text) for text in options[1::2]) == overrides
@@ -49,7 +53,8 @@ def test_worker_set_options_read_back_to_the_same_values():
     (["train.batch_size=32,big"], "--sweep train.batch_size: train.batch_size must be an integer, got 'big'"),
     (["train.batch_size=0,8"], "--sweep train.batch_size: train.batch_size = 0 is below the minimum 1"),
     (["numerics.precision=fp32,fp64"], "--sweep numerics.precision: numerics.precision = 'fp64' is not allowed"),
-    (["numerics.channels_last=false,yes"], "--sweep numerics.channels_last: numerics.channels_last must be true or false"),
+    (["numerics.channels_last=false,yes"],
+     "--sweep numerics.channels_last: numerics.channels_last must be true or false"),
     (["numerics.precision"], "--sweep 'numerics.precision': expected section.key=value1,value2"),
     (["precision=fp32"], "--sweep 'precision=fp32': expected section.key=value1,value2"),
     (["train.batch_size=8,8"], "--sweep train.batch_size: a value is given twice"),
@@ -78,12 +83,13 @@ def _cell_files(folder: Path, status: str, speed: float | None, rss: list[float]
                 error: str | None = None) -> None:
     write_json(folder / "status.json", {"status": status, "error": error})
     if speed is not None:
-        write_json(folder / "throughput.json", {"train_images_per_s": speed, "train_images_per_s_interval": [speed - 2, speed + 1],
-                                                "first_step_s": 4.0, "disturbed": False})
+        write_json(folder / "throughput.json", {"train_images_per_s": speed, "first_step_s": 4.0, "disturbed": False,
+                                                "train_images_per_s_interval": [speed - 2, speed + 1]})
     rows = [{"t": i, "phase": "train", "device": "cpu", "rss_mib": v, "mem_mib": None} for i, v in enumerate(rss)]
     rows += [{"t": i, "phase": "train", "device": "gpu0", "rss_mib": None, "mem_mib": v} for i, v in enumerate(gpu_mem)]
     rows.append({"t": 99, "phase": "export", "device": "cpu", "rss_mib": 99999.0})  # not training: ignored
-    (folder / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"t": 100, "pha', encoding="utf-8")
+    torn = '{"t": 100, "pha'  # a killed worker's last line
+    (folder / "monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + torn, encoding="utf-8")
 
 
 def _hand_made_sweep(run_dir: Path, names=("pytorch", "keras")) -> dict:
@@ -114,9 +120,12 @@ def test_table_cells_have_speed_interval_first_step_and_peak_memory(tmp_path):
 def test_sweep_csv_has_one_row_per_cell(tmp_path):
     rows = list(csv.DictReader(io.StringIO(sweep.to_csv(_hand_made_sweep(tmp_path)))))
     assert [(r["numerics.channels_last"], r["backend"], r["status"]) for r in rows] == [
-        ("false", "pytorch", "completed"), ("false", "keras", "completed"), ("true", "pytorch", "completed"), ("true", "keras", "failed")]
-    assert rows[0]["train_images_per_s"] == "30.0" and rows[0]["interval_low"] == "28.0" and rows[0]["peak_memory_mib"] == "1200.5"
-    assert rows[0]["disturbed"] == "false" and rows[3]["train_images_per_s"] == "" and "not supported" in rows[3]["error"]
+        ("false", "pytorch", "completed"), ("false", "keras", "completed"), ("true", "pytorch", "completed"),
+        ("true", "keras", "failed")]
+    first, failed = rows[0], rows[3]
+    assert (first["train_images_per_s"], first["interval_low"], first["peak_memory_mib"], first["disturbed"]) == \
+        ("30.0", "28.0", "1200.5", "false")
+    assert failed["train_images_per_s"] == "" and "not supported" in failed["error"]
 
 
 def _report_with_sweep(run_dir: Path) -> str:
@@ -155,7 +164,8 @@ def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     section = json.loads((out / "run.json").read_text())["sweep"]
     assert section["grid"] == {"train.batch_size": [4, 8]}
-    assert [(c["point"], c["status"]) for c in section["cells"]] == [("train.batch_size-4", "completed"), ("train.batch_size-8", "completed")]
+    assert [(c["point"], c["status"]) for c in section["cells"]] == [("train.batch_size-4", "completed"),
+                                                                     ("train.batch_size-8", "completed")]
     for cell, batch in zip(section["cells"], (4, 8)):
         folder = out / "sweep" / cell["point"] / "pytorch"
         history = json.loads((folder / "history.json").read_text())

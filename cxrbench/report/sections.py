@@ -192,8 +192,9 @@ def repeats(run: Run) -> dict[str, Any] | None:
 
     rows = [row("mean", {b: (v.get("summary") or {}).get("mean_auroc") or {} for b, v in backends.items()},
                 [p.get("mean_auroc") or {} for p in pairs])]
-    rows += [row(name, {b: ((v.get("summary") or {}).get("per_class") or {}).get(name) or {} for b, v in backends.items()},
-                 [(p.get("per_class") or {}).get(name) or {} for p in pairs]) for name in run.classes]
+    for name in run.classes:
+        spreads = {b: ((v.get("summary") or {}).get("per_class") or {}).get(name) or {} for b, v in backends.items()}
+        rows.append(row(name, spreads, [(p.get("per_class") or {}).get(name) or {} for p in pairs]))
     return {
         "count": section.get("count"),
         "rule": section.get("rule"),
@@ -212,7 +213,8 @@ def sweep(run: Run) -> dict[str, Any] | None:
     section = run.meta.get("sweep") or None
     if not section or section.get("cells") is None:
         return None
-    return {"columns": section.get("keys") or [], "cells": section["cells"], "svg": sweep_chart(section, backend_colours(run))}
+    return {"columns": section.get("keys") or [], "cells": section["cells"],
+            "svg": sweep_chart(section, backend_colours(run))}
 
 
 # -- localisation ---------------------------------------------------------------------------------

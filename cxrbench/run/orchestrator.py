@@ -175,7 +175,8 @@ class Orchestrator:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]) -> list[str]:
+    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
+                        extra: list[str]) -> list[str]:
         command = [sys.executable, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
                    "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
                    "--monitor-interval", str(self.monitor_interval), *extra]
@@ -183,7 +184,8 @@ class Orchestrator:
             command += ["--plugin", module]
         return command
 
-    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None) -> None:
+    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
+                   extra: list[str] | None = None) -> None:
         """Start the worker, show its progress until it exits, and record how it ended."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
@@ -193,7 +195,8 @@ class Orchestrator:
         with open(folder / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
-            process = subprocess.Popen(self._worker_command(name, gpus, folder, stages, extra or []), stdout=log, stderr=subprocess.STDOUT,
+            command = self._worker_command(name, gpus, folder, stages, extra or [])
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
                 returncode = self._wait(name, process, folder)
@@ -248,7 +251,8 @@ class Orchestrator:
         """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
         for i, seed in enumerate(self.seeds()[1:], start=2):
             for name in self.backends:
-                self.run_worker(name, gpus, repeats.folder_of(self.run_dir, name, i), repeats.REPEAT_STAGES, ["--seed", str(seed)])
+                self.run_worker(name, gpus, repeats.folder_of(self.run_dir, name, i), repeats.REPEAT_STAGES,
+                                ["--seed", str(seed)])
 
     def run_sweep(self, gpus: int) -> None:
         """The speed stages of every backend at every grid point of ``--sweep``."""
@@ -288,7 +292,8 @@ class Orchestrator:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
-        self.run["repeats"] = repeats.collect(self.run_dir, self.backends, self.settings.run.repeats, self.settings.run.seed, list(CLASSES))
+        self.run["repeats"] = repeats.collect(self.run_dir, self.backends, self.settings.run.repeats,
+                                              self.settings.run.seed, list(CLASSES))
         if self.run.get("sweep"):
             self.run["sweep"] = sweep.table(self.run_dir, self.backends, self.run["sweep"]["grid"])
             sweep.write_csv(self.run_dir, self.run["sweep"])
@@ -325,7 +330,8 @@ def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
     if run["status"] == "interrupted":
         return 130
     backends_ok = all(b["status"] == "completed" for b in run["backends"].values())
-    repeats_ok = all(r["status"] == "completed" for b in ((run.get("repeats") or {}).get("backends") or {}).values() for r in b["repeats"])
+    repeat_lists = [b["repeats"] for b in ((run.get("repeats") or {}).get("backends") or {}).values()]
+    repeats_ok = all(r["status"] == "completed" for listed in repeat_lists for r in listed)
     equivalent = comparison.get("equivalence", {}).get("passed") is not False
     parity = all(p.get("passed") for p in comparison.get("parity", {}).values())
     return 0 if backends_ok and repeats_ok and equivalent and parity else 1

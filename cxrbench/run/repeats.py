@@ -26,8 +26,8 @@ from cxrbench.run.store import read_json
 MIN_REPEATS = 3
 #: Significance level of the Welch t-test between two backends' repeat values.
 ALPHA = 0.05
-RULE = (f"two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed variation when p < {ALPHA}; "
-        f"no verdict with fewer than {MIN_REPEATS} repeats per backend")
+RULE = (f"two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed variation "
+        f"when p < {ALPHA}; no verdict with fewer than {MIN_REPEATS} repeats per backend")
 #: Worker stages of repeats 2..N (no equivalence, CAM or export: those do not depend on the seed's spread).
 REPEAT_STAGES = ("prepare-check", "train", "evaluate")
 
@@ -55,7 +55,8 @@ def shared_init_path(run_dir: Path, seed: int, base_seed: int) -> Path:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric and math.isfinite(value) else None
 
 
 def repeat_figures(folder: Path, repeat: int, seed: int) -> dict[str, Any]:
@@ -72,7 +73,8 @@ def repeat_figures(folder: Path, repeat: int, seed: int) -> dict[str, Any]:
         "mean_auroc": _number(auroc.get("mean")),
         "per_class": {name: _number(value) for name, value in (auroc.get("per_class") or {}).items()},
         "train_images_per_s": _number(throughput.get("train_images_per_s")),
-        "train_images_per_s_interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None,
+        "train_images_per_s_interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2
+        else None,
         "first_step_s": _number(throughput.get("first_step_s")),
         "disturbed": throughput.get("disturbed"),
     }
@@ -141,14 +143,16 @@ def backend_summary(repeats: list[dict[str, Any]], classes: list[str]) -> dict[s
     }
 
 
-def comparison(name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
+def comparison(name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]],
+               classes: list[str]) -> dict[str, Any]:
     """Between two backends: per class and for the mean, the difference (b - a) and its verdict."""
     a, b = _completed(a), _completed(b)
     return {
         "a": name_a,
         "b": name_b,
         "mean_auroc": verdict([r["mean_auroc"] for r in a], [r["mean_auroc"] for r in b]),
-        "per_class": {name: verdict([r["per_class"].get(name) for r in a], [r["per_class"].get(name) for r in b]) for name in classes},
+        "per_class": {name: verdict([r["per_class"].get(name) for r in a], [r["per_class"].get(name) for r in b])
+                      for name in classes},
     }
 
 
@@ -160,15 +164,18 @@ def summarise(per_backend: dict[str, list[dict[str, Any]]], classes: list[str]) 
         "rule": RULE,
         "min_repeats": MIN_REPEATS,
         "alpha": ALPHA,
-        "backends": {name: {"repeats": repeats, "summary": backend_summary(repeats, classes)} for name, repeats in per_backend.items()},
-        "comparisons": [comparison(a, per_backend[a], b, per_backend[b], classes) for a, b in combinations(per_backend, 2)],
+        "backends": {name: {"repeats": repeats, "summary": backend_summary(repeats, classes)}
+                     for name, repeats in per_backend.items()},
+        "comparisons": [comparison(a, per_backend[a], b, per_backend[b], classes)
+                        for a, b in combinations(per_backend, 2)],
     }
 
 
-def collect(run_dir: Path, backends: list[str], count: int, base_seed: int, classes: list[str]) -> dict[str, Any] | None:
+def collect(run_dir: Path, backends: list[str], count: int, base_seed: int,
+            classes: list[str]) -> dict[str, Any] | None:
     """The ``repeats`` section of a run with ``count`` repeats (None for a single run)."""
     if count < 2:
         return None
-    per_backend = {name: [repeat_figures(folder_of(run_dir, name, i), i, seed_of(base_seed, i)) for i in range(1, count + 1)]
-                   for name in backends}
+    per_backend = {name: [repeat_figures(folder_of(run_dir, name, i), i, seed_of(base_seed, i))
+                          for i in range(1, count + 1)] for name in backends}
     return summarise(per_backend, classes)

@@ -110,7 +110,8 @@ def _monitor_rows(folder: Path) -> list[dict[str, Any]]:
 def peak_memory(folder: Path) -> tuple[float | None, str | None]:
     """The largest memory sample while training: the GPUs' memory when sampled, else the worker's RSS."""
     rows = [r for r in _monitor_rows(folder) if r.get("phase") in ("train", "validate")]
-    gpu = [r["mem_mib"] for r in rows if str(r.get("device", "")).startswith("gpu") and isinstance(r.get("mem_mib"), (int, float))]
+    gpu = [r["mem_mib"] for r in rows
+           if str(r.get("device", "")).startswith("gpu") and isinstance(r.get("mem_mib"), (int, float))]
     if gpu:
         return float(max(gpu)), "gpu"
     rss = [r["rss_mib"] for r in rows if r.get("device") == "cpu" and isinstance(r.get("rss_mib"), (int, float))]
@@ -150,7 +151,8 @@ def to_csv(section: dict[str, Any]) -> str:
     for c in section["cells"]:
         low, high = c["train_images_per_s_interval"] or (None, None)
         values = {**c, "interval_low": low, "interval_high": high}
-        writer.writerow([_text(c["overrides"][k]) for k in section["keys"]] + ["" if values[k] is None else _text(values[k]) for k in CSV_COLUMNS])
+        swept = [_text(c["overrides"][k]) for k in section["keys"]]
+        writer.writerow(swept + ["" if values[k] is None else _text(values[k]) for k in CSV_COLUMNS])
     return buffer.getvalue()
 
 

@@ -42,8 +42,8 @@ def one_line(exc: BaseException) -> str:
 
 
 class Worker:
-    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings, status: BackendStatus,
-                 data_settings: Settings | None = None):
+    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings,
+                 status: BackendStatus, data_settings: Settings | None = None):
         self.run_dir, self.folder, self.backend = run_dir, folder, backend
         self.hook, self.settings, self.status = plugins.hook, settings, status
         #: The run's own settings open the data set: a repeat's seed changes the data order, never the data.
@@ -124,8 +124,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, help="override settings.run.gpus (scaling sweeps)")
     parser.add_argument("--stages", default=",".join(WORKER_STAGES[1:]), help="comma-separated worker stages to run")
     parser.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between monitor samples")
-    parser.add_argument("--seed", type=int, help="override settings.run.seed for the model and data order (seed repeats)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting (sweep points)")
+    parser.add_argument("--seed", type=int, help="override run.seed for the model and data order (seed repeats)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting (sweep points)")
     return parser.parse_args(argv)
 
 
