@@ -130,8 +130,19 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
             variants[name] = {"status": "passed" if all(np.isfinite(outcome.losses)) and spread == 0 else "failed",
                               "loss": float(outcome.losses[0]), "max_abs_weight_diff_between_replicas": spread}
         except Exception as exc:  # a refusal is a result here: record it and try the next variant
-            variants[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
-    return {"devices": devices, "variants": variants}
+            variants[name] = {"status": "failed", "error": _summary_line(exc)}
+    failed = [f"{name}: {v['error'] if 'error' in v else 'replicas differ or the loss is not finite'}"
+              for name, v in variants.items() if v["status"] == "failed"]
+    return {"status": "failed" if failed else "passed", "devices": devices, "variants": variants,
+            **({"error": "; ".join(failed)} if failed else {})}
+
+
+def _summary_line(exc: BaseException) -> str:
+    """TensorFlow's first line is often only "Graph execution error:"; keep the line that names the op too."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first}" + (f" ... {detail[:300]}" if detail and detail != first else "")
 
 
 PROBES = {"torch": lambda args: probe_torch(), "tensorflow": lambda args: probe_tensorflow(),
