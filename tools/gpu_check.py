@@ -48,6 +48,8 @@ SIZES = {
 }
 #: Seconds a timed-out step's command gets to stop its worker after SIGTERM.
 STOP_GRACE_S = 30
+#: Characters kept of a failure's full message (TensorFlow's first line is often just "Graph execution error:").
+DETAIL_CHARS = 1500
 #: Step name -> seconds it may take at most.
 LIMITS = {"devices": 120, "sweep": 240, "compile": 240, "smoke": 240, "tf32": 120, "oversized": 180, "ddp-torch": 180,
           "mirrored-keras": 180, "visible-device": 180}
@@ -130,19 +132,15 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
             variants[name] = {"status": "passed" if all(np.isfinite(outcome.losses)) and spread == 0 else "failed",
                               "loss": float(outcome.losses[0]), "max_abs_weight_diff_between_replicas": spread}
         except Exception as exc:  # a refusal is a result here: record it and try the next variant
-            variants[name] = {"status": "failed", "error": _summary_line(exc)}
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else ""
+            variants[name] = {"status": "failed", "error": f"{type(exc).__name__}: {first}",
+                              "detail": text[-DETAIL_CHARS:]}
     failed = [f"{name}: {v['error'] if 'error' in v else 'replicas differ or the loss is not finite'}"
               for name, v in variants.items() if v["status"] == "failed"]
     return {"status": "failed" if failed else "passed", "devices": devices, "variants": variants,
             **({"error": "; ".join(failed)} if failed else {})}
 
-
-def _summary_line(exc: BaseException) -> str:
-    """TensorFlow's first line is often only "Graph execution error:"; keep the line that names the op too."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
-    first = lines[0] if lines else ""
-    return f"{type(exc).__name__}: {first}" + (f" ... {detail[:300]}" if detail and detail != first else "")
 
 
 PROBES = {"torch": lambda args: probe_torch(), "tensorflow": lambda args: probe_tensorflow(),
