@@ -11,7 +11,7 @@ Steps (each in fresh processes, each with its own time limit, a failing step nev
   oversized    an oversized batch per backend: must end as a one-line out-of-memory error, not a crash
   ddp-torch    two DDP ranks: one per GPU over NCCL with >= 2 GPUs; with one GPU the backend's CUDA path
                cannot run (one rank per device), so the gloo path runs its two ranks on the CPU
-  mirrored-keras  MirroredStrategy over two logical devices split from GPU 0 (fp32, fp16, fp16 + XLA)
+  mirrored-keras  MirroredStrategy over two logical devices split from GPU 0 (fp32, fp16, each with and without XLA)
   visible-device  a run with CUDA_VISIBLE_DEVICES set to a non-first GPU (needs >= 2 GPUs)
 
 ``--dry-run`` runs the same steps at tiny size on the CPU (tiny DenseNet, a few steps) so the script
@@ -119,7 +119,7 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
     devices = _split_logical(tf, "GPU" if gpu else "CPU")
     strategy = tf.distribute.MirroredStrategy(devices)
     data, variants = synthetic_data(size, train=8, val=4), {}
-    for precision, xla in (("fp32", False), ("fp16", False), ("fp16", True)):
+    for precision, xla in (("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True)):
         settings = kit_settings(size, **{"train.max_steps": 1, "train.batch_size": 2, "numerics.precision": precision,
                                          "numerics.jit_compile": xla})
         name = f"{precision}{' + XLA' if xla else ''}"
