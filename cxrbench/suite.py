@@ -136,6 +136,8 @@ class RunSettings:
     stages: tuple[str, ...] = ("train", "evaluate", "cam", "export")
     #: Large files a completed run keeps: all | results (drops init.onnx) | minimal (reports and metrics only).
     keep: str = field(default="results", metadata=_choice("all", "results", "minimal"))
+    #: Seed repeats (``--repeats``): repeat i trains every backend again with seed ``seed + i - 1``.
+    repeats: int = field(default=1, metadata={"min": 1})
 
 
 STAGES = ("train", "evaluate", "cam", "export")
@@ -177,6 +179,8 @@ class Settings:
         raw = self.to_dict()
         for key, value in dotted.items():
             section, _, name = key.partition(".")
+            if not isinstance(raw.get(section), dict):
+                raise SuiteError(f"<override>: unknown key {key!r} (sections: {', '.join(_SECTIONS)})")
             raw[section][name] = value
         return _build(raw, "<override>")
 

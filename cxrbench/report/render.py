@@ -133,6 +133,8 @@ def build_context(runs: Sequence[Run], baseline: str | None, benchmarks: list[di
         "auroc": sections.auroc_table(run),
         "roc_svg": sections.roc_svg(run),
         "speed": sections.speed(run),
+        "repeats": sections.repeats(run),
+        "sweep": sections.sweep(run),
         "localisation": sections.localisation(run),
         "localisation_skipped": sections.localisation_skipped(run),
         "gallery": sections.gallery(run),

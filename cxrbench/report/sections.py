@@ -220,6 +220,47 @@ def speed(run: Run) -> dict[str, Any]:
     }
 
 
+# -- repeats and sweeps ---------------------------------------------------------------------------
+
+
+def repeats(run: Run) -> dict[str, Any] | None:
+    """``--repeats``: per class and for the mean, each backend's mean +- SD, and each pair's difference and verdict."""
+    section = run.meta.get("repeats") or None
+    if not section:
+        return None
+    backends = section.get("backends") or {}
+    pairs = section.get("comparisons") or []
+
+    def row(label: str, spreads: dict[str, dict], verdicts: list[dict]) -> dict[str, Any]:
+        return {"label": label, "backends": spreads, "verdicts": verdicts}
+
+    rows = [row("mean", {b: (v.get("summary") or {}).get("mean_auroc") or {} for b, v in backends.items()},
+                [p.get("mean_auroc") or {} for p in pairs])]
+    for name in run.classes:
+        spreads = {b: ((v.get("summary") or {}).get("per_class") or {}).get(name) or {} for b, v in backends.items()}
+        rows.append(row(name, spreads, [(p.get("per_class") or {}).get(name) or {} for p in pairs]))
+    return {
+        "count": section.get("count"),
+        "rule": section.get("rule"),
+        "backends": list(backends),
+        "pairs": [f"{p.get('b')} - {p.get('a')}" for p in pairs],
+        "rows": rows,
+        "speed": {b: (v.get("summary") or {}) for b, v in backends.items()},
+        "per_repeat": [{"backend": b, **r} for b, v in backends.items() for r in v.get("repeats") or []],
+    }
+
+
+def sweep(run: Run) -> dict[str, Any] | None:
+    """``--sweep``: one row per grid point and backend, and the chart."""
+    from cxrbench.report.sweep_chart import sweep_chart
+
+    section = run.meta.get("sweep") or None
+    if not section or section.get("cells") is None:
+        return None
+    return {"columns": section.get("keys") or [], "cells": section["cells"],
+            "svg": sweep_chart(section, backend_colours(run))}
+
+
 # -- localisation ---------------------------------------------------------------------------------
 
 

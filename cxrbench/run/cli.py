@@ -26,6 +26,10 @@ def add_parser(commands) -> None:
     run.add_argument("--baseline", metavar="NAME", help="the backend others are compared with (default: the first)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any suite setting")
     run.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between GPU/CPU samples")
+    run.add_argument("--repeats", type=int, metavar="N",
+                     help="train every backend N times, repeat i with seed run.seed + i - 1")
+    run.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                     help="also time every backend at each value (repeatable: a grid over all given keys)")
     for option, dotted in COMMON_OVERRIDES.items():
         help_text = "data set folder (default: the embedded phantom data set)" if option == "data" else f"override {dotted}"
         run.add_argument(f"--{option.replace('_', '-')}", type=_OVERRIDE_TYPES[option], help=help_text)
@@ -35,8 +39,12 @@ def add_parser(commands) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     from cxrbench.suite import COMMON_OVERRIDES, parse_set_option
 
+    from cxrbench.run.repeats import check_count
+
     given = {dotted: getattr(args, option) for option, dotted in COMMON_OVERRIDES.items()}
     given.update(parse_set_option(text) for text in args.set)
+    if args.repeats is not None:
+        given["run.repeats"] = check_count(args.repeats)
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -48,10 +56,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
         changed = [name for name, value in (("--suite", args.suite), ("--backend", args.backend), ("--out", args.out),
-                                            ("--gpus", args.gpus), ("--plugin", args.plugin), ("--baseline", args.baseline)) if value]
+                                            ("--gpus", args.gpus), ("--plugin", args.plugin),
+                                            ("--baseline", args.baseline), ("--sweep", args.sweep)) if value]
         if overrides or changed:
             raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
         return resume_run(args.resume, argv, args.monitor_interval).execute()
     settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
-    request = RunRequest(settings, args.backend, args.plugin, args.out, args.gpus, args.baseline, argv, args.monitor_interval)
+    request = RunRequest(settings, args.backend, args.plugin, args.out, args.gpus, args.baseline, argv,
+                         args.monitor_interval, args.sweep)
     return new_run(request).execute()

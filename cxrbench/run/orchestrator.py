@@ -30,7 +30,7 @@ from cxrbench.data.prepared import count_batches
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.run import keep, scaling
+from cxrbench.run import keep, repeats, scaling, sweep
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
@@ -44,7 +44,7 @@ EQUIVALENCE_IMAGES = 8
 STOP_GRACE_S = 15.0
 POLL_S = 0.5
 #: Worker stages of a scaling sweep point (speed only).
-SWEEP_STAGES = ("prepare-check", "train")
+SWEEP_STAGES = sweep.SWEEP_STAGES
 
 
 @dataclass
@@ -59,6 +59,7 @@ class RunRequest:
     baseline: str | None = None
     argv: list[str] = field(default_factory=list)
     monitor_interval: float = 1.0
+    sweep: list[str] = field(default_factory=list)  #: ``--sweep KEY=V1,V2`` texts
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str]) -> list[str]:
@@ -87,11 +88,13 @@ def _dataset(plugins: Plugins, settings: Settings):
     return require_answer(plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
 
 
-def _check_warmup(settings: Settings, index, gpu_counts: list[int]) -> None:
-    """The warm-up must leave steps to time at the largest world size the run uses."""
-    train = settings.train
-    steps = count_batches(len(index.rows("train")), train.batch_size, max([1, *gpu_counts]), max_steps=train.max_steps)
-    timing.check_warmup(train.warmup_steps, steps)
+def _check_warmup(settings: Settings, index, gpu_counts: list[int], grid: dict[str, list[Any]]) -> None:
+    """The warm-up must leave steps to time at the largest world size and at every sweep point."""
+    for overrides in [point["overrides"] for point in sweep.points(grid)] or [{}]:
+        train = settings.replace(**overrides).train
+        images = len(index.rows("train"))
+        steps = count_batches(images, train.batch_size, max([1, *gpu_counts]), max_steps=train.max_steps)
+        timing.check_warmup(train.warmup_steps, steps)
 
 
 def new_run(request: RunRequest) -> "Orchestrator":
@@ -104,8 +107,9 @@ def new_run(request: RunRequest) -> "Orchestrator":
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
+    grid = sweep.parse_grid(request.sweep, settings)
     index = _dataset(plugins, settings)
-    _check_warmup(settings, index, counts)
+    _check_warmup(settings, index, counts, grid)
     run_dir = request.out or _default_out(settings)
     _refuse_existing(run_dir)
     run = {
@@ -124,6 +128,8 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "data": None,
         "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
         "scaling": None,
+        "repeats": None,
+        "sweep": {"grid": grid, "cells": None} if grid else None,
     }
     return Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
 
@@ -184,23 +190,32 @@ class Orchestrator:
             "boxes_test": len(data.boxes("test")),
             "notes": list(index.notes),
         }
-        if settings.model.init == "shared" and not (self.run_dir / "shared_init.npz").exists():
-            canonical.save(canonical.init_canonical(settings.model.block_config, settings.run.seed), self.run_dir / "shared_init.npz")
+        if settings.model.init == "shared":
+            for seed in self.seeds():
+                path = repeats.shared_init_path(self.run_dir, seed, settings.run.seed)
+                if not path.exists():
+                    canonical.save(canonical.init_canonical(settings.model.block_config, seed), path)
         if not (self.run_dir / "equivalence_batch.npy").exists():
             save_npy(self.run_dir / "equivalence_batch.npy", np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES]))
         self._save_run()
 
+    def seeds(self) -> list[int]:
+        """The seed of every repeat, the run's own first."""
+        return [repeats.seed_of(self.settings.run.seed, i) for i in range(1, self.settings.run.repeats + 1)]
+
     # -- workers ---------------------------------------------------------------------------------
 
-    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> list[str]:
+    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
+                        extra: list[str]) -> list[str]:
         command = [sys.executable, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
                    "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
-                   "--monitor-interval", str(self.monitor_interval)]
+                   "--monitor-interval", str(self.monitor_interval), *extra]
         for module in self.run.get("plugins", []):
             command += ["--plugin", module]
         return command
 
-    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...]) -> None:
+    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
+                   extra: list[str] | None = None) -> None:
         """Start the worker, show its progress until it exits, and record how it ended."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
@@ -210,8 +225,9 @@ class Orchestrator:
         with open(folder / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
+            command = self._worker_command(name, gpus, folder, stages, extra or [])
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
-            process = subprocess.Popen(self._worker_command(name, gpus, folder, stages), stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                        pass_fds=(self.lock.fd,) if self.lock.fd is not None else ())
             try:
@@ -260,6 +276,22 @@ class Orchestrator:
         for gpus in counts[1:]:
             for name in self.backends:
                 self.run_worker(name, gpus, scaling.sweep_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
+        self.run_repeats(counts[0])
+        self.run_sweep(counts[0])
+
+    def run_repeats(self, gpus: int) -> None:
+        """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
+        for i, seed in enumerate(self.seeds()[1:], start=2):
+            for name in self.backends:
+                self.run_worker(name, gpus, repeats.folder_of(self.run_dir, name, i), repeats.REPEAT_STAGES,
+                                ["--seed", str(seed)])
+
+    def run_sweep(self, gpus: int) -> None:
+        """The speed stages of every backend at every grid point of ``--sweep``."""
+        for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
+            for name in self.backends:
+                self.run_worker(name, gpus, sweep.folder_of(self.run_dir, point["name"], name), SWEEP_STAGES,
+                                sweep.set_options(point["overrides"]))
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -292,6 +324,11 @@ class Orchestrator:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
+        self.run["repeats"] = repeats.collect(self.run_dir, self.backends, self.settings.run.repeats,
+                                              self.settings.run.seed, list(CLASSES))
+        if self.run.get("sweep"):
+            self.run["sweep"] = sweep.table(self.run_dir, self.backends, self.run["sweep"]["grid"])
+            sweep.write_csv(self.run_dir, self.run["sweep"])
         comparison = write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads()) if self.run["data"] else {}
         complete = all(b["status"] == "completed" for b in self.run["backends"].values())
         self.run["kept"] = keep.prune(self.run_dir, self.settings.run.keep, complete and outcome == "completed")
@@ -371,6 +408,8 @@ def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
     if run["status"] == "interrupted":
         return 130
     backends_ok = all(b["status"] == "completed" for b in run["backends"].values())
+    repeat_lists = [b["repeats"] for b in ((run.get("repeats") or {}).get("backends") or {}).values()]
+    repeats_ok = all(r["status"] == "completed" for listed in repeat_lists for r in listed)
     equivalent = comparison.get("equivalence", {}).get("passed") is not False
     parity = all(p.get("passed") for p in comparison.get("parity", {}).values())
-    return 0 if backends_ok and equivalent and parity else 1
+    return 0 if backends_ok and repeats_ok and equivalent and parity else 1

@@ -23,10 +23,10 @@ from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
 from cxrbench.recorder import Recorder
-from cxrbench.run import stages
+from cxrbench.run import repeats, stages
 from cxrbench.run.progress import StepRate
 from cxrbench.run.store import DONE, WORKER_STAGES, BackendStatus, read_json, write_json
-from cxrbench.suite import Settings
+from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: The recorder phase (monitor tag) of each stage; training sets its own train/validate phases.
 PHASES = {"prepare-check": "prepare", "equivalence": "equivalence", "train": "train", "evaluate": "predict", "cam": "cam", "export": "export"}
@@ -44,9 +44,12 @@ def one_line(exc: BaseException) -> str:
 
 
 class Worker:
-    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings, status: BackendStatus):
+    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings,
+                 status: BackendStatus, data_settings: Settings | None = None):
         self.run_dir, self.folder, self.backend = run_dir, folder, backend
         self.hook, self.settings, self.status = plugins.hook, settings, status
+        #: The run's own settings open the data set: a repeat's seed changes the data order, never the data.
+        self.data_settings = data_settings or settings
         self.recorder = Recorder([self._on_event])
         self.rate = StepRate(settings.train.batch_size * max(1, settings.run.gpus))
         self.ctx = stages.StageContext(folder=folder, backend=backend, hook=self.hook, settings=settings, recorder=self.recorder)
@@ -87,9 +90,9 @@ class Worker:
         ctx, suite_stages = self.ctx, self.settings.run.stages
         with self.recorder.phase(PHASES["prepare-check"]):
             start = time.perf_counter()
-            ctx.data = open_prepared(self.hook, self.settings, read_json(self.run_dir / "run.json")["data"]["key"])
+            ctx.data = open_prepared(self.hook, self.data_settings, read_json(self.run_dir / "run.json")["data"]["key"])
             self.status.set_stage("prepare-check", DONE, time.perf_counter() - start)
-            ctx.model = build_model(self.hook, self.settings, self.run_dir, self.backend)
+            ctx.model = build_model(self.hook, self.settings, self.run_dir, self.backend, self.data_settings.run.seed)
             if self.status.is_done("train"):
                 trained = canonical.load(self.folder / "weights_best.npz")
                 require_answer(self.hook.cxrbench_set_weights(model=ctx.model, weights=trained), "cxrbench_set_weights", self.backend)
@@ -111,9 +114,10 @@ def open_prepared(hook, settings: Settings, key: str):
     return data
 
 
-def build_model(hook, settings: Settings, run_dir: Path, backend: str):
-    """The model with the run's shared initial weights, or the framework's own (init != shared)."""
-    weights = canonical.load(run_dir / "shared_init.npz") if settings.model.init == "shared" else None
+def build_model(hook, settings: Settings, run_dir: Path, backend: str, run_seed: int | None = None):
+    """The model with the shared initial weights of its seed, or the framework's own (init != shared)."""
+    path = repeats.shared_init_path(run_dir, settings.run.seed, settings.run.seed if run_seed is None else run_seed)
+    weights = canonical.load(path) if settings.model.init == "shared" else None
     return require_answer(hook.cxrbench_build_model(settings=settings, weights=weights), "cxrbench_build_model", backend)
 
 
@@ -126,12 +130,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, help="override settings.run.gpus (scaling sweeps)")
     parser.add_argument("--stages", default=",".join(WORKER_STAGES[1:]), help="comma-separated worker stages to run")
     parser.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between monitor samples")
+    parser.add_argument("--seed", type=int, help="override run.seed for the model and data order (seed repeats)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting (sweep points)")
     return parser.parse_args(argv)
 
 
-def _settings(run_dir: Path, gpus: int | None) -> Settings:
-    settings = Settings.from_dict(read_json(run_dir / "run.json")["settings"], f"{run_dir / 'run.json'}")
-    return settings.replace(**{"run.gpus": gpus}) if gpus is not None else settings
+def _run_settings(run_dir: Path) -> Settings:
+    return Settings.from_dict(read_json(run_dir / "run.json")["settings"], f"{run_dir / 'run.json'}")
+
+
+def _settings(run: Settings, gpus: int | None, seed: int | None = None, sets: list[str] = ()) -> Settings:
+    """The run's settings with this worker's GPU count, seed and sweep overrides."""
+    overrides = dict(parse_set_option(text) for text in sets)
+    overrides.update({"run.gpus": gpus, "run.seed": seed})
+    return apply_overrides(run, overrides)
 
 
 #: Why SIGTERM arrived when the worker sent it to itself (its parent is gone).
@@ -165,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     outcome, error = "completed", None
     sampler = None
     try:
-        settings = _settings(args.run_dir, args.gpus)
+        run_settings = _run_settings(args.run_dir)
+        settings = _settings(run_settings, args.gpus, args.seed, args.set)
         plugins = load_plugins(args.plugin, backend=args.backend)
-        worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status)
+        worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status, run_settings)
         sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval).start()
         worker.run(tuple(args.stages.split(",")))
     except (Interrupted, KeyboardInterrupt) as exc:
