@@ -198,6 +198,7 @@ def test_repeats_section_escapes_hostile_names(tmp_path):
 def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=2",
+                 "--set", "train.warmup_steps=1",
                  "--set", "export.onnx=false", "--repeats", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     block = ARCHITECTURES["densenet-tiny"]
@@ -212,6 +213,7 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     seeds = [r["seed"] for r in section["backends"]["pytorch"]["repeats"]]
     aurocs = [r["mean_auroc"] for r in section["backends"]["pytorch"]["repeats"]]
     assert seeds == [0, 1] and None not in aurocs and aurocs[0] != aurocs[1]
+    assert all(r["first_step_s"] > 0 for r in section["backends"]["pytorch"]["repeats"])  # the timing contract
     assert section["backends"]["pytorch"]["summary"]["mean_auroc"]["mean"] == pytest.approx(sum(aurocs) / 2)
     assert 'id="repeats-table"' in (out / "index.html").read_text()
     validate(json.loads((out / "run.json").read_text()))

@@ -159,7 +159,8 @@ def test_sweep_section_escapes_hostile_names_and_errors(tmp_path):
 @pytest.mark.slow
 def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=3",
+    code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=4",
+                 "--set", "train.warmup_steps=1", "--set", "train.window_steps=1",
                  "--set", 'run.stages=["train"]', "--sweep", "train.batch_size=4,8", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     section = json.loads((out / "run.json").read_text())["sweep"]
@@ -169,7 +170,9 @@ def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
     for cell, batch in zip(section["cells"], (4, 8)):
         folder = out / "sweep" / cell["point"] / "pytorch"
         history = json.loads((folder / "history.json").read_text())
-        assert history[0]["images"] == 3 * batch  # the worker trained with the point's batch size
+        assert history[0]["images"] == 4 * batch  # the worker trained with the point's batch size
+        low, high = cell["train_images_per_s_interval"]  # three one-step windows after the warm-up: steady
+        assert cell["first_step_s"] > 0 and 0 < low <= cell["train_images_per_s"] <= high
         assert json.loads((folder / "status.json").read_text())["stages"]["evaluate"] == "skipped"
         assert cell["peak_memory_mib"] is None or cell["memory_source"] == "rss"
     assert len((out / "sweep.csv").read_text().splitlines()) == 3

@@ -41,9 +41,12 @@ SIZES = {
             #: ~4x the pixels of 224 px at batch 1024: far beyond any single GPU's memory for DenseNet-121.
             "oversized": ["data.image_size=448", "data.phantom_images=2000", "train.batch_size=1024",
                           "train.max_steps=1"]},
+    #: Six steps with a one-step warm-up and one-step windows: a steady-state figure even at this size.
     "dry": {"throughput": ["data.image_size=32", "data.phantom_images=800", "data.phantom_size=128",
-                           "train.batch_size=4", "train.max_steps=2", "train.epochs=1", "model.arch=densenet-tiny"],
-            "smoke": ["model.arch=densenet-tiny", "train.max_steps=2", "data.image_size=32"], "oversized": None,
+                           "train.batch_size=4", "train.max_steps=6", "train.warmup_steps=1", "train.window_steps=1",
+                           "train.epochs=1", "model.arch=densenet-tiny"],
+            "smoke": ["model.arch=densenet-tiny", "train.max_steps=6", "train.warmup_steps=1", "train.window_steps=1",
+                      "data.image_size=32"], "oversized": None,
             "probe_size": 32, "gpus": []},
 }
 #: Seconds a timed-out step's command gets to stop its worker after SIGTERM.
