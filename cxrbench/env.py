@@ -87,7 +87,7 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def capture() -> dict[str, Any]:
-    """The environment of DESIGN.md, as JSON-able data."""
+    """The run's environment, as JSON-able data: OS, CPU, Python, package versions, GPUs, git commit."""
     memory = psutil.virtual_memory()
     return {
         "os": platform.platform(),

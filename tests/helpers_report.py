@@ -22,7 +22,7 @@ from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline
 from cxrbench.suite import Settings
 
 BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
-#: Nominal training images/s per backend (keras slower, as in ANCHORS.md's benchmarks).
+#: Nominal training images/s per backend (keras slower, as in the DeepLearningFrameworks benchmark).
 DEFAULT_SPEED = {"pytorch": 30.0, "keras": 18.0}
 HOSTILE_CLASS = "<script>alert('class')</script>"
 HOSTILE_BACKEND = "<img src=x onerror=alert('backend')>"

@@ -62,7 +62,7 @@ FINDINGS: dict[str, tuple[float, float, float, float, float]] = {
     "Pleural_Thickening": (0.10, 0.45, 0.025, 0.120, 0.40),  # left chest wall, thin
     "Hernia": (0.50, 0.89, 0.080, 0.035, 0.40),  # below the diaphragm
 }
-#: NIH v2020 label counts (ANCHORS.md), the prevalence ranking the phantom follows.
+#: Label counts of NIH's Data_Entry_2017_v2020.csv, the prevalence ranking the phantom follows.
 NIH_COUNTS = dict(zip(CLASSES, (11559, 2776, 13317, 19894, 5782, 6331, 1431, 5302, 4667, 2303, 2516, 1686, 3385, 227)))
 RARE_FLOOR = 0.035  #: minimum share of all findings per class
 NO_FINDING_SHARE = 0.5

@@ -2,7 +2,7 @@
 
 Run: ``python -m pytest tests/benchmarks/test_bench_data.py --benchmark-only -q``. Rates go into
 ``extra_info``; the reference is DenseNet-121 training on these CPUs at about 30 images/s at
-64 px (ANCHORS.md), which the batch pipeline must outpace many times over.
+64 px (measured on 2 cores), which the batch pipeline must outpace many times over.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from cxrbench.data import cache, nih, phantom
 
 IMAGES, SOURCE_SIZE, SIZE, BATCH = 300, 256, 64, 16
-TRAINING_IMAGES_PER_S = 30.0  #: DenseNet-121 train step, 64 px, batch 16, 2 CPU cores (ANCHORS.md)
+TRAINING_IMAGES_PER_S = 30.0  #: DenseNet-121 train step, 64 px, batch 16, 2 CPU cores (measured)
 
 
 @pytest.fixture(scope="module")

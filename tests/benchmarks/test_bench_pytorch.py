@@ -2,8 +2,8 @@
 
 DenseNet-121, 64 px, batch 16, one intra-op thread on both sides: on a shared 2-core runner,
 OpenMP threads that other processes crowd out spin, and 2-thread steps took 3.7-12 s where one
-thread took 1.2 s (measured here under load). ANCHORS.md: about 30 img/s per train step and
-105 img/s inference on these CPUs when idle.
+thread took 1.2 s (measured here under load). Idle, these CPUs give about 30 img/s per train step
+and 105 img/s inference.
 
 The overhead benchmark alternates a backend epoch (the core's batches from uint8 memory, on-device
 normalisation, per-step losses kept on the device, recorder calls) with a bare loop over
