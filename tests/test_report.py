@@ -90,7 +90,10 @@ def test_disturbed_figure_is_marked_next_to_the_number(tmp_path):
     data["backends"]["keras"]["throughput"].update(disturbed=True, disturbance={"train": verdict})
     path.write_text(json.dumps(data))
     html = write_report([run_dir], out=tmp_path / "r.html").read_text()
-    assert "(disturbed: others used 42% of the CPU)" in html
+    assert "(disturbed: others used 42% of the CPU)" in html  # beside the number in the summary table
+    assert ("no speed verdict in training: the machine was busy while it was timed (keras disturbed: others used 42% "
+            "of the CPU)") in html  # and no ratio from it
+    assert "x pytorch in training" not in html
 
 
 def test_no_steady_state_says_so_instead_of_a_ratio(tmp_path):

@@ -131,6 +131,18 @@ def test_summary_of_hand_made_repeat_files(tmp_path):
     assert "is within seed-to-seed variation" in a["text"]
 
 
+def test_terminal_summary_gives_the_across_seed_figures_and_the_verdict(tmp_path):
+    from cxrbench.run.progress import repeat_lines
+
+    section = repeats.collect(_hand_made(tmp_path), ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
+    lines = repeat_lines(section)
+    assert lines[0] == "pytorch over 3 seed(s): mean AUROC 0.8200 (SD 0.0200), steady img/s median 30.0 [28.0, 32.0] " \
+                       "across seeds"
+    assert lines[1].startswith("keras over 3 seed(s): mean AUROC 0.7100 (SD 0.0100)")
+    assert lines[2].startswith("mean AUROC keras - pytorch: the difference (-0.1100) exceeds seed-to-seed variation")
+    assert repeat_lines(None) == []
+
+
 def test_too_few_repeats_give_no_verdict(tmp_path):
     two = {name: rows[:2] for name, rows in FIGURES.items()}
     section = repeats.collect(_hand_made(tmp_path, two), ["pytorch", "keras"], 2, 0, [CLASS_A])

@@ -128,6 +128,23 @@ def test_sweep_csv_has_one_row_per_cell(tmp_path):
     assert failed["train_images_per_s"] == "" and "not supported" in failed["error"]
 
 
+def test_a_cell_without_a_steady_state_says_why_in_the_table_csv_and_terminal(tmp_path):
+    from cxrbench.run.progress import sweep_lines
+
+    section = _hand_made_sweep(tmp_path)
+    folder = sweep.folder_of(tmp_path, section["points"][0], "pytorch")
+    reason = "no steady state: 7 steps after warm-up (train.warmup_steps = 5) make 1 window(s) of 5 steps"
+    write_json(folder / "throughput.json", {"train_images_per_s": None, "train_images_per_s_interval": None,
+                                            "first_step_s": 0.7, "disturbed": False, "no_steady_state": reason})
+    section = sweep.table(tmp_path, ["pytorch", "keras"], section["grid"])
+    assert section["cells"][0]["no_steady_state"] == reason
+    assert next(csv.DictReader(io.StringIO(sweep.to_csv(section))))["no_steady_state"] == reason
+    lines = sweep_lines(section)
+    assert lines[0] == f"sweep numerics.channels_last-false  pytorch: {reason}"
+    assert lines[1] == "sweep numerics.channels_last-false  keras: 20.0 img/s [18.0, 21.0]"
+    assert lines[3] == "sweep numerics.channels_last-true  keras: numerics.channels_last is not supported on the CPU"
+
+
 def _report_with_sweep(run_dir: Path) -> str:
     run = json.loads((run_dir / "run.json").read_text())
     run["sweep"] = _hand_made_sweep(run_dir, tuple(run["backends"]))

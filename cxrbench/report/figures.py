@@ -117,7 +117,8 @@ def _no_steady(name: str, throughput: dict[str, Any], phase: str, what: str) -> 
 
 def steady_ratio(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any], phase: str, key: str,
                  what: str) -> str | None:
-    """"keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none.
+    """"keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none
+    (no steady state; a measurement the noise guard marked disturbed).
 
     The interval is a seeded bootstrap over both backends' window rates (:func:`cxrbench.timing.ratio_interval`).
     """
@@ -126,12 +127,16 @@ def steady_ratio(name: str, baseline: str, value: dict[str, Any], base: dict[str
     if value.get(key) is None or base.get(key) is None:
         missing = [(n, t) for n, t in ((name, value), (baseline, base)) if t.get(key) is None]
         return "; ".join(_no_steady(n, t, phase, what) for n, t in missing)
+    busy = [f"{n} {note.strip(' ()')}" for n, t in ((name, value), (baseline, base)) if (note := disturbed_note(t, phase))]
+    if busy:  # a busy machine decides a ratio as much as the frameworks do: no verdict from it
+        return (f"no speed verdict {what}: the machine was busy while it was timed ({'; '.join(busy)}); "
+                f"{name} {format_number(value[key])} vs {baseline} {format_number(base[key])} img/s, rerun on a quiet "
+                "machine")
     interval = timing.ratio_interval((value.get("window_rates") or {}).get(phase) or [],
                                      (base.get("window_rates") or {}).get(phase) or [])
     spread = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
     return (f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, "
-            f"{format_number(value[key])}{disturbed_note(value, phase)} vs {format_number(base[key])}"
-            f"{disturbed_note(base, phase)} img/s)")
+            f"{format_number(value[key])} vs {format_number(base[key])} img/s)")
 
 
 def first_step_sentence(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any]) -> str | None:

@@ -148,4 +148,38 @@ def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:
         lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
-    return "\n".join(lines + warnings(backends))
+    return "\n".join(lines + repeat_lines(run.get("repeats")) + sweep_lines(run.get("sweep")) + warnings(backends))
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def repeat_lines(section: dict[str, Any] | None) -> list[str]:
+    """With ``--repeats``: each backend's mean AUROC and speed across seeds, and the verdict on their difference."""
+    if not section:
+        return []
+    lines = []
+    for name, result in (section.get("backends") or {}).items():
+        auroc, speed = result["summary"]["mean_auroc"], result["summary"]["train_images_per_s"]
+        span = speed.get("interval")
+        lines.append(f"{name} over {auroc['n']} seed(s): mean AUROC {_fixed(auroc['mean'], 4)} (SD "
+                     f"{_fixed(auroc['sd'], 4)}), steady img/s median {_fixed(speed.get('median'), 1)}"
+                     + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else ""))
+    for pair in section.get("comparisons") or []:
+        lines.append(f"mean AUROC {pair['b']} - {pair['a']}: {pair['mean_auroc']['text']}")
+    return lines
+
+
+def sweep_lines(section: dict[str, Any] | None) -> list[str]:
+    """With ``--sweep``: one line per grid point and backend (steady img/s and interval, or why there is none)."""
+    lines = []
+    for c in (section or {}).get("cells") or []:
+        figure, span = c.get("train_images_per_s"), c.get("train_images_per_s_interval")
+        if figure is not None:
+            value = f"{figure:.1f} img/s" + (f" [{span[0]:.1f}, {span[1]:.1f}]" if span else "")
+            value += " (disturbed)" if c.get("disturbed") else ""
+        else:
+            value = c.get("error") or c.get("no_steady_state") or c.get("status", "pending")
+        lines.append(f"sweep {c['point']}  {c['backend']}: {value}")
+    return lines

@@ -29,7 +29,7 @@ FIXED_SECTIONS = {
 }
 SWEEP_STAGES = ("prepare-check", "train")
 CSV_COLUMNS = ("point", "backend", "status", "train_images_per_s", "interval_low", "interval_high", "first_step_s",
-               "peak_memory_mib", "memory_source", "disturbed", "error")
+               "peak_memory_mib", "memory_source", "disturbed", "no_steady_state", "error")
 
 
 def _parse_one(text: str, settings: Settings) -> tuple[str, list[Any]]:
@@ -134,6 +134,7 @@ def cell(folder: Path, point: dict[str, Any], backend: str) -> dict[str, Any]:
         "peak_memory_mib": memory,
         "memory_source": source,
         "disturbed": throughput.get("disturbed"),
+        "no_steady_state": throughput.get("no_steady_state"),
     }
 
 
