@@ -1,4 +1,4 @@
-"""Read a run folder (/tmp/run_contract.md, schema_version 1) into one tolerant structure.
+"""Read a run folder (run.json as described by cxrbench/run/schema.json) into one tolerant structure.
 
 ``run.json`` is required; everything else is optional. A missing or unreadable optional file
 becomes a note the report shows, never a crash, so a failed backend or a stage not run still
@@ -19,7 +19,7 @@ import numpy as np
 
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
-from cxrbench.run.store import LOCK_FILE, current_status, run_is_active
+from cxrbench.run.store import LOCK_FILE, SCHEMA_VERSION, current_status, run_is_active
 
 #: run.json backend key -> (file in the backend folder, key inside that file or None for all of it).
 _BACKEND_FILES: dict[str, tuple[str, str | None]] = {
@@ -125,9 +125,9 @@ def load_run(run_dir: Path) -> Run:
     if not run_json.is_file():
         raise CxrError(f"{run_json}: not found (is {run_dir} a cxrbench run folder?)")
     meta = _read_json_file(run_json)
-    if not isinstance(meta, dict) or meta.get("schema_version") != 1:
+    if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         found = meta.get("schema_version") if isinstance(meta, dict) else type(meta).__name__
-        raise CxrError(f"{run_json}: schema_version must be 1, found {found!r}")
+        raise CxrError(f"{run_json}: schema_version must be {SCHEMA_VERSION}, found {found!r}")
     notes: list[str] = []
     if meta.get("status") == "running" and not run_is_active(run_dir):
         meta["status"] = "interrupted"  # no process holds the run's lock: it was killed before recording an outcome
