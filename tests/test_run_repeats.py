@@ -132,15 +132,15 @@ def test_summary_of_hand_made_repeat_files(tmp_path):
 
 
 def test_terminal_summary_gives_the_across_seed_figures_and_the_verdict(tmp_path):
-    from cxrbench.run.progress import repeat_lines
+    from cxrbench.report.figures import repeat_sentences
 
     section = repeats.collect(_hand_made(tmp_path), ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
-    lines = repeat_lines(section)
+    lines = repeat_sentences(section)
     assert lines[0] == "pytorch over 3 seed(s): mean AUROC 0.8200 (SD 0.0200), steady img/s median 30.0 [28.0, 32.0] " \
                        "across seeds"
     assert lines[1].startswith("keras over 3 seed(s): mean AUROC 0.7100 (SD 0.0100)")
     assert lines[2].startswith("mean AUROC keras - pytorch: the difference (-0.1100) exceeds seed-to-seed variation")
-    assert repeat_lines(None) == []
+    assert repeat_sentences(None) == []
 
 
 def test_too_few_repeats_give_no_verdict(tmp_path):
@@ -193,6 +193,8 @@ def test_report_has_a_repeats_table_with_mean_sd_difference_and_verdict(tmp_path
     assert section["comparisons"][0]["mean_auroc"]["text"] in text
     assert len(re.findall(r"<tr", table)) == 1 + 1 + len(CLASSES)  # header, mean, one row per class
     assert 'href="#repeats"' in html and 'id="repeats-speed"' in html
+    summary = html[html.index('id="summary"'):html.index('id="accuracy"')]
+    assert f"keras over 3 seed(s): mean AUROC {mean['mean']:.4f}" in summary  # the headline says it too
 
 
 def test_repeats_section_escapes_hostile_names(tmp_path):

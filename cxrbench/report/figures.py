@@ -175,6 +175,26 @@ def ratio_sentences(run: Run, baseline: str) -> list[str]:
     return sentences
 
 
+def _fixed(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def repeat_sentences(section: dict[str, Any] | None) -> list[str]:
+    """With ``--repeats``: each backend's mean AUROC and speed across seeds, and the verdict on their difference."""
+    if not section:
+        return []
+    lines = []
+    for name, result in (section.get("backends") or {}).items():
+        auroc, speed = result["summary"]["mean_auroc"], result["summary"]["train_images_per_s"]
+        span = speed.get("interval")
+        lines.append(f"{name} over {auroc['n']} seed(s): mean AUROC {_fixed(auroc['mean'], 4)} (SD "
+                     f"{_fixed(auroc['sd'], 4)}), steady img/s median {_fixed(speed.get('median'), 1)}"
+                     + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else ""))
+    for pair in section.get("comparisons") or []:
+        lines.append(f"mean AUROC {pair['b']} - {pair['a']}: {pair['mean_auroc']['text']}")
+    return lines
+
+
 def format_number(value: Any, digits: int = 3) -> str:
     """Numbers with ``digits`` significant figures, "–" for missing ones."""
     number = _number(value)

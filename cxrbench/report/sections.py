@@ -15,7 +15,7 @@ import numpy as np
 from cxrbench.errors import CxrError
 from cxrbench.report import charts
 from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
-                                     ratio_sentences)
+                                     ratio_sentences, repeat_sentences)
 from cxrbench.report.gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
@@ -88,7 +88,8 @@ def summary_rows(run: Run) -> list[dict[str, Any]]:
 
 
 def summary(run: Run, baseline: str | None) -> dict[str, Any]:
-    return {"rows": summary_rows(run), "baseline": baseline, "ratios": ratio_sentences(run, baseline) if baseline else []}
+    ratios = ratio_sentences(run, baseline) if baseline else []
+    return {"rows": summary_rows(run), "baseline": baseline, "ratios": ratios + repeat_sentences(run.meta.get("repeats"))}
 
 
 # -- accuracy -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from cxrbench.checks.equivalence import model_passes
 from cxrbench.monitor.noise import warnings
-from cxrbench.report.figures import speed_sentences
+from cxrbench.report.figures import repeat_sentences, speed_sentences
 
 
 def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> str:
@@ -148,27 +148,7 @@ def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:
         lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
-    return "\n".join(lines + repeat_lines(run.get("repeats")) + sweep_lines(run.get("sweep")) + warnings(backends))
-
-
-def _fixed(value: Any, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def repeat_lines(section: dict[str, Any] | None) -> list[str]:
-    """With ``--repeats``: each backend's mean AUROC and speed across seeds, and the verdict on their difference."""
-    if not section:
-        return []
-    lines = []
-    for name, result in (section.get("backends") or {}).items():
-        auroc, speed = result["summary"]["mean_auroc"], result["summary"]["train_images_per_s"]
-        span = speed.get("interval")
-        lines.append(f"{name} over {auroc['n']} seed(s): mean AUROC {_fixed(auroc['mean'], 4)} (SD "
-                     f"{_fixed(auroc['sd'], 4)}), steady img/s median {_fixed(speed.get('median'), 1)}"
-                     + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else ""))
-    for pair in section.get("comparisons") or []:
-        lines.append(f"mean AUROC {pair['b']} - {pair['a']}: {pair['mean_auroc']['text']}")
-    return lines
+    return "\n".join(lines + repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + warnings(backends))
 
 
 def sweep_lines(section: dict[str, Any] | None) -> list[str]:
