@@ -1,4 +1,4 @@
-"""``numerics.deterministic`` for TensorFlow/Keras: run-to-run identical numbers where TensorFlow can give them.
+"""``numerics.deterministic`` for TensorFlow/Keras: the switches TensorFlow offers for run-to-run identical numbers.
 
 Two switches, in two moments, and thread counts that every run pins already:
 
@@ -8,11 +8,13 @@ Two switches, in two moments, and thread counts that every run pins already:
   which setting is really in force.
 * op determinism (``enable_op_determinism``): every op either runs a deterministic kernel or raises
   instead of running a nondeterministic one; it also seeds nothing by itself (the model is seeded).
-* fixed thread counts: measured on a 2-core CPU, Keras training is bit-identical run to run at one
-  thread count, with oneDNN on or off, but its numbers change with the count (the kernels split their
-  reductions by thread). Every run already pins both pools to the core's thread budget
-  (:mod:`cxrbench.budget`, applied in :mod:`cxrbench_keras.numerics`), which the numerics record reads
-  back, so deterministic runs need nothing more here.
+* fixed thread counts: Keras' numbers on a CPU change with the thread count (the kernels split their
+  reductions by thread), so every run pins both pools to the core's thread budget (:mod:`cxrbench.budget`,
+  applied in :mod:`cxrbench_keras.numerics`) and the numerics record reads them back.
+
+None of this is a guarantee on a CPU: measured on 2 cores (smoke data, 20 steps), 4 of 5 default runs
+gave identical weights, and two deterministic runs still differed from each other while training at
+0.38x the speed. The setting is recorded with the result; ``--repeats`` measures the spread.
 
 This module imports no TensorFlow at import time, so :func:`prepare_environment` can run first.
 """
