@@ -1,9 +1,14 @@
-"""Shared test set-up: every test writes into temporary folders, never into the user's cache."""
+"""Shared test set-up: every test writes into temporary folders, never into the user's cache.
+
+Tests that need a backend say so with ``@pytest.mark.backends("pytorch", ...)`` (or ``pytestmark``); they are
+skipped, naming what to install, in an environment without that backend, such as CI's framework-free core run.
+"""
 
 import os
 import tempfile
 
 import pytest
+from helpers import backends
 
 # Extension modules that register protobuf descriptors abort the interpreter when imported twice.
 # pytester's in-process runs (the conformance kit's tests) drop every module first imported inside
@@ -30,3 +35,11 @@ def cache_dir(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("CXRBENCH_CACHE", str(path))
     return path
+
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("backends"):
+        reasons = [reason for reason in map(backends.missing, mark.args) if reason]
+        if reasons:
+            pytest.skip("; ".join(reasons))

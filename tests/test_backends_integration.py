@@ -20,6 +20,7 @@ from cxrbench.recorder import Recorder
 from cxrbench.suite import load_suite
 
 BACKENDS = ("pytorch", "keras")
+pytestmark = pytest.mark.backends(*BACKENDS)
 TOLERANCE = 1e-4
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax")
 
 PROBE = """
@@ -39,6 +41,7 @@ def test_help_and_backends_load_no_framework():
     assert _loaded_after(["backends"]) == []
 
 
+@pytest.mark.backends("pytorch", "keras")
 def test_backends_lists_both_builtin_backends_quickly():
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "cxrbench", "backends", "--json"], capture_output=True, text=True, check=True)

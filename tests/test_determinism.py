@@ -11,11 +11,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers.backends import require
 
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
 
-torch = pytest.importorskip("torch")
+require("pytorch")
+import torch  # noqa: E402
 
 from cxrbench_pytorch import determinism as torch_determinism  # noqa: E402
 
@@ -48,6 +50,7 @@ def test_torch_refuses_deterministic_with_cudnn_autotuning(restore_torch):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.backends("keras")
 def test_keras_sets_onednn_off_only_before_tensorflow_is_imported(monkeypatch):
     from cxrbench_keras import determinism
 
@@ -62,6 +65,7 @@ def test_keras_sets_onednn_off_only_before_tensorflow_is_imported(monkeypatch):
     assert os.environ[determinism.ONEDNN_VARIABLE] == "0"
 
 
+@pytest.mark.backends("keras")
 def test_keras_worker_records_what_tensorflow_ran_with():
     """A fresh process, as a worker: the build hook's order sets oneDNN off before TensorFlow loads, and the
     runtime pins both thread pools to the core's budget (the thread count changes Keras' numbers on CPUs)."""

@@ -14,8 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers.backends import require
 
-pytest.importorskip("tensorflow")
+require("keras")
 
 BODY = textwrap.dedent(
     """

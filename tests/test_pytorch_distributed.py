@@ -10,7 +10,11 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
+from helpers.backends import require
+
+require("pytorch")
+
+import torch  # noqa: E402
 import torch.distributed as dist
 
 import cxrbench_pytorch as backend

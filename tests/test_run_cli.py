@@ -43,6 +43,7 @@ def test_gpu_sweeps_are_sorted_and_absent_means_the_suite_value():
     assert scaling.parse_gpus(None) is None
 
 
+@pytest.mark.backends("pytorch")
 def test_unknown_backend_names_the_installed_ones(tmp_path, capsys):
     code, err = _run_cli(capsys, "--backend", "nosuch", "--out", str(tmp_path / "r"))
     assert code == 2 and "unknown backend 'nosuch' (installed: " in err and "pytorch" in err

@@ -17,6 +17,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from helpers.backends import require
+
+require("pytorch", "keras")  # the reference loop is torch's
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND)
 

@@ -19,7 +19,11 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
+from helpers.backends import require
+
+require("pytorch")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 import torchvision
 
