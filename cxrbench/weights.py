@@ -23,6 +23,8 @@ GROWTH_RATE = 32
 BN_SIZE = 4
 INIT_FEATURES = 64
 BN_PARTS = ("weight", "bias", "running_mean", "running_var")
+#: BatchNorm epsilon of every backend (PyTorch's default; Keras is set to it).
+BN_EPSILON = 1e-5
 
 
 def densenet_spec(block_config: tuple[int, ...], num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:

@@ -140,13 +140,13 @@ def cxrbench_cam(model, images, classes):
 def cxrbench_export_onnx(model, path, settings):
     from cxrbench.checks.onnx import model_metadata, stamp_metadata
 
-    from cxrbench_numpy_example.export import INPUT, OUTPUT, write_onnx
+    from cxrbench.onnx_graph import INPUT, OUTPUT, write_onnx
 
     start = time.perf_counter()
     size, opset = settings.data.image_size, settings.export.opset
-    write_onnx(model.weights, model.block_config, size, opset, Path(path))
+    write_onnx(model.weights, model.block_config, size, opset, Path(path), producer="cxrbench_numpy_example")
     stamp_metadata(path, model_metadata(LAYOUT, size, NAME))
     return ExportInfo(
         path=str(path), layout=LAYOUT, opset=opset, input_name=INPUT, output_name=OUTPUT,
-        seconds=time.perf_counter() - start, exporter="onnx.helper graph (cxrbench_numpy_example)",
+        seconds=time.perf_counter() - start, exporter="onnx.helper graph from canonical weights (cxrbench.onnx_graph)",
     )

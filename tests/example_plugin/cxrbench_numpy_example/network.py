@@ -13,9 +13,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cxrbench.checks.onnx import normalise
-from cxrbench.weights import check_image_size
+from cxrbench.weights import BN_EPSILON, check_image_size
 
-BN_EPSILON = 1e-5
 
 Weights = Mapping[str, np.ndarray]
 

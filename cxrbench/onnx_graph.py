@@ -1,5 +1,7 @@
-"""ONNX export by hand: the same layers as :mod:`network`, written as an ``onnx.helper`` graph.
+"""DenseNet-BC as an ONNX graph written with ``onnx.helper`` straight from canonical weights.
 
+For backends whose framework has no ONNX exporter (the numpy example; JAX): the graph is the canonical
+network, so it needs only the weights and the block configuration, never the framework.
 Input ``input``: float32 NCHW ``(batch, 3, S, S)``, already ImageNet-normalised, batch dynamic.
 Output ``logits``: ``(batch, 14)``. Canonical weights become the graph's initializers unchanged,
 because ONNX's Conv, BatchNormalization and Gemm use torchvision's layouts.
@@ -13,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrbench.classes import NUM_CLASSES
-
-from cxrbench_numpy_example.network import BN_EPSILON
+from cxrbench.weights import BN_EPSILON
 
 INPUT, OUTPUT = "input", "logits"
 
@@ -73,7 +74,10 @@ class GraphBuilder:
         return self._node("Gemm", [x, weight, bias], OUTPUT, transB=1)
 
 
-def write_onnx(weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], image_size: int, opset: int, path: Path) -> None:
+def write_onnx(
+    weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], image_size: int, opset: int, path: Path,
+    producer: str = "cxrbench",
+) -> None:
     """Build and save the graph; the caller stamps the metadata and the core runs ``onnx.checker``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -82,13 +86,13 @@ def write_onnx(weights: Mapping[str, np.ndarray], block_config: tuple[int, ...],
     builder.densenet(block_config)
     graph = helper.make_graph(
         builder.nodes,
-        "cxrbench_numpy_densenet",
+        f"densenet_{'_'.join(map(str, block_config))}",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", NUM_CLASSES])],
         initializer=[numpy_helper.from_array(np.asarray(weights[n], dtype=np.float32), n) for n in builder.used],
     )
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(
-        graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets), producer_name="cxrbench_numpy_example"
+        graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets), producer_name=producer
     )
     onnx.save(model, str(path))
