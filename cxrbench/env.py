@@ -18,10 +18,11 @@ from typing import Any
 import psutil
 
 import cxrbench
+from cxrbench import devices
 
 PACKAGES = (
-    "cxrbench", "numpy", "scipy", "scikit-learn", "pillow", "pluggy", "torch", "torchvision", "tensorflow",
-    "keras", "tf2onnx", "onnx", "onnxruntime", "onnxscript", "nvidia-ml-py", "gputil", "jinja2", "matplotlib",
+    "cxrbench", "cxrbench-pytorch", "cxrbench-keras", "cxrbench-jax", "numpy", "scipy", "scikit-learn", "pillow",
+    "pluggy", "torch", "torchvision", "tensorflow", "keras", "tf2onnx", "jax", "jaxlib", "flax", "optax", "onnx", "onnxruntime", "onnxscript", "nvidia-ml-py", "gputil", "jinja2", "matplotlib",
 )
 
 
@@ -46,32 +47,63 @@ def cpu_model() -> str:
 
 
 def gpu_inventory() -> dict[str, Any]:
-    """GPUs through NVML: names, memory, driver and CUDA driver version; says plainly when none."""
+    """The GPUs this process can use (``CUDA_VISIBLE_DEVICES`` applied, PCI order), and the machine's driver.
+
+    ``count`` and ``devices`` are the visible GPUs only (``index`` is the CUDA index a worker sees, ``nvml_index``
+    the physical one); ``hidden`` counts the others. Without NVML the driver's device nodes still count GPUs, so a
+    container with CUDA but no NVML is not refused ``--gpus N``.
+    """
+    spec = devices.visible_spec()
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception as exc:  # no driver, no library, no GPU
-        return {"available": False, "count": 0, "devices": [], "reason": f"NVML unavailable: {type(exc).__name__}"}
+        return _inventory(devices.device_node_gpus(), spec, reason=f"NVML unavailable: {type(exc).__name__}")
     try:
-        count = pynvml.nvmlDeviceGetCount()
-        devices = []
-        for i in range(count):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            devices.append({"index": i, "name": name if isinstance(name, str) else name.decode(), "memory_total_mib": memory.total // 2**20})
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        return {
-            "available": count > 0,
-            "count": count,
-            "devices": devices,
-            "driver": driver if isinstance(driver, str) else driver.decode(),
-            "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}",
-        }
+        driver = devices.guarded(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+        cuda = devices.guarded(pynvml.nvmlSystemGetCudaDriverVersion)
+        return _inventory(devices.nvml_gpus(pynvml), spec, source="nvml", driver=driver,
+                          cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None)
+    except Exception as exc:  # NVML initialised but cannot even count: say so, never crash the caller
+        return _inventory([], spec, reason=f"NVML failed: {type(exc).__name__}: {exc}")
     finally:
-        pynvml.nvmlShutdown()
+        devices.guarded(pynvml.nvmlShutdown)
+
+
+def run_gpu_indices(requested: int) -> list[int] | None:
+    """NVML indices of the GPUs ``run.gpus = requested`` uses here: what a worker's monitor watches.
+
+    None when this machine shows no GPU at all, so the monitor's reader says why (no driver, no NVML).
+    """
+    inventory = gpu_inventory()
+    if not inventory["devices"] and not inventory["hidden"]:
+        return None
+    shown = [devices.Gpu(d["nvml_index"], d["name"], d["uuid"], d["memory_total_mib"]) for d in inventory["devices"]]
+    return [gpu.nvml_index for gpu in devices.used_by_run(shown, requested)]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _inventory(every: list[devices.Gpu], spec: str | None, source: str = "device nodes", reason: str | None = None,
+               **driver: Any) -> dict[str, Any]:
+    shown = devices.visible(every, spec)
+    inventory = {
+        "available": bool(shown),
+        "count": len(shown),
+        "devices": [{"index": i, **gpu.to_dict()} for i, gpu in enumerate(shown)],
+        "hidden": len(every) - len(shown),
+        "cuda_visible_devices": spec,
+        "source": source if every else "none",
+        **driver,
+    }
+    if reason and not shown:
+        inventory["reason"] = reason
+    elif reason:
+        inventory["note"] = reason
+    return inventory
 
 
 def git_commit(path: Path | None = None) -> str | None:

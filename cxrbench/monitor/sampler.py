@@ -1,4 +1,4 @@
-"""The background sampler: every ``interval_s`` one CPU/memory row and one row per GPU.
+"""The background sampler: every ``interval_s`` one CPU/memory row and one row per GPU the run uses.
 
 The CPU row also carries the whole machine's view for the noise guard (:mod:`cxrbench.monitor.noise`):
 the busy percent of the cores this process may use, the share of them other processes used, and the
@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -91,12 +92,13 @@ class Sampler:
         interval_s: float = 1.0,
         pid: int | None = None,
         gpu: tuple[GpuReader | None, GpuStatus] | None = None,
+        watch: Sequence[int] | None = None,
     ):
         self.folder = Path(folder)
         self.backend, self.tags, self.interval_s = backend, tags, interval_s
         self.tree = ProcessTree(pid or psutil.Process().pid)
         self.machine = MachineCpu()
-        self.gpu, self.status = gpu or open_gpu_reader()
+        self.gpu, self.status = gpu or open_gpu_reader(watch)
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxrbench-monitor", daemon=True)

@@ -30,9 +30,12 @@ def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: 
     left out rather than summarised as zeros.
     """
     grouped: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    read_errors: dict[str, int] = defaultdict(int)
     count = 0
     for row in samples:
         count += 1
+        if row.get("read_error"):
+            read_errors[row["device"]] += 1
         for name in FIELDS:
             if row.get(name) is not None:
                 grouped[row["phase"]][row["device"]][name].append(row[name])
@@ -40,4 +43,7 @@ def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: 
         phase: {device: {name: statistics(values) for name, values in fields.items()} for device, fields in devices.items()}
         for phase, devices in grouped.items()
     }
-    return {**status.to_dict(), "interval_s": interval_s, "samples": count, "phases": phases}
+    summary = {**status.to_dict(), "interval_s": interval_s, "samples": count, "phases": phases}
+    if read_errors:
+        summary["gpu_read_errors"] = dict(read_errors)  #: samples per device whose utilisation or memory read failed
+    return summary

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from cxrbench import __version__
-from cxrbench import timing
+from cxrbench import __version__, devices, timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
@@ -228,7 +227,7 @@ class Orchestrator:
             command = self._worker_command(name, gpus, folder, stages, extra or [])
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                       start_new_session=True, env={**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"},
                                        pass_fds=(self.lock.fd,) if self.lock.fd is not None else ())
             try:
                 returncode = self._wait(name, process, folder)

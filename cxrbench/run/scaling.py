@@ -28,6 +28,8 @@ def check_available(counts: list[int], inventory: dict[str, Any]) -> None:
     wanted, have = max(counts), inventory.get("count", 0)
     if wanted > have:
         why = f" ({inventory['reason']})" if inventory.get("reason") else ""
+        if inventory.get("hidden"):
+            why += f" ({inventory['hidden']} more hidden by CUDA_VISIBLE_DEVICES={inventory['cuda_visible_devices']!r})"
         raise CxrError(f"--gpus {','.join(map(str, counts))}: asked for {wanted} GPUs but this machine has {have}{why}")
 
 

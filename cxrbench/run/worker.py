@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench import weights as canonical
+from cxrbench.env import run_gpu_indices
 from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(run_settings, args.gpus, args.seed, args.set)
         plugins = load_plugins(args.plugin, backend=args.backend)
         worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status, run_settings)
-        sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval).start()
+        sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval,
+                          watch=run_gpu_indices(settings.run.gpus)).start()
         worker.run(tuple(args.stages.split(",")))
     except (Interrupted, KeyboardInterrupt) as exc:
         outcome, error = "interrupted", str(exc) or "interrupted"
