@@ -15,6 +15,7 @@ from cxrbench.run.index_page import write_index
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.progress import Progress, status_line, summary_table
 from cxrbench.run.store import write_json
+from cxrbench.suite import load_suite
 
 
 def _run_cli(capsys, *args):
@@ -151,3 +152,23 @@ def test_without_the_report_package_a_minimal_escaped_page_is_written(tmp_path, 
 
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "evil&lt;b&gt;" in page and "<table>" in page
+
+
+def test_a_gpu_sweep_gives_every_count_the_same_steps_per_epoch():
+    settings = load_suite("scaling")  # batch 64, train.max_steps 40, a 4000-image phantom
+    total = settings.data.phantom_images
+    train = int(total * 0.7)
+
+    sized = scaling.size_for_counts(settings, train, total, [1, 2, 4, 8])
+
+    grown_train = sized.data.phantom_images * train / total
+    assert grown_train >= 40 * 64 * 8  # 8 GPUs still run 40 full steps of 64 x 8 images
+    assert scaling.size_for_counts(settings, train, total, [1]) is settings  # no sweep: nothing to size
+    assert scaling.size_for_counts(settings.replace(**{"train.max_steps": 0}), train, total, [1, 8]).data == settings.data
+
+
+def test_real_data_too_small_for_equal_steps_is_refused_naming_what_to_change():
+    settings = load_suite("scaling").replace(**{"data.source": "chestxray14"})
+    with pytest.raises(CxrError, match=r"--gpus 1,8: at 8 GPUs an epoch has 5 steps of 64x8 images, fewer than "
+                                       r"train.max_steps = 40; equal steps per epoch need 20480 training images"):
+        scaling.size_for_counts(settings, 2800, 4000, [1, 8])

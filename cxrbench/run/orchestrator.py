@@ -108,6 +108,11 @@ def new_run(request: RunRequest) -> "Orchestrator":
     settings = request.settings.replace(**{"run.gpus": counts[0]})
     grid = sweep.parse_grid(request.sweep, settings)
     index = _dataset(plugins, settings)
+    for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
+        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), counts)
+        if sized == settings:
+            break
+        settings, index = sized, _dataset(plugins, sized)
     _check_warmup(settings, index, counts, grid)
     run_dir = request.out or _default_out(settings)
     _refuse_existing(run_dir)

@@ -3,11 +3,14 @@ scaling table (images/s, efficiency, utilisation per GPU) of a sweep."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from cxrbench.data.prepared import count_batches
 from cxrbench.errors import CxrError
 from cxrbench.run.store import read_json
+from cxrbench.suite import Settings
 
 
 def parse_gpus(text: str | None) -> list[int] | None:
@@ -31,6 +34,37 @@ def check_available(counts: list[int], inventory: dict[str, Any]) -> None:
         if inventory.get("hidden"):
             why += f" ({inventory['hidden']} more hidden by CUDA_VISIBLE_DEVICES={inventory['cuda_visible_devices']!r})"
         raise CxrError(f"--gpus {','.join(map(str, counts))}: asked for {wanted} GPUs but this machine has {have}{why}")
+
+
+def steps_per_epoch(train_images: int, batch_size: int, gpus: int, max_steps: int) -> int:
+    return count_batches(train_images, batch_size, gpus, max_steps=max_steps)
+
+
+def size_for_counts(settings: Settings, train_images: int, total_images: int, counts: list[int]) -> Settings:
+    """Settings whose data gives every GPU count of a sweep the same steps per epoch (``train.max_steps``).
+
+    A fixed image count would give 40/21/10/5 steps at 1/2/4/8 GPUs, and fixed costs (warm-up, the epoch's edges)
+    would then decide the larger counts. The phantom data set is grown until the largest count runs
+    ``train.max_steps`` full steps; real data that is too small is refused, naming what to change. Without
+    ``train.max_steps`` an epoch is the whole training split at every count (a fixed image count, as asked).
+    """
+    train, largest = settings.train, max(counts)
+    if len(counts) < 2 or not train.max_steps:
+        return settings
+    if steps_per_epoch(train_images, train.batch_size, largest, train.max_steps) == train.max_steps:
+        return settings
+    needed = train.max_steps * train.batch_size * largest
+    if settings.data.source != "phantom":
+        have = steps_per_epoch(train_images, train.batch_size, largest, train.max_steps)
+        raise CxrError(
+            f"--gpus {','.join(map(str, counts))}: at {largest} GPUs an epoch has {have} steps of "
+            f"{train.batch_size}x{largest} images, fewer than train.max_steps = {train.max_steps}; equal steps per "
+            f"epoch need {needed} training images (the data has {train_images}): lower train.max_steps or "
+            "train.batch_size, or use fewer GPUs"
+        )
+    share = train_images / total_images  # the splits keep their proportions as the phantom grows
+    grown = math.ceil(needed / share * 1.02)  # 2 % head room: splits are drawn by patient
+    return settings.replace(**{"data.phantom_images": max(grown, settings.data.phantom_images + 1)})
 
 
 def sweep_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
