@@ -22,6 +22,8 @@ def add_parser(commands) -> None:
     run.add_argument("--out", type=Path, help="run folder (default: reports/<timestamp>-<suite>)")
     run.add_argument("--gpus", help="GPU count, or a sweep such as 1,2,4 (default: the suite's run.gpus)")
     run.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)")
+    run.add_argument("--python", action="append", default=[], metavar="BACKEND=PATH",
+                     help="run this backend's worker with that interpreter (its own environment; repeatable)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted or failed run with its own settings")
     run.add_argument("--baseline", metavar="NAME", help="the backend others are compared with (default: the first)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any suite setting")
@@ -56,12 +58,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume:
         changed = [name for name, value in (("--suite", args.suite), ("--backend", args.backend), ("--out", args.out),
-                                            ("--gpus", args.gpus), ("--plugin", args.plugin),
+                                            ("--gpus", args.gpus), ("--plugin", args.plugin), ("--python", args.python),
                                             ("--baseline", args.baseline), ("--sweep", args.sweep)) if value]
         if overrides or changed:
             raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
         return resume_run(args.resume, argv, args.monitor_interval).execute()
+    from cxrbench.run.environments import parse_python_options
+
     settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
     request = RunRequest(settings, args.backend, args.plugin, args.out, args.gpus, args.baseline, argv,
-                         args.monitor_interval, args.sweep)
+                         args.monitor_interval, args.sweep, parse_python_options(args.python))
     return new_run(request).execute()

@@ -29,7 +29,7 @@ from cxrbench.data.prepared import count_batches
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.run import keep, repeats, scaling, sweep
+from cxrbench.run import environments, keep, repeats, scaling, sweep
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
@@ -59,9 +59,13 @@ class RunRequest:
     argv: list[str] = field(default_factory=list)
     monitor_interval: float = 1.0
     sweep: list[str] = field(default_factory=list)  #: ``--sweep KEY=V1,V2`` texts
+    pythons: dict[str, str] = field(default_factory=dict)  #: ``--python NAME=PATH``: a backend's own interpreter
 
 
-def _resolve_backends(plugins: Plugins, requested: list[str]) -> list[str]:
+def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
+    """The run's backends; one in its own environment (``--python``) is asked there and listed with the others."""
+    for name, python in (pythons or {}).items():
+        plugins.backends[name] = environments.backend_info(name, python)
     installed = plugins.backend_names()
     names = requested or installed
     if not names:
@@ -101,7 +105,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
     _check_gpus(counts)
     plugins = load_plugins(request.plugins)
-    backends = _resolve_backends(plugins, request.backends)
+    backends = _resolve_backends(plugins, request.backends, request.pythons)
     baseline = request.baseline or backends[0]
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
@@ -128,6 +132,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "argv": request.argv,
         "baseline": baseline,
         "plugins": request.plugins,
+        "pythons": request.pythons,
         "gpu_counts": counts,
         "data": None,
         "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
@@ -152,7 +157,7 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
         raise CxrError(f"--resume {run_dir}: the run completed and its large files were removed (run.keep = "
                        f"{run['kept']['keep']}): nothing to resume")
     plugins = load_plugins(run.get("plugins", []))
-    _resolve_backends(plugins, list(run["backends"]))
+    _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
     _check_gpus(run["gpu_counts"])
     index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / "run.json")))
     run.update(status="running", finished=None, error=None)
@@ -211,7 +216,8 @@ class Orchestrator:
 
     def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
                         extra: list[str]) -> list[str]:
-        command = [sys.executable, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
+        python = (self.run.get("pythons") or {}).get(name, sys.executable)
+        command = [python, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
                    "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
                    "--monitor-interval", str(self.monitor_interval), *extra]
         for module in self.run.get("plugins", []):

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from cxrbench import __version__
 from cxrbench import weights as canonical
 from cxrbench.env import run_gpu_indices
 from cxrbench.errors import CxrError, DataError, StorageError
@@ -171,6 +172,7 @@ def _watch_parent(parent: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    print(f"[{args.backend}] python {sys.executable} (cxrbench {__version__})", flush=True)
     folder = args.folder or args.run_dir / args.backend
     status = BackendStatus(folder, args.backend)
     status.start(os.getpid())

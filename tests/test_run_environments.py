@@ -1,0 +1,58 @@
+"""--python BACKEND=PATH: a backend's worker in an interpreter of its own, asked before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cxrbench.cli import main
+from cxrbench.errors import BackendError, CxrError
+from cxrbench.run import environments
+
+
+def test_python_options_are_checked_one_line_each(tmp_path):
+    assert environments.parse_python_options([f"keras={sys.executable}"]) == {"keras": sys.executable}
+    with pytest.raises(CxrError, match=r"--python 'keras': expected BACKEND=PATH"):
+        environments.parse_python_options(["keras"])
+    with pytest.raises(CxrError, match=rf"--python keras={tmp_path}/none: no executable Python interpreter there"):
+        environments.parse_python_options([f"keras={tmp_path}/none"])
+    with pytest.raises(CxrError, match="--python keras: given twice"):
+        environments.parse_python_options([f"keras={sys.executable}", f"keras={sys.executable}"])
+
+
+def test_the_interpreter_is_asked_which_backends_it_has():
+    found = environments.probe(sys.executable)
+    assert "numpy" in found["backends"] and found["backends"]["numpy"]["plugin"] == "cxrbench_numpy_example"
+    assert environments.backend_info("numpy", sys.executable).framework == "numpy"
+    with pytest.raises(BackendError, match=r"backend 'nosuch' is not installed in that environment \(installed there: "):
+        environments.backend_info("nosuch", sys.executable)
+
+
+def test_an_environment_without_the_core_says_to_install_it(tmp_path, monkeypatch):
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.chdir(tmp_path)  # not the checkout, whose cxrbench/ the interpreter would import from its folder
+
+    with pytest.raises(CxrError, match=r"cannot import cxrbench there \(ModuleNotFoundError: No module named "
+                                       r"'cxrbench'\); install the core in that environment too"):
+        environments.probe(str(tmp_path / "bare" / "bin" / "python"))
+
+
+@pytest.mark.backends("numpy")
+def test_the_worker_runs_with_the_named_interpreter(tmp_path, capsys):
+    other = tmp_path / "bin" / "python3"  # another path to an interpreter with the same packages
+    other.parent.mkdir()
+    other.symlink_to(sys.executable)
+    out = tmp_path / "run"
+
+    code = main(["run", "--backend", "numpy", "--python", f"numpy={other}", "--set", "train.max_steps=4",
+                 "--set", "train.warmup_steps=1", "--set", "train.window_steps=1", "--set", "run.stages=[\"train\"]",
+                 "--out", str(out)])
+
+    assert code == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["pythons"] == {"numpy": str(other)}
+    assert f"[numpy] python {other} (cxrbench " in (out / "numpy" / "log.txt").read_text()
