@@ -18,7 +18,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     from cxrbench.env import gpu_inventory
-    from cxrbench.plugins import load_plugins
+    from cxrbench.plugins import load_plugins, no_backend_message
 
     plugins = load_plugins(args.plugin)
     gpus = gpu_inventory()
@@ -31,6 +31,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
         _print_table(("backend", "framework", "version", "plugin", "devices"), rows)
         for failure in plugins.failures:
             print(f"warning: {failure}", file=sys.stderr)
+    if not rows:
+        print(f"note: {no_backend_message()}", file=sys.stderr)
     return 0
 
 
