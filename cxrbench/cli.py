@@ -25,7 +25,9 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     devices = ", ".join(["cpu"] + [f"cuda:{d['index']} {d['name']}" for d in gpus["devices"]])
     rows = [(info.name, info.framework, info.version, info.plugin, devices) for info in plugins.backends.values()]
     if args.json:
-        print(json.dumps({"backends": [dict(zip(("name", "framework", "version", "plugin", "devices"), r)) for r in rows],
+        listed = [{**dict(zip(("name", "framework", "version", "plugin", "devices"), row)), "extra": info.extra}
+                  for row, info in zip(rows, plugins.backends.values())]
+        print(json.dumps({"backends": listed,
                           "failures": [{"plugin": f.name, "error": f.error} for f in plugins.failures]}, indent=2))
     else:
         _print_table(("backend", "framework", "version", "plugin", "devices"), rows)

@@ -1,6 +1,7 @@
 """Plugin discovery: built-ins, entry points and --plugin modules; failures named; one backend per worker."""
 
 import importlib.metadata
+import json
 
 import numpy as np
 import pytest
@@ -100,6 +101,13 @@ def test_backend_info_is_keyword_only():
     with pytest.raises(TypeError):
         BackendInfo("mine", "numpy", "1.0", "NCHW")
     assert BackendInfo(name="mine", framework="numpy", version="1.0", onnx_layout="NHWC").plugin == ""
+
+
+def test_backends_json_lists_each_backends_extra(capsys):
+    assert main(["backends", "--json", "--plugin", "tests.core_plugins.echo_backend"]) == 0
+    listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)["backends"]}
+    assert listed["echo"]["extra"] == {} and listed["echo"]["plugin"] == "tests.core_plugins.echo_backend"
+    assert set(listed["pytorch"]["extra"]) == {"torchvision"}
 
 
 def _installed_only(monkeypatch, *names: str) -> None:
