@@ -166,11 +166,11 @@ def load_plugins(extra_modules: Iterable[str] = (), backend: str | None = None) 
 
 
 def missing_backend_message(backend: str, plugins: Plugins) -> str:
-    """Why ``--backend NAME`` is not available: a built-in backend names what to install; any other
-    name gets the installed ones. Plugins that failed to load are named with their errors."""
+    """Why ``--backend NAME`` is not available: a built-in backend that is not installed names what to
+    install; any other name gets the installed ones. Plugins that failed to load are named with their errors."""
     installed = ", ".join(plugins.backends) or "none"
     known = KNOWN_BACKENDS.get(backend)
-    if known is None:
+    if known is None or backend in {failure.name for failure in plugins.failures}:
         message = f"unknown backend {backend!r} (installed: {installed})"
     else:
         message = f"backend {backend!r} is not installed: {known.install_hint()} (installed: {installed})"

@@ -127,6 +127,16 @@ def test_missing_builtin_backend_names_the_distribution(monkeypatch, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_builtin_backend_that_fails_to_load_is_not_called_uninstalled(monkeypatch):
+    real = importlib.metadata.entry_points
+    broken = importlib.metadata.EntryPoint("keras", "tests.core_plugins.broken_at_import", plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [ep for ep in real(group=group) if ep.name != "keras"] + [broken])
+    with pytest.raises(BackendError, match=r"^unknown backend 'keras' \(installed: .*\); plugins that failed to "
+                                           r"load: keras \(ImportError: libfoo.so.1"):
+        plugins.load_plugins(backend="keras")
+
+
 def test_no_backend_installed_says_how_to_install_one(monkeypatch, tmp_path, capsys):
     _installed_only(monkeypatch)
     assert main(["backends"]) == 0
