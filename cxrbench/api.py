@@ -8,9 +8,13 @@ from typing import Any
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendInfo:
-    """What ``cxrbench backends`` lists. Building one must not import the framework."""
+    """What ``cxrbench backends`` lists. Building one must not import the framework.
+
+    Keyword-only: ``plugin`` sits between the fields a backend fills, so a positional call would
+    silently misplace them; ``BackendInfo("x", "numpy", "1.0", "NCHW")`` is a ``TypeError`` instead.
+    """
 
     name: str  #: the ``--backend`` name, e.g. ``"pytorch"``
     framework: str  #: the framework's distribution name, e.g. ``"torch"``

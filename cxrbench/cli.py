@@ -18,19 +18,23 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 
 def _cmd_backends(args: argparse.Namespace) -> int:
     from cxrbench.env import gpu_inventory
-    from cxrbench.plugins import load_plugins
+    from cxrbench.plugins import load_plugins, no_backend_message
 
     plugins = load_plugins(args.plugin)
     gpus = gpu_inventory()
     devices = ", ".join(["cpu"] + [f"cuda:{d['index']} {d['name']}" for d in gpus["devices"]])
     rows = [(info.name, info.framework, info.version, info.plugin, devices) for info in plugins.backends.values()]
     if args.json:
-        print(json.dumps({"backends": [dict(zip(("name", "framework", "version", "plugin", "devices"), r)) for r in rows],
+        listed = [{**dict(zip(("name", "framework", "version", "plugin", "devices"), row)), "extra": info.extra}
+                  for row, info in zip(rows, plugins.backends.values())]
+        print(json.dumps({"backends": listed,
                           "failures": [{"plugin": f.name, "error": f.error} for f in plugins.failures]}, indent=2))
     else:
         _print_table(("backend", "framework", "version", "plugin", "devices"), rows)
         for failure in plugins.failures:
             print(f"warning: {failure}", file=sys.stderr)
+    if not rows:
+        print(f"note: {no_backend_message()}", file=sys.stderr)
     return 0
 
 

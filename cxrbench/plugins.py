@@ -1,13 +1,15 @@
 """The plugin manager: built-ins, entry points (group ``cxrbench``) and ``--plugin MODULE``.
 
 The built-in backends are found through their entry points, exactly like a third party's. A plugin
-that fails to import is reported by name with its error, and the others still load. A worker's
-manager holds the core's plugins, every non-backend plugin and exactly one backend, so plain
-``firstresult`` hook calls reach that backend.
+that fails to import, or whose hooks pluggy rejects (a misspelt hook name such as ``cxrbench_predcit``,
+an argument the hookspec lacks), is reported by name with its error and not registered at all; the
+others still load. A worker's manager holds the core's plugins, every non-backend plugin and exactly
+one backend, so plain ``firstresult`` hook calls reach that backend.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 from collections.abc import Iterable
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 import pluggy
+from pluggy import PluginValidationError
 
 from cxrbench import hookspecs
 from cxrbench.api import BackendInfo
@@ -23,6 +26,24 @@ from cxrbench.errors import BackendError, CxrError
 ENTRY_POINT_GROUP = "cxrbench"
 #: The core's own plugins: data sets and AUROC evaluation.
 BUILTIN_MODULES = ("cxrbench.builtin",)
+
+
+@dataclass(frozen=True)
+class KnownBackend:
+    """A backend cxrbench ships as a distribution of its own, so a missing one can be named for installing."""
+
+    distribution: str  #: its name on an index, e.g. ``"cxrbench-keras"``
+    folder: str  #: its source folder in a cxrbench checkout
+
+    def install_hint(self) -> str:
+        return f"pip install -e {self.folder} (the distribution {self.distribution}) from a cxrbench checkout"
+
+
+#: The built-in backends by ``--backend`` name. Third-party backends are found by entry point alone.
+KNOWN_BACKENDS = {
+    "pytorch": KnownBackend("cxrbench-pytorch", "plugins/pytorch_backend"),
+    "keras": KnownBackend("cxrbench-keras", "plugins/keras_backend"),
+}
 
 
 @dataclass
@@ -54,6 +75,31 @@ def _new_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
+
+
+def _hook_problem(module: ModuleType, name: str) -> str | None:
+    """Let pluggy check ``module`` on a scratch manager before it joins the real one; ``None`` when it passes.
+
+    Registration checks each implementation's arguments against its hookspec; ``check_pending``
+    then finds implementations that match no hookspec at all, which pluggy would otherwise ignore
+    silently (a backend with ``cxrbench_predcit`` would fail only hours later, at prediction time).
+    """
+    pm = _new_manager()
+    try:
+        pm.register(module, name=name)
+        pm.check_pending()
+    except PluginValidationError as exc:
+        unknown = [caller.name for caller in pm.get_hookcallers(module) or () if not caller.has_spec()]
+        return "; ".join(map(_unknown_hook, unknown)) or " ".join(str(exc).split())
+    return None
+
+
+def _unknown_hook(name: str) -> str:
+    """The misspelt hook, with the hookspec it most likely meant."""
+    specs = [spec for spec in vars(hookspecs) if spec.startswith(f"{hookspecs.PROJECT}_")]
+    close = difflib.get_close_matches(name, specs, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"hook implementation {name!r} matches no hookspec{guess}"
 
 
 def _backend_info(module: ModuleType) -> BackendInfo | None:
@@ -89,13 +135,17 @@ def load_plugins(extra_modules: Iterable[str] = (), backend: str | None = None) 
     """Discover and register plugins.
 
     :param extra_modules: module names given with ``--plugin``.
-    :param backend: when set, register only this backend (a worker); unknown names raise
-        :class:`~cxrbench.errors.BackendError` listing the installed ones.
+    :param backend: when set, register only this backend (a worker); a name not installed raises
+        :class:`~cxrbench.errors.BackendError` (:func:`missing_backend_message`).
     """
     pm = _new_manager()
     plugins = Plugins(pm)
     loaded, plugins.failures = _load_candidates(extra_modules)
     for name, module in loaded:
+        problem = _hook_problem(module, name)
+        if problem is not None:
+            plugins.failures.append(PluginFailure(name, problem))
+            continue
         try:
             info = _backend_info(module)
         except Exception as exc:
@@ -111,17 +161,32 @@ def load_plugins(extra_modules: Iterable[str] = (), backend: str | None = None) 
                 continue
         pm.register(module, name=name)
     if backend is not None and backend not in plugins.backends:
-        raise BackendError(_unknown_backend_message(backend, plugins))
+        raise BackendError(missing_backend_message(backend, plugins))
     return plugins
 
 
-def _unknown_backend_message(backend: str, plugins: Plugins) -> str:
+def missing_backend_message(backend: str, plugins: Plugins) -> str:
+    """Why ``--backend NAME`` is not available: a built-in backend that is not installed names what to
+    install; any other name gets the installed ones. Plugins that failed to load are named with their errors."""
     installed = ", ".join(plugins.backends) or "none"
-    message = f"unknown backend {backend!r} (installed: {installed})"
-    broken = [f.name for f in plugins.failures]
-    if broken:
-        message += f"; plugins that failed to load: {', '.join(broken)}"
+    known = KNOWN_BACKENDS.get(backend)
+    if known is None or backend in {failure.name for failure in plugins.failures}:
+        message = f"unknown backend {backend!r} (installed: {installed})"
+    else:
+        message = f"backend {backend!r} is not installed: {known.install_hint()} (installed: {installed})"
+    if plugins.failures:
+        broken = ", ".join(f"{f.name} ({f.error})" for f in plugins.failures)
+        message += f"; plugins that failed to load: {broken}"
     return message
+
+
+def no_backend_message() -> str:
+    """What to do when no backend is installed at all: the built-in ones to install, or a third party's."""
+    choices = " or ".join(f"pip install -e {known.folder}" for known in KNOWN_BACKENDS.values())
+    return (
+        f"no backend is installed: from a cxrbench checkout, {choices}; any distribution with a "
+        f"{ENTRY_POINT_GROUP!r} entry point is a backend too, and --plugin MODULE loads one that is not installed"
+    )
 
 
 def require_answer(value, hook_name: str, backend: str):

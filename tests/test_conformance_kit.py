@@ -61,6 +61,32 @@ def test_named_paths_are_respected(pytester):
     pytester.inline_run("--cxrbench-backend", "numpy", "test_mine.py").assertoutcome(passed=1)
 
 
+def test_arch_option_reaches_every_kit_model_and_is_undone_after_the_session(pytester):
+    """``--cxrbench-arch`` sets model.arch of kit_settings (so of every kit test) for its session only; the
+    reference backend's child process is told the same architecture."""
+    pytester.makepyfile(test_arch="""
+        from cxrbench.testing import conformance
+
+        def test_kit_settings_use_the_option():
+            assert conformance.kit_settings(64).model.arch == "densenet-small"
+        """)
+    pytester.inline_run("--cxrbench-backend", "numpy", "--cxrbench-arch", "densenet-small", "test_arch.py",
+                        "-p", "no:cacheprovider").assertoutcome(passed=1)
+    assert conformance.kit_settings().model.arch == conformance.DEFAULT_ARCH == "densenet-tiny"
+
+
+def test_reference_worker_builds_the_arch_it_is_given(tmp_path, numpy_backend):
+    out = tmp_path / "logits.npz"
+    conformance.reference_worker("numpy", [], str(out), "densenet-small")
+    settings, weights, images = conformance.equivalence_inputs(32, "densenet-small")
+    hook = numpy_backend.hook
+    expected = hook.cxrbench_predict(model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images,
+                                     settings=settings)
+    with np.load(out) as logits:
+        assert sorted(logits.files) == sorted(str(size) for size in conformance.SIZES)
+        np.testing.assert_array_equal(logits["32"], expected)
+
+
 def test_unknown_backend_is_a_one_line_usage_error(pytester):
     result = pytester.runpytest("--cxrbench-backend", "no-such-backend")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -1,13 +1,18 @@
 """Plugin discovery: built-ins, entry points and --plugin modules; failures named; one backend per worker."""
 
 import importlib.metadata
+import json
 
 import numpy as np
 import pytest
 
 from cxrbench import plugins
+from cxrbench.api import BackendInfo
+from cxrbench.cli import main
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
+
+MISSPELT, WRONG_ARGUMENT = "tests.plugins_wrong.misspelt_hook", "tests.plugins_wrong.wrong_argument"
 
 
 def _names(pm):
@@ -62,6 +67,85 @@ def test_worker_manager_holds_exactly_one_backend():
 def test_unknown_backend_lists_installed_and_broken():
     with pytest.raises(BackendError, match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import"):
         plugins.load_plugins(["tests.core_plugins.broken_at_import"], backend="mxnet")
+
+
+def test_misspelt_hook_is_a_load_failure_naming_plugin_and_hook():
+    """check_pending: a hook implementation no hookspec knows refuses the whole plugin (it is never registered,
+    so a backend cannot half-work), and the other plugins still load."""
+    found = plugins.load_plugins([MISSPELT, "tests.core_plugins.echo_backend"])
+    [failure] = found.failures
+    assert str(failure) == (
+        f"plugin {MISSPELT!r} failed to load: hook implementation 'cxrbench_predcit' matches no hookspec "
+        "(did you mean 'cxrbench_predict'?)"
+    )
+    assert "misspelt" not in found.backends and found.manager.get_plugin(MISSPELT) is None
+    assert {"echo", "pytorch"} <= set(found.backends)
+    found.manager.check_pending()  # what was registered is all known hooks
+
+
+def test_hook_argument_the_hookspec_lacks_is_a_one_line_load_failure():
+    found = plugins.load_plugins([WRONG_ARGUMENT])
+    [failure] = found.failures
+    assert failure.name == WRONG_ARGUMENT and "\n" not in failure.error
+    assert "cxrbench_predict" in failure.error and "'imgs'" in failure.error
+    assert "wrong-argument" not in found.backends
+
+
+def test_selecting_a_refused_backend_names_the_reason():
+    with pytest.raises(BackendError, match=r"unknown backend 'misspelt' .*misspelt_hook \(hook implementation 'cxrbench_predcit'"):
+        plugins.load_plugins([MISSPELT], backend="misspelt")
+
+
+def test_backend_info_is_keyword_only():
+    """The documented fields in a positional call would land in ``plugin``; a TypeError says so at once."""
+    with pytest.raises(TypeError):
+        BackendInfo("mine", "numpy", "1.0", "NCHW")
+    assert BackendInfo(name="mine", framework="numpy", version="1.0", onnx_layout="NHWC").plugin == ""
+
+
+def test_backends_json_lists_each_backends_extra(capsys):
+    assert main(["backends", "--json", "--plugin", "tests.core_plugins.echo_backend"]) == 0
+    listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)["backends"]}
+    assert listed["echo"]["extra"] == {} and listed["echo"]["plugin"] == "tests.core_plugins.echo_backend"
+    assert set(listed["pytorch"]["extra"]) == {"torchvision"}
+
+
+def _installed_only(monkeypatch, *names: str) -> None:
+    """Pretend only the entry points ``names`` are installed (a backend "uninstalled" without pip)."""
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [ep for ep in real(group=group) if ep.name in names])
+
+
+def test_missing_builtin_backend_names_the_distribution(monkeypatch, tmp_path, capsys):
+    _installed_only(monkeypatch, "pytorch")
+    code = main(["run", "--backend", "keras", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert ("backend 'keras' is not installed: pip install -e plugins/keras_backend (the distribution cxrbench-keras) "
+            "from a cxrbench checkout (installed: pytorch)") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_builtin_backend_that_fails_to_load_is_not_called_uninstalled(monkeypatch):
+    real = importlib.metadata.entry_points
+    broken = importlib.metadata.EntryPoint("keras", "tests.core_plugins.broken_at_import", plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [ep for ep in real(group=group) if ep.name != "keras"] + [broken])
+    with pytest.raises(BackendError, match=r"^unknown backend 'keras' \(installed: .*\); plugins that failed to "
+                                           r"load: keras \(ImportError: libfoo.so.1"):
+        plugins.load_plugins(backend="keras")
+
+
+def test_no_backend_installed_says_how_to_install_one(monkeypatch, tmp_path, capsys):
+    _installed_only(monkeypatch)
+    assert main(["backends"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["backend  framework  version  plugin  devices"]
+    for hint in ("pip install -e plugins/pytorch_backend", "pip install -e plugins/keras_backend", "'cxrbench' entry point"):
+        assert hint in err
+    assert main(["run", "--out", str(tmp_path / "run")]) == 2
+    assert f"cxrbench: error: {plugins.no_backend_message()}" in capsys.readouterr().err
 
 
 def test_evaluate_stage_passes_patients_and_notes_a_plugin_without_groups(tmp_path):

@@ -28,7 +28,7 @@ from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
-from cxrbench.plugins import Plugins, load_plugins, require_answer
+from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.run import environments, keep, repeats, scaling, sweep
 from cxrbench.run.compare import write_comparison
 from cxrbench.run.index_page import write_index
@@ -69,11 +69,10 @@ def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str,
     installed = plugins.backend_names()
     names = requested or installed
     if not names:
-        raise BackendError("no backend is installed (install cxrbench's backends or pass --plugin MODULE)")
+        raise BackendError(no_backend_message())
     for name in names:
         if name not in installed:
-            broken = "".join(f"; {failure}" for failure in plugins.failures)
-            raise BackendError(f"unknown backend {name!r} (installed: {', '.join(installed) or 'none'}){broken}")
+            raise BackendError(missing_backend_message(name, plugins))
     return list(dict.fromkeys(names))
 
 

@@ -3,7 +3,8 @@
 Run it with ``pytest --cxrbench-backend NAME`` (see :mod:`cxrbench.testing.pytest_plugin`). The
 backend is reached exactly as a worker reaches it: through its own plugin manager
 (:func:`cxrbench.plugins.load_plugins` with ``backend=NAME``), by hook calls only. Models are tiny
-(``densenet-tiny``, 32 and 64 px) so the whole kit takes seconds to a minute on a CPU.
+(``densenet-tiny``, 32 and 64 px) so the whole kit takes seconds to a minute on a CPU;
+``--cxrbench-arch densenet121`` runs every test at full DenseNet-121 depth instead (same image sizes).
 
 Tolerances: logits computed twice on the same weights agree within 1e-6 (bitwise on a CPU; a GPU
 may pick kernels nondeterministically); the CAM identity holds within 1e-4; ONNX Runtime matches
@@ -45,7 +46,9 @@ from cxrbench.suite import Settings
 from cxrbench.weights import densenet_spec, init_canonical
 
 SIZES = (32, 64)
-ARCH = "densenet-tiny"
+DEFAULT_ARCH = "densenet-tiny"
+#: The architecture of every kit model (``model.arch``): ``--cxrbench-arch``, set for its session by the pytest plugin.
+arch = DEFAULT_ARCH
 REPEAT_ATOL = 1e-6
 CAM_ATOL = 1e-4
 #: Frameworks whose import would make discovery slow (plus the backend's own framework).
@@ -56,8 +59,8 @@ HEAVY_MODULES = frozenset({"torch", "tensorflow", "keras", "jax", "mxnet", "padd
 
 
 def kit_settings(image_size: int = 32, **dotted: Any) -> Settings:
-    """Small validated settings: tiny DenseNet, framework init, batch 4; ``dotted`` overrides."""
-    base = {"model.arch": ARCH, "model.init": "framework", "data.image_size": image_size, "train.batch_size": 4}
+    """Small validated settings: the kit's :data:`arch`, framework init, batch 4; ``dotted`` overrides."""
+    base = {"model.arch": arch, "model.init": "framework", "data.image_size": image_size, "train.batch_size": 4}
     return Settings().replace(**{**base, **dotted})
 
 
@@ -129,26 +132,30 @@ def open_backend(name: str, extra_modules: list[str]) -> Backend:
     return Backend(name, load_plugins(extra_modules, backend=name))
 
 
-def equivalence_inputs(size: int) -> tuple[Settings, dict[str, np.ndarray], np.ndarray]:
-    """Settings, weights and images of the equivalence test: seeded, so every process makes the same."""
-    settings = kit_settings(size)
+def equivalence_inputs(size: int, model_arch: str | None = None) -> tuple[Settings, dict[str, np.ndarray], np.ndarray]:
+    """Settings, weights and images of the equivalence test (at the kit's :data:`arch` unless ``model_arch``):
+    seeded, so every process makes the same."""
+    settings = kit_settings(size, **{"model.arch": model_arch or arch})
     return settings, random_canonical(settings.model.block_config, seed=10), random_images(4, size)
 
 
-def reference_worker(name: str, extra_modules: list[str], out: str) -> None:
-    """Child-process side of the equivalence test: backend ``name``'s logits for every kit size."""
+def reference_worker(name: str, extra_modules: list[str], out: str, model_arch: str = DEFAULT_ARCH) -> None:
+    """Child-process side of the equivalence test: backend ``name``'s logits for every kit size, at ``model_arch``."""
     reference = open_backend(name, extra_modules)
     logits = {}
     for size in SIZES:
-        settings, weights, images = equivalence_inputs(size)
+        settings, weights, images = equivalence_inputs(size, model_arch)
         logits[str(size)] = reference.predict(reference.build(settings, weights), images, settings)
     np.savez(out, **logits)
 
 
 def logits_in_child_process(name: str, extra_modules: list[str], out: Path) -> dict[int, np.ndarray]:
     """Run :func:`reference_worker` in a fresh Python and read back its logits by image size."""
-    script = "import json, sys\nfrom cxrbench.testing.conformance import reference_worker\nreference_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])\n"
-    command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out)]
+    script = (
+        "import json, sys\nfrom cxrbench.testing.conformance import reference_worker\n"
+        "reference_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4])\n"
+    )
+    command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out), arch]
     done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
     if done.returncode != 0:
         pytest.fail(f"reference backend {name!r} failed in its process (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -222,6 +229,32 @@ def test_metric_plugins_take_patient_groups(backend: Backend):
     for note in independence_notes(caller):
         warnings.warn(note, stacklevel=1)
 
+
+
+def test_dataset_is_the_cores(backend: Backend, tmp_path: Path):
+    """``cxrbench_dataset`` is the core's: no backend or extra plugin may answer first for its sources, or the
+    backends would no longer train on the same images."""
+    from cxrbench.data import nih, phantom
+
+    root = phantom.synthesize(tmp_path / "phantom", images=phantom.MIN_IMAGES, size=phantom.MIN_SIZE, seed=0)
+    settings = kit_settings(**{"data.source": "phantom", "data.path": str(root)})
+    index = require_answer(backend.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", backend.name)
+    expected = nih.read_index(root, split=settings.data.split, val_fraction=settings.data.val_fraction,
+                              seed=settings.run.seed, source="phantom")
+    assert index.files == expected.files and index.source == "phantom"
+    np.testing.assert_array_equal(index.labels, expected.labels)
+    np.testing.assert_array_equal(index.split, expected.split)
+
+
+def test_report_sections_are_title_html_pairs(backend: Backend, tmp_path: Path):
+    """Every ``cxrbench_report_sections`` answer (the backend's and any --cxrbench-plugin's) is None or a list
+    of ``(title, html)`` string pairs, given the run folder's run.json as a dict plus its path."""
+    run = {"schema_version": 1, "backends": {backend.name: {"status": "done"}}, "path": str(tmp_path)}
+    for answer in backend.plugins.hook.cxrbench_report_sections(run=run):
+        assert answer is None or isinstance(answer, list), f"must return a list or None: {answer!r}"
+        for section in answer or ():
+            assert isinstance(section, tuple) and len(section) == 2, section
+            assert all(isinstance(part, str) for part in section), section
 
 
 def test_backend_info_describes_the_backend(backend: Backend):

@@ -4,8 +4,8 @@ Registered under the ``pytest11`` entry point, so it loads in every pytest run. 
 (it only adds its options) unless ``--cxrbench-backend`` is given; then, when no test paths are
 named on the command line, the session collects only :mod:`cxrbench.testing.conformance`, from any
 directory. Naming paths or node ids still works (e.g. ``pytest --cxrbench-backend numpy
---pyargs cxrbench.testing.conformance -k cam``). No framework is imported here: the backend
-imports its own, inside its hooks.
+--pyargs cxrbench.testing.conformance -k cam``). ``--cxrbench-arch`` sets the architecture of every
+kit model for the session. No framework is imported here: the backend imports its own, inside its hooks.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 
 KIT = Path(__file__).with_name("conformance.py")
+_PREVIOUS_ARCH = pytest.StashKey[str]()
 
 # The kit's plain asserts get pytest's detailed failure messages even if imported early.
 pytest.register_assert_rewrite("cxrbench.testing.conformance")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from cxrbench.suite import ARCHITECTURES
+
     group = parser.getgroup("cxrbench", "cxrbench backend conformance kit")
     group.addoption(
         "--cxrbench-backend", metavar="NAME", default=None,
@@ -29,6 +32,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--cxrbench-reference", metavar="NAME", default=None,
         help="backend the kit compares logits with on shared weights (default: pytorch when installed)",
+    )
+    group.addoption(
+        "--cxrbench-arch", metavar="ARCH", default=None, choices=sorted(ARCHITECTURES),
+        help="model.arch of every kit model (default densenet-tiny; densenet121 is the full network, much slower)",
     )
     group.addoption(
         "--cxrbench-plugin", metavar="MODULE", action="append", default=[],
@@ -47,6 +54,18 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(KIT)]
         config.args_source = pytest.Config.ArgsSource.ARGS
+    from cxrbench.testing import conformance
+
+    config.stash[_PREVIOUS_ARCH] = conformance.arch
+    conformance.arch = config.getoption("cxrbench_arch") or conformance.DEFAULT_ARCH
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Put the kit's architecture back, so a session run inside another (pytester) leaves no trace."""
+    if _PREVIOUS_ARCH in config.stash:
+        from cxrbench.testing import conformance
+
+        conformance.arch = config.stash[_PREVIOUS_ARCH]
 
 
 def _check_installed(config: pytest.Config, name: str, option: str) -> None:
@@ -64,4 +83,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     name = config.getoption("cxrbench_backend")
     if name is None:
         return None
-    return f"cxrbench conformance kit: backend {name!r}, reference {config.getoption('cxrbench_reference') or 'pytorch (default)'!r}"
+    from cxrbench.testing import conformance
+
+    reference = config.getoption("cxrbench_reference") or "pytorch (default)"
+    return f"cxrbench conformance kit: backend {name!r}, reference {reference!r}, arch {conformance.arch!r}"

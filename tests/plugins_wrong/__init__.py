@@ -1,1 +1,1 @@
-"""Deliberately wrong backends: the equivalence check must catch them."""
+"""Deliberately wrong backends: the equivalence check or the plugin manager must catch them."""
