@@ -59,7 +59,8 @@ def resolve(settings: Settings, weights: Mapping[str, np.ndarray] | None,
         return _canonical(weights, block_config, "weights")
     init = settings.model.init
     if init == "shared":
-        return _canonical(canonical.init_canonical(block_config, settings.run.seed), block_config, "model.init = 'shared'")
+        shared = canonical.init_canonical(block_config, settings.run.seed)
+        return _canonical(shared, block_config, "model.init = 'shared'")
     if init in (Start.FRAMEWORK.value, Start.IMAGENET.value):
         return InitialWeights(Start(init), f"model.init = {init!r}")
     path = _weights_file(init, native_suffixes)

@@ -218,7 +218,8 @@ def test_framework_init_is_seeded():
 
 def test_shared_init_without_weights_is_the_cores_canonical_init():
     """As in the pytorch backend and the worker: "shared" is the core's seeded init, not an error."""
-    loaded = keras_weights.get_weights(keras_model.build(make_settings(**{"model.init": "shared", "run.seed": 9})).network)
+    model = keras_model.build(make_settings(**{"model.init": "shared", "run.seed": 9}))
+    loaded = keras_weights.get_weights(model.network)
     expected = canonical.init_canonical(TINY, 9)
     assert loaded.keys() == expected.keys()
     assert all(np.array_equal(loaded[k], expected[k]) for k in expected)

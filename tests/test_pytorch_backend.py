@@ -465,7 +465,8 @@ def test_cam_matches_features_taken_from_the_real_forward():
 
 def test_cam_refuses_unknown_classes():
     with pytest.raises(BackendError, match=r"CAM classes must be indices 0\.\.13, got \[14\]"):
-        backend.cxrbench_cam(model=build(kit_settings()), images=random_images(1, 32), classes=[14], settings=kit_settings())
+        backend.cxrbench_cam(model=build(kit_settings()), images=random_images(1, 32), classes=[14],
+                             settings=kit_settings())
 
 
 # -- ONNX -----------------------------------------------------------------------------------------
