@@ -71,15 +71,22 @@ def cxrbench_build_model(settings, weights):
 
     :param settings: the run's :class:`cxrbench.suite.Settings` (numerics options apply here too,
         e.g. channels_last or a precision policy).
-    :param weights: canonical weights (:mod:`cxrbench.weights`) to load, or ``None``. When ``None``
-        the backend initialises by ``settings.model.init``: ``"framework"`` (the framework's own
-        initialiser, seeded from ``settings.run.seed``), ``"imagenet"`` (the framework's ImageNet
-        weights, from its local cache or the network, with the classifier re-initialised; a
-        one-line :class:`~cxrbench.errors.WeightsError` when unavailable) or a weights file path
-        (loaded without unpickling arbitrary objects). ``"shared"`` never reaches the backend: the
-        core passes the shared weights instead.
+    :param weights: canonical weights (:mod:`cxrbench.weights`) to load, or ``None`` to initialise
+        by ``settings.model.init``. Either way, call :func:`cxrbench.initial_weights.resolve` with
+        the file suffixes your framework reads itself: the core owns the policy and answers with a
+        :class:`~cxrbench.initial_weights.Start`. ``CANONICAL``: load its ``weights``, already
+        checked against the architecture (the given weights, ``"shared"`` = the seeded
+        :func:`cxrbench.weights.init_canonical` the worker also passes, or a ``.npz`` file).
+        ``FRAMEWORK``: the framework's own initialiser, seeded from ``settings.run.seed``.
+        ``IMAGENET``: the framework's ImageNet weights, from its local cache or the network, with
+        the classifier re-initialised; a one-line :class:`~cxrbench.errors.WeightsError` when
+        unavailable. ``NATIVE_FILE``: its ``path`` (checked to exist, with one of your suffixes),
+        loaded without unpickling arbitrary objects; a bad file is a one-line ``WeightsError``.
+        Missing files and unsupported suffixes are refused by the core with the same message for
+        every backend.
     :return: the backend's model object; the core treats it as opaque. Raise
-        :class:`~cxrbench.errors.BackendError` for an image size the network cannot take.
+        :class:`~cxrbench.errors.BackendError` for an image size the network cannot take
+        (:func:`cxrbench.weights.check_image_size`).
     """
 
 
@@ -137,7 +144,9 @@ def cxrbench_train(model, data, settings, recorder):
 def cxrbench_predict(model, images, settings):
     """Logits for ``images`` in eval mode, without gradients, batched by the backend.
 
-    :param images: ``uint8`` array ``(N, S, S)``.
+    :param images: ``uint8`` array ``(N, S, S)`` with ``S = settings.data.image_size``; N may be 0.
+        Check it first with :func:`cxrbench.model_inputs.check_images` (one-line
+        :class:`~cxrbench.errors.BackendError` for anything else), then never cast or reshape it.
     :param settings: ``settings.eval.tta_hflip`` averages the logits of each image and its
         horizontal mirror; ``settings.train.batch_size`` bounds the inference batch.
     :return: ``float32`` array ``(N, len(CLASSES))`` of logits (the core applies the sigmoid).
@@ -145,11 +154,15 @@ def cxrbench_predict(model, images, settings):
 
 
 @hookspec(firstresult=True)
-def cxrbench_cam(model, images, classes):
+def cxrbench_cam(model, images, classes, settings):
     """Class activation maps for the given classes, at the final feature map's resolution.
 
-    :param images: ``uint8`` array ``(N, S, S)``.
-    :param classes: indices into :data:`cxrbench.classes.CLASSES`.
+    Check the inputs first with :func:`cxrbench.model_inputs.check_cam_inputs`: images as for
+    :func:`cxrbench_predict` and at least one of them, at least one class index, each in range.
+
+    :param images: ``uint8`` array ``(N, S, S)`` with ``S = settings.data.image_size``, N >= 1.
+    :param classes: indices into :data:`cxrbench.classes.CLASSES`; the maps follow their order.
+    :param settings: ``settings.train.batch_size`` bounds the inference batch, as in prediction.
     :return: a :class:`cxrbench.api.CamResult`; its identity ``maps.mean((2, 3)) + bias == logits``
         is checked by the conformance kit.
     """

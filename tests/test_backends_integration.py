@@ -106,7 +106,7 @@ def test_one_epoch_learns_and_localises(smoke, name):
 
     images, truth = boxed_test_images(data)
     classes = sorted({CLASSES.index(box.label) for _, box in truth})
-    cams = hook.cxrbench_cam(model=model, images=images, classes=classes)
+    cams = hook.cxrbench_cam(model=model, images=images, classes=classes, settings=settings)
     maps = upsample(cams.maps, data.size)
     cam = cam_localisation(maps, truth, classes, threshold=settings.eval.cam_threshold)
     centred = localisation_accuracy(centred_box_baseline(truth, data.size), truth, metric="iobb")

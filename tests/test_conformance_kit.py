@@ -125,8 +125,8 @@ BROKEN = {
     "cam_off_by_a_constant": (
         """
         @hookimpl
-        def cxrbench_cam(model, images, classes):
-            cam = good.cxrbench_cam(model, images, classes)
+        def cxrbench_cam(model, images, classes, settings):
+            cam = good.cxrbench_cam(model, images, classes, settings)
             return dataclasses.replace(cam, maps=cam.maps + np.float32(0.01))
         """,
         "cam",

@@ -216,6 +216,15 @@ def test_framework_init_is_seeded():
     assert not np.array_equal(first["features.conv0.weight"], other["features.conv0.weight"])
 
 
+def test_shared_init_without_weights_is_the_cores_canonical_init():
+    """As in the pytorch backend and the worker: "shared" is the core's seeded init, not an error."""
+    model = keras_model.build(make_settings(**{"model.init": "shared", "run.seed": 9}))
+    loaded = keras_weights.get_weights(model.network)
+    expected = canonical.init_canonical(TINY, 9)
+    assert loaded.keys() == expected.keys()
+    assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_image_size_too_small_is_one_line():
     settings = make_settings()
     settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, image_size=16))
@@ -311,7 +320,7 @@ def test_predict_is_batch_independent_and_tta_averages_mirrors(tiny):
 def test_cam_identity(tiny):
     images = structured_images(3)
     classes = [0, 5, 13]
-    result = infer.cam(tiny, images, classes)
+    result = cxrbench_keras.cxrbench_cam(model=tiny, images=images, classes=classes, settings=make_settings())
     assert result.maps.shape == (3, 3, SIZE // 32, SIZE // 32) and result.maps.dtype == np.float32
     np.testing.assert_allclose(result.maps.mean((2, 3)) + result.bias, result.logits, atol=1e-5)
     np.testing.assert_allclose(result.logits, infer.predict(tiny, images, make_settings())[:, classes], atol=1e-5)

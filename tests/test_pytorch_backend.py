@@ -178,7 +178,7 @@ def _not_a_state_dict(path):
 def _wrong_suffix(path):
     path = path.with_suffix(".bin")
     path.write_bytes(b"")
-    return r"w\.bin: unknown weights file type '\.bin'"
+    return r"w\.bin: unsupported weights file type '\.bin' for model\.init \(this backend reads \.npz, \.pt or \.pth;"
 
 
 @pytest.mark.parametrize("make", [_mismatched, _corrupt, _not_a_state_dict, _wrong_suffix])
@@ -452,7 +452,7 @@ def test_cam_matches_features_taken_from_the_real_forward():
     hook = model.net.features.register_forward_hook(lambda module, args, out: captured.update(features=out.clone()))
     forward_logits = eager_logits(model, images)
     hook.remove()
-    result = backend.cxrbench_cam(model=model, images=images, classes=classes)
+    result = backend.cxrbench_cam(model=model, images=images, classes=classes, settings=kit_settings(64))
     weights = backend.cxrbench_get_weights(model=model)
     features = np.maximum(captured["features"].numpy(), 0)
     expected = np.einsum("nkhw,ck->nchw", features, weights["classifier.weight"][classes])
@@ -465,7 +465,8 @@ def test_cam_matches_features_taken_from_the_real_forward():
 
 def test_cam_refuses_unknown_classes():
     with pytest.raises(BackendError, match=r"CAM classes must be indices 0\.\.13, got \[14\]"):
-        backend.cxrbench_cam(model=build(kit_settings()), images=random_images(1, 32), classes=[14])
+        backend.cxrbench_cam(model=build(kit_settings()), images=random_images(1, 32), classes=[14],
+                             settings=kit_settings())
 
 
 # -- ONNX -----------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def cam(ctx: StageContext) -> None:
     truth_local = [(local[pos], box) for pos, box in truth]
     class_indices = sorted({CLASSES.index(box.label) for _, box in truth})
     images = ctx.data.split_images("test")[positions]
-    result = ctx.call("cxrbench_cam", model=ctx.model, images=images, classes=class_indices)
+    result = ctx.call("cxrbench_cam", model=ctx.model, images=images, classes=class_indices, settings=ctx.settings)
     maps = upsample(np.asarray(result.maps, dtype=np.float32), ctx.data.size)
     scores = cam_localisation(maps, truth_local, class_indices, threshold, method)
     baseline = localisation_accuracy(centred_box_baseline(truth_local, ctx.data.size), truth_local, metric="iobb")

@@ -117,7 +117,9 @@ def open_prepared(hook, settings: Settings, key: str):
 
 
 def build_model(hook, settings: Settings, run_dir: Path, backend: str, run_seed: int | None = None):
-    """The model with the shared initial weights of its seed, or the framework's own (init != shared)."""
+    """The model, started from the run folder's shared_init*.npz of its seed when ``model.init = "shared"`` (the
+    record of what every backend got; equal to what :func:`cxrbench.initial_weights.resolve` makes from the seed),
+    otherwise as the backend resolves ``model.init`` through that function."""
     path = repeats.shared_init_path(run_dir, settings.run.seed, settings.run.seed if run_seed is None else run_seed)
     weights = canonical.load(path) if settings.model.init == "shared" else None
     return require_answer(hook.cxrbench_build_model(settings=settings, weights=weights), "cxrbench_build_model", backend)

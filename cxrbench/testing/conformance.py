@@ -124,8 +124,8 @@ class Backend:
     def predict(self, model: Any, images: np.ndarray, settings: Settings) -> np.ndarray:
         return self.call("cxrbench_predict", model=model, images=images, settings=settings)
 
-    def cam(self, model: Any, images: np.ndarray, classes: list[int]) -> CamResult:
-        return self.call("cxrbench_cam", model=model, images=images, classes=classes)
+    def cam(self, model: Any, images: np.ndarray, classes: list[int], settings: Settings) -> CamResult:
+        return self.call("cxrbench_cam", model=model, images=images, classes=classes, settings=settings)
 
 
 def open_backend(name: str, extra_modules: list[str]) -> Backend:
@@ -303,9 +303,10 @@ def test_predict_is_independent_of_the_batch_size(backend: Backend):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_cam_shapes_and_dtypes(backend: Backend, size: int):
-    model = backend.build(kit_settings(size))
+    settings = kit_settings(size)
+    model = backend.build(settings)
     classes = [13, 0, 5]
-    cam = backend.cam(model, random_images(2, size), classes)
+    cam = backend.cam(model, random_images(2, size), classes, settings)
     side = size // 32
     assert cam.maps.dtype == np.float32 and cam.maps.shape == (2, len(classes), side, side)
     assert cam.bias.dtype == np.float32 and cam.bias.shape == (len(classes),)
@@ -359,6 +360,12 @@ def test_weight_round_trip_is_bitwise(backend: Backend):
     _assert_same_weights(backend.weights(model), weights)
 
 
+def test_shared_init_without_weights_is_the_cores_canonical_init(backend: Backend):
+    """``model.init = "shared"`` and no weights: the core's seeded init, as the worker would pass it."""
+    settings = kit_settings(**{"model.init": "shared", "run.seed": 9})
+    _assert_same_weights(backend.weights(backend.build(settings)), init_canonical(settings.model.block_config, 9))
+
+
 def test_build_with_weights_loads_them_exactly(backend: Backend):
     settings = kit_settings()
     weights = random_canonical(settings.model.block_config, seed=6)
@@ -392,10 +399,10 @@ def test_cam_identity(backend: Backend, size: int):
     images = random_images(3, size)
     logits = backend.predict(model, images, settings)
     classes = [13, 2, 7]
-    cam = backend.cam(model, images, classes)
+    cam = backend.cam(model, images, classes, settings)
     np.testing.assert_allclose(cam.maps.mean(axis=(2, 3)) + cam.bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
     np.testing.assert_allclose(cam.logits, logits[:, classes], rtol=0, atol=CAM_ATOL)
-    every = backend.cam(model, images, list(range(NUM_CLASSES)))
+    every = backend.cam(model, images, list(range(NUM_CLASSES)), settings)
     np.testing.assert_allclose(cam.maps, every.maps[:, classes], rtol=0, atol=CAM_ATOL, err_msg="maps follow `classes` order")
 
 
@@ -499,6 +506,44 @@ def test_image_too_small_is_a_backend_error(backend: Backend):
         backend.build(tiny)
     assert "16" in str(caught.value)
     assert_one_line(caught.value)
+
+
+#: Images that break the hook contract (uint8 (N, 32, 32) for the kit's 32 px settings).
+BAD_IMAGES = {
+    "float32": np.zeros((2, 32, 32), np.float32),
+    "no batch axis": np.zeros((32, 32), np.uint8),
+    "channels": np.zeros((2, 32, 32, 3), np.uint8),
+    "not square": np.zeros((2, 32, 64), np.uint8),
+    "other size": np.zeros((2, 64, 64), np.uint8),
+}
+
+
+def _refused(call: Any, what: str) -> str:
+    """The one-line message of the BackendError ``call()`` must raise."""
+    try:
+        call()
+    except BackendError as error:
+        assert_one_line(error)
+        return str(error)
+    pytest.fail(f"{what}: no BackendError")
+
+
+def test_images_outside_the_contract_are_a_backend_error(backend: Backend):
+    """predict and CAM refuse what is not uint8 (N, S, S) at the settings' size (never cast it), CAM also no
+    images and unknown classes; predict of no images is an empty (0, 14) float32 array."""
+    settings = kit_settings()
+    model = backend.build(settings)
+    one = random_images(1, 32)
+    for kind, images in BAD_IMAGES.items():
+        for hook, call in (("predict", backend.predict), ("cam", lambda m, i, s: backend.cam(m, i, [0], s))):
+            message = _refused(lambda: call(model, images, settings), f"{hook} of {kind} images")
+            assert message.startswith("images must be uint8 (N, S, S), got ") and message.endswith("= 32)"), message
+    assert "at least one image" in _refused(lambda: backend.cam(model, one[:0], [0], settings), "CAM of no images")
+    for classes in ([NUM_CLASSES], [-1], []):
+        message = _refused(lambda: backend.cam(model, one, classes, settings), f"CAM of classes {classes}")
+        assert message.startswith("CAM classes must be indices"), message
+    empty = backend.predict(model, one[:0], settings)
+    assert empty.dtype == np.float32 and empty.shape == (0, NUM_CLASSES)
 
 
 def _corrupt_file(path: Path) -> str:

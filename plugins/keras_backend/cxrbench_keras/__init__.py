@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from cxrbench.api import BackendInfo
 from cxrbench.hookspecs import hookimpl
+from cxrbench.model_inputs import check_cam_inputs, check_images
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
@@ -76,14 +77,15 @@ def cxrbench_train(model, data, settings, recorder):
 def cxrbench_predict(model, images, settings):
     from cxrbench_keras.infer import predict
 
-    return predict(model, images, settings)
+    return predict(model, check_images(images, settings.data.image_size), settings)
 
 
 @hookimpl
-def cxrbench_cam(model, images, classes):
+def cxrbench_cam(model, images, classes, settings):
     from cxrbench_keras.infer import cam
 
-    return cam(model, images, classes)
+    images, classes = check_cam_inputs(images, classes, settings.data.image_size)
+    return cam(model, images, classes, settings.train.batch_size)
 
 
 @hookimpl

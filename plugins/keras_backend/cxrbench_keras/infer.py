@@ -1,4 +1,4 @@
-"""Batched inference and class activation maps (eval mode, no gradients, uint8 in)."""
+"""Batched inference and class activation maps (eval mode, no gradients, checked uint8 images in)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxrbench.api import CamResult
+from cxrbench.classes import NUM_CLASSES
 
 from cxrbench_keras.model import KerasDenseNet, preprocess
 from cxrbench_keras.numerics import oom_as_backend_error
@@ -41,18 +42,18 @@ def predict(model: KerasDenseNet, images: np.ndarray, settings) -> np.ndarray:
     function = _compiled(model, f"predict_tta={settings.eval.tta_hflip}", logits)
     batch_size = settings.train.batch_size
     with oom_as_backend_error(batch_size, "predicting"):
-        parts = _batched(function, np.asarray(images, dtype=np.uint8), batch_size)
-    return np.concatenate([p.numpy() for p in parts]).astype(np.float32)
+        parts = [p.numpy() for p in _batched(function, images, batch_size)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, NUM_CLASSES), np.float32)
 
 
-def cam(model: KerasDenseNet, images: np.ndarray, classes) -> CamResult:
+def cam(model: KerasDenseNet, images: np.ndarray, classes: list[int], batch_size: int) -> CamResult:
     """CAM of ``classes``: maps[n, j] = sum_k W[k, c_j] F[n, :, :, k] (NHWC features -> NCHW maps).
 
     Batched like prediction, so a few hundred boxed 224 px images never sit on the device at once.
     """
     network = model.network
     kernel, bias = network.get_layer("classifier").get_weights()
-    columns = np.asarray(list(classes), dtype=np.int64)
+    columns = np.asarray(classes, dtype=np.int64)
 
     def features_and_logits(batch):
         if "cam_features" not in model.functions:
@@ -63,6 +64,6 @@ def cam(model: KerasDenseNet, images: np.ndarray, classes) -> CamResult:
         maps = tf.einsum("nhwk,kc->nchw", tf.cast(features, tf.float32), tf.constant(kernel[:, columns], tf.float32))
         return maps.numpy(), tf.gather(tf.cast(logits, tf.float32), columns, axis=1).numpy()
 
-    with oom_as_backend_error(model.batch_size, "computing CAMs"):
-        maps, logits = zip(*_batched(features_and_logits, np.asarray(images, dtype=np.uint8), model.batch_size))
+    with oom_as_backend_error(batch_size, "computing CAMs"):
+        maps, logits = zip(*_batched(features_and_logits, images, batch_size))
     return CamResult(maps=np.concatenate(maps), bias=bias[columns].astype(np.float32), logits=np.concatenate(logits))

@@ -16,9 +16,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+from cxrbench import initial_weights
 from cxrbench import weights as canonical
 from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.errors import BackendError, WeightsError, first_line
+from cxrbench.errors import WeightsError, first_line
+from cxrbench.initial_weights import Start
 
 from cxrbench_keras import weights as keras_weights
 from cxrbench_keras.numerics import configure_runtime
@@ -29,6 +31,8 @@ DENSENET121 = (6, 12, 24, 16)
 IMAGENET_FILE = "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
 IMAGENET_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/densenet/{IMAGENET_FILE}"
 IMAGENET_MD5 = "30ee3e1110167f948a6b9946edeeb738"
+#: Weight files this backend reads itself (``model.init``): Keras' own formats. The core reads ``.npz``.
+NATIVE_SUFFIXES = (".keras", ".weights.h5")
 #: PyTorch's BatchNorm: epsilon 1e-5, momentum 0.1 (= 0.9 in Keras' convention).
 BN_EPSILON, BN_MOMENTUM = 1e-5, 0.9
 
@@ -68,8 +72,6 @@ class KerasDenseNet:
     strategy: tf.distribute.Strategy
     block_config: tuple[int, ...]
     image_size: int
-    #: Images per inference batch for hooks that get no settings (CAM): the suite's batch size.
-    batch_size: int = 16
     #: Compiled inference functions, traced once per purpose (see infer.py).
     functions: dict = field(default_factory=dict)
 
@@ -83,24 +85,22 @@ def preprocess(images):
 def build(settings, weights=None, strategy=None) -> KerasDenseNet:
     """Build (under ``strategy``'s scope) and initialise the model as the hook contract says."""
     canonical.check_image_size(settings.data.image_size)
+    initial = initial_weights.resolve(settings, weights, NATIVE_SUFFIXES)
     configure_runtime(settings)
     if strategy is None:
         from cxrbench_keras.distributed import make_strategy
 
         strategy = make_strategy(settings)
     block_config = settings.model.block_config
-    init = settings.model.init
-    if weights is None and init == "shared":
-        raise BackendError("model.init = 'shared' needs the core's shared weights, but none were passed")
     keras.utils.set_random_seed(settings.run.seed)
-    backbone_file = imagenet_file(block_config) if weights is None and init == "imagenet" else None
+    backbone_file = imagenet_file(block_config) if initial.start is Start.IMAGENET else None
     with strategy.scope():
         network = build_network(block_config, settings.data.image_size, backbone_file, strategy.num_replicas_in_sync > 1)
-    model = KerasDenseNet(network, strategy, block_config, settings.data.image_size, settings.train.batch_size)
-    if weights is not None:
-        keras_weights.set_weights(network, weights, block_config)
-    elif init not in ("framework", "imagenet"):
-        load_weights_file(model, Path(init))
+    model = KerasDenseNet(network, strategy, block_config, settings.data.image_size)
+    if initial.start is Start.CANONICAL:
+        keras_weights.set_weights(network, initial.weights, block_config, initial.origin)
+    elif initial.start is Start.NATIVE_FILE:
+        load_native_file(model, initial.path)
     return model
 
 
@@ -152,15 +152,8 @@ def imagenet_file(block_config) -> str:
         raise WeightsError(f"model.init = 'imagenet': {cached} is not cached and cannot be downloaded ({first_line(exc)})") from None
 
 
-def load_weights_file(model: KerasDenseNet, path: Path) -> None:
-    """Load ``.npz`` (canonical), ``.keras`` or ``.weights.h5``: weights only, nothing deserialised."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found (model.init)")
-    if path.suffix == ".npz":
-        keras_weights.set_weights(model.network, canonical.load(path), model.block_config, origin=str(path))
-        return
-    if not path.name.endswith((".keras", ".weights.h5")):
-        raise WeightsError(f"{path}: unsupported weights file (use .npz, .keras or .weights.h5)")
+def load_native_file(model: KerasDenseNet, path: Path) -> None:
+    """Load a ``.keras`` or ``.weights.h5`` file (:data:`NATIVE_SUFFIXES`): weights only, nothing deserialised."""
     try:
         model.network.load_weights(str(path))
     except Exception as exc:  # h5py/zipfile/Keras raise many types for corrupt or mismatched files

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from cxrbench.api import CamResult
 from cxrbench.classes import NUM_CLASSES
-from cxrbench.errors import BackendError
 from cxrbench_pytorch import numerics
 from cxrbench_pytorch.model import TorchModel, host_images
 
@@ -43,11 +42,8 @@ def predict(model: TorchModel, images: np.ndarray, batch_size: int, tta_hflip: b
     return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), dtype=np.float32)
 
 
-def cam(model: TorchModel, images: np.ndarray, classes: Sequence[int]) -> CamResult:
+def cam(model: TorchModel, images: np.ndarray, chosen: Sequence[int], batch_size: int) -> CamResult:
     """CAM = classifier weights x (final BatchNorm -> ReLU features), with the logits of the same pass."""
-    chosen = _class_indices(classes)
-    if len(images) == 0:
-        raise BackendError("CAM needs at least one image, got none")
     weight = model.net.classifier.weight[chosen]  # (C, K)
     bias = model.net.classifier.bias[chosen]
 
@@ -56,17 +52,10 @@ def cam(model: TorchModel, images: np.ndarray, classes: Sequence[int]) -> CamRes
         maps = torch.einsum("nkhw,ck->nchw", features, weight)
         return maps.float().cpu(), model.net.classifier(features.mean((2, 3)))[:, chosen].float().cpu()
 
-    maps, logits = zip(*_batched(model, images, model.settings.train.batch_size, "computing CAMs", maps_and_logits))
+    maps, logits = zip(*_batched(model, images, batch_size, "computing CAMs", maps_and_logits))
     return CamResult(
         maps=torch.cat(maps).numpy(),
         bias=bias.detach().float().cpu().numpy(),
         logits=torch.cat(logits).numpy(),
     )
 
-
-def _class_indices(classes: Sequence[int]) -> list[int]:
-    chosen = [int(c) for c in classes]
-    bad = [c for c in chosen if not 0 <= c < NUM_CLASSES]
-    if bad or not chosen:
-        raise BackendError(f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got {list(classes)!r}")
-    return chosen

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models import DenseNet
 
+from cxrbench import initial_weights
 from cxrbench import weights as canonical
 from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.errors import BackendError
+from cxrbench.initial_weights import InitialWeights, Start
 from cxrbench.suite import Settings
 from cxrbench_pytorch import determinism, numerics
 from cxrbench_pytorch import weights as tv_weights
@@ -66,42 +67,37 @@ def new_densenet(block_config: tuple[int, ...], seed: int) -> DenseNet:
 
 
 def build(settings: Settings, weights: dict[str, np.ndarray] | None, device: torch.device | None = None) -> TorchModel:
-    """The model for ``settings``: given weights, or initialised by ``settings.model.init``.
+    """The model for ``settings``, started as :func:`cxrbench.initial_weights.resolve` says.
 
     ``device`` defaults to the one ``run.gpus`` selects; a distributed rank names its own.
     """
     canonical.check_image_size(settings.data.image_size)
+    initial = initial_weights.resolve(settings, weights, tv_weights.NATIVE_SUFFIXES)
     device = device or numerics.select_device(settings)
     numerics.apply(settings.numerics)
     determinism.apply(settings.numerics)
     net = new_densenet(settings.model.block_config, settings.run.seed)
-    initial, origin = (weights, "weights") if weights is not None else _initial_weights(settings, net)
-    if initial is not None:
-        tv_weights.put(net, initial, settings.model.block_config, origin)
+    loaded = _weights_to_load(initial, net, settings.model.block_config)
+    if loaded is not None:
+        tv_weights.put(net, loaded, settings.model.block_config, initial.origin)
     model = TorchModel(net, Normalise().to(device), device, settings)
     net.to(device=device, memory_format=model.memory_format)
     return model
 
 
-def _initial_weights(settings: Settings, net: DenseNet) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Weights for ``model.init`` (None: keep torchvision's seeded initialiser) and where they came from."""
-    init, block_config = settings.model.init, settings.model.block_config
-    if init == "framework":
-        return None, init
-    if init == "shared":
-        return canonical.init_canonical(block_config, settings.run.seed), "shared weights"
-    if init == "imagenet":
+def _weights_to_load(initial: InitialWeights, net: DenseNet,
+                     block_config: tuple[int, ...]) -> Mapping[str, np.ndarray] | None:
+    """The canonical weights to load into ``net`` (None: keep torchvision's seeded initialiser)."""
+    if initial.start is Start.IMAGENET:
         fresh = {k: v for k, v in tv_weights.get(net).items() if k.startswith("classifier.")}
-        return tv_weights.imagenet(block_config, fresh), "torchvision ImageNet weights"
-    return tv_weights.read_file(Path(init)), init
+        return tv_weights.imagenet(block_config, fresh)
+    if initial.start is Start.NATIVE_FILE:
+        return tv_weights.read_state_dict(initial.path)
+    return initial.weights
 
 
 def host_images(images: np.ndarray) -> torch.Tensor:
-    """Check the hooks' image contract and wrap the array for torch without copying when possible."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
-        raise BackendError(f"images must be uint8 (N, S, S), got {images.dtype} {images.shape}")
-    canonical.check_image_size(images.shape[1])
+    """Checked images (:mod:`cxrbench.model_inputs`) as a tensor, without copying when possible."""
     if not (images.flags.writeable and images.flags.c_contiguous):
         images = np.array(images)  # torch refuses read-only (memory-mapped) arrays
     return torch.from_numpy(images)

@@ -23,6 +23,8 @@ from cxrbench.suite import ARCHITECTURES
 #: (dots are no longer allowed in module names); the same pattern torchvision itself rewrites.
 _OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _NOT_A_WEIGHT = "num_batches_tracked"
+#: Weight files this backend reads itself (``model.init``): torch state_dicts. The core reads ``.npz``.
+NATIVE_SUFFIXES = (".pt", ".pth")
 
 
 def get(net: nn.Module) -> dict[str, np.ndarray]:
@@ -54,26 +56,15 @@ def from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_file(path: Path) -> dict[str, np.ndarray]:
-    """Canonical ``.npz`` or a torch state_dict ``.pt``/``.pth``, read without unpickling objects."""
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return canonical.load(path)
-    if suffix in (".pt", ".pth"):
-        return from_state_dict(_load_state_dict(path))
-    raise WeightsError(f"{path}: unknown weights file type {suffix or '(none)'!r} (use .npz, .pt or .pth)")
-
-
-def _load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+def read_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """A torch state_dict file (:data:`NATIVE_SUFFIXES`) as canonical arrays, read without unpickling objects."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable torch state_dict ({first_line(exc, with_type=True)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state_dict (tensor names -> tensors), found {type(state).__name__}")
-    return state
+    return from_state_dict(state)
 
 
 def imagenet(block_config: tuple[int, ...], classifier: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

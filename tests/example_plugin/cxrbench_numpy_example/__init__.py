@@ -23,6 +23,8 @@ from cxrbench import weights as canonical
 from cxrbench.api import BackendInfo, CamResult, ExportInfo
 from cxrbench.errors import BackendError, WeightsError
 from cxrbench.hookspecs import hookimpl
+from cxrbench.initial_weights import Start, resolve
+from cxrbench.model_inputs import check_cam_inputs, check_images
 
 NAME = "numpy"
 LAYOUT = "NCHW"
@@ -52,16 +54,15 @@ def cxrbench_backend_info():
     )
 
 
-def _initial_weights(settings) -> dict[str, np.ndarray]:
-    model = settings.model
-    if model.init == "framework":
+def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
+    """What the core resolved (:func:`cxrbench.initial_weights.resolve`), plus this backend's own cases."""
+    initial = resolve(settings, weights)  # no file format of its own: canonical .npz only
+    if initial.start is Start.FRAMEWORK:
         seed = int(np.random.SeedSequence([settings.run.seed, FRAMEWORK_INIT_STREAM]).generate_state(1)[0])
-        return canonical.init_canonical(model.block_config, seed)
-    if model.init == "imagenet":
+        return canonical.init_canonical(settings.model.block_config, seed), initial.origin
+    if initial.start is Start.IMAGENET:
         raise WeightsError("model.init = 'imagenet': the numpy backend has no ImageNet weights (use 'shared', 'framework' or a weights file)")
-    if model.init == "shared":
-        raise BackendError("model.init = 'shared' is resolved by the core, which passes the shared weights to cxrbench_build_model")
-    return canonical.load(model.init)
+    return initial.weights, initial.origin
 
 
 @hookimpl
@@ -69,9 +70,8 @@ def cxrbench_build_model(settings, weights):
     if settings.numerics.precision != "fp32":
         raise BackendError(f"numerics.precision = {settings.numerics.precision!r}: the numpy backend computes in fp32 only")
     canonical.check_image_size(settings.data.image_size)
-    origin = "weights" if weights is not None else f"model.init = {settings.model.init!r}"
     model = NumpyDenseNet(settings.model.block_config, {})
-    _load(model, weights if weights is not None else _initial_weights(settings), origin)
+    _load(model, *_initial_weights(settings, weights))
     return model
 
 
@@ -116,6 +116,7 @@ def _logits(model: NumpyDenseNet, images: np.ndarray, batch_size: int) -> np.nda
 
 @hookimpl
 def cxrbench_predict(model, images, settings):
+    images = check_images(images, settings.data.image_size)
     batch = settings.train.batch_size
     logits = _logits(model, images, batch)
     if settings.eval.tta_hflip:
@@ -124,10 +125,10 @@ def cxrbench_predict(model, images, settings):
 
 
 @hookimpl
-def cxrbench_cam(model, images, classes):
+def cxrbench_cam(model, images, classes, settings):
     from cxrbench_numpy_example.network import feature_map, prepare
 
-    classes = list(classes)
+    images, classes = check_cam_inputs(images, classes, settings.data.image_size)
     features = feature_map(model.weights, model.block_config, prepare(images))
     weight = model.weights["classifier.weight"][classes]
     bias = model.weights["classifier.bias"][classes]
