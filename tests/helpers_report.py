@@ -1,4 +1,4 @@
-"""A realistic FAKE run folder (/tmp/run_contract.md) so report tests never train anything.
+"""A realistic FAKE run folder (the format of cxrbench/run_folder.py) so report tests never train anything.
 
 Numbers are plausible and internally consistent: AUROC, DeLong, localisation and parity figures are
 computed with the project's real metric functions from synthetic predictions, heat maps and boxes;
@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from cxrbench.cam_overlay import overlay
 from cxrbench.checks.onnx import diff_stats
 from cxrbench.classes import CLASSES
 from cxrbench.data.index import Box
@@ -126,9 +126,7 @@ def _cams(folder: Path, rng, truth, maps, count: int, size: int) -> None:
         gray = _gray(rng, size)
         m = maps[pos, BOX_CLASSES.index(box.label)]
         heat_u8 = (255 * (m - m.min()) / max(m.max() - m.min(), 1e-9)).astype(np.uint8)
-        rgb = np.stack([np.maximum(gray, heat_u8), gray, gray], axis=2)
-        image = Image.fromarray(rgb)
-        ImageDraw.Draw(image).rectangle([box.x, box.y, box.x + box.w, box.y + box.h], outline=(0, 230, 0))
+        image = overlay(gray, heat_u8, [(box.x, box.y, box.w, box.h)], [])
         name = f"{box.image[:-4]}_{k:02d}.png"
         (folder / "cams").mkdir(parents=True, exist_ok=True)
         image.save(folder / "cams" / name)

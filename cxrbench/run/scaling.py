@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench.errors import CxrError
-from cxrbench.run.store import read_json
+from cxrbench.files import read_json
+from cxrbench.run_folder import MONITOR_JSON, THROUGHPUT_JSON, gpus_folder
 
 
 def parse_gpus(text: str | None) -> list[int] | None:
@@ -31,11 +32,6 @@ def check_available(counts: list[int], inventory: dict[str, Any]) -> None:
         raise CxrError(f"--gpus {','.join(map(str, counts))}: asked for {wanted} GPUs but this machine has {have}{why}")
 
 
-def sweep_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
-    """The main results live in ``<backend>/``; further sweep points in ``<backend>/gpus-<N>/``."""
-    return run_dir / backend if gpus == first else run_dir / backend / f"gpus-{gpus}"
-
-
 def _train_gpu_util(monitor: dict[str, Any] | None) -> dict[str, Any]:
     devices = ((monitor or {}).get("phases") or {}).get("train", {})
     return {device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields}
@@ -49,9 +45,10 @@ def scaling_table(run_dir: Path, backends: list[str], counts: list[int]) -> dict
     for name in backends:
         entries = []
         for n in counts:
-            folder = sweep_folder(run_dir, name, n, counts[0])
-            throughput = (read_json(folder / "throughput.json") or {}).get("train_images_per_s")
-            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": _train_gpu_util(read_json(folder / "monitor.json"))})
+            folder = gpus_folder(run_dir, name, n, counts[0])
+            throughput = (read_json(folder / THROUGHPUT_JSON) or {}).get("train_images_per_s")
+            utilisation = _train_gpu_util(read_json(folder / MONITOR_JSON))
+            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": utilisation})
         base = entries[0]["images_per_s"]
         for entry in entries:
             measured = entry["images_per_s"] is not None and base
