@@ -19,6 +19,7 @@ from cxrbench.data.index import Box
 from cxrbench.checks.equivalence import agreement
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
+from cxrbench.run_folder import SCHEMA_VERSION
 from cxrbench.suite import Settings
 
 BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
@@ -225,7 +226,7 @@ def _comparison(run_dir: Path, names: list[str], summaries: dict, labels, classe
             pairs.append({**pair, "per_class": dict(zip(classes, pair["per_class"].values())),
                           "score_correlation": {**pair["score_correlation"], "spearman": 0.9}})
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "equivalence": {"atol": 1e-4, "labels": model_labels, "max_abs": max_abs,
                         "mean_abs": [[v / 10 for v in row] for row in max_abs], "passed": True, "failures": []},
         "parity": {n: summaries[n]["onnx"]["parity_images"] for n in ok},
@@ -259,7 +260,8 @@ def make_fake_run(root: Path, *, backends=("pytorch", "keras"), failed: str | No
                                    DEFAULT_SPEED.get(n, 25.0), epochs, hostile) for n in names}
     _write(root / "comparison.json", _comparison(root, names, summaries, labels, classes, rng))
     _write(root / "run.json", {
-        "schema_version": 1, "cxrbench_version": "0.1.0", "suite": settings.name, "settings": settings.to_dict(),
+        "schema_version": SCHEMA_VERSION, "cxrbench_version": "0.1.0", "suite": settings.name,
+        "settings": settings.to_dict(),
         "environment": _environment(gpus), "created": "2025-11-27T13:00:00+0000", "finished": "2025-11-27T13:06:00+0000",
         "argv": ["cxrbench", "run"], "baseline": names[0],
         "data": {"source": "phantom", "root": "/tmp/phantom", "key": "abc123", "size": image_size,
