@@ -107,7 +107,7 @@ def nbytes(block_config: tuple[int, ...]) -> int:
 def save(weights: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """Write canonical weights to ``.npz``: refused early when the disk cannot take them, then written atomically
     (a unique temporary file beside ``path``, renamed over it), so ``path`` never holds half a checkpoint."""
-    from cxrbench.run.store import require_space, save_npz
+    from cxrbench.files import require_space, save_npz
 
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     path = Path(path)

@@ -1,4 +1,4 @@
-"""A realistic FAKE run folder (/tmp/run_contract.md) so report tests never train anything.
+"""A realistic FAKE run folder (the format of cxrbench/run_folder.py) so report tests never train anything.
 
 Numbers are plausible and internally consistent: AUROC, DeLong, localisation and parity figures are
 computed with the project's real metric functions from synthetic predictions, heat maps and boxes;
@@ -11,14 +11,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from cxrbench.cam_overlay import overlay
 from cxrbench.checks.onnx import diff_stats
 from cxrbench.classes import CLASSES
 from cxrbench.data.index import Box
 from cxrbench.checks.equivalence import agreement
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
+from cxrbench.run_folder import SCHEMA_VERSION
 from cxrbench.suite import Settings
 
 BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
@@ -126,9 +127,7 @@ def _cams(folder: Path, rng, truth, maps, count: int, size: int) -> None:
         gray = _gray(rng, size)
         m = maps[pos, BOX_CLASSES.index(box.label)]
         heat_u8 = (255 * (m - m.min()) / max(m.max() - m.min(), 1e-9)).astype(np.uint8)
-        rgb = np.stack([np.maximum(gray, heat_u8), gray, gray], axis=2)
-        image = Image.fromarray(rgb)
-        ImageDraw.Draw(image).rectangle([box.x, box.y, box.x + box.w, box.y + box.h], outline=(0, 230, 0))
+        image = overlay(gray, heat_u8, [(box.x, box.y, box.w, box.h)], [])
         name = f"{box.image[:-4]}_{k:02d}.png"
         (folder / "cams").mkdir(parents=True, exist_ok=True)
         image.save(folder / "cams" / name)
@@ -227,7 +226,7 @@ def _comparison(run_dir: Path, names: list[str], summaries: dict, labels, classe
             pairs.append({**pair, "per_class": dict(zip(classes, pair["per_class"].values())),
                           "score_correlation": {**pair["score_correlation"], "spearman": 0.9}})
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "equivalence": {"atol": 1e-4, "labels": model_labels, "max_abs": max_abs,
                         "mean_abs": [[v / 10 for v in row] for row in max_abs], "passed": True, "failures": []},
         "parity": {n: summaries[n]["onnx"]["parity_images"] for n in ok},
@@ -261,7 +260,8 @@ def make_fake_run(root: Path, *, backends=("pytorch", "keras"), failed: str | No
                                    DEFAULT_SPEED.get(n, 25.0), epochs, hostile) for n in names}
     _write(root / "comparison.json", _comparison(root, names, summaries, labels, classes, rng))
     _write(root / "run.json", {
-        "schema_version": 1, "cxrbench_version": "0.1.0", "suite": settings.name, "settings": settings.to_dict(),
+        "schema_version": SCHEMA_VERSION, "cxrbench_version": "0.1.0", "suite": settings.name,
+        "settings": settings.to_dict(),
         "environment": _environment(gpus), "created": "2025-11-27T13:00:00+0000", "finished": "2025-11-27T13:06:00+0000",
         "argv": ["cxrbench", "run"], "baseline": names[0],
         "data": {"source": "phantom", "root": "/tmp/phantom", "key": "abc123", "size": image_size,

@@ -154,7 +154,7 @@ def test_evaluate_stage_passes_patients_and_notes_a_plugin_without_groups(tmp_pa
     from cxrbench.data.prepared import PreparedData
     from cxrbench.recorder import Recorder
     from cxrbench.run import stages
-    from cxrbench.run.store import load_npz, read_json
+    from cxrbench.files import load_npz, read_json
 
     rng = np.random.default_rng(0)
     labels = (rng.random((60, 14)) < 0.5).astype(np.uint8)

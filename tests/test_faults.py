@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from helpers.nih_files import Entry, entries, write_dataset
 
-from cxrbench import weights
+from cxrbench import files, run_folder, weights
 from cxrbench.api import ExportInfo
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.data import cache, nih
@@ -74,11 +74,11 @@ def _full_disk_after(monkeypatch, budget: int) -> None:
 
 def test_json_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
-    store.write_json(path, {"auroc": {"mean": 0.8}})
+    files.write_json(path, {"auroc": {"mean": 0.8}})
     _full_disk_after(monkeypatch, budget=10)
 
     with pytest.raises(StorageError) as caught:
-        store.write_json(path, {"auroc": {"mean": 0.9}, "more": list(range(100))})
+        files.write_json(path, {"auroc": {"mean": 0.9}, "more": list(range(100))})
 
     message = str(caught.value)
     assert message == f"{path}: cannot write ({NO_SPACE})"
@@ -101,14 +101,14 @@ def test_weights_on_a_full_disk_leave_no_partial_checkpoint(tmp_path, monkeypatc
 
 def test_a_big_write_is_refused_early_with_the_bytes_needed(tmp_path, monkeypatch):
     free = 1 << 20
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: SimpleNamespace(total=free, used=0, free=free))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(total=free, used=0, free=free))
     needed = weights.nbytes((6, 12, 24, 16))
 
     with pytest.raises(StorageError) as caught:
         weights.save(weights.init_canonical((1, 1, 1, 1), 0), tmp_path / "w.npz")
     assert f"only {free:,} bytes are free" in str(caught.value) and "w.npz" in str(caught.value)
-    with pytest.raises(StorageError, match=rf"needs {needed + store.SPACE_MARGIN_BYTES:,} bytes"):
-        store.require_space(tmp_path / "run" / "pytorch", needed, "the ONNX export model.onnx")
+    with pytest.raises(StorageError, match=rf"needs {needed + files.SPACE_MARGIN_BYTES:,} bytes"):
+        files.require_space(tmp_path / "run" / "pytorch", needed, "the ONNX export model.onnx")
     assert os.listdir(tmp_path) == []
     assert 27e6 < needed < 29e6  # DenseNet-121's 7.0 M float32 parameters: the 28 MB of each export and checkpoint
 
@@ -161,7 +161,7 @@ def test_an_export_lands_under_its_final_name_only_once_checked(tmp_path):
     info = stages.export_onnx(_export_context(tmp_path, good), tmp_path / "model.onnx")
     assert info.path == str(tmp_path / "model.onnx") and os.listdir(tmp_path) == ["model.onnx"]
     onnx_checks.check_model(tmp_path / "model.onnx")
-    assert oct((tmp_path / "model.onnx").stat().st_mode & 0o777) == oct(0o666 & ~store._umask())
+    assert oct((tmp_path / "model.onnx").stat().st_mode & 0o777) == oct(0o666 & ~files._umask())
 
 
 def test_a_read_only_folder_is_one_line(tmp_path):
@@ -171,7 +171,7 @@ def test_a_read_only_folder_is_one_line(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     with pytest.raises(StorageError, match=r"cannot write \(permission denied: make it writable or choose another"):
-        store.write_json(folder / "run.json", {})
+        files.write_json(folder / "run.json", {})
 
 
 # -- the prepared cache --------------------------------------------------------------------------
@@ -266,10 +266,10 @@ def test_the_sampled_check_costs_milliseconds(dataset, tmp_path):
 
 
 def test_a_cache_on_a_full_disk_is_refused_before_decoding(dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=1000))
     with pytest.raises(StorageError) as caught:
         cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)
-    needed = len(dataset) * 64 * 64 + cache.CHECKSUM_BLOCK + store.SPACE_MARGIN_BYTES
+    needed = len(dataset) * 64 * 64 + cache.CHECKSUM_BLOCK + files.SPACE_MARGIN_BYTES
     assert str(caught.value) == (f"{tmp_path / 'cache'}: the prepared cache needs {needed:,} bytes "
                                  f"({needed / 2**20:.0f} MiB)"
                                  " but only 1,000 bytes are free there: free space or choose a folder on another disk"
@@ -294,13 +294,13 @@ def _dead_pid() -> int:
 def test_a_running_status_whose_process_is_gone_is_interrupted(tmp_path):
     status = store.BackendStatus(tmp_path, "pytorch")
     status.start(os.getpid())
-    assert store.current_status(status.data) == "running"
+    assert run_folder.current_status(status.data) == "running"
     status.data["pid"] = _dead_pid()
-    assert store.current_status(status.data) == "interrupted"
+    assert run_folder.current_status(status.data) == "interrupted"
     status.data.update(pid=os.getpid(), started="2000-01-01T00:00:00+0000")  # our pid, reused since then
-    assert store.current_status(status.data) == "interrupted"
+    assert run_folder.current_status(status.data) == "interrupted"
     status.data.update(pid=_dead_pid(), host="another-host")  # cannot be seen from here
-    assert store.current_status(status.data) == "running"
+    assert run_folder.current_status(status.data) == "running"
 
 
 def test_the_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
@@ -309,7 +309,7 @@ def test_the_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        assert store.run_is_active(tmp_path)
+        assert run_folder.run_is_active(tmp_path)
         with pytest.raises(CxrError) as caught:
             store.RunLock(tmp_path).acquire()
         expected = f"{tmp_path}: another cxrbench run is writing into this folder (pid {holder.pid} on "
@@ -319,14 +319,14 @@ def test_the_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
         holder.kill()
         holder.wait()
 
-    assert not store.run_is_active(tmp_path)  # the kernel dropped the dead holder's lock; its file remains
+    assert not run_folder.run_is_active(tmp_path)  # the kernel dropped the dead holder's lock; its file remains
     lock = store.RunLock(tmp_path)
     note = lock.acquire()
-    assert note.startswith(f"took over the lock {tmp_path / store.LOCK_FILE} left by pid {holder.pid} on ")
+    assert note.startswith(f"took over the lock {tmp_path / run_folder.LOCK_FILE} left by pid {holder.pid} on ")
     assert note.endswith("which is no longer running")
-    assert json.loads((tmp_path / store.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / run_folder.LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / store.LOCK_FILE).exists()
+    assert not (tmp_path / run_folder.LOCK_FILE).exists()
 
 
 # -- run.keep ------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from cxrbench.budget import thread_budget, usable_cores
+from cxrbench.files import write_json
 from cxrbench.monitor import noise
 from cxrbench.monitor.gpu import GpuStatus
 from cxrbench.monitor.sampler import Sampler
 from cxrbench.run.progress import summary_table
-from cxrbench.run.store import write_json
 from cxrbench.suite import Settings
 
 

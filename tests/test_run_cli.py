@@ -14,7 +14,8 @@ from cxrbench.run import scaling
 from cxrbench.run.index_page import write_index
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.progress import Progress, status_line, summary_table
-from cxrbench.run.store import write_json
+from cxrbench.files import write_json
+from cxrbench.run_folder import gpus_folder
 from cxrbench.suite import load_suite
 
 
@@ -85,7 +86,7 @@ def test_agreement_of_identical_scores_is_perfect_and_of_noise_is_not():
 
 def test_scaling_efficiency_is_relative_to_the_smallest_count(tmp_path):
     for gpus, rate in ((1, 100.0), (2, 180.0), (4, 300.0)):
-        folder = scaling.sweep_folder(tmp_path, "pytorch", gpus, first=1)
+        folder = gpus_folder(tmp_path, "pytorch", gpus, first=1)
         write_json(folder / "throughput.json", {"train_images_per_s": rate})
         write_json(folder / "monitor.json", {"phases": {"train": {f"gpu{i}": {"util": {"mean": 80.0 + i}} for i in range(gpus)}}})
 

@@ -15,13 +15,14 @@ from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
+from cxrbench.files import write_json
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.run import repeats
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.schema import validate
-from cxrbench.run.store import write_json
 from cxrbench.run.worker import _settings
+from cxrbench.run_folder import repeat_folder, shared_init_path
 from cxrbench.suite import ARCHITECTURES, Settings
 
 from helpers_report import HOSTILE_BACKEND, make_fake_run
@@ -47,7 +48,7 @@ def _write_repeat(folder: Path, figures: tuple, status: str = "completed") -> No
 def _hand_made(run_dir: Path, figures=FIGURES) -> Path:
     for name, rows in figures.items():
         for i, row in enumerate(rows, start=1):
-            _write_repeat(repeats.folder_of(run_dir, name, i), row)
+            _write_repeat(repeat_folder(run_dir, name, i), row)
     return run_dir
 
 
@@ -56,10 +57,10 @@ def _hand_made(run_dir: Path, figures=FIGURES) -> Path:
 
 def test_repeat_i_uses_seed_plus_i_minus_one_and_its_own_folder(tmp_path):
     assert [repeats.seed_of(7, i) for i in (1, 2, 3)] == [7, 8, 9]
-    assert repeats.folder_of(tmp_path, "keras", 1) == tmp_path / "keras"
-    assert repeats.folder_of(tmp_path, "keras", 3) == tmp_path / "keras" / "repeats" / "r3"
-    assert repeats.shared_init_path(tmp_path, 7, 7) == tmp_path / "shared_init.npz"
-    assert repeats.shared_init_path(tmp_path, 8, 7) == tmp_path / "shared_init-seed8.npz"
+    assert repeat_folder(tmp_path, "keras", 1) == tmp_path / "keras"
+    assert repeat_folder(tmp_path, "keras", 3) == tmp_path / "keras" / "repeats" / "r3"
+    assert shared_init_path(tmp_path, 7, 7) == tmp_path / "shared_init.npz"
+    assert shared_init_path(tmp_path, 8, 7) == tmp_path / "shared_init-seed8.npz"
 
 
 @pytest.mark.parametrize("count", [0, -2])
@@ -153,8 +154,8 @@ def test_too_few_repeats_give_no_verdict(tmp_path):
 
 def test_failed_repeats_and_missing_files_are_tolerated(tmp_path):
     _hand_made(tmp_path)
-    _write_repeat(repeats.folder_of(tmp_path, "keras", 3), FIGURES["keras"][2], status="failed")
-    (repeats.folder_of(tmp_path, "pytorch", 2) / "throughput.json").unlink()
+    _write_repeat(repeat_folder(tmp_path, "keras", 3), FIGURES["keras"][2], status="failed")
+    (repeat_folder(tmp_path, "pytorch", 2) / "throughput.json").unlink()
     section = repeats.collect(tmp_path, ["pytorch", "keras"], 4, 0, [CLASS_A])  # repeat 4 never ran
     keras = section["backends"]["keras"]
     assert [r["status"] for r in keras["repeats"]] == ["completed", "completed", "failed", "pending"]
@@ -173,9 +174,9 @@ def _with_repeats(run_dir: Path, names: list[str]) -> Path:
     figures = dict(zip(names, FIGURES.values()))
     for name, rows in figures.items():
         for i, row in enumerate(rows[1:], start=2):
-            _write_repeat(repeats.folder_of(run_dir, name, i), row)
+            _write_repeat(repeat_folder(run_dir, name, i), row)
     run = json.loads((run_dir / "run.json").read_text())
-    per_backend = {name: [repeats.repeat_figures(repeats.folder_of(run_dir, name, i), i, i - 1) for i in (1, 2, 3)]
+    per_backend = {name: [repeats.repeat_figures(repeat_folder(run_dir, name, i), i, i - 1) for i in (1, 2, 3)]
                    for name in names}
     run["repeats"] = repeats.summarise(per_backend, run["data"]["classes"])
     write_json(run_dir / "run.json", run)

@@ -10,11 +10,8 @@ import pytest
 
 from cxrbench.classes import CLASSES
 from cxrbench.run.schema import validate
+from cxrbench.run_folder import BACKEND_FILES, RUN_FILES
 
-RUN_FILES = ("run.json", "comparison.json", "index.html", "shared_init.npz", "equivalence_batch.npy")
-BACKEND_FILES = ("status.json", "history.json", "train.json", "weights_best.npz", "predictions.npz", "metrics.json",
-                 "localisation.json", "cams/index.json", "cams.npz", "model.onnx", "onnx.json", "monitor.jsonl",
-                 "monitor.json", "throughput.json", "log.txt")
 BACKENDS = ("pytorch", "keras")
 
 

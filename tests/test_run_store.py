@@ -1,4 +1,4 @@
-"""The run folder store: atomic writes, strict JSON, status bookkeeping; and run.json's schema."""
+"""Atomic file I/O (cxrbench.files), status bookkeeping (cxrbench.run.store) and run.json's schema."""
 
 import copy
 import json
@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from cxrbench import files
 from cxrbench.errors import CxrError
 from cxrbench.run import store
 from cxrbench.run.schema import validate
@@ -14,28 +15,28 @@ from cxrbench.run.schema import validate
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "run.json"
-    store.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
 
     with pytest.raises(TypeError):
-        store.write_json(path, {"a": object()})  # not serialisable: fails mid-way
+        files.write_json(path, {"a": object()})  # not serialisable: fails mid-way
 
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["run.json"]
 
 
 def test_arrays_round_trip_and_non_finite_floats_become_null(tmp_path):
-    store.save_npz(tmp_path / "p.npz", logits=np.arange(6, dtype=np.float32).reshape(2, 3))
-    assert store.load_npz(tmp_path / "p.npz")["logits"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    files.save_npz(tmp_path / "p.npz", logits=np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert files.load_npz(tmp_path / "p.npz")["logits"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
-    store.write_json(tmp_path / "m.json", {"auc": float("nan"), "values": [1.0, float("inf")], "n": np.int64(3)})
+    files.write_json(tmp_path / "m.json", {"auc": float("nan"), "values": [1.0, float("inf")], "n": np.int64(3)})
     assert json.loads((tmp_path / "m.json").read_text()) == {"auc": None, "values": [1.0, None], "n": 3}
 
 
 def test_corrupt_json_is_a_one_line_error_naming_the_file(tmp_path):
     (tmp_path / "status.json").write_text("{not json")
     with pytest.raises(CxrError, match=r"status\.json: not valid JSON"):
-        store.read_json(tmp_path / "status.json")
-    assert store.read_json(tmp_path / "missing.json", default=[]) == []
+        files.read_json(tmp_path / "status.json")
+    assert files.read_json(tmp_path / "missing.json", default=[]) == []
 
 
 def test_status_marks_the_running_stage_with_the_outcome(tmp_path):
@@ -45,7 +46,7 @@ def test_status_marks_the_running_stage_with_the_outcome(tmp_path):
     status.set_stage("train", "running")
     status.finish("failed", "worker killed by signal SIGKILL during stage train")
 
-    saved = store.read_json(tmp_path / "status.json")
+    saved = files.read_json(tmp_path / "status.json")
     assert saved["status"] == "failed" and saved["pid"] == 123
     assert saved["stages"] == {"equivalence": "done", "train": "failed"}
     assert saved["stage_seconds"] == {"equivalence": 1.5}

@@ -11,10 +11,11 @@ import pytest
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
+from cxrbench.files import write_json
 from cxrbench.report.render import write_report
 from cxrbench.run import sweep
 from cxrbench.run.schema import validate
-from cxrbench.run.store import write_json
+from cxrbench.run_folder import sweep_folder
 from cxrbench.suite import Settings, parse_set_option
 
 from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
@@ -95,10 +96,10 @@ def _cell_files(folder: Path, status: str, speed: float | None, rss: list[float]
 def _hand_made_sweep(run_dir: Path, names=("pytorch", "keras")) -> dict:
     grid = {"numerics.channels_last": [False, True]}
     off, on = (p["name"] for p in sweep.points(grid))
-    _cell_files(sweep.folder_of(run_dir, off, names[0]), "completed", 30.0, [900.0, 1200.5, 1100.0])
-    _cell_files(sweep.folder_of(run_dir, on, names[0]), "completed", 36.0, [800.0], gpu_mem=[5000.0, 7000.0])
-    _cell_files(sweep.folder_of(run_dir, off, names[1]), "completed", 20.0, [2000.0])
-    _cell_files(sweep.folder_of(run_dir, on, names[1]), "failed", None, [], error=HOSTILE_ERROR if names[0] != "pytorch"
+    _cell_files(sweep_folder(run_dir, off, names[0]), "completed", 30.0, [900.0, 1200.5, 1100.0])
+    _cell_files(sweep_folder(run_dir, on, names[0]), "completed", 36.0, [800.0], gpu_mem=[5000.0, 7000.0])
+    _cell_files(sweep_folder(run_dir, off, names[1]), "completed", 20.0, [2000.0])
+    _cell_files(sweep_folder(run_dir, on, names[1]), "failed", None, [], error=HOSTILE_ERROR if names[0] != "pytorch"
                 else "numerics.channels_last is not supported on the CPU")
     return sweep.table(run_dir, list(names), grid)
 
@@ -132,7 +133,7 @@ def test_a_cell_without_a_steady_state_says_why_in_the_table_csv_and_terminal(tm
     from cxrbench.run.progress import sweep_lines
 
     section = _hand_made_sweep(tmp_path)
-    folder = sweep.folder_of(tmp_path, section["points"][0], "pytorch")
+    folder = sweep_folder(tmp_path, section["points"][0], "pytorch")
     reason = "no steady state: 7 steps after warm-up (train.warmup_steps = 5) make 1 window(s) of 5 steps"
     write_json(folder / "throughput.json", {"train_images_per_s": None, "train_images_per_s_interval": None,
                                             "first_step_s": 0.7, "disturbed": False, "no_steady_state": reason})

@@ -223,7 +223,7 @@ def is_valid(folder: Path, key: str, count: int, size: int) -> bool:
 
 def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
     """Build, refusing early when the disk lacks the space; a full or read-only disk is one line naming the folder."""
-    from cxrbench.run.store import require_space
+    from cxrbench.files import require_space
 
     try:
         require_space(folder.parent, len(index) * size * size + CHECKSUM_BLOCK, "the prepared cache")

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.run.store import read_json, write_json
+from cxrbench.files import read_json, write_json
+from cxrbench.run_folder import THROUGHPUT_JSON
 
 #: Share of the usable cores' CPU time others may use, on average over a timed phase, before the
 #: phase's figures are marked disturbed: 0.15 is 30 % of one core on a 2-core machine, more than
@@ -65,7 +66,7 @@ def judge(samples: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def record(folder: Path, verdicts: dict[str, dict[str, Any]]) -> None:
     """Merge this worker's verdicts into throughput.json; phases it did not time keep earlier verdicts."""
-    path = Path(folder) / "throughput.json"
+    path = Path(folder) / THROUGHPUT_JSON
     throughput = read_json(path)
     if throughput is None or not verdicts:
         return

@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import psutil
 
 from cxrbench.budget import usable_cores
+from cxrbench.files import write_json
 from cxrbench.monitor import noise
 from cxrbench.monitor.gpu import GpuReader, GpuStatus, open_gpu_reader
 from cxrbench.monitor.summary import FIELDS, summarise
-from cxrbench.run.store import write_json
+from cxrbench.run_folder import MONITOR_JSON, MONITOR_JSONL
 
 MIB = 2**20
 
@@ -125,7 +126,7 @@ class Sampler:
         return rows
 
     def _loop(self) -> None:
-        with open(self.folder / "monitor.jsonl", "a", encoding="utf-8") as out:
+        with open(self.folder / MONITOR_JSONL, "a", encoding="utf-8") as out:
             while not self._stop.wait(self.interval_s):
                 rows = self.sample_once()
                 self.samples += rows
@@ -139,6 +140,6 @@ class Sampler:
             self.gpu.close()
         summary = summarise(self.samples, self.status, self.interval_s)
         summary["disturbance"] = noise.judge(self.samples)
-        write_json(self.folder / "monitor.json", summary)
+        write_json(self.folder / MONITOR_JSON, summary)
         noise.record(self.folder, summary["disturbance"])
         return summary

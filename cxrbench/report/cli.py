@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrbench.report.compare import DEFAULT_THRESHOLD_PCT
+from cxrbench.report.run_comparison import DEFAULT_THRESHOLD_PCT
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Read a run folder (run.json as described by cxrbench/run/schema.json) into one tolerant structure.
+"""Read a run folder (its files and run.json keys as :mod:`cxrbench.run_folder` defines them) into one tolerant
+structure.
 
 ``run.json`` is required; everything else is optional. A missing or unreadable optional file
 becomes a note the report shows, never a crash, so a failed backend or a stage not run still
@@ -8,7 +9,6 @@ still in progress, a parent that died), from the backend's own files.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,18 +19,10 @@ import numpy as np
 
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
-from cxrbench.run.store import LOCK_FILE, SCHEMA_VERSION, current_status, run_is_active
+from cxrbench.files import load_npz, read_json, read_jsonl
+from cxrbench.run_folder import (BACKEND_FEEDS, COMPARISON_JSON, LOCK_FILE, LOG_TXT, MONITOR_JSONL, PREDICTIONS_NPZ,
+                                 RUN_JSON, SCHEMA_VERSION, STATUS_JSON, backend_results, current_status, run_is_active)
 
-#: run.json backend key -> (file in the backend folder, key inside that file or None for all of it).
-_BACKEND_FILES: dict[str, tuple[str, str | None]] = {
-    "history": ("history.json", None),
-    "train": ("train.json", None),
-    "auroc": ("metrics.json", "auroc"),
-    "localisation": ("localisation.json", None),
-    "throughput": ("throughput.json", None),
-    "gpu": ("monitor.json", None),
-    "onnx": ("onnx.json", None),
-}
 LOG_TAIL_LINES = 40
 
 
@@ -78,19 +70,12 @@ class Run:
         return [str(c) for c in (self.meta.get("data") or {}).get("classes") or CLASSES]
 
 
-def _read_json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CxrError(f"{path}: not valid JSON ({exc})") from None
-
-
 def read_optional_json(path: Path, notes: list[str]) -> Any:
     """A JSON file's content, or ``None`` (with a note when the file exists but is unreadable)."""
     if not path.is_file():
         return None
     try:
-        return _read_json_file(path)
+        return read_json(path)
     except CxrError as exc:
         notes.append(str(exc))
         return None
@@ -99,32 +84,30 @@ def read_optional_json(path: Path, notes: list[str]) -> Any:
 def _backend_names(run_dir: Path, meta: dict) -> list[str]:
     """run.json's order first, then any backend folder the parent never merged (it has status.json)."""
     names = [str(n) for n in (meta.get("backends") or {})]
-    extra = sorted(p.name for p in run_dir.iterdir() if (p / "status.json").is_file() and p.name not in names)
+    extra = sorted(p.name for p in run_dir.iterdir() if (p / STATUS_JSON).is_file() and p.name not in names)
     return names + extra
 
 
 def _load_backend(run_dir: Path, name: str, merged: dict, notes: list[str]) -> BackendRun:
     folder = run_dir / name
     summary = dict(merged)
-    status = read_optional_json(folder / "status.json", notes) or {}
+    status = read_optional_json(folder / STATUS_JSON, notes) or {}
     if summary.get("status") in (None, "pending") and status.get("status"):
         summary["status"] = current_status(status)  # not merged yet: the worker's own record is fresher
     if summary.get("error") is None and status.get("error") is not None:
         summary["error"] = status["error"]
-    for key, (file_name, inner) in _BACKEND_FILES.items():
-        if summary.get(key) is None:
-            content = read_optional_json(folder / file_name, notes)
-            summary[key] = content.get(inner) if inner and isinstance(content, dict) else content
+    missing = [feed.key for feed in BACKEND_FEEDS if summary.get(feed.key) is None]
+    summary.update(backend_results(folder, lambda path: read_optional_json(path, notes), missing))
     return BackendRun(name, folder, summary)
 
 
 def load_run(run_dir: Path) -> Run:
     """Read a run folder; a one-line :class:`CxrError` when it is not one."""
     run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
+    run_json = run_dir / RUN_JSON
     if not run_json.is_file():
         raise CxrError(f"{run_json}: not found (is {run_dir} a cxrbench run folder?)")
-    meta = _read_json_file(run_json)
+    meta = read_json(run_json)
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         found = meta.get("schema_version") if isinstance(meta, dict) else type(meta).__name__
         raise CxrError(f"{run_json}: schema_version must be {SCHEMA_VERSION}, found {found!r}")
@@ -132,7 +115,7 @@ def load_run(run_dir: Path) -> Run:
     if meta.get("status") == "running" and not run_is_active(run_dir):
         meta["status"] = "interrupted"  # no process holds the run's lock: it was killed before recording an outcome
         notes.append(f"{run_json}: says running, but no cxrbench run holds {run_dir / LOCK_FILE}: interrupted")
-    comparison = read_optional_json(run_dir / "comparison.json", notes) or {}
+    comparison = read_optional_json(run_dir / COMPARISON_JSON, notes) or {}
     merged = meta.get("backends") or {}
     backends = {name: _load_backend(run_dir, name, merged.get(name) or {}, notes) for name in _backend_names(run_dir, meta)}
     return Run(run_dir, meta, comparison, backends, notes)
@@ -140,35 +123,25 @@ def load_run(run_dir: Path) -> Run:
 
 def load_predictions(backend: BackendRun) -> tuple[np.ndarray, np.ndarray] | None:
     """(labels, logits) of the test split from predictions.npz, or None when absent or unreadable."""
-    path = backend.folder / "predictions.npz"
+    path = backend.folder / PREDICTIONS_NPZ
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return np.asarray(npz["labels"]), np.asarray(npz["logits"])
+        arrays = load_npz(path)
+        return arrays["labels"], arrays["logits"]
     except (OSError, KeyError, ValueError):
         return None
 
 
 def load_monitor_samples(backend: BackendRun) -> list[dict[str, Any]]:
     """monitor.jsonl samples; a torn last line (a killed worker) is skipped."""
-    path = backend.folder / "monitor.jsonl"
-    if not path.is_file():
-        return []
-    samples = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            sample = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(sample, dict) and isinstance(sample.get("t"), (int, float)):
-            samples.append(sample)
-    return samples
+    samples = read_jsonl(backend.folder / MONITOR_JSONL)
+    return [sample for sample in samples if isinstance(sample.get("t"), (int, float))]
 
 
 def log_tail(backend: BackendRun, lines: int = LOG_TAIL_LINES) -> list[str] | None:
     """The last ``lines`` lines of ``<backend>/log.txt`` (read as a stream: logs can be large)."""
-    path = backend.folder / "log.txt"
+    path = backend.folder / LOG_TXT
     if not path.is_file():
         return None
     with path.open(encoding="utf-8", errors="replace") as handle:

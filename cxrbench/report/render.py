@@ -19,11 +19,12 @@ from markupsafe import Markup
 
 from cxrbench import __version__
 from cxrbench.errors import CxrError
+from cxrbench.files import write_text
 from cxrbench.report import sections
-from cxrbench.report.compare import DEFAULT_THRESHOLD_PCT, compare_runs, flatten
 from cxrbench.report.figures import HEADLINES, format_number
-from cxrbench.run.store import write_text
 from cxrbench.report.load import Run, load_run
+from cxrbench.report.run_comparison import DEFAULT_THRESHOLD_PCT, compare_runs, flatten
+from cxrbench.run_folder import INDEX_HTML
 
 TEMPLATE = "report.html.j2"
 
@@ -171,6 +172,6 @@ def write_report(
     runs = [load_run(Path(d)) for d in run_dirs]
     benchmarks = [load_benchmarks(Path(p)) for p in benchmark_json]
     html = environment().get_template(TEMPLATE).render(build_context(runs, baseline, benchmarks, threshold_pct))
-    out = Path(out) if out is not None else Path(run_dirs[0]) / "index.html"
+    out = Path(out) if out is not None else Path(run_dirs[0]) / INDEX_HTML
     write_text(out, html)
     return out

@@ -16,7 +16,7 @@ from cxrbench.errors import CxrError
 from cxrbench.report import charts
 from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
                                      ratio_sentences, repeat_sentences)
-from cxrbench.report.gallery import backend_tiles, gallery_rows
+from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
 
@@ -320,8 +320,9 @@ def localisation_skipped(run: Run) -> dict[str, str]:
 
 
 def gallery(run: Run) -> dict[str, Any]:
-    threshold = ((run.meta.get("settings") or {}).get("eval") or {}).get("cam_threshold", 0.5)
-    tiles = {name: backend_tiles(b, threshold, run.notes) for name, b in run.backends.items()}
+    evaluation = (run.meta.get("settings") or {}).get("eval") or {}
+    threshold, method = evaluation.get("cam_threshold", 0.5), evaluation.get("cam_method", "relative")
+    tiles = {name: backend_tiles(b, threshold, method, run.notes) for name, b in run.backends.items()}
     return {"backends": list(tiles), "rows": gallery_rows(tiles)}
 
 
@@ -373,7 +374,7 @@ def onnx(run: Run) -> dict[str, Any]:
 
 def _grouped_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Settings by section (numerics first: they change the numbers), scalars under "suite"."""
-    from cxrbench.report.compare import flatten
+    from cxrbench.report.run_comparison import flatten
 
     groups = {"suite": {k: v for k, v in settings.items() if not isinstance(v, dict)}}
     groups.update({k: flatten(v) for k, v in settings.items() if isinstance(v, dict)})
@@ -381,7 +382,7 @@ def _grouped_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def environment(run: Run) -> dict[str, Any]:
-    from cxrbench.report.compare import flatten
+    from cxrbench.report.run_comparison import flatten
 
     env = dict(run.meta.get("environment") or {})
     packages = env.pop("packages", {}) or {}

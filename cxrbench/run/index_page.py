@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cxrbench.files import write_text
 from cxrbench.run.progress import HEADER, summary_rows
-from cxrbench.run.store import write_text
+from cxrbench.run_folder import COMPARISON_JSON, INDEX_HTML, RUN_JSON, log_of
 
 
 def minimal_page(run: dict[str, Any], comparison: dict[str, Any]) -> str:
@@ -19,14 +20,15 @@ def minimal_page(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     failures = comparison.get("equivalence", {}).get("failures") or []
     errors = [f"{name}: {b['error']}" for name, b in run["backends"].items() if b.get("error")]
     items = "".join(f"<li>{esc(text)}</li>" for text in failures + errors)
-    links = "".join(f'<li><a href="{esc(name)}/log.txt">{esc(name)} log</a></li>' for name in run["backends"])
+    links = "".join(f'<li><a href="{esc(log_of(name))}">{esc(name)} log</a></li>' for name in run["backends"])
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>cxrbench run {esc(run['suite'])}</title></head><body>"
         f"<h1>cxrbench run: {esc(run['suite'])}</h1><p>status: {esc(str(run.get('status')))}</p>"
         f"<table><tr>{head}</tr>{rows}</table>"
         + (f"<h2>Problems</h2><ul>{items}</ul>" if items else "")
-        + f"<p><a href='run.json'>run.json</a> · <a href='comparison.json'>comparison.json</a></p><ul>{links}</ul>"
+        + f"<p><a href='{RUN_JSON}'>{RUN_JSON}</a> · <a href='{COMPARISON_JSON}'>{COMPARISON_JSON}</a></p>"
+        + f"<ul>{links}</ul>"
         "</body></html>"
     )
 
@@ -34,7 +36,7 @@ def minimal_page(run: dict[str, Any], comparison: dict[str, Any]) -> str:
 def write_index(run_dir: Path, run: dict[str, Any], comparison: dict[str, Any], baseline: str | None) -> Path:
     """The full report; the minimal page when the report package is absent or fails, so that a
     report bug never leaves a finished run without its page (the failure is printed)."""
-    out = run_dir / "index.html"
+    out = run_dir / INDEX_HTML
     try:
         from cxrbench.report.render import write_report
 

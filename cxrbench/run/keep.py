@@ -15,11 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cxrbench.run_folder import EQUIVALENCE_BATCH, INIT_ONNX, SHARED_INIT_FILES, WEIGHTS_NPZ
+
 #: Glob patterns (relative to the run folder) each value removes.
 REMOVED = {
     "all": (),
-    "results": ("**/init.onnx",),
-    "minimal": ("**/*.onnx", "**/weights_best.npz", "shared_init.npz", "equivalence_batch.npy"),
+    "results": (f"**/{INIT_ONNX}",),
+    "minimal": ("**/*.onnx", f"**/{WEIGHTS_NPZ}", SHARED_INIT_FILES, EQUIVALENCE_BATCH),
 }
 
 

@@ -28,13 +28,16 @@ from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
 from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
+from cxrbench.files import read_json, save_npy, write_json
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.run import environments, keep, repeats, scaling, sweep
-from cxrbench.run.compare import write_comparison
+from cxrbench.run.cross_checks import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import (SCHEMA_VERSION, WORKER_STAGES, BackendStatus, RunLock, current_status, now_iso,
-                                read_json, save_npy, write_json)
+from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
+from cxrbench.run_folder import (EQUIVALENCE_BATCH, LOG_TXT, RUN_JSON, SCHEMA_VERSION, STATUS_JSON, backend_results,
+                                 current_status, gpus_folder, log_of, now_iso, repeat_folder, shared_init_path,
+                                 sweep_folder)
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -134,7 +137,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "pythons": request.pythons,
         "gpu_counts": counts,
         "data": None,
-        "backends": {name: {"status": "pending", "error": None, "log": f"{name}/log.txt"} for name in backends},
+        "backends": {name: {"status": "pending", "error": None, "log": log_of(name)} for name in backends},
         "scaling": None,
         "repeats": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
@@ -143,22 +146,22 @@ def new_run(request: RunRequest) -> "Orchestrator":
 
 
 def _refuse_existing(run_dir: Path) -> None:
-    if (run_dir / "run.json").exists():
+    if (run_dir / RUN_JSON).exists():
         raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
 
 
 def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) -> "Orchestrator":
     """Reuse a run's settings, backends and plugins; completed backends and stages are skipped."""
-    run = read_json(run_dir / "run.json")
+    run = read_json(run_dir / RUN_JSON)
     if run is None:
-        raise CxrError(f"--resume {run_dir}: no run.json there")
+        raise CxrError(f"--resume {run_dir}: no {RUN_JSON} there")
     if (run.get("kept") or {}).get("removed"):
         raise CxrError(f"--resume {run_dir}: the run completed and its large files were removed (run.keep = "
                        f"{run['kept']['keep']}): nothing to resume")
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
     _check_gpus(run["gpu_counts"])
-    index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / "run.json")))
+    index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / RUN_JSON)))
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
     return Orchestrator(run_dir, run, plugins, monitor_interval, index)
@@ -168,7 +171,7 @@ class Orchestrator:
     def __init__(self, run_dir: Path, run: dict[str, Any], plugins: Plugins, monitor_interval: float, index=None,
                  new: bool = False):
         self.run_dir, self.run, self.plugins = Path(run_dir), run, plugins
-        self.settings = Settings.from_dict(run["settings"], str(self.run_dir / "run.json"))
+        self.settings = Settings.from_dict(run["settings"], str(self.run_dir / RUN_JSON))
         self.backends = list(run["backends"])
         self.monitor_interval = monitor_interval
         self.progress = Progress(self.backends)
@@ -178,7 +181,7 @@ class Orchestrator:
     # -- before the workers ----------------------------------------------------------------------
 
     def _save_run(self) -> None:
-        write_json(self.run_dir / "run.json", self.run)
+        write_json(self.run_dir / RUN_JSON, self.run)
 
     def prepare(self) -> None:
         """The data set and its prepared cache (once, for every worker), shared weights, equivalence batch."""
@@ -200,11 +203,12 @@ class Orchestrator:
         }
         if settings.model.init == "shared":
             for seed in self.seeds():
-                path = repeats.shared_init_path(self.run_dir, seed, settings.run.seed)
+                path = shared_init_path(self.run_dir, seed, settings.run.seed)
                 if not path.exists():
                     canonical.save(canonical.init_canonical(settings.model.block_config, seed), path)
-        if not (self.run_dir / "equivalence_batch.npy").exists():
-            save_npy(self.run_dir / "equivalence_batch.npy", np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES]))
+        if not (self.run_dir / EQUIVALENCE_BATCH).exists():
+            batch = np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES])
+            save_npy(self.run_dir / EQUIVALENCE_BATCH, batch)
         self._save_run()
 
     def seeds(self) -> list[int]:
@@ -231,7 +235,7 @@ class Orchestrator:
             self.progress.update(name, status.data)
             return
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "log.txt", "a", encoding="utf-8") as log:
+        with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
             command = self._worker_command(name, gpus, folder, stages, extra or [])
@@ -252,7 +256,7 @@ class Orchestrator:
             try:
                 return process.wait(timeout=POLL_S)
             except subprocess.TimeoutExpired:
-                self.progress.update(name, read_json(folder / "status.json"))
+                self.progress.update(name, read_json(folder / STATUS_JSON))
 
     @staticmethod
     def _stop(process: subprocess.Popen) -> None:
@@ -275,7 +279,8 @@ class Orchestrator:
             elif returncode is not None and returncode < 0:
                 status.finish("failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}")
             else:
-                status.finish("failed", f"worker exited with code {returncode} during stage {stage}; see {name}/log.txt")
+                status.finish("failed",
+                              f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}")
         self.progress.update(name, status.data)
 
     def run_workers(self) -> None:
@@ -284,7 +289,7 @@ class Orchestrator:
             self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES)
         for gpus in counts[1:]:
             for name in self.backends:
-                self.run_worker(name, gpus, scaling.sweep_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
+                self.run_worker(name, gpus, gpus_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
         self.run_repeats(counts[0])
         self.run_sweep(counts[0])
 
@@ -292,22 +297,21 @@ class Orchestrator:
         """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
         for i, seed in enumerate(self.seeds()[1:], start=2):
             for name in self.backends:
-                self.run_worker(name, gpus, repeats.folder_of(self.run_dir, name, i), repeats.REPEAT_STAGES,
+                self.run_worker(name, gpus, repeat_folder(self.run_dir, name, i), repeats.REPEAT_STAGES,
                                 ["--seed", str(seed)])
 
     def run_sweep(self, gpus: int) -> None:
         """The speed stages of every backend at every grid point of ``--sweep``."""
         for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
             for name in self.backends:
-                self.run_worker(name, gpus, sweep.folder_of(self.run_dir, point["name"], name), SWEEP_STAGES,
+                self.run_worker(name, gpus, sweep_folder(self.run_dir, point["name"], name), SWEEP_STAGES,
                                 sweep.set_options(point["overrides"]))
 
     # -- after the workers -----------------------------------------------------------------------
 
     def backend_summary(self, name: str) -> dict[str, Any]:
         folder = self.run_dir / name
-        status = read_json(folder / "status.json") or {"status": "pending", "error": None}
-        metrics = read_json(folder / "metrics.json") or {}
+        status = read_json(folder / STATUS_JSON) or {"status": "pending", "error": None}
         info = self.plugins.backends.get(name)
         return {
             "status": status["status"] if status["status"] != "running" else "interrupted",
@@ -315,15 +319,8 @@ class Orchestrator:
             "info": dataclasses.asdict(info) if info else None,
             "stages": status.get("stages", {}),
             "stage_seconds": status.get("stage_seconds", {}),
-            "history": read_json(folder / "history.json") or [],
-            "train": read_json(folder / "train.json"),
-            "auroc": metrics.get("auroc"),
-            "metrics": {k: v for k, v in metrics.items() if k != "auroc"},
-            "localisation": read_json(folder / "localisation.json"),
-            "throughput": read_json(folder / "throughput.json"),
-            "gpu": read_json(folder / "monitor.json"),
-            "onnx": read_json(folder / "onnx.json"),
-            "log": f"{name}/log.txt",
+            **backend_results(folder, read_json),
+            "log": log_of(name),
         }
 
     def _ort_threads(self) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 from scipy import stats as scipy_stats
 
 from cxrbench.errors import CxrError
-from cxrbench.run.store import read_json
+from cxrbench.files import read_json
+from cxrbench.run_folder import METRICS_JSON, STATUS_JSON, THROUGHPUT_JSON, repeat_folder
 
 #: Repeats per backend below which no verdict is given (a standard deviation from two values is a guess).
 MIN_REPEATS = 3
@@ -42,15 +43,6 @@ def seed_of(base_seed: int, repeat: int) -> int:
     return base_seed + repeat - 1
 
 
-def folder_of(run_dir: Path, backend: str, repeat: int) -> Path:
-    return Path(run_dir) / backend if repeat == 1 else Path(run_dir) / backend / "repeats" / f"r{repeat}"
-
-
-def shared_init_path(run_dir: Path, seed: int, base_seed: int) -> Path:
-    """One shared-initial-weights file per seed; the run's own seed keeps the historical name."""
-    return Path(run_dir) / ("shared_init.npz" if seed == base_seed else f"shared_init-seed{seed}.npz")
-
-
 # -- per repeat ------------------------------------------------------------------------------------
 
 
@@ -61,9 +53,9 @@ def _number(value: Any) -> float | None:
 
 def repeat_figures(folder: Path, repeat: int, seed: int) -> dict[str, Any]:
     """One repeat's figures from its files; missing files or keys become None (stage not run, failed)."""
-    status = read_json(folder / "status.json") or {}
-    auroc = (read_json(folder / "metrics.json") or {}).get("auroc") or {}
-    throughput = read_json(folder / "throughput.json") or {}
+    status = read_json(folder / STATUS_JSON) or {}
+    auroc = (read_json(folder / METRICS_JSON) or {}).get("auroc") or {}
+    throughput = read_json(folder / THROUGHPUT_JSON) or {}
     interval = throughput.get("train_images_per_s_interval")
     return {
         "repeat": repeat,
@@ -176,6 +168,6 @@ def collect(run_dir: Path, backends: list[str], count: int, base_seed: int,
     """The ``repeats`` section of a run with ``count`` repeats (None for a single run)."""
     if count < 2:
         return None
-    per_backend = {name: [repeat_figures(folder_of(run_dir, name, i), i, seed_of(base_seed, i))
+    per_backend = {name: [repeat_figures(repeat_folder(run_dir, name, i), i, seed_of(base_seed, i))
                           for i in range(1, count + 1)] for name in backends}
     return summarise(per_backend, classes)

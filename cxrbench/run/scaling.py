@@ -9,7 +9,8 @@ from typing import Any
 
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import CxrError
-from cxrbench.run.store import read_json
+from cxrbench.files import read_json
+from cxrbench.run_folder import MONITOR_JSON, THROUGHPUT_JSON, gpus_folder
 from cxrbench.suite import Settings
 
 
@@ -67,11 +68,6 @@ def size_for_counts(settings: Settings, train_images: int, total_images: int, co
     return settings.replace(**{"data.phantom_images": max(grown, settings.data.phantom_images + 1)})
 
 
-def sweep_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
-    """The main results live in ``<backend>/``; further sweep points in ``<backend>/gpus-<N>/``."""
-    return run_dir / backend if gpus == first else run_dir / backend / f"gpus-{gpus}"
-
-
 def _train_gpu_util(monitor: dict[str, Any] | None) -> dict[str, Any]:
     devices = ((monitor or {}).get("phases") or {}).get("train", {})
     return {device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields}
@@ -85,9 +81,10 @@ def scaling_table(run_dir: Path, backends: list[str], counts: list[int]) -> dict
     for name in backends:
         entries = []
         for n in counts:
-            folder = sweep_folder(run_dir, name, n, counts[0])
-            throughput = (read_json(folder / "throughput.json") or {}).get("train_images_per_s")
-            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": _train_gpu_util(read_json(folder / "monitor.json"))})
+            folder = gpus_folder(run_dir, name, n, counts[0])
+            throughput = (read_json(folder / THROUGHPUT_JSON) or {}).get("train_images_per_s")
+            utilisation = _train_gpu_util(read_json(folder / MONITOR_JSON))
+            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": utilisation})
         base = entries[0]["images_per_s"]
         for entry in entries:
             measured = entry["images_per_s"] is not None and base

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench.errors import CxrError
+from cxrbench.run_folder import RUN_JSON
 
 
 @cache
@@ -20,7 +21,7 @@ def _field(path) -> str:
     return ".".join(str(part) for part in path) or "(top level)"
 
 
-def validate(run: dict[str, Any], origin: str | Path = "run.json") -> None:
+def validate(run: dict[str, Any], origin: str | Path = RUN_JSON) -> None:
     """Raise :class:`CxrError` ``"run.json: backends.keras.status: 'done' is not one of [...]"``.
 
     The most specific error (deepest path) is reported, so a bad nested field is named exactly.

@@ -18,10 +18,13 @@ from cxrbench import timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
+from cxrbench.files import atomic_output, read_json, require_space, save_npz, write_json
 from cxrbench.plugins import require_answer
 from cxrbench.recorder import Recorder
-from cxrbench.run import gallery
-from cxrbench.run.store import atomic_output, read_json, require_space, save_npz, write_json
+from cxrbench.run import cam_files
+from cxrbench.run_folder import (EQUIVALENCE_NPZ, HISTORY_JSON, INIT_ONNX, INIT_ONNX_JSON, LOCALISATION_JSON,
+                                 METRICS_JSON, MODEL_ONNX, ONNX_JSON, PREDICTIONS_NPZ, THROUGHPUT_JSON, TRAIN_JSON,
+                                 WEIGHTS_NPZ)
 from cxrbench.suite import Settings
 
 #: Random (uint8 noise) images compared between the native model and its ONNX export.
@@ -60,10 +63,10 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 def equivalence(ctx: StageContext, batch_path: Path) -> None:
     """Logits of the initial model on the shared batch, and the initial model in ONNX (init.onnx)."""
     batch = np.load(batch_path, allow_pickle=False)
-    save_npz(ctx.folder / "equivalence.npz", logits=ctx.logits(batch, tta=False))
+    save_npz(ctx.folder / EQUIVALENCE_NPZ, logits=ctx.logits(batch, tta=False))
     if ctx.settings.export.onnx:
-        info = export_onnx(ctx, ctx.folder / "init.onnx")
-        write_json(ctx.folder / "init_onnx.json", {"export": info.to_dict()})
+        info = export_onnx(ctx, ctx.folder / INIT_ONNX)
+        write_json(ctx.folder / INIT_ONNX_JSON, {"export": info.to_dict()})
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -71,15 +74,15 @@ def equivalence(ctx: StageContext, batch_path: Path) -> None:
 
 def train(ctx: StageContext) -> None:
     """Train from the initial weights; keep the best weights in the canonical layout."""
-    write_json(ctx.folder / "history.json", [])
+    write_json(ctx.folder / HISTORY_JSON, [])
     result = ctx.call("cxrbench_train", model=ctx.model, data=ctx.data, settings=ctx.settings, recorder=ctx.recorder)
-    write_json(ctx.folder / "history.json", [r.to_dict() for r in ctx.recorder.history])
-    write_json(ctx.folder / "train.json", result)
+    write_json(ctx.folder / HISTORY_JSON, [r.to_dict() for r in ctx.recorder.history])
+    write_json(ctx.folder / TRAIN_JSON, result)
     weights = ctx.call("cxrbench_get_weights", model=ctx.model)
     canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
-    canonical.save(weights, ctx.folder / "weights_best.npz")
+    canonical.save(weights, ctx.folder / WEIGHTS_NPZ)
     history = [r.to_dict() for r in ctx.recorder.history]
-    write_json(ctx.folder / "throughput.json", training_throughput(history, ctx.settings))
+    write_json(ctx.folder / THROUGHPUT_JSON, training_throughput(history, ctx.settings))
 
 
 def training_throughput(history: list[dict], settings: Settings) -> dict[str, Any]:
@@ -147,16 +150,16 @@ def evaluate(ctx: StageContext) -> None:
     rows = ctx.data.rows("test")
     files = np.asarray([ctx.data.index.files[r] for r in rows])
     patients = np.asarray(ctx.data.index.patients)[rows]
-    save_npz(ctx.folder / "predictions.npz", logits=logits, labels=labels, files=files, patients=patients)
+    save_npz(ctx.folder / PREDICTIONS_NPZ, logits=logits, labels=labels, files=files, patients=patients)
     answers = ctx.hook.cxrbench_evaluate(labels=labels, scores=sigmoid(logits), classes=list(CLASSES), groups=patients,
                                          settings=ctx.settings)
     metrics = merge_metrics(answers)
     notes = independence_notes(ctx.hook.cxrbench_evaluate)
     if notes:
         metrics["independence_notes"] = notes
-    write_json(ctx.folder / "metrics.json", metrics)
-    throughput = read_json(ctx.folder / "throughput.json", {"gpus": ctx.settings.run.gpus})
-    write_json(ctx.folder / "throughput.json", add_prediction_figures(throughput, timer))
+    write_json(ctx.folder / METRICS_JSON, metrics)
+    throughput = read_json(ctx.folder / THROUGHPUT_JSON, {"gpus": ctx.settings.run.gpus})
+    write_json(ctx.folder / THROUGHPUT_JSON, add_prediction_figures(throughput, timer))
 
 
 def independence_notes(caller) -> list[str]:
@@ -187,7 +190,7 @@ def cam(ctx: StageContext) -> None:
     truth = ctx.data.boxes("test")
     threshold, method = ctx.settings.eval.cam_threshold, ctx.settings.eval.cam_method
     if not truth:
-        write_json(ctx.folder / "localisation.json",
+        write_json(ctx.folder / LOCALISATION_JSON,
                    {"skipped": "no test image has a box", "threshold": threshold, "method": method})
         return
     positions = sorted({pos for pos, _ in truth})
@@ -200,7 +203,7 @@ def cam(ctx: StageContext) -> None:
     scores = cam_localisation(maps, truth_local, class_indices, threshold, method)
     baseline = localisation_accuracy(centred_box_baseline(truth_local, ctx.data.size), truth_local, metric="iobb")
     write_json(
-        ctx.folder / "localisation.json",
+        ctx.folder / LOCALISATION_JSON,
         {
             "iobb": scores["iobb"],
             "iou": scores["iou"],
@@ -213,7 +216,7 @@ def cam(ctx: StageContext) -> None:
         },
     )
     shown = positions[: ctx.settings.eval.cam_images]
-    gallery.write(ctx.folder, images[: len(shown)], maps[: len(shown)], shown, class_indices, truth_local, threshold,
+    cam_files.write(ctx.folder, images[: len(shown)], maps[: len(shown)], shown, class_indices, truth_local, threshold,
                   [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown], method)
 
 
@@ -241,7 +244,7 @@ def export(ctx: StageContext) -> None:
     """The trained model in ONNX, checked, and compared with the native model."""
     from cxrbench.checks import onnx as onnx_checks
 
-    settings, path = ctx.settings, ctx.folder / "model.onnx"
+    settings, path = ctx.settings, ctx.folder / MODEL_ONNX
     info = export_onnx(ctx, path)
     images = ctx.data.split_images("test")
     noise = np.random.default_rng(settings.run.seed).integers(0, 256, (RANDOM_PARITY_IMAGES, ctx.data.size, ctx.data.size), dtype=np.uint8)
@@ -251,7 +254,7 @@ def export(ctx: StageContext) -> None:
         return onnx_checks.diff_stats(native, onnx_checks.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol)
 
     write_json(
-        ctx.folder / "onnx.json",
+        ctx.folder / ONNX_JSON,
         {
             "export": info.to_dict(),
             "checker": "passed",

@@ -1,8 +1,7 @@
-"""The run folder on disk: atomic JSON and array writes, per-backend status files.
+"""The run's live state on disk: each backend's ``status.json`` and the run folder's lock.
 
-Every file is written to a temporary sibling and renamed over its target (``os.replace``), so a
-reader (the parent, a resumed run, the report) never sees half a file, even when a worker is
-killed mid-write.
+Both are written through :mod:`cxrbench.files` (atomically) under the names :mod:`cxrbench.run_folder`
+defines; the readers of this state (is a process gone, is the folder locked) live there too, for the report.
 """
 
 from __future__ import annotations
@@ -11,164 +10,25 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import psutil
+from cxrbench.errors import CxrError, is_storage_fault, storage_error
+from cxrbench.files import FILE_MODE, read_json, write_json
+from cxrbench.run_folder import LOCK_FILE, STATUS_JSON, now_iso, process_gone
 
-from cxrbench.errors import CxrError, StorageError, is_storage_fault, storage_error
-
-SCHEMA_VERSION = 1
 #: Worker stages in the order they run; ``prepare-check`` reopens the parent's prepared cache.
 WORKER_STAGES = ("prepare-check", "equivalence", "train", "evaluate", "cam", "export")
 DONE = "done"
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-#: What ``open()`` would have given: mkstemp makes files private, but results are for reading.
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def write_with(path: Path, write) -> Path:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A reader (the parent, a browser, another tool) never sees half a file.
-    """
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as handle:
-            write(handle)
-    return Path(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, check=None) -> Iterator[Path]:
-    """A temporary name beside ``path`` for a writer that needs a path (an exporter, ``np.savez``).
-
-    When the block ends, ``check(tmp)`` (if given) must pass, then the file is renamed over
-    ``path``; on any failure the temporary file and whatever the writer left beside it under the
-    temporary name are removed, so a final name only ever holds a complete file. Out-of-space and
-    permission errors become one :class:`StorageError` line naming ``path``.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-        os.close(fd)
-    except OSError as exc:
-        raise (storage_error(exc, path.parent) if is_storage_fault(exc) else exc) from None
-    tmp = Path(name)
-    try:
-        yield tmp
-        if check is not None:
-            check(tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_temporaries(tmp)
-        raise (storage_error(exc, path) if is_storage_fault(exc) else exc) from None
-    except BaseException:
-        _remove_temporaries(tmp)
-        raise
-
-
-def _remove_temporaries(tmp: Path) -> None:
-    """The temporary file and any sibling a writer derived from its name (external data, side files)."""
-    for leftover in tmp.parent.glob(f"{tmp.name}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
-
-
-#: Head room kept free beyond a write's own size (file-system metadata, the JSON files around it).
-SPACE_MARGIN_BYTES = 16 << 20
-
-
-def require_space(folder: Path, needed: int, what: str) -> None:
-    """Refuse a big write before it starts when ``folder``'s disk has less than ``needed`` bytes free."""
-    folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free, total = shutil.disk_usage(existing).free, needed + SPACE_MARGIN_BYTES
-    if free < total:
-        raise StorageError(f"{folder}: {what} needs {total:,} bytes ({total / 2**20:.0f} MiB) but only {free:,} bytes "
-                           "are free there: free space or choose a folder on another disk")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def write_text(path: Path, text: str) -> Path:
-    return write_with(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically (NaN is written as null: JSON has no NaN)."""
-    return write_text(path, json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False))
-
-
-def _finite(value: Any) -> Any:
-    """Replace non-finite floats by None so the files stay strict JSON."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    """Read a JSON file; ``default`` when it does not exist, a one-line error when it is corrupt."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CxrError(f"{path}: not valid JSON ({exc})") from None
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    return write_with(path, lambda handle: np.savez(handle, **arrays))
-
-
-def save_npy(path: Path, array: np.ndarray) -> Path:
-    return write_with(path, lambda handle: np.save(handle, array))
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
 
 
 class BackendStatus:
     """A backend folder's ``status.json``: overall status, per-stage state and live progress."""
 
     def __init__(self, folder: Path, backend: str):
-        self.path = Path(folder) / "status.json"
+        self.path = Path(folder) / STATUS_JSON
         self.data = read_json(self.path) or {
             "backend": backend,
             "status": "pending",
@@ -215,44 +75,8 @@ class BackendStatus:
         self.save()
 
 
-# -- stale state ---------------------------------------------------------------------------------
-
-
-def _started_epoch(started: str | None) -> float | None:
-    try:
-        return datetime.strptime(started, "%Y-%m-%dT%H:%M:%S%z").timestamp() if started else None
-    except (TypeError, ValueError):
-        return None
-
-
-def process_gone(pid: int | None, host: str | None, started: str | None) -> bool:
-    """True when the process recorded as ``pid`` on ``host`` at ``started`` no longer runs.
-
-    A pid reused by a newer process counts as gone; a process on another host cannot be seen from
-    here and counts as alive (the run folder may be shared over the network).
-    """
-    if not pid or (host and host != socket.gethostname()):
-        return False
-    try:
-        created = psutil.Process(int(pid)).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
-        return True
-    except psutil.Error:
-        return False
-    began = _started_epoch(started)
-    return began is not None and created > began + 2.0  # recorded start times have 1 s resolution
-
-
-def current_status(status: dict[str, Any]) -> str:
-    """A status.json's status as it stands now: ``running`` whose process is gone is ``interrupted``."""
-    if status.get("status") == "running" and process_gone(status.get("pid"), status.get("host"), status.get("started")):
-        return "interrupted"
-    return str(status.get("status") or "pending")
-
-
 # -- the run folder's lock -----------------------------------------------------------------------
 
-LOCK_FILE = "run.lock"
 #: How long a new run waits for a lock whose recorded owner is gone (its orphaned worker stopping).
 LOCK_WAIT_S = 20.0
 
@@ -301,7 +125,7 @@ class RunLock:
     def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as exc:
             raise (storage_error(exc, self.path) if is_storage_fault(exc) else exc) from None
 
@@ -345,19 +169,3 @@ def _write_lock(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
         os.pwrite(fd, owner, 0)
-
-
-def run_is_active(run_dir: Path) -> bool:
-    """Whether some process holds ``run_dir``'s lock (a run still writing into it)."""
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench.errors import CxrError, SuiteError
-from cxrbench.run.store import read_json, write_text
+from cxrbench.files import read_json, read_jsonl, write_text
+from cxrbench.run_folder import MONITOR_JSONL, STATUS_JSON, SWEEP_CSV, THROUGHPUT_JSON, sweep_folder
 from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: Sections a sweep may not vary: they change the data set, the initial weights or the run itself.
@@ -87,29 +88,12 @@ def set_options(overrides: dict[str, Any]) -> list[str]:
     return options
 
 
-def folder_of(run_dir: Path, point: str, backend: str) -> Path:
-    return Path(run_dir) / "sweep" / point / backend
-
-
 # -- the table -------------------------------------------------------------------------------------
-
-
-def _monitor_rows(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "monitor.jsonl"
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a killed worker's torn last line
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def peak_memory(folder: Path) -> tuple[float | None, str | None]:
     """The largest memory sample while training: the GPUs' memory when sampled, else the worker's RSS."""
-    rows = [r for r in _monitor_rows(folder) if r.get("phase") in ("train", "validate")]
+    rows = [r for r in read_jsonl(folder / MONITOR_JSONL) if r.get("phase") in ("train", "validate")]
     gpu = [r["mem_mib"] for r in rows
            if str(r.get("device", "")).startswith("gpu") and isinstance(r.get("mem_mib"), (int, float))]
     if gpu:
@@ -119,8 +103,8 @@ def peak_memory(folder: Path) -> tuple[float | None, str | None]:
 
 
 def cell(folder: Path, point: dict[str, Any], backend: str) -> dict[str, Any]:
-    status = read_json(folder / "status.json") or {}
-    throughput = read_json(folder / "throughput.json") or {}
+    status = read_json(folder / STATUS_JSON) or {}
+    throughput = read_json(folder / THROUGHPUT_JSON) or {}
     memory, source = peak_memory(folder)
     return {
         "point": point["name"],
@@ -140,7 +124,7 @@ def cell(folder: Path, point: dict[str, Any], backend: str) -> dict[str, Any]:
 
 def table(run_dir: Path, backends: list[str], grid: dict[str, list[Any]]) -> dict[str, Any]:
     """run.json's ``sweep`` section: the grid and one cell per (point, backend)."""
-    cells = [cell(folder_of(run_dir, p["name"], name), p, name) for p in points(grid) for name in backends]
+    cells = [cell(sweep_folder(run_dir, p["name"], name), p, name) for p in points(grid) for name in backends]
     return {"grid": grid, "keys": list(grid), "points": [p["name"] for p in points(grid)], "cells": cells}
 
 
@@ -158,4 +142,4 @@ def to_csv(section: dict[str, Any]) -> str:
 
 
 def write_csv(run_dir: Path, section: dict[str, Any]) -> Path:
-    return write_text(Path(run_dir) / "sweep.csv", to_csv(section))
+    return write_text(Path(run_dir) / SWEEP_CSV, to_csv(section))

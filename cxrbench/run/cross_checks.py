@@ -1,4 +1,5 @@
-"""``comparison.json``: the cross-backend checks, computed by the parent from the workers' files.
+"""The cross-backend checks (equivalence, ONNX parity, agreement, ONNX Runtime benchmark) into ``comparison.json``,
+computed by the parent from the workers' files.
 
 Each check uses only what exists on disk, so a failed or interrupted backend drops out of the
 checks it cannot take part in while the others still run.
@@ -15,7 +16,9 @@ import numpy as np
 from cxrbench.checks import equivalence as eq
 from cxrbench.checks.onnx import run_onnx
 from cxrbench.checks.ort_benchmark import benchmark
-from cxrbench.run.store import SCHEMA_VERSION, load_npz, read_json, write_json
+from cxrbench.files import load_npz, read_json, write_json
+from cxrbench.run_folder import (COMPARISON_JSON, EQUIVALENCE_BATCH, EQUIVALENCE_NPZ, INIT_ONNX, INIT_ONNX_JSON,
+                                 MODEL_ONNX, ONNX_JSON, PREDICTIONS_NPZ, SCHEMA_VERSION)
 from cxrbench.suite import Settings
 
 
@@ -23,17 +26,17 @@ def equivalence_section(run_dir: Path, backends: list[str], settings: Settings) 
     if settings.model.init != "shared":
         return {"skipped": f"model.init = {settings.model.init!r}: the backends start from different weights, "
                            "so equal functions are not expected (use init = 'shared' to check)", "passed": None}
-    batch = np.load(run_dir / "equivalence_batch.npy", allow_pickle=False)
+    batch = np.load(run_dir / EQUIVALENCE_BATCH, allow_pickle=False)
     outputs, missing = {}, []
     for name in backends:
         folder = run_dir / name
-        if not (folder / "equivalence.npz").is_file():
+        if not (folder / EQUIVALENCE_NPZ).is_file():
             missing.append(name)
             continue
-        outputs[name] = load_npz(folder / "equivalence.npz")["logits"]
-        init = read_json(folder / "init_onnx.json")
-        if init and (folder / "init.onnx").is_file():
-            outputs[f"{name}/onnx"] = run_onnx(folder / "init.onnx", batch, init["export"]["layout"])
+        outputs[name] = load_npz(folder / EQUIVALENCE_NPZ)["logits"]
+        init = read_json(folder / INIT_ONNX_JSON)
+        if init and (folder / INIT_ONNX).is_file():
+            outputs[f"{name}/onnx"] = run_onnx(folder / INIT_ONNX, batch, init["export"]["layout"])
     section = eq.equivalence_matrix(outputs, settings.run.equivalence_atol)
     section.update(images=int(len(batch)), missing=missing)
     return section
@@ -42,7 +45,7 @@ def equivalence_section(run_dir: Path, backends: list[str], settings: Settings) 
 def parity_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
     parity = {}
     for name in backends:
-        onnx_json = read_json(run_dir / name / "onnx.json")
+        onnx_json = read_json(run_dir / name / ONNX_JSON)
         if onnx_json:
             parity[name] = onnx_json["parity_images"]
     return parity
@@ -51,7 +54,8 @@ def parity_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
 def agreement_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
     """Every pair of backends compared on the same test images: a paired patient bootstrap per class and
     for the mean, Holm-adjusted across classes (image-level DeLong as a secondary figure)."""
-    predictions = {n: load_npz(run_dir / n / "predictions.npz") for n in backends if (run_dir / n / "predictions.npz").is_file()}
+    predictions = {n: load_npz(run_dir / n / PREDICTIONS_NPZ) for n in backends
+                   if (run_dir / n / PREDICTIONS_NPZ).is_file()}
     evaluation = settings.eval
     inference = {"rounds": evaluation.bootstrap_rounds, "confidence": evaluation.confidence, "seed": settings.run.seed,
                  "min_positives": evaluation.min_positives}
@@ -68,10 +72,10 @@ def agreement_section(run_dir: Path, backends: list[str], settings: Settings) ->
 def onnxruntime_section(run_dir: Path, backends: list[str], settings: Settings, threads: int) -> dict[str, Any]:
     results = {}
     for name in backends:
-        onnx_json = read_json(run_dir / name / "onnx.json")
+        onnx_json = read_json(run_dir / name / ONNX_JSON)
         if onnx_json:
-            results[name] = benchmark(run_dir / name / "model.onnx", onnx_json["export"]["layout"], settings.data.image_size,
-                                      threads, seed=settings.run.seed)
+            results[name] = benchmark(run_dir / name / MODEL_ONNX, onnx_json["export"]["layout"],
+                                      settings.data.image_size, threads, seed=settings.run.seed)
     return results
 
 
@@ -83,5 +87,5 @@ def write_comparison(run_dir: Path, backends: list[str], settings: Settings, thr
         "agreement": agreement_section(run_dir, backends, settings),
         "onnxruntime": onnxruntime_section(run_dir, backends, settings, threads),
     }
-    write_json(run_dir / "comparison.json", comparison)
+    write_json(run_dir / COMPARISON_JSON, comparison)
     return comparison

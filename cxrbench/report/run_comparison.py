@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from cxrbench.files import load_npz
 from cxrbench.report.figures import HEADLINES, Headline, headline_values
 from cxrbench.report.load import BackendRun, Run
+from cxrbench.run_folder import PREDICTIONS_NPZ
 
 DEFAULT_THRESHOLD_PCT = 5.0
 
@@ -163,10 +165,8 @@ def _disturbed(backend: BackendRun | None) -> bool:
 
 
 def _test_predictions(backend: BackendRun) -> dict[str, np.ndarray] | None:
-    path = backend.folder / "predictions.npz"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: np.asarray(npz[k]) for k in npz.files}
+        return load_npz(backend.folder / PREDICTIONS_NPZ)
     except (OSError, ValueError):
         return None
 

@@ -1,10 +1,10 @@
-"""The CAM gallery: the same test images and classes for every backend, side by side, as inline PNGs.
+"""The report's CAM gallery: the same test images and classes for every backend, side by side, as inline PNGs.
 
 A backend's worker normally writes annotated PNGs (``cams/`` + ``cams/index.json``: a list of
 ``{"file", "image", "position", "class"}``). When it wrote only ``cams.npz`` (``positions``,
 ``classes`` (indices into CLASSES), ``maps`` uint8 0-255; optional ``images`` uint8 gray and ``true_boxes`` rows of
-``(k, x, y, w, h)``), the gallery draws the overlay, the true boxes (green) and the boxes the
-ChestX-ray8 recipe predicts (yellow) itself.
+``(k, x, y, w, h)``), the gallery draws the picture itself with the run's own overlay
+(:func:`cxrbench.cam_overlay.overlay`) and the boxes the run's ``eval.cam_method`` predicts.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from cxrbench.cam_overlay import overlay
 from cxrbench.classes import CLASSES
+from cxrbench.files import load_npz
 from cxrbench.report.load import BackendRun
+from cxrbench.run_folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
 
 #: Larger PNGs are shrunk before embedding, so the report stays small whatever the image size.
 MAX_SIDE = 256
-TRUE_BOX = (0, 230, 0)
-PREDICTED_BOX = (255, 255, 0)  #: the same colours as the run's own gallery PNGs
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def png_uri(image: Image.Image) -> str:
 
 
 def _tiles_from_pngs(folder: Path, notes: list[str]) -> list[Tile] | None:
-    index_path = folder / "cams" / "index.json"
+    index_path = folder / CAMS_INDEX
     if not index_path.is_file():
         return None
     try:
@@ -56,7 +56,7 @@ def _tiles_from_pngs(folder: Path, notes: list[str]) -> list[Tile] | None:
         return None
     tiles = []
     for entry in entries if isinstance(entries, list) else []:
-        path = (folder / "cams" / Path(str(entry.get("file", ""))).name)
+        path = folder / CAMS_DIR / Path(str(entry.get("file", ""))).name
         try:
             with Image.open(path) as image:
                 uri = png_uri(image.convert("RGB"))
@@ -67,32 +67,19 @@ def _tiles_from_pngs(folder: Path, notes: list[str]) -> list[Tile] | None:
     return tiles
 
 
-def overlay(gray: np.ndarray | None, heat: np.ndarray, true_boxes, predicted_boxes) -> Image.Image:
-    """Gray image under a jet heat map (40 %), true boxes green, predicted boxes yellow."""
-    coloured = matplotlib.colormaps["jet"](heat.astype(np.float64) / 255.0)[..., :3] * 255.0
-    base = np.repeat(gray[..., None], 3, axis=2).astype(np.float64) if gray is not None else np.zeros_like(coloured)
-    image = Image.fromarray((0.6 * base + 0.4 * coloured).round().astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for boxes, fill in ((predicted_boxes, PREDICTED_BOX), (true_boxes, TRUE_BOX)):
-        for x, y, w, h in boxes:
-            draw.rectangle([x, y, x + max(w - 1, 0), y + max(h - 1, 0)], outline=fill)
-    return image
-
-
 def _class_name(value) -> str:
     """cams.npz stores classes as indices into CLASSES (or as names)."""
     return CLASSES[int(value)] if np.issubdtype(np.asarray(value).dtype, np.integer) else str(value)
 
 
-def _tiles_from_npz(folder: Path, threshold: float, notes: list[str]) -> list[Tile] | None:
+def _tiles_from_npz(folder: Path, threshold: float, method: str, notes: list[str]) -> list[Tile] | None:
     from cxrbench.metrics.localisation import heatmap_to_boxes
 
-    path = folder / "cams.npz"
+    path = folder / CAMS_NPZ
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = load_npz(path)
         positions, classes, maps = arrays["positions"], arrays["classes"], arrays["maps"]
     except (OSError, KeyError, ValueError) as exc:
         notes.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
@@ -102,17 +89,18 @@ def _tiles_from_npz(folder: Path, threshold: float, notes: list[str]) -> list[Ti
     tiles = []
     for k in range(len(maps)):
         truth = [tuple(row[1:]) for row in true_boxes if int(row[0]) == k]
-        predicted = heatmap_to_boxes(maps[k], threshold)
+        predicted = heatmap_to_boxes(maps[k], threshold, method)
         image = overlay(images[k] if images is not None else None, maps[k], truth, predicted)
         tiles.append(Tile(str(positions[k]), _class_name(classes[k]), png_uri(image)))
     return tiles
 
 
-def backend_tiles(backend: BackendRun, threshold: float, notes: list[str]) -> list[Tile]:
-    """A backend's gallery: its annotated PNGs, else drawn from cams.npz, else nothing."""
+def backend_tiles(backend: BackendRun, threshold: float, method: str, notes: list[str]) -> list[Tile]:
+    """A backend's gallery: its annotated PNGs, else drawn from cams.npz (boxes by ``eval.cam_method``
+    ``method`` at ``eval.cam_threshold`` ``threshold``), else nothing."""
     tiles = _tiles_from_pngs(backend.folder, notes)
     if tiles is None:
-        tiles = _tiles_from_npz(backend.folder, threshold, notes)
+        tiles = _tiles_from_npz(backend.folder, threshold, method, notes)
     return tiles or []
 
 

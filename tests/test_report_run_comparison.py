@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from helpers_report import make_fake_run
 
-from cxrbench.report.compare import compare_runs
+from cxrbench.report.run_comparison import compare_runs
 from cxrbench.report.load import load_run
 
 
