@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import timing
+from cxrbench import numerics_record, timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
@@ -73,6 +73,7 @@ def train(ctx: StageContext) -> None:
     """Train from the initial weights; keep the best weights in the canonical layout."""
     write_json(ctx.folder / "history.json", [])
     result = ctx.call("cxrbench_train", model=ctx.model, data=ctx.data, settings=ctx.settings, recorder=ctx.recorder)
+    numerics_record.check(ctx.backend, result.get("numerics"))
     write_json(ctx.folder / "history.json", [r.to_dict() for r in ctx.recorder.history])
     write_json(ctx.folder / "train.json", result)
     weights = ctx.call("cxrbench_get_weights", model=ctx.model)
