@@ -129,13 +129,13 @@ def describe(model, settings: Settings, layout: str) -> dict[str, Any]:
         loss_scaling=False,
         tf32=False,
         layout=layout,
-        compile="eager (numpy)",
+        compile="eager",
         synchronized_batchnorm=False,
         intra_op_threads=max((pool["num_threads"] for pool in blas), default=1),
         inter_op_threads=1,  # numpy runs one operation at a time
         thread_budget=thread_budget(settings.numerics),
         deterministic=True,  # no atomics, no autotuning: fixed threads give fixed numbers
-        input_pipeline="plain iteration of PreparedData.batches",
+        input_pipeline="plain iteration",
         versions={"numpy": np.__version__, **{pool["internal_api"]: pool["version"] for pool in blas}},
         framework={"trained": "classifier only (linear probe)"},
     )
