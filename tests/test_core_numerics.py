@@ -1,5 +1,6 @@
 """The core's numerics record (one schema for every backend), its documentation, and the out-of-memory message."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from cxrbench import numerics_record
 from cxrbench.errors import BackendError, out_of_memory, out_of_memory_as_error
+from cxrbench.suite import NumericsSettings
 from cxrbench.testing.conformance import assert_one_line
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "devices-and-numerics.md"
@@ -56,6 +58,14 @@ def test_the_documented_keys_are_the_schema():
     assert documented == list(numerics_record.FIELDS)
 
 
+def test_every_numerics_option_is_documented_once():
+    """The options table says what each backend does with every [numerics] option, and with nothing else."""
+    section = DOC.read_text(encoding="utf-8").split("## `[numerics]` options", 1)[1].split("\n## ", 1)[0]
+    first_cells = re.findall(r"^\| ([^|]+) \|", section, flags=re.MULTILINE)[2:]  # after the header and its rule
+    documented = [name for cell in first_cells for name in re.findall(r"`(\w+)`", cell)]
+    assert sorted(documented) == sorted(field.name for field in dataclasses.fields(NumericsSettings))
+
+
 def test_out_of_memory_message_names_device_stage_and_setting():
     error = out_of_memory("cuda:0 (NVIDIA H200)", 512, "training")
     assert isinstance(error, BackendError)
@@ -68,11 +78,9 @@ class FakeOutOfMemory(RuntimeError):
 
 
 def test_out_of_memory_catcher_turns_only_the_frameworks_exception():
-    with pytest.raises(BackendError) as caught:
-        with out_of_memory_as_error(FakeOutOfMemory, "cpu", 8, "validating"):
-            raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+    with pytest.raises(BackendError) as caught, out_of_memory_as_error(FakeOutOfMemory, "cpu", 8, "validating"):
+        raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
     assert str(caught.value) == str(out_of_memory("cpu", 8, "validating"))
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
-    with pytest.raises(RuntimeError, match="another failure"):
-        with out_of_memory_as_error(FakeOutOfMemory, "cpu", 8, "validating"):
-            raise RuntimeError("another failure")
+    with pytest.raises(RuntimeError, match="another failure"), out_of_memory_as_error(FakeOutOfMemory, "cpu", 8, "x"):
+        raise RuntimeError("another failure")

@@ -25,6 +25,7 @@ from cxrbench import weights as canonical
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
+from cxrbench.errors import out_of_memory as core_out_of_memory
 from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import (
     assert_one_line,
@@ -369,6 +370,7 @@ def test_out_of_memory_is_a_one_line_error_naming_the_batch_size(monkeypatch):
     recorder = Recorder()
     with pytest.raises(BackendError, match=r"out of memory on cpu while training at batch size 4 \(train\.batch_size\)") as error:
         backend.cxrbench_train(model=model, data=synthetic_data(32), settings=settings, recorder=recorder)
+    assert str(error.value) == str(core_out_of_memory("cpu", 4, "training"))  # the core's message, word for word
     assert_one_line(error.value)
     with pytest.raises(BackendError, match="while predicting at batch size 4"):
         backend.cxrbench_predict(model=model, images=random_images(2, 32), settings=settings)
