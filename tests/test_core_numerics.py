@@ -8,7 +8,9 @@ import pytest
 
 from cxrbench import numerics_record
 from cxrbench.errors import BackendError, out_of_memory, out_of_memory_as_error
-from cxrbench.suite import NumericsSettings
+from cxrbench.recorder import Recorder
+from cxrbench.run.stages import StageContext, train
+from cxrbench.suite import NumericsSettings, Settings
 from cxrbench.testing.conformance import assert_one_line
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "devices-and-numerics.md"
@@ -84,3 +86,17 @@ def test_out_of_memory_catcher_turns_only_the_frameworks_exception():
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
     with pytest.raises(RuntimeError, match="another failure"), out_of_memory_as_error(FakeOutOfMemory, "cpu", 8, "x"):
         raise RuntimeError("another failure")
+
+
+class OldStyleBackend:
+    """A backend whose train hook still returns its own keys."""
+
+    def cxrbench_train(self, model, data, settings, recorder):
+        return {"best_epoch": 1, "best_val_loss": 0.5, "numerics": {**complete(), "framework": {}, "grad_scaler": False}}
+
+
+def test_the_train_stage_refuses_a_record_before_writing_the_result(tmp_path):
+    ctx = StageContext(folder=tmp_path, backend="old", hook=OldStyleBackend(), settings=Settings(), recorder=Recorder())
+    with pytest.raises(BackendError, match="backend 'old': the numerics record has the unknown key 'grad_scaler'"):
+        train(ctx)
+    assert not (tmp_path / "train.json").exists()
