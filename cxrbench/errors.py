@@ -1,6 +1,8 @@
 """Errors that reach the user as one line, never as a traceback."""
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def first_line(exc: BaseException, with_type: bool = False) -> str:
@@ -33,6 +35,22 @@ class WeightsError(CxrError):
 
 class BackendError(CxrError):
     """A backend cannot do what was asked (unknown backend, image too small, out of memory...)."""
+
+
+def out_of_memory(device: str, batch_size: int, doing: str) -> BackendError:
+    """The one message every backend gives when its device runs out of memory, naming what to lower."""
+    return BackendError(f"out of memory on {device} while {doing} at batch size {batch_size} (train.batch_size): "
+                        "lower train.batch_size or data.image_size")
+
+
+@contextmanager
+def out_of_memory_as_error(framework_error: type[BaseException], device: str, batch_size: int,
+                           doing: str) -> Iterator[None]:
+    """Turn a framework's out-of-memory exception (and only that) into :func:`out_of_memory`'s one line."""
+    try:
+        yield
+    except framework_error:
+        raise out_of_memory(device, batch_size, doing) from None
 
 
 class TrainingDiverged(CxrError):

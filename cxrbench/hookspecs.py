@@ -121,22 +121,28 @@ def cxrbench_train(model, data, settings, recorder):
     ``settings.train.lr_scaling``; ReduceLROnPlateau on the validation loss; after training the
     model holds the weights of the epoch with the lowest validation loss.
 
-    Input: batches from ``data.batches(...)`` (:class:`cxrbench.data.prepared.PreparedData`),
-    which fixes the sample order and the (already applied) horizontal flips for every epoch and
-    rank, so every backend sees identical batches. Wrap them in the framework's own pipeline.
+    How: implement a :class:`cxrbench.training.EpochLoop` and call :func:`cxrbench.training.run_recipe`,
+    which owns the schedule, the best weights, NaN detection (:class:`~cxrbench.errors.TrainingDiverged`),
+    timing and the per-epoch records. The loop's ``train_epoch`` runs
+    :func:`cxrbench.training.train_epoch` over :func:`cxrbench.training.train_batches` (wrapped in the
+    framework's own pipeline), with a step that returns the loss on the device: the helper times the
+    batches (``recorder.timed``), reports progress without a host synchronisation and fetches the losses
+    once per epoch. Its ``validate`` returns :func:`cxrbench.training.validation_loss` (every validation
+    image once, summed per batch on the device, one reduction; an empty split is the core's
+    :class:`~cxrbench.errors.DataError`). Input: batches from ``data.batches(...)``
+    (:class:`cxrbench.data.prepared.PreparedData`), which fixes the sample order and the (already
+    applied) horizontal flips for every epoch and rank, so every backend sees identical batches.
 
-    Reporting: ``recorder.epoch_started`` / ``recorder.phase`` / ``recorder.epoch_ended`` for every
-    epoch (the first is the warm-up), with device synchronisation at the edges of each timed
-    region (:class:`cxrbench.recorder.Stopwatch`). ``recorder.step`` is optional progress and must
-    not force a host synchronisation per batch. A NaN or infinite loss raises
-    :class:`~cxrbench.errors.TrainingDiverged`; running out of device memory raises
-    :class:`~cxrbench.errors.BackendError` naming the batch size.
+    Devices and numerics (``docs/devices-and-numerics.md``): ``settings.run.gpus`` = 0 is the first GPU
+    if any, else the CPU; N is exactly N GPUs with the framework's own data-parallel engine (DDP,
+    ``tf.distribute``), rank 0 reporting. Each ``settings.numerics`` option is honoured or refused with a
+    one-line :class:`~cxrbench.errors.BackendError`. Running out of device memory raises the core's
+    message (:func:`cxrbench.errors.out_of_memory_as_error` around the framework's exception).
 
-    Several GPUs (``settings.run.gpus > 1``): the backend starts its framework's own
-    data-parallel engine (DDP, ``tf.distribute``); rank 0 reports.
-
-    :return: a dict with at least ``best_epoch`` and ``best_val_loss``, plus the numerics settings
-        actually in force (``"numerics": {...}``) so they are recorded with the result.
+    :return: a dict with at least ``best_epoch`` and ``best_val_loss`` (``run_recipe``'s result), and
+        ``"numerics"``: the record of what was in force, made with :func:`cxrbench.numerics_record.build`
+        (exactly its keys, read back from the framework; framework-specific values under ``"framework"``).
+        The core refuses a record with a missing or unknown key.
     """
 
 

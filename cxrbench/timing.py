@@ -103,6 +103,11 @@ class WindowTimer:
         return self.waits.seconds
 
     @property
+    def images(self) -> int:
+        """Images of the steps completed so far (all of them once the iterator is exhausted)."""
+        return self._images
+
+    @property
     def steps_after_warmup(self) -> int:
         return max(0, self.steps - self.warmup_steps)
 

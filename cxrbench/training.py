@@ -5,21 +5,35 @@ framework); :func:`run_recipe` owns everything the frameworks must do identicall
 rate schedule (ReduceLROnPlateau on validation loss), keeping the best-validation-loss weights,
 NaN detection, timing with device synchronisation (whole phases, and the steady-state windows of
 :mod:`cxrbench.timing` when the loop wraps its batches with ``recorder.timed``), and the per-epoch record.
+
+Two helpers carry the loop contract, so a loop writes only its framework's step:
+
+* :func:`train_epoch` runs one epoch: the batches of :func:`train_batches` (or the framework's pipeline
+  over them) timed by ``recorder.timed``, step progress, and the per-step losses kept as the step
+  returned them (on the device) until one ``fetch`` after the last step.
+* :func:`validation_loss` runs validation: per batch the summed binary cross-entropy (left on the
+  device), reduced once to the mean per label; an empty validation split is a :class:`DataError`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from cxrbench.api import EpochRecord
-from cxrbench.errors import TrainingDiverged
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.prepared import Batch, PreparedData
+from cxrbench.errors import DataError, TrainingDiverged
 from cxrbench.recorder import Recorder, Stopwatch
 from cxrbench.suite import Settings
-from cxrbench.timing import WindowTimer, summarise
+from cxrbench.timing import WindowTimer, batch_images, summarise
+
+#: Every backend's error for a validation split without images (the recipe picks the best epoch by its loss).
+EMPTY_VALIDATION = "the validation split is empty: training needs validation images (raise data.val_fraction)"
 
 
 @dataclass
@@ -36,10 +50,10 @@ class EpochLoop(Protocol):
         """Block until the device has finished queued work (no-op on the CPU)."""
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
-        """Run one epoch at learning rate ``lr`` over the core's batches for ``epoch``."""
+        """Run one epoch at learning rate ``lr`` over the core's batches for ``epoch`` (:func:`train_epoch`)."""
 
     def validate(self) -> float:
-        """Mean validation loss over the validation split (eval mode, no gradients)."""
+        """Mean BCE per label over the validation split, eval mode, no gradients (:func:`validation_loss`)."""
 
     def snapshot(self) -> Any:
         """A copy of the current weights that :meth:`restore` can load back."""
@@ -97,6 +111,69 @@ def window_fields(train: WindowTimer | None, validate: WindowTimer | None) -> di
         fields.update(val_images_per_s=steady["images_per_s"], val_images_per_s_interval=steady["interval"],
                       val_windows=steady["windows"], val_window_list=[w.to_list() for w in validate.windows])
     return fields
+
+
+def train_batches(data: PreparedData, settings: Settings, epoch: int, *, batch_size: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[Batch]:
+    """This rank's training batches of ``epoch``: the seeded order and flips, ``train.max_steps`` steps at most.
+
+    ``batch_size`` defaults to ``train.batch_size``; a process feeding several replicas asks for theirs at once.
+    """
+    train = settings.train
+    return data.batches("train", batch_size or train.batch_size, epoch=epoch, seed=settings.run.seed, shuffle=True,
+                        hflip=train.hflip, max_steps=train.max_steps, rank=rank, world=world)
+
+
+def steps_per_epoch(data: PreparedData, settings: Settings, world: int = 1) -> int:
+    """Training steps in every epoch on ``world`` ranks (for step progress)."""
+    return data.num_batches("train", settings.train.batch_size, world, max_steps=settings.train.max_steps)
+
+
+def train_epoch(recorder: Recorder, batches: Iterable, step: Callable[[Any], Any], *, epoch: int, steps: int,
+                sync: Callable[[], None], images: int | Callable[[Any], int],
+                fetch: Callable[[list[Any]], Any] = np.asarray) -> EpochOutcome:
+    """Run ``step`` on every batch under the recorder's window timer, reporting progress without a host sync.
+
+    ``step`` returns the step's mean loss as the framework holds it; the list of them goes to ``fetch``
+    once, after the last step (one transfer from the device; several ranks average there). ``images`` is
+    the images per step over all ranks, or a function of the batch.
+    """
+    timer = recorder.timed(batches, sync, images)
+    losses = []
+    for number, batch in enumerate(timer, start=1):
+        losses.append(step(batch))
+        recorder.step(epoch, number, steps)
+    fetched = np.asarray(fetch(losses), dtype=np.float64) if losses else np.zeros(0)
+    return EpochOutcome(fetched, timer.images, timer.data_wait_s)
+
+
+def host_total(sums: list[Any], images: int) -> tuple[float, int]:
+    """Add up per-batch summed losses that are host numbers (one process)."""
+    return float(np.sum(np.asarray(sums, dtype=np.float64))), images
+
+
+def validation_loss(recorder: Recorder, data: PreparedData, settings: Settings, summed_loss: Callable[[Batch], Any],
+                    sync: Callable[[], None], total: Callable[[list[Any], int], tuple[float, int]] = host_total, *,
+                    rank: int = 0, world: int = 1) -> float:
+    """Mean binary cross-entropy per label over this rank's share of the validation split, every image once.
+
+    ``summed_loss(batch)`` is the batch's loss summed over images and classes, left where the framework
+    holds it; ``total(sums, images)`` brings the sums to the host once (several ranks: summed over all
+    ranks, the image count too). An empty split is a :class:`DataError`, the same for every backend.
+    """
+    batches = data.batches("val", settings.train.batch_size, shuffle=False, drop_last=False, rank=rank, world=world)
+    sums, images = [], 0
+    for batch in recorder.timed(batches, sync, batch_images):
+        sums.append(summed_loss(batch))
+        images += len(batch.labels)
+    return mean_per_label(*total(sums, images))
+
+
+def mean_per_label(summed: float, images: int) -> float:
+    """The summed loss of ``images`` images as a mean per label; no images is the empty-split error."""
+    if not images:
+        raise DataError(EMPTY_VALIDATION)
+    return summed / (images * NUM_CLASSES)
 
 
 def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: int = 1) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from cxrbench.data.index import Box
 from cxrbench.checks.equivalence import agreement
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
+from cxrbench.numerics_record import build as numerics_record
 from cxrbench.run_folder import SCHEMA_VERSION
 from cxrbench.suite import Settings
 
@@ -47,6 +48,22 @@ def _environment(gpus: int) -> dict:
                      "tensorflow": "2.21.0", "keras": "3.15.0", "onnx": "1.23.0", "onnxruntime": "1.32.0"},
         "gpu": gpu, "git_commit": "6cf1d94", "env": {},
     }
+
+
+def _numerics(name: str) -> dict:
+    """A numerics record with the core's keys, as each backend writes it (framework extras differ)."""
+    keras = name == "keras"
+    return numerics_record(
+        name, framework={"dtype_policy": "float32"} if keras else {"cudnn_benchmark": False},
+        device="/device:GPU:0 (NVIDIA H100 80GB HBM3)" if keras else "cuda:0 (NVIDIA H100 80GB HBM3)",
+        devices=["/device:GPU:0"] if keras else ["cuda:0"], world_size=1, data_parallel="none",
+        batch_size_per_device=16, global_batch=16, learning_rate=1e-3, lr_scaling="linear", precision="fp32",
+        compute_dtype="float32", loss_scaling=False, tf32=False, layout="NHWC" if keras else "NCHW",
+        compile="tf.function" if keras else "eager", synchronized_batchnorm=False, intra_op_threads=2,
+        inter_op_threads=2, thread_budget={"intra_op": 2, "inter_op": 2}, deterministic=False,
+        input_pipeline="tf.data" if keras else "plain iteration",
+        versions={"tensorflow": "2.21.0", "keras": "3.15.0"} if keras else {"torch": "2.14.1"},
+    )
 
 
 def _patients(n: int) -> np.ndarray:
@@ -203,7 +220,7 @@ def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool,
                                  "window_rates": {k: [float(r) for r in v] for k, v in rates.items()},
                                  "disturbed": False, "disturbance": {}, "gpus": max(gpus, 1) if gpus else 0}
         summary["train"] = {"best_epoch": epochs, "best_val_loss": history[-1]["val_loss"],
-                            "numerics": {"precision": "fp32", "tf32": False, "channels_last": False, "cudnn.benchmark": False}}
+                            "numerics": _numerics(name)}
         summary["onnx"] = _onnx(name, logits, rng)
         for key, file_name in (("throughput", "throughput.json"), ("train", "train.json"), ("onnx", "onnx.json")):
             _write(folder / file_name, summary[key])

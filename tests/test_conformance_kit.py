@@ -186,6 +186,18 @@ BROKEN = {
         "reference",
         {"test_same_logits_as_the_reference_backend[32]", "test_same_logits_as_the_reference_backend[64]"},
     ),
+    "numerics_record_renamed": (
+        """
+        @hookimpl
+        def cxrbench_train(model, data, settings, recorder):
+            result = good.cxrbench_train(model, data, settings, recorder)
+            numerics = result["numerics"]
+            numerics["per_replica_batch"] = numerics.pop("batch_size_per_device")
+            return result
+        """,
+        "short_training",
+        {"test_short_training_run_reports_and_keeps_the_best_weights"},
+    ),
     "divergence_swallowed": (
         """
         from cxrbench.errors import TrainingDiverged

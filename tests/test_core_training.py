@@ -5,10 +5,23 @@ import math
 import numpy as np
 import pytest
 
-from cxrbench.errors import TrainingDiverged
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.prepared import PreparedData
+from cxrbench.errors import DataError, TrainingDiverged
 from cxrbench.recorder import Recorder, WaitTimer
 from cxrbench.suite import Settings
-from cxrbench.training import EpochOutcome, Plateau, first_non_finite, run_recipe, scaled_learning_rate
+from cxrbench.training import (
+    EMPTY_VALIDATION,
+    EpochOutcome,
+    Plateau,
+    first_non_finite,
+    run_recipe,
+    scaled_learning_rate,
+    steps_per_epoch,
+    train_batches,
+    train_epoch,
+    validation_loss,
+)
 
 
 class ScriptedLoop:
@@ -99,3 +112,87 @@ def test_recorder_phase_and_events():
         assert recorder.phase_name == "train"
     assert recorder.phase_name == "idle"
     assert events == [("phase", {"phase": "train", "epoch": 0})]
+
+
+# -- the loop helpers -------------------------------------------------------------------------------
+
+
+def prepared(train: int, val: int, size: int = 8) -> PreparedData:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (train + val, size, size), dtype=np.uint8)
+    labels = rng.random((train + val, NUM_CLASSES)) < 0.3
+    return PreparedData.in_memory(images, labels, np.array(["train"] * train + ["val"] * val), "helpers")
+
+
+def test_train_batches_follow_the_settings():
+    data = prepared(train=10, val=2)
+    config = settings(**{"train.batch_size": 3, "train.max_steps": 2, "train.hflip": True, "run.seed": 4})
+    ours = list(train_batches(data, config, epoch=2))
+    direct = list(data.batches("train", 3, epoch=2, seed=4, shuffle=True, hflip=True, max_steps=2))
+    assert len(ours) == steps_per_epoch(data, config) == 2
+    assert all(np.array_equal(a.images, b.images) and np.array_equal(a.positions, b.positions)
+               for a, b in zip(ours, direct))
+    assert [len(b.positions) for b in train_batches(data, config, 1, batch_size=2, rank=1, world=2)] == [2, 2]
+
+
+def test_train_epoch_times_reports_progress_and_fetches_the_losses_once():
+    events, fetched = [], []
+    recorder = Recorder([lambda name, payload: events.append((name, payload))])
+    recorder.warmup_steps, recorder.window_steps = 1, 1
+
+    def fetch(losses):
+        fetched.append(list(losses))
+        return losses
+
+    with recorder.phase("train"):
+        outcome = train_epoch(recorder, [3, 1, 2], lambda batch: batch / 10, epoch=5, steps=3, sync=lambda: None,
+                              images=4, fetch=fetch)
+    assert fetched == [[0.3, 0.1, 0.2]]  # one fetch, after the last step
+    np.testing.assert_array_equal(outcome.losses, [0.3, 0.1, 0.2])
+    assert outcome.losses.dtype == np.float64 and outcome.images == 12 and outcome.data_wait_s >= 0
+    assert [(p["epoch"], p["step"], p["steps"]) for name, p in events if name == "step"] == [(5, 1, 3), (5, 2, 3),
+                                                                                            (5, 3, 3)]
+    timer = recorder.take_timer("train")
+    assert timer.steps == 3 and len(timer.windows) == 2  # the loop's batches went through the window timer
+
+
+def test_train_epoch_without_batches_is_an_empty_outcome():
+    outcome = train_epoch(Recorder(), [], lambda batch: 1 / 0, epoch=1, steps=0, sync=lambda: None, images=4,
+                          fetch=lambda losses: 1 / 0)
+    assert outcome.losses.shape == (0,) and outcome.images == 0
+
+
+def test_validation_loss_is_the_mean_per_label_over_every_image():
+    data = prepared(train=4, val=7)
+    config = settings(**{"train.batch_size": 3})  # batches of 3, 3, 1: the short one counts too
+    logits = np.random.default_rng(1).normal(size=(7, NUM_CLASSES))
+    seen = []
+
+    def summed(batch):
+        seen.append(len(batch.positions))
+        z, y = logits[batch.positions], batch.labels
+        return float((np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))).sum())
+
+    y = data.split_labels("val").astype(np.float64)
+    expected = np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits))))
+    assert validation_loss(Recorder(), data, config, summed, lambda: None) == pytest.approx(expected, rel=1e-12)
+    assert seen == [3, 3, 1]
+
+
+def test_validation_loss_reduces_once_through_total():
+    data = prepared(train=4, val=5)
+    calls = []
+
+    def total(sums, images):  # a framework's reduction: here as if another rank had 5 more images
+        calls.append((list(sums), images))
+        return 2 * float(sum(sums)), 2 * images
+
+    loss = validation_loss(Recorder(), data, settings(**{"train.batch_size": 2}), lambda batch: 1.0, lambda: None,
+                           total)
+    assert calls == [([1.0, 1.0, 1.0], 5)] and loss == pytest.approx(6.0 / (10 * NUM_CLASSES))
+
+
+def test_empty_validation_split_is_a_data_error_naming_the_setting():
+    with pytest.raises(DataError, match=r"data\.val_fraction") as caught:
+        validation_loss(Recorder(), prepared(train=4, val=0), settings(), lambda batch: 1 / 0, lambda: None)
+    assert str(caught.value) == EMPTY_VALIDATION

@@ -78,7 +78,7 @@ def test_keras_worker_records_what_tensorflow_ran_with():
         "from cxrbench_keras.numerics import configure_runtime\n"
         "configure_runtime(s)\n"
         "determinism.apply(s.numerics)\n"
-        "print(determinism.describe(s.numerics))\n"
+        "print(determinism.describe())\n"
         "print('pinned', tensorflow.config.threading.get_intra_op_parallelism_threads(),"
         " tensorflow.config.threading.get_inter_op_parallelism_threads())\n"
     )

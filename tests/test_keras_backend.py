@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND before keras is imported below)
+from cxrbench import numerics_record
 from cxrbench import weights as canonical
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
-from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
+from cxrbench.errors import BackendError, TrainingDiverged, WeightsError, out_of_memory
 from cxrbench.plugins import load_plugins
 from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
@@ -30,6 +31,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from cxrbench_keras import infer, loop, model as keras_model, optim, weights as keras_weights  # noqa: E402
+from cxrbench_keras import numerics as keras_numerics  # noqa: E402
 
 SIZE = 64
 TINY = (1, 1, 1, 1)
@@ -354,8 +356,11 @@ def test_train_hook_reports_epochs_and_numerics():
     assert [r.epoch for r in recorder.history] == [1, 2] and [r.steps for r in recorder.history] == [2, 2]
     assert all(r.images == 8 and r.data_wait_s is not None and np.isfinite(r.train_loss) for r in recorder.history)
     numerics = result["numerics"]
-    assert numerics["dtype_policy"] == "float32" and numerics["tf32"] is False
+    assert numerics["framework"]["dtype_policy"] == "float32" and numerics["tf32"] is False
     assert (numerics["world_size"], numerics["global_batch"], numerics["learning_rate"]) == (1, 4, 1e-3)
+    assert list(numerics) == list(numerics_record.FIELDS)
+    assert (numerics["data_parallel"], numerics["compute_dtype"], numerics["loss_scaling"]) == ("none", "float32", False)
+    assert numerics["intra_op_threads"] == tf.config.threading.get_intra_op_parallelism_threads()
 
 
 def test_validation_loss_is_the_image_weighted_bce(tiny):
@@ -390,8 +395,9 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, tiny):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[8,64,32,32]")
 
     monkeypatch.setattr(loop.KerasEpochLoop, "train_epoch", exhausted)
-    with pytest.raises(BackendError, match="out of device memory while training at batch size 8 "):
+    with pytest.raises(BackendError) as caught:
         cxrbench_keras.cxrbench_train(model=tiny, data=make_data(), settings=make_settings(), recorder=Recorder())
+    assert str(caught.value) == str(out_of_memory(keras_numerics.device_name(), 8, "training"))
 
 
 def test_bf16_policy_keeps_float32_logits_and_trains():
@@ -401,6 +407,7 @@ def test_bf16_policy_keeps_float32_logits_and_trains():
         assert model.network.get_layer("conv1_conv").compute_dtype == "bfloat16"
         assert model.network.outputs[0].dtype == "float32"
         result = loop.train(model, make_data(), settings, Recorder())
-        assert result["numerics"]["dtype_policy"] == "mixed_bfloat16" and np.isfinite(result["best_val_loss"])
+        assert result["numerics"]["framework"]["dtype_policy"] == "mixed_bfloat16" and np.isfinite(result["best_val_loss"])
+        assert result["numerics"]["compute_dtype"] == "bfloat16"
     finally:
         keras.config.set_dtype_policy("float32")

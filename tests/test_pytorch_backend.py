@@ -20,10 +20,12 @@ import torch.nn.functional as F
 import torchvision
 
 import cxrbench_pytorch as backend
+from cxrbench import numerics_record
 from cxrbench import weights as canonical
 from cxrbench.checks import onnx as onnx_checks
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
+from cxrbench.errors import out_of_memory as core_out_of_memory
 from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import (
     assert_one_line,
@@ -332,8 +334,10 @@ def test_training_reports_numerics_and_keeps_the_best_weights():
     numerics = result["numerics"]
     assert numerics["device"] == "cpu" and numerics["world_size"] == 1 and numerics["global_batch"] == 4
     assert numerics["learning_rate"] == 0.05 and numerics["precision"] == "fp32"
-    assert numerics["loader"] == "DataLoader(workers=1, pin_memory=False)"
+    assert numerics["input_pipeline"] == "DataLoader(workers=1, pin_memory=False)"
     assert numerics["intra_op_threads"] == torch.get_num_threads()
+    assert list(numerics) == list(numerics_record.FIELDS)
+    assert (numerics["devices"], numerics["data_parallel"], numerics["synchronized_batchnorm"]) == (["cpu"], "none", False)
 
 
 def test_snapshot_and_restore_are_exact_copies():
@@ -366,6 +370,7 @@ def test_out_of_memory_is_a_one_line_error_naming_the_batch_size(monkeypatch):
     recorder = Recorder()
     with pytest.raises(BackendError, match=r"out of memory on cpu while training at batch size 4 \(train\.batch_size\)") as error:
         backend.cxrbench_train(model=model, data=synthetic_data(32), settings=settings, recorder=recorder)
+    assert str(error.value) == str(core_out_of_memory("cpu", 4, "training"))  # the core's message, word for word
     assert_one_line(error.value)
     with pytest.raises(BackendError, match="while predicting at batch size 4"):
         backend.cxrbench_predict(model=model, images=random_images(2, 32), settings=settings)
@@ -385,7 +390,8 @@ def test_reduced_precision_is_really_in_force(precision, dtype):
     fp32_loss, _ = first_step_loss(kit_settings(32), weights)
     loss, numerics = first_step_loss(kit_settings(32, **{"numerics.precision": precision}), weights)
     assert 0 < abs(loss - fp32_loss) < 0.05  # autocast changed the arithmetic, not the function
-    assert numerics["autocast_dtype"] == dtype and numerics["grad_scaler"] == (precision == "fp16")
+    assert numerics["compute_dtype"] == numerics["framework"]["autocast_dtype"] == dtype
+    assert numerics["loss_scaling"] == (precision == "fp16")
 
 
 def test_channels_last_computes_the_same_function():
@@ -393,7 +399,7 @@ def test_channels_last_computes_the_same_function():
     contiguous_loss, _ = first_step_loss(kit_settings(32), weights)
     loss, numerics = first_step_loss(kit_settings(32, **{"numerics.channels_last": True}), weights)
     assert loss == pytest.approx(contiguous_loss, abs=1e-5)
-    assert numerics["channels_last"] is True
+    assert numerics["layout"] == "NHWC (torch.channels_last)"
 
 
 def test_thread_and_tf32_switches_are_applied_and_read_back(restore_torch_globals):
@@ -403,8 +409,9 @@ def test_thread_and_tf32_switches_are_applied_and_read_back(restore_torch_global
     assert torch.get_num_threads() == 1
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
     numerics = result["numerics"]
-    assert (numerics["intra_op_threads"], numerics["matmul_fp32_precision"], numerics["cudnn_conv_fp32_precision"],
-            numerics["cudnn_benchmark"]) == (1, "tf32", "tf32", True)
+    framework = numerics["framework"]
+    assert (numerics["intra_op_threads"], numerics["tf32"], framework["matmul_fp32_precision"],
+            framework["cudnn_conv_fp32_precision"], framework["cudnn_benchmark"]) == (1, True, "tf32", "tf32", True)
 
 
 # -- prediction and CAM ---------------------------------------------------------------------------

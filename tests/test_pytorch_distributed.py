@@ -102,7 +102,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch():
     assert record.val_loss == pytest.approx(reference_record.val_loss, abs=1e-6)
     numerics = result["numerics"]
     assert (numerics["world_size"], numerics["global_batch"], numerics["learning_rate"]) == (2, 4, 2e-3)
-    assert numerics["distributed_backend"] == "gloo" and numerics["batchnorm"].startswith("AllReduceBatchNorm2d")
+    assert numerics["data_parallel"] == "DistributedDataParallel (gloo)" and numerics["synchronized_batchnorm"]
+    assert numerics["framework"]["batchnorm"].startswith("AllReduceBatchNorm2d") and numerics["devices"] == ["cpu"] * 2
 
 
 @pytest.mark.slow

@@ -7,12 +7,14 @@ the template escapes every string.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import numpy as np
 
 from cxrbench.errors import CxrError
+from cxrbench.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.report import charts
 from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
                                      ratio_sentences, repeat_sentences)
@@ -21,6 +23,8 @@ from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
 
 FAILED = ("failed", "interrupted")
+#: A numerics row's cell for a backend whose record lacks the key (a run from before the common schema).
+NOT_RECORDED = "not recorded"
 _METRIC_NAMES = {"iobb": "IoBB", "iou": "IoU"}
 
 
@@ -381,19 +385,37 @@ def _grouped_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(sorted(groups.items(), key=lambda item: item[0] != "numerics"))
 
 
+def numerics_table(records: dict[str, Any]) -> dict[str, Any] | None:
+    """The backends' numerics records side by side: a row per key in the core's schema order, a column per backend.
+
+    Every backend fills the same keys (:mod:`cxrbench.numerics_record`); only the ``framework`` extras and
+    ``versions`` differ, and a key a backend lacks says so (older runs recorded other keys).
+    """
+    from cxrbench.report.compare import flatten
+
+    flat = {name: flatten(record) for name, record in records.items() if record}
+    if not flat:
+        return None
+    order = list(NUMERICS_FIELDS)
+    keys = sorted(dict.fromkeys(key for record in flat.values() for key in record),
+                  key=lambda key: order.index(key.split(".")[0]) if key.split(".")[0] in order else len(order))
+    rows = [{"key": key, "values": [record.get(key, NOT_RECORDED) for record in flat.values()],
+             "same": len({json.dumps(record.get(key, NOT_RECORDED), default=str) for record in flat.values()}) == 1}
+            for key in keys]
+    return {"backends": list(flat), "rows": rows}
+
+
 def environment(run: Run) -> dict[str, Any]:
     from cxrbench.report.run_comparison import flatten
 
     env = dict(run.meta.get("environment") or {})
     packages = env.pop("packages", {}) or {}
     settings = _grouped_settings(run.meta.get("settings") or {})
-    numerics = {name: (b.get("train") or {}).get("numerics") for name, b in run.backends.items()}
     return {
         "facts": flatten(env),
         "packages": packages,
         "settings": settings,
-        "numerics": {name: flatten(n) for name, n in numerics.items() if n},
-        "threads": {name: flatten(n) for name, n in numerics.items() if n and "intra_op_threads" in n},
+        "numerics": numerics_table({name: (b.get("train") or {}).get("numerics") for name, b in run.backends.items()}),
         "info": {name: b.get("info") for name, b in run.backends.items() if b.get("info")},
     }
 

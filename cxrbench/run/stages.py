@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import timing
+from cxrbench import numerics_record, timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
@@ -83,6 +83,8 @@ def train(ctx: StageContext) -> None:
     canonical.save(weights, ctx.folder / WEIGHTS_NPZ)
     history = [r.to_dict() for r in ctx.recorder.history]
     write_json(ctx.folder / THROUGHPUT_JSON, training_throughput(history, ctx.settings))
+    # Checked last, so a backend with a broken record still leaves its trained weights and timings behind.
+    numerics_record.check(ctx.backend, result.get("numerics"))
 
 
 def training_throughput(history: list[dict], settings: Settings) -> dict[str, Any]:

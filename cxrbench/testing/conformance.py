@@ -37,9 +37,10 @@ import pytest
 
 from cxrbench.api import BackendInfo, CamResult, EpochRecord, ExportInfo
 from cxrbench.checks import onnx as onnx_checks
+from cxrbench import numerics_record
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
-from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
+from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
 from cxrbench.plugins import Plugins, load_plugins, require_answer
 from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
@@ -485,7 +486,7 @@ def test_short_training_run_reports_and_keeps_the_best_weights(backend: Backend)
     val_losses = [r.val_loss for r in history]
     assert result["best_epoch"] == 1 + int(np.argmin(val_losses))
     assert result["best_val_loss"] == pytest.approx(min(val_losses), rel=1e-6)
-    assert isinstance(result.get("numerics"), dict)
+    numerics_record.check(backend.name, result.get("numerics"))  # the core's keys, nothing else
     assert history[result["best_epoch"] - 1].best
 
     after = backend.weights(model)
@@ -582,4 +583,15 @@ def test_non_finite_loss_raises_training_diverged(backend: Backend):
     with pytest.raises(TrainingDiverged) as caught:
         backend.call("cxrbench_train", model=model, data=synthetic_data(32), settings=settings, recorder=Recorder())
     assert caught.value.epoch == 1
+    assert_one_line(caught.value)
+
+
+def test_empty_validation_split_is_the_cores_data_error(backend: Backend):
+    """The recipe picks the best epoch by validation loss: without validation images every backend stops alike."""
+    settings = kit_settings(**{"train.max_steps": 1})
+    model = backend.build(settings, random_canonical(settings.model.block_config, seed=14))
+    with pytest.raises(DataError) as caught:
+        backend.call("cxrbench_train", model=model, data=synthetic_data(32, val=0), settings=settings,
+                     recorder=Recorder())
+    assert "data.val_fraction" in str(caught.value)
     assert_one_line(caught.value)

@@ -44,13 +44,17 @@ def apply(numerics) -> None:
         config.disable_op_determinism()
 
 
-def describe(numerics) -> dict[str, Any]:
-    """What is in force, for the numerics record: op determinism read back, oneDNN as TensorFlow saw it."""
+def op_determinism() -> bool:
+    """Whether TensorFlow's op determinism is in force, read back."""
     from tensorflow.python.framework import config
 
+    return config.is_op_determinism_enabled()
+
+
+def describe() -> dict[str, Any]:
+    """What is in force, for the numerics record: op determinism read back, oneDNN as TensorFlow saw it."""
     onednn = os.environ.get(ONEDNN_VARIABLE)
     return {
-        "deterministic": numerics.deterministic,
-        "op_determinism": config.is_op_determinism_enabled(),
+        "op_determinism": op_determinism(),
         "onednn_opts": "off" if onednn == "0" else "on (TensorFlow's default)" if onednn is None else onednn,
     }

@@ -14,6 +14,7 @@ import os
 import tensorflow as tf
 
 from cxrbench.classes import NUM_CLASSES
+from cxrbench.training import train_batches
 
 
 def make_strategy(settings) -> tf.distribute.Strategy:
@@ -48,17 +49,8 @@ def train_dataset(strategy, data, settings, epoch: int):
         local = context.num_replicas_in_sync // context.num_input_pipelines
 
         def replica_batches():
-            for batch in data.batches(
-                "train",
-                batch_size * local,
-                epoch=epoch,
-                seed=settings.run.seed,
-                shuffle=True,
-                hflip=settings.train.hflip,
-                max_steps=settings.train.max_steps,
-                rank=context.input_pipeline_id,
-                world=context.num_input_pipelines,
-            ):
+            for batch in train_batches(data, settings, epoch, batch_size=batch_size * local,
+                                       rank=context.input_pipeline_id, world=context.num_input_pipelines):
                 for j in range(local):
                     part = slice(j * batch_size, (j + 1) * batch_size)
                     yield batch.images[part], batch.labels[part]
@@ -67,7 +59,3 @@ def train_dataset(strategy, data, settings, epoch: int):
         return dataset.prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(per_worker)
-
-
-def steps_per_epoch(strategy, data, settings) -> int:
-    return data.num_batches("train", settings.train.batch_size, world=strategy.num_replicas_in_sync, max_steps=settings.train.max_steps)

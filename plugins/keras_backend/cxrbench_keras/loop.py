@@ -14,10 +14,16 @@ import tensorflow as tf
 
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.recorder import Recorder
-from cxrbench.timing import batch_images
-from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
+from cxrbench.training import (
+    EpochOutcome,
+    run_recipe,
+    scaled_learning_rate,
+    steps_per_epoch,
+    train_epoch,
+    validation_loss,
+)
 
-from cxrbench_keras.distributed import is_chief, steps_per_epoch, train_dataset
+from cxrbench_keras.distributed import is_chief, train_dataset
 from cxrbench_keras.model import KerasDenseNet, preprocess
 from cxrbench_keras.numerics import describe, oom_as_backend_error
 from cxrbench_keras.optim import make_optimizer
@@ -26,6 +32,11 @@ from cxrbench_keras.optim import make_optimizer
 def bce_sum(labels, logits):
     """Summed binary cross-entropy on float32 logits (torch's BCEWithLogitsLoss before its mean)."""
     return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32)))
+
+
+def device_total(sums: list[tf.Tensor], images: int) -> tuple[float, int]:
+    """The per-batch summed losses added on the device and fetched once."""
+    return (float(tf.add_n(sums).numpy()) if sums else 0.0), images
 
 
 class KerasEpochLoop:
@@ -68,23 +79,14 @@ class KerasEpochLoop:
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         self.optimizer.learning_rate.assign(lr)
-        steps = steps_per_epoch(self.strategy, self.data, self.settings)
         dataset = train_dataset(self.strategy, self.data, self.settings, epoch)
-        batches = self.recorder.timed(dataset, self.sync, self.global_batch)
-        losses = []
-        for step, batch in enumerate(batches, start=1):
-            losses.append(self.train_step(batch))
-            self.recorder.step(epoch, step, steps)
-        fetched = tf.stack(losses).numpy() if losses else np.zeros(0, dtype=np.float32)
-        return EpochOutcome(fetched, images=len(losses) * self.global_batch, data_wait_s=batches.data_wait_s)
+        steps = steps_per_epoch(self.data, self.settings, self.replicas)
+        return train_epoch(self.recorder, dataset, self.train_step, epoch=epoch, steps=steps, sync=self.sync,
+                           images=self.global_batch, fetch=lambda losses: tf.stack(losses).numpy())
 
     def validate(self) -> float:
-        sums, count = [], 0
-        batches = self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False)
-        for batch in self.recorder.timed(batches, self.sync, batch_images):
-            sums.append(self._val_loss_sum(batch.images, batch.labels))
-            count += len(batch.images)
-        return float(tf.add_n(sums).numpy()) / (count * NUM_CLASSES) if count else float("nan")
+        return validation_loss(self.recorder, self.data, self.settings,
+                               lambda batch: self._val_loss_sum(batch.images, batch.labels), self.sync, device_total)
 
     def snapshot(self) -> list[np.ndarray]:
         return self.model.network.get_weights()
@@ -94,10 +96,10 @@ class KerasEpochLoop:
 
 
 def train(model: KerasDenseNet, data, settings, recorder: Recorder) -> dict:
-    """run_recipe with the Keras loop; rank 0 reports; the numerics in force are returned."""
+    """run_recipe with the Keras loop; rank 0 reports; the core's numerics record is returned."""
     reporter = recorder if is_chief(model.strategy) else Recorder()
     loop = KerasEpochLoop(model, data, settings, reporter)
     with oom_as_backend_error(settings.train.batch_size, "training"):
         result = run_recipe(loop, settings, reporter, world=loop.replicas)
     learning_rate = scaled_learning_rate(settings, loop.replicas)
-    return {**result, "numerics": describe(settings, model.strategy, loop.global_batch, learning_rate)}
+    return {**result, "numerics": describe(settings, model.network, model.strategy, loop.optimizer, learning_rate)}

@@ -8,12 +8,15 @@ so the result never claims a setting that was not applied.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import keras
 import tensorflow as tf
 
+from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
 from cxrbench.errors import BackendError
+from cxrbench_keras import determinism
 
 #: settings.numerics.precision -> Keras dtype policy.
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -45,32 +48,54 @@ def _try_before_init(setter, *args) -> None:
         pass
 
 
-def describe(settings, strategy, global_batch: int, learning_rate: float) -> dict:
-    """Every numerics/speed setting actually in force, for the result record."""
+def describe(settings, network: keras.Model, strategy, optimizer, learning_rate: float) -> dict[str, Any]:
+    """The core's numerics record of a training run, read back from TensorFlow and Keras where they hold it."""
+    numerics, replicas = settings.numerics, strategy.num_replicas_in_sync
+    policy = keras.config.dtype_policy()
+    default = isinstance(strategy, type(tf.distribute.get_strategy()))
+    batchnorms = [layer for layer in network.layers if isinstance(layer, keras.layers.BatchNormalization)]
     gpus = tf.config.get_visible_devices("GPU")
-    return {
-        "precision": settings.numerics.precision,
-        "dtype_policy": keras.config.dtype_policy().name,
-        "loss_scaling": settings.numerics.precision == "fp16",
-        "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
-        "jit_compile": settings.numerics.jit_compile,
-        "graph": "tf.function",
-        "layout": "NHWC (channels_last is Keras' native layout)",
-        "memory_growth": [tf.config.experimental.get_memory_growth(g) for g in gpus],
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-        "thread_budget": thread_budget(settings.numerics),
-        "input_pipeline": "tf.data.Dataset.from_generator(PreparedData.batches) + prefetch(AUTOTUNE)",
-        "devices": [d.name for d in gpus] or ["/cpu:0"],
-        "strategy": type(strategy).__name__,
-        "world_size": strategy.num_replicas_in_sync,
-        "synchronized_batchnorm": strategy.num_replicas_in_sync > 1,
-        "per_replica_batch": settings.train.batch_size,
-        "global_batch": global_batch,
-        "learning_rate": learning_rate,
-        "optimizer": "Adam, PyTorch update rule (eps outside the bias-corrected sqrt, L2 weight decay)",
-        "batchnorm": "epsilon 1e-5, momentum 0.9 (PyTorch 0.1), unbiased running variance",
-    }
+    return numerics_record.build(
+        "keras",
+        device=device_name(),
+        devices=[device_name()] if default else list(strategy.extended.worker_devices),
+        world_size=replicas,
+        data_parallel="none" if default else type(strategy).__name__,
+        batch_size_per_device=settings.train.batch_size,
+        global_batch=settings.train.batch_size * replicas,
+        learning_rate=learning_rate,
+        lr_scaling=settings.train.lr_scaling,
+        precision=numerics.precision,
+        compute_dtype=policy.compute_dtype,
+        loss_scaling=isinstance(optimizer, keras.optimizers.LossScaleOptimizer),
+        tf32=tf.config.experimental.tensor_float_32_execution_enabled(),
+        layout="NHWC",
+        compile="tf.function + XLA (jit_compile)" if numerics.jit_compile else "tf.function",
+        synchronized_batchnorm=bool(batchnorms) and all(layer.synchronized for layer in batchnorms),
+        intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+        inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+        thread_budget=thread_budget(numerics),
+        deterministic=determinism.op_determinism(),
+        input_pipeline="tf.data.Dataset.from_generator(PreparedData.batches) + prefetch(AUTOTUNE)",
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__},
+        framework={
+            "dtype_policy": policy.name,
+            "memory_growth": [tf.config.experimental.get_memory_growth(gpu) for gpu in gpus],
+            "strategy": type(strategy).__name__,
+            "optimizer": "Adam, PyTorch update rule (eps outside the bias-corrected sqrt, L2 weight decay)",
+            "batchnorm": "epsilon 1e-5, momentum 0.9 (PyTorch 0.1), unbiased running variance",
+            **determinism.describe(),
+        },
+    )
+
+
+def device_name() -> str:
+    """The device a single replica runs on: the first visible GPU (with its model), else the CPU."""
+    gpus = tf.config.get_visible_devices("GPU")
+    if not gpus:
+        return tf.config.list_logical_devices("CPU")[0].name
+    model = tf.config.experimental.get_device_details(gpus[0]).get("device_name")
+    return f"{tf.config.list_logical_devices('GPU')[0].name} ({model})" if model else gpus[0].name
 
 
 @contextmanager
@@ -84,14 +109,6 @@ def float32_policy():
         keras.config.set_dtype_policy(previous)
 
 
-@contextmanager
-def oom_as_backend_error(batch_size: int, what: str):
-    """Turn TensorFlow's out-of-memory error into a one-line error naming the batch size."""
-    try:
-        yield
-    except tf.errors.ResourceExhaustedError as exc:
-        first = (exc.message or "").strip().splitlines()[:1]
-        raise BackendError(
-            f"out of device memory while {what} at batch size {batch_size} (train.batch_size): "
-            f"lower the batch size or the image size ({first[0] if first else 'ResourceExhaustedError'})"
-        ) from None
+def oom_as_backend_error(batch_size: int, doing: str):
+    """TensorFlow's out-of-memory exception as the core's one-line error naming the batch size."""
+    return errors.out_of_memory_as_error(tf.errors.ResourceExhaustedError, device_name(), batch_size, doing)

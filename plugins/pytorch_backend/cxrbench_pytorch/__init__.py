@@ -50,19 +50,13 @@ def cxrbench_set_weights(model, weights):
 
 @hookimpl
 def cxrbench_train(model, data, settings, recorder):
-    from cxrbench_pytorch import determinism
-
     if settings.run.gpus > 1:
         from cxrbench_pytorch import distributed
 
-        result = distributed.train(model, data, settings, recorder, world=settings.run.gpus, device_type="cuda")
-    else:
-        from cxrbench_pytorch import loop
+        return distributed.train(model, data, settings, recorder, world=settings.run.gpus, device_type="cuda")
+    from cxrbench_pytorch import loop
 
-        result = loop.train(model, data, settings, recorder)
-    result["numerics"] = {**result.get("numerics", {}), "deterministic": settings.numerics.deterministic,
-                          **determinism.describe()}
-    return result
+    return loop.train(model, data, settings, recorder)
 
 
 @hookimpl

@@ -171,7 +171,7 @@ def _train_rank(rank: int, world: int, device: torch.device, settings: Settings,
     )
     forward = [lambda event, payload: events.put(("event", event, payload))] if rank == 0 else []
     result = loop.train(model, data, settings, Recorder(forward), rank=rank, world=world, train_net=ddp,
-                        batchnorm=batchnorm, distributed_backend=backend)
+                        batchnorm=batchnorm, data_parallel=f"DistributedDataParallel ({backend})")
     result["max_abs_weight_diff_between_ranks"] = _weight_spread(model.net)
     if rank == 0:
         canonical.save(tv_weights.get(model.net), folder / FINAL)

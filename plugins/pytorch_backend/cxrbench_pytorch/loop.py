@@ -19,13 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import Batch, PreparedData
-from cxrbench.errors import DataError
 from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
-from cxrbench.timing import batch_images
-from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
+from cxrbench.training import (
+    EpochOutcome,
+    run_recipe,
+    scaled_learning_rate,
+    steps_per_epoch,
+    train_batches,
+    train_epoch,
+    validation_loss,
+)
 from cxrbench_pytorch import numerics
 from cxrbench_pytorch.model import TorchModel
 
@@ -93,22 +98,12 @@ class TorchEpochLoop:
             group["lr"] = lr
         self.model.net.train()
         batch_size = self.settings.train.batch_size
-        steps = self.data.num_batches("train", batch_size, self.world, max_steps=self.settings.train.max_steps)
-        batches = self.recorder.timed(self._train_batches(epoch), self.sync, batch_size * self.world)
-        losses: list[torch.Tensor] = []
+        make = functools.partial(train_batches, self.data, self.settings, epoch, rank=self.rank, world=self.world)
+        batches = input_pipeline(make, self.settings.numerics.loader_workers, self.pin)
         with numerics.out_of_memory_as_error(self.model.device, batch_size, "training"):
-            for step, (images, labels) in enumerate(batches, start=1):
-                losses.append(self._step(images, labels))
-                self.recorder.step(epoch, step, steps)
-        return EpochOutcome(self._mean_over_ranks(losses), len(losses) * batch_size * self.world, batches.data_wait_s)
-
-    def _train_batches(self, epoch: int) -> Iterable:
-        train = self.settings.train
-        make = functools.partial(
-            self.data.batches, "train", train.batch_size, epoch=epoch, seed=self.settings.run.seed, shuffle=True,
-            hflip=train.hflip, max_steps=train.max_steps, rank=self.rank, world=self.world,
-        )
-        return input_pipeline(make, self.settings.numerics.loader_workers, self.pin)
+            return train_epoch(self.recorder, batches, lambda pair: self._step(*pair), epoch=epoch,
+                               steps=steps_per_epoch(self.data, self.settings, self.world), sync=self.sync,
+                               images=batch_size * self.world, fetch=self._mean_over_ranks)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.model.inputs(images)
@@ -123,34 +118,36 @@ class TorchEpochLoop:
 
     def _mean_over_ranks(self, losses: list[torch.Tensor]) -> np.ndarray:
         """Per-step losses of the global batch, fetched from the device once per epoch."""
-        if not losses:
-            return np.zeros(0)
         stacked = torch.stack(losses)
         if self.world > 1:
             dist.all_reduce(stacked)
             stacked /= self.world
-        return stacked.cpu().numpy().astype(np.float64)
+        return stacked.cpu().numpy()
 
     def validate(self) -> float:
-        """Image-weighted mean BCE over the validation split (this rank's shard, summed over ranks)."""
+        """The core's validation loss over this rank's shard, summed over the ranks."""
         net = self.model.net  # never the DDP wrapper: ranks may run different numbers of batches here
         net.eval()
-        batch_size = self.settings.train.batch_size
-        total = torch.zeros(2, dtype=torch.float64, device=self.model.device)  # summed loss, images
-        batches = self.data.batches("val", batch_size, shuffle=False, drop_last=False, rank=self.rank, world=self.world)
-        with torch.inference_mode(), numerics.out_of_memory_as_error(self.model.device, batch_size, "validating"):
-            for batch in self.recorder.timed(batches, self.sync, batch_images):
-                with self.autocast():
-                    logits = net(self.model.inputs(torch.from_numpy(batch.images)))
-                labels = torch.from_numpy(batch.labels).to(self.model.device, non_blocking=True)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") / NUM_CLASSES
-                total += torch.stack([loss.double(), loss.new_tensor(len(batch.labels), dtype=torch.float64)])
+        with torch.inference_mode(), numerics.out_of_memory_as_error(
+            self.model.device, self.settings.train.batch_size, "validating"
+        ):
+            return validation_loss(self.recorder, self.data, self.settings, self._summed_loss, self.sync,
+                                   self._total_over_ranks, rank=self.rank, world=self.world)
+
+    def _summed_loss(self, batch: Batch) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model.net(self.model.inputs(torch.from_numpy(batch.images)))
+        labels = torch.from_numpy(batch.labels).to(self.model.device, non_blocking=True)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum").double()
+
+    def _total_over_ranks(self, sums: list[torch.Tensor], images: int) -> tuple[float, int]:
+        """The summed loss and image count over every rank, in one transfer from the device."""
+        summed = torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64, device=self.model.device)
+        total = torch.stack([summed, summed.new_tensor(images)])
         if self.world > 1:
             dist.all_reduce(total)
-        summed, count = total.tolist()
-        if not count:
-            raise DataError("the validation split is empty: training needs validation images (data.val_fraction)")
-        return summed / count
+        summed_all, images_all = total.tolist()
+        return summed_all, int(images_all)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().clone() for name, tensor in self.model.net.state_dict().items()}
@@ -160,14 +157,14 @@ class TorchEpochLoop:
 
 
 def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder, *, rank: int = 0,
-          world: int = 1, train_net: nn.Module | None = None, **record: Any) -> dict[str, Any]:
-    """Run the core's recipe; return its result plus every numerics setting in force."""
+          world: int = 1, train_net: nn.Module | None = None, **record: str) -> dict[str, Any]:
+    """Run the core's recipe; return its result plus the core's numerics record (``record``: DDP's part of it)."""
     net = train_net if train_net is not None else model.net
     if settings.numerics.compile:
         net = torch.compile(net)
     loop = TorchEpochLoop(model, data, settings, recorder, net, rank, world)
     result = run_recipe(loop, settings, recorder, world=world)
-    in_force = numerics.describe(
-        settings, model.device, world, scaled_learning_rate(settings, world), loader=loop.loader_name, **record
-    )
+    in_force = numerics.describe(settings, model.net, model.device, world, scaled_learning_rate(settings, world),
+                                 scaler=loop.scaler, compiled=settings.numerics.compile, loader=loop.loader_name,
+                                 **record)
     return {**result, "numerics": in_force}

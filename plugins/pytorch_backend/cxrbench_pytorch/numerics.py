@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
 from cxrbench.errors import BackendError
 from cxrbench.suite import NumericsSettings, Settings
+from cxrbench_pytorch import determinism
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,16 +79,9 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-@contextlib.contextmanager
 def out_of_memory_as_error(device: torch.device, batch_size: int, doing: str):
-    """Turn the framework's out-of-memory exception into a one-line error naming the batch size."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise BackendError(
-            f"out of memory on {device_name(device)} while {doing} at batch size {batch_size} "
-            "(train.batch_size): lower it"
-        ) from None
+    """torch's out-of-memory exception as the core's one-line error naming the batch size."""
+    return errors.out_of_memory_as_error(torch.OutOfMemoryError, device_name(device), batch_size, doing)
 
 
 def device_name(device: torch.device) -> str:
@@ -94,32 +90,46 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def describe(settings: Settings, device: torch.device, world: int, learning_rate: float, **extra: Any) -> dict[str, Any]:
-    """Every numerics and speed setting in force, read back from torch where torch holds it."""
+def describe(settings: Settings, net: nn.Module, device: torch.device, world: int, learning_rate: float, *,
+             scaler: torch.amp.GradScaler, compiled: bool, loader: str, data_parallel: str = "none",
+             batchnorm: str = "torch.nn.BatchNorm2d") -> dict[str, Any]:
+    """The core's numerics record of a training run, read back from torch where torch holds it."""
     numerics = settings.numerics
     dtype = AUTOCAST_DTYPES[numerics.precision]
     cudnn = torch.backends.cudnn
-    return {
-        "device": device_name(device),
-        "world_size": world,
-        "batch_size_per_device": settings.train.batch_size,
-        "global_batch": settings.train.batch_size * world,
-        "learning_rate": learning_rate,
-        "lr_scaling": settings.train.lr_scaling,
-        "precision": numerics.precision,
-        "autocast_dtype": str(dtype).removeprefix("torch.") if dtype else None,
-        "grad_scaler": numerics.precision == "fp16",
-        "channels_last": numerics.channels_last,
-        "tf32": numerics.tf32,
-        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
-        "cudnn_conv_fp32_precision": cudnn.conv.fp32_precision,
-        "cudnn_benchmark": cudnn.benchmark,
-        "compile": numerics.compile,
-        "intra_op_threads": torch.get_num_threads(),
-        "inter_op_threads": torch.get_num_interop_threads(),
-        "thread_budget": thread_budget(numerics, world),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": cudnn.version() if cudnn.is_available() else None,
-        **extra,
-    }
+    synchronized = not any(type(module) is nn.BatchNorm2d for module in net.modules())
+    devices = [device_name(torch.device(device.type, rank)) for rank in range(world)] if device.type == "cuda" \
+        else [device_name(device)] * world
+    return numerics_record.build(
+        "pytorch",
+        device=device_name(device),
+        devices=devices,
+        world_size=world,
+        data_parallel=data_parallel,
+        batch_size_per_device=settings.train.batch_size,
+        global_batch=settings.train.batch_size * world,
+        learning_rate=learning_rate,
+        lr_scaling=settings.train.lr_scaling,
+        precision=numerics.precision,
+        compute_dtype=str(dtype or torch.get_default_dtype()).removeprefix("torch."),
+        loss_scaling=scaler.is_enabled(),
+        tf32=torch.backends.cuda.matmul.fp32_precision == "tf32",
+        layout="NHWC (torch.channels_last)" if numerics.channels_last else "NCHW",
+        compile="torch.compile" if compiled else "eager",
+        synchronized_batchnorm=synchronized,
+        intra_op_threads=torch.get_num_threads(),
+        inter_op_threads=torch.get_num_interop_threads(),
+        thread_budget=thread_budget(numerics, world),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        input_pipeline=loader,
+        versions={"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "cudnn": cudnn.version() if cudnn.is_available() else None},
+        framework={
+            "autocast_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+            "cudnn_conv_fp32_precision": cudnn.conv.fp32_precision,
+            "cudnn_benchmark": cudnn.benchmark,
+            "batchnorm": batchnorm,
+            **determinism.describe(),
+        },
+    )

@@ -93,15 +93,21 @@ def cxrbench_set_weights(model, weights):
 
 @hookimpl
 def cxrbench_train(model, data, settings, recorder):
+    from threadpoolctl import threadpool_limits
+
+    from cxrbench.budget import thread_budget
     from cxrbench.training import run_recipe
 
-    from cxrbench_numpy_example.probe import LinearProbeLoop
+    from cxrbench_numpy_example.probe import LinearProbeLoop, describe
 
-    # A diverging loss is caught by the recipe (TrainingDiverged); numpy's warnings would only repeat it.
-    with np.errstate(over="ignore", invalid="ignore"):
-        result = run_recipe(LinearProbeLoop(model, data, settings, recorder), settings, recorder)
-    result["numerics"] = {"precision": "fp32", "device": "cpu", "trained": "classifier only (linear probe)"}
-    return result
+    if settings.run.gpus:
+        raise BackendError(f"run.gpus = {settings.run.gpus}: the numpy backend computes on the CPU only (use 0)")
+    # The core's thread budget for BLAS, numpy's only thread pool; a diverging loss is caught by the recipe
+    # (TrainingDiverged), so numpy's warnings would only repeat it.
+    with threadpool_limits(thread_budget(settings.numerics)["intra_op"], user_api="blas"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = run_recipe(LinearProbeLoop(model, data, settings, recorder), settings, recorder)
+        return {**result, "numerics": describe(model, settings, LAYOUT)}
 
 
 def _logits(model: NumpyDenseNet, images: np.ndarray, batch_size: int) -> np.ndarray:

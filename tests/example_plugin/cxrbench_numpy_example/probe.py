@@ -9,13 +9,25 @@ detection and timing, exactly as for a full backend.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
-from cxrbench.data.prepared import PreparedData
+import numpy as np
+from threadpoolctl import threadpool_info
+
+from cxrbench import numerics_record
+from cxrbench.budget import thread_budget
+from cxrbench.data.prepared import Batch, PreparedData
 from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
 from cxrbench.timing import batch_images
-from cxrbench.training import EpochOutcome
+from cxrbench.training import (
+    EpochOutcome,
+    scaled_learning_rate,
+    steps_per_epoch,
+    train_batches,
+    train_epoch,
+    validation_loss,
+)
 
 from cxrbench_numpy_example.network import classify, pooled_features
 
@@ -72,32 +84,24 @@ class LinearProbeLoop:
         return loss, {"classifier.weight": d_logits.T @ pooled, "classifier.bias": d_logits.sum(axis=0)}
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
-        train = self.settings.train
-        batches = self.recorder.timed(
-            self.data.batches(
-                "train", train.batch_size, epoch=epoch, seed=self.settings.run.seed,
-                hflip=train.hflip, max_steps=train.max_steps,
-            ),
-            self.sync,
-            batch_images,
-        )
-        losses, images = [], 0
-        for batch in batches:
+        """The core's helper runs the epoch (timing, progress, losses); this loop supplies one step."""
+
+        def step(batch: Batch) -> float:
             loss, grads = self._loss_and_grads(batch.images, batch.labels)
             self.adam.step(self.model.weights, grads, lr)
-            losses.append(loss)
-            images += len(batch.images)
-        return EpochOutcome(np.asarray(losses, dtype=np.float32), images, batches.data_wait_s)
+            return loss
+
+        return train_epoch(self.recorder, train_batches(self.data, self.settings, epoch), step, epoch=epoch,
+                           steps=steps_per_epoch(self.data, self.settings), sync=self.sync, images=batch_images)
 
     def validate(self) -> float:
-        """Mean loss over every element of the validation split (no shuffle, no flip, no batch left out)."""
-        total, count = 0.0, 0
-        batches = self.data.batches("val", self.settings.train.batch_size, shuffle=False, drop_last=False)
-        for batch in self.recorder.timed(batches, self.sync, batch_images):
-            logits = classify(self.model.weights, pooled_features(self.model.weights, self.model.block_config, batch.images))
-            total += float(bce_with_logits(logits, batch.labels).sum(dtype=np.float64))
-            count += batch.labels.size
-        return total / count
+        """The core's validation loss: every image once, no shuffle, no flip; this loop supplies each batch's sum."""
+        return validation_loss(self.recorder, self.data, self.settings, self._summed_loss, self.sync)
+
+    def _summed_loss(self, batch: Batch) -> float:
+        weights = self.model.weights
+        logits = classify(weights, pooled_features(weights, self.model.block_config, batch.images))
+        return float(bce_with_logits(logits, batch.labels).sum(dtype=np.float64))
 
     def snapshot(self) -> dict[str, np.ndarray]:
         return {k: self.model.weights[k].copy() for k in TRAINED}
@@ -105,3 +109,33 @@ class LinearProbeLoop:
     def restore(self, snapshot: dict[str, np.ndarray]) -> None:
         for name, value in snapshot.items():
             self.model.weights[name] = value.copy()
+
+
+def describe(model, settings: Settings, layout: str) -> dict[str, Any]:
+    """The core's numerics record: fp32 on one CPU, the BLAS threads read back (numpy's only thread pool)."""
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return numerics_record.build(
+        "numpy",
+        device="cpu",
+        devices=["cpu"],
+        world_size=1,
+        data_parallel="none",
+        batch_size_per_device=settings.train.batch_size,
+        global_batch=settings.train.batch_size,
+        learning_rate=scaled_learning_rate(settings, 1),
+        lr_scaling=settings.train.lr_scaling,
+        precision=settings.numerics.precision,
+        compute_dtype=str(model.weights["classifier.weight"].dtype),
+        loss_scaling=False,
+        tf32=False,
+        layout=layout,
+        compile="eager",
+        synchronized_batchnorm=False,
+        intra_op_threads=max((pool["num_threads"] for pool in blas), default=1),
+        inter_op_threads=1,  # numpy runs one operation at a time
+        thread_budget=thread_budget(settings.numerics),
+        deterministic=True,  # no atomics, no autotuning: fixed threads give fixed numbers
+        input_pipeline="plain iteration",
+        versions={"numpy": np.__version__, **{pool["internal_api"]: pool["version"] for pool in blas}},
+        framework={"trained": "classifier only (linear probe)"},
+    )
