@@ -391,7 +391,7 @@ def numerics_table(records: dict[str, Any]) -> dict[str, Any] | None:
     Every backend fills the same keys (:mod:`cxrbench.numerics_record`); only the ``framework`` extras and
     ``versions`` differ, and a key a backend lacks says so (older runs recorded other keys).
     """
-    from cxrbench.report.compare import flatten
+    from cxrbench.report.run_comparison import flatten
 
     flat = {name: flatten(record) for name, record in records.items() if record}
     if not flat:
