@@ -106,11 +106,13 @@ def check_model(path: str | Path) -> None:
         raise CxrError(f"{path}: onnx.checker rejected the model: {first_line(exc)}") from None
 
 
-def normalise(images: np.ndarray, layout: str) -> np.ndarray:
+def normalise(
+    images: np.ndarray, layout: str, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """uint8 gray ``(N, S, S)`` -> float32 normalised 3-channel input in ``layout`` (NCHW/NHWC)."""
     x = images.astype(np.float32) / 255.0
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
     x = (x[..., None] - mean) / std  # (N, S, S, 3)
     x = x.astype(np.float32)
     if layout == "NCHW":
