@@ -5,9 +5,8 @@ capacity limiter (onnxruntime's ``run`` is thread-safe), never on the event loop
 answers while pictures are scored. Every refusal is a 4xx JSON body ``{"error": "..."}``:
 411 no Content-Length, 413 too many bytes or pixels, 400 no ``file`` field or a bad query,
 422 not a decodable picture (non-image, truncated, DICOM without pixel data).
+No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at definition.
 """
-
-from __future__ import annotations
 
 import base64
 import os
@@ -29,7 +28,7 @@ CAM_FORMATS = ("png", "base64")
 def _require_extra():
     try:
         import fastapi
-        import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
+        import python_multipart  # noqa: F401  (FastAPI's form parser)
         import uvicorn
     except ImportError:
         raise CxrError('cxrbench serve needs FastAPI, uvicorn and python-multipart: pip install -e ".[serve]"') from None
