@@ -13,7 +13,7 @@ def render(frame, fmt: str) -> str:
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt == "json":
-        return frame.to_json(orient="records", indent=2) + "\n"
+        return frame.to_json(orient="records", indent=2, double_precision=15) + "\n"  # pandas keeps 10 digits by default
     cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
