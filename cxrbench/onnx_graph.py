@@ -4,8 +4,8 @@ For backends whose framework has no ONNX exporter (the numpy example; JAX): the 
 network, so it needs only the weights and the block configuration, never the framework.
 Input ``input``: float32 NCHW ``(batch, 3, S, S)``, already ImageNet-normalised, batch dynamic.
 Outputs ``logits``: ``(batch, 14)``, and ``features``: the final feature map after the last BatchNorm and
-ReLU, NCHW ``(batch, K, h, w)``, so a class activation map needs only onnxruntime. Canonical weights become the graph's initializers unchanged,
-because ONNX's Conv, BatchNormalization and Gemm use torchvision's layouts.
+ReLU, NCHW ``(batch, K, h, w)``, so a class activation map needs only onnxruntime. Canonical weights become
+the graph's initializers unchanged, because ONNX's Conv, BatchNormalization and Gemm use torchvision's layouts.
 """
 
 from __future__ import annotations

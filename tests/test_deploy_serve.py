@@ -176,7 +176,7 @@ def test_serve_without_metadata_is_one_line(tmp_path):
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(b"not onnx")
     result = subprocess.run([sys.executable, "-m", "cxrbench", "serve", str(plain)], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"cxrbench: error: {plain}: not a loadable ONNX model")
     assert len(result.stderr.strip().splitlines()) == 1

@@ -109,7 +109,8 @@ def test_results_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
 def test_missing_pandas_names_the_extra(run_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pandas", None)
     assert main(["results", str(run_dir)]) == 2
-    assert capsys.readouterr().err.strip() == 'cxrbench: error: cxrbench.results needs pandas: pip install -e ".[results]"'
+    needs = 'cxrbench.results needs pandas: pip install -e ".[results]"'
+    assert capsys.readouterr().err.strip() == f"cxrbench: error: {needs}"
 
 
 def test_predict_takes_a_run_folder_and_a_backend(run_dir, tmp_path, capsys):

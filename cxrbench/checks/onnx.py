@@ -62,7 +62,8 @@ def decode_array(metadata: Mapping[str, str], key: str, where: str) -> np.ndarra
         raise CxrError(f"{where}: no metadata {key!r} (exported by an older cxrbench, or not by cxrbench)")
     try:
         entry = json.loads(metadata[key])
-        return np.frombuffer(base64.b64decode(entry["base64"]), dtype=entry["dtype"]).reshape(entry["shape"]).astype(np.float32)
+        data = np.frombuffer(base64.b64decode(entry["base64"]), dtype=entry["dtype"])
+        return data.reshape(entry["shape"]).astype(np.float32)
     except (ValueError, KeyError, TypeError) as exc:
         raise CxrError(f"{where}: metadata {key!r} is malformed ({first_line(exc)})") from None
 
@@ -146,7 +147,10 @@ def run_onnx_outputs(
     sess = sess or session(path)
     name = sess.get_inputs()[0].name
     wanted = [sess.get_outputs()[0].name] + ([FEATURES_OUTPUT] if features else [])
-    parts = [sess.run(wanted, {name: normalise(images[i : i + batch_size], layout)}) for i in range(0, len(images), batch_size)]
+    parts = [
+        sess.run(wanted, {name: normalise(images[i : i + batch_size], layout)})
+        for i in range(0, len(images), batch_size)
+    ]
     logits = np.concatenate([p[0] for p in parts]).astype(np.float32)
     return logits, (np.concatenate([p[1] for p in parts]).astype(np.float32) if features else None)
 

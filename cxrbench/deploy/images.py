@@ -55,7 +55,8 @@ def decode(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a PNG, JPEG or DICOM picture") from None
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours, refused before ours is asked
-        raise ImageError(f"{name}: more pixels than the limit of {max_pixels} (--max-pixels): {first_line(exc)}") from None
+        limit = f"more pixels than the limit of {max_pixels} (--max-pixels)"
+        raise ImageError(f"{name}: {limit}: {first_line(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: unreadable picture header ({first_line(exc, with_type=True)})") from None
     _check_pixels(name, width, height, max_pixels)

@@ -53,7 +53,8 @@ class ScoringModel:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [key for key in REQUIRED_KEYS if key not in self.metadata]
         if missing:
-            raise CxrError(f"{self.path}: not a cxrbench export (no metadata {missing[0]!r}); export it with cxrbench run")
+            raise CxrError(f"{self.path}: not a cxrbench export (no metadata {missing[0]!r}); "
+                           "export it with cxrbench run")
         self.size = int(self.metadata["cxrbench.input_size"])
         self.layout = self.metadata["cxrbench.input_layout"]
         self.mean, self.std = json.loads(self.metadata["cxrbench.mean"]), json.loads(self.metadata["cxrbench.std"])
@@ -111,7 +112,8 @@ def resolve_model(source: str | Path, backend: str | None) -> Path:
                            "choose one with --backend")
         backend = next(iter(run.backends))
     if backend not in run.backends:
-        raise CxrError(f"--backend {backend}: not in the run folder {source} (it has {', '.join(run.backends) or 'none'})")
+        has = ", ".join(run.backends) or "none"
+        raise CxrError(f"--backend {backend}: not in the run folder {source} (it has {has})")
     export = (run.backends[backend].get("onnx") or {}).get("export") or {}
     if not export.get("path"):
         raise CxrError(f"{source}: backend {backend!r} has no ONNX export (its export stage did not finish)")

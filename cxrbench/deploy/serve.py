@@ -31,7 +31,8 @@ def _require_extra():
         import python_multipart  # noqa: F401  (FastAPI's form parser)
         import uvicorn
     except ImportError:
-        raise CxrError('cxrbench serve needs FastAPI, uvicorn and python-multipart: pip install -e ".[serve]"') from None
+        needs = "cxrbench serve needs FastAPI, uvicorn and python-multipart"
+        raise CxrError(f'{needs}: pip install -e ".[serve]"') from None
     return fastapi, uvicorn
 
 
@@ -115,7 +116,9 @@ def create_app(model: ScoringModel, max_bytes: int = MAX_BYTES, max_pixels: int 
         return model.describe()
 
     @app.post("/predict")
-    async def predict(request: fastapi.Request, cam: str | None = None, cls: str | None = fastapi.Query(None, alias="class")):
+    async def predict(
+        request: fastapi.Request, cam: str | None = None, cls: str | None = fastapi.Query(None, alias="class")
+    ):
         _check_query(model, cam, cls)
         data, name = await _read_upload(request, max_bytes)
         answer = await anyio.to_thread.run_sync(score_upload, model, data, name, max_pixels, cam, cls, limiter=limiter)

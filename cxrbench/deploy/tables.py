@@ -3,6 +3,7 @@ Markdown or JSON on stdout."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 from cxrbench import results
@@ -13,14 +14,14 @@ def render(frame, fmt: str) -> str:
     if fmt == "csv":
         return frame.to_csv(index=False)
     if fmt == "json":
-        return frame.to_json(orient="records", indent=2, double_precision=15) + "\n"  # pandas keeps 10 digits by default
+        return frame.to_json(orient="records", indent=2, double_precision=15) + "\n"  # pandas' default: 10 digits
     cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
 
 
 def _cell(value) -> str:
-    if value is None or value != value:  # None or NaN
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return text.replace("|", "\\|")
