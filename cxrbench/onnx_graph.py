@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.checks.onnx import FEATURES_OUTPUT
+from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.weights import BN_EPSILON
 
@@ -80,7 +80,9 @@ def write_onnx(
     weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], image_size: int, opset: int, path: Path,
     producer: str = "cxrbench",
 ) -> None:
-    """Build and save the graph; the caller stamps the metadata and the core runs ``onnx.checker``."""
+    """Build and save the graph with the classifier in its metadata (:func:`cam_metadata`: the graph's own
+    weights, so CAMs from its ``features`` output always match); the caller stamps :func:`model_metadata`
+    and the core runs ``onnx.checker``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -102,4 +104,6 @@ def write_onnx(
     model = helper.make_model(
         graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets), producer_name=producer
     )
+    classifier = cam_metadata(weights["classifier.weight"], weights["classifier.bias"], "NCHW")
+    helper.set_model_props(model, classifier)
     onnx.save(model, str(path))

@@ -138,15 +138,14 @@ def cxrbench_cam(model, images, classes):
 
 @hookimpl
 def cxrbench_export_onnx(model, path, settings):
-    from cxrbench.checks.onnx import cam_metadata, model_metadata, stamp_metadata
+    from cxrbench.checks.onnx import model_metadata, stamp_metadata
 
     from cxrbench.onnx_graph import INPUT, OUTPUT, write_onnx
 
     start = time.perf_counter()
     size, opset = settings.data.image_size, settings.export.opset
     write_onnx(model.weights, model.block_config, size, opset, Path(path), producer="cxrbench_numpy_example")
-    classifier = cam_metadata(model.weights["classifier.weight"], model.weights["classifier.bias"], LAYOUT)
-    stamp_metadata(path, {**model_metadata(LAYOUT, size, NAME), **classifier})
+    stamp_metadata(path, model_metadata(LAYOUT, size, NAME))
     return ExportInfo(
         path=str(path), layout=LAYOUT, opset=opset, input_name=INPUT, output_name=OUTPUT,
         seconds=time.perf_counter() - start, exporter="onnx.helper graph from canonical weights (cxrbench.onnx_graph)",
