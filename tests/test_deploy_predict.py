@@ -7,13 +7,15 @@ probabilities agree within 1e-6 in JSON (float32 printed in full) and 5e-6 in CS
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy import SIZE, chest_like, png_bytes, reference_probabilities, tiny_export
+from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 from PIL import Image
 
 from cxrbench.checks import onnx as onnx_checks
@@ -22,9 +24,8 @@ from cxrbench.cli import main
 from cxrbench.deploy import images
 from cxrbench.deploy.model import ScoringModel
 
-pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
+                                   reason='DICOM tests need pydicom: pip install -e ".[dicom]"')
 
 
 @pytest.fixture(scope="module")
@@ -115,37 +116,19 @@ def test_sixteen_bit_png_is_scaled_by_its_full_range(tmp_path):
 # -- DICOM ---------------------------------------------------------------------------------------------
 
 
-def _dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", pixel_data: bool = True, **tags) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "test"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    if pixel_data:
-        ds.PixelData = pixels.tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
+@needs_pydicom
 def test_dicom_monochrome2_eight_bit_uses_the_full_range(tmp_path):
     pixels = chest_like(4)
-    got = images.read(_dicom(tmp_path / "a.dcm", pixels))
+    got = images.read(dicom_file(tmp_path / "a.dcm", pixels))
     low, high = float(pixels.min()), float(pixels.max())
     np.testing.assert_array_equal(got, np.round((pixels - low) / (high - low) * 255).astype(np.uint8))
 
 
+@needs_pydicom
 def test_dicom_monochrome1_is_inverted(tmp_path):
     pixels = chest_like(5)
-    plain = images.read(_dicom(tmp_path / "m2.dcm", pixels))
-    inverted = images.read(_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
+    plain = images.read(dicom_file(tmp_path / "m2.dcm", pixels))
+    inverted = images.read(dicom_file(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(inverted.astype(int), 255 - plain.astype(int))
 
 
@@ -157,30 +140,43 @@ def _linear_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.round(out).astype(np.uint8)
 
 
+@needs_pydicom
 def test_dicom_sixteen_bit_applies_rescale_and_the_voi_window(tmp_path):
     stored = (np.random.default_rng(6).integers(0, 4096, (40, 48))).astype(np.uint16)
-    path = _dicom(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1024",
+    path = dicom_file(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1024",
                   WindowCenter=["1500", "40"], WindowWidth=["3000", "400"])
     values = stored.astype(np.float64) * 2 - 1024
     np.testing.assert_array_equal(images.read(path), _linear_window(values, 1500.0, 3000.0))
+    import pydicom
+
     read = pydicom.dcmread(path)
     assert (read.BitsStored, read.pixel_array.dtype) == (16, np.uint16)
 
 
+@needs_pydicom
 def test_dicom_is_scored_like_the_same_pixels_as_png(model_path, tmp_path, capsys):
     pixels = chest_like(2)
     png = tmp_path / "same.png"
     png.write_bytes(png_bytes(np.round((pixels - pixels.min()) / np.ptp(pixels) * 255).astype(np.uint8)))
-    status, out, _ = _predict(capsys, model_path, _dicom(tmp_path / "same.dcm", pixels), png, "--format", "json")
+    status, out, _ = _predict(capsys, model_path, dicom_file(tmp_path / "same.dcm", pixels), png, "--format", "json")
     first, second = json.loads(out)
     assert status == 0 and first["probabilities"] == second["probabilities"]
 
 
+@needs_pydicom
 def test_dicom_without_pixel_data_is_one_line_naming_the_file(model_path, tmp_path, capsys):
-    path = _dicom(tmp_path / "empty.dcm", chest_like(1), pixel_data=False)
+    path = dicom_file(tmp_path / "empty.dcm", chest_like(1), pixel_data=False)
     status, out, err = _predict(capsys, model_path, path)
     assert status == 2 and out.strip() == ",".join(["file", *CLASSES])
     assert err.strip() == f"cxrbench: skipped {path}: DICOM without pixel data (no PixelData element)"
+
+
+@needs_pydicom
+def test_dicom_without_pydicom_names_the_extra(model_path, tmp_path, monkeypatch, capsys):
+    path = dicom_file(tmp_path / "a.dcm", chest_like(1))
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    status, _, err = _predict(capsys, model_path, path)
+    assert (status, err.strip()) == (2, 'cxrbench: error: DICOM input needs pydicom: pip install -e ".[dicom]"')
 
 
 # -- bad input -------------------------------------------------------------------------------------------

@@ -8,18 +8,20 @@ in run outputs, and the machine running the tests may be busy).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy import SIZE, chest_like, png_bytes, reference_probabilities, tiny_export
+from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 from PIL import Image
 
 from cxrbench.classes import CLASSES
@@ -40,12 +42,11 @@ def model_path(tmp_path_factory) -> Path:
     return tiny_export(tmp_path_factory.mktemp("model") / "model.onnx")
 
 
-@pytest.fixture(scope="module")
-def server(model_path):
-    """A started server: its base URL. Stopped (and its thread joined) after the module's tests."""
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 (a free port, in a thread): its base URL; stopped and joined after."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    app = create_app(ScoringModel(model_path), max_bytes=MAX_BYTES, max_pixels=4_000_000, workers=2)
     instance = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -53,10 +54,18 @@ def server(model_path):
     while not instance.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert instance.started, "the server did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    instance.should_exit = True
-    thread.join(timeout=30)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    with running(create_app(ScoringModel(model_path), max_bytes=MAX_BYTES, max_pixels=4_000_000, workers=2)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +132,41 @@ def test_bad_uploads_get_4xx_json_and_the_server_keeps_serving(client, make, sta
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert _upload(client, png_bytes(chest_like(3))).status_code == 200
+
+
+def test_dicom_uploads_are_scored_and_one_without_pixels_is_refused(client, tmp_path):
+    pytest.importorskip("pydicom")
+    good = dicom_file(tmp_path / "a.dcm", chest_like(4)).read_bytes()
+    assert set(_upload(client, good, "a.dcm").json()["probabilities"]) == set(CLASSES)
+    empty = _upload(client, dicom_file(tmp_path / "b.dcm", chest_like(4), pixel_data=False).read_bytes(), "b.dcm")
+    assert (empty.status_code, empty.json()) == (422, {"error": "b.dcm: DICOM without pixel data (no PixelData element)"})
+
+
+class BlockingModel(ScoringModel):
+    """Scoring waits until the test lets it go: a request in flight for as long as the test wants."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def score(self, images, cam_classes=None):
+        self.entered.set()
+        assert self.release.wait(timeout=60)
+        return super().score(images, cam_classes)
+
+
+def test_inference_never_blocks_the_event_loop(model_path):
+    """While a picture is being scored, /health and /model still answer (inference runs in a worker thread)."""
+    model = BlockingModel(model_path)
+    with running(create_app(model, workers=1)) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_upload, client, png_bytes(chest_like(5)))
+            assert model.entered.wait(timeout=30)
+            assert client.get("/health").json() == {"status": "ok"}
+            assert client.get("/model").status_code == 200
+            assert not pending.done()
+            model.release.set()
+            assert pending.result().status_code == 200
 
 
 def test_bounded_load_has_no_error(client, server, capsys):

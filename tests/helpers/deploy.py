@@ -47,3 +47,28 @@ def reference_probabilities(model_path: Path, files: list[Path], size: int = SIZ
     sess = onnx_checks.session(model_path)
     logits = sess.run(["logits"], {"input": onnx_checks.normalise(pixels, "NCHW")})[0].astype(np.float64)
     return 1.0 / (1.0 + np.exp(-logits))
+
+
+def dicom_file(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", pixel_data: bool = True,
+               **tags) -> Path:
+    """A DICOM file (Secondary Capture, explicit VR little endian) written with pydicom, ``tags`` set as given."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "test"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    if pixel_data:
+        ds.PixelData = pixels.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
