@@ -139,7 +139,8 @@ def test_dicom_uploads_are_scored_and_one_without_pixels_is_refused(client, tmp_
     good = dicom_file(tmp_path / "a.dcm", chest_like(4)).read_bytes()
     assert set(_upload(client, good, "a.dcm").json()["probabilities"]) == set(CLASSES)
     empty = _upload(client, dicom_file(tmp_path / "b.dcm", chest_like(4), pixel_data=False).read_bytes(), "b.dcm")
-    assert (empty.status_code, empty.json()) == (422, {"error": "b.dcm: DICOM without pixel data (no PixelData element)"})
+    assert empty.status_code == 422
+    assert empty.json() == {"error": "b.dcm: DICOM without pixel data (no PixelData element)"}
 
 
 class BlockingModel(ScoringModel):
