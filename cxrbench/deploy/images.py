@@ -28,6 +28,10 @@ class ImageError(DataError):
     """A picture cannot be scored: not decodable, truncated, too large, no pixel data."""
 
 
+class TooManyPixels(ImageError):
+    """A picture larger than the pixel limit (HTTP 413 in the service)."""
+
+
 class _Named(io.BytesIO):
     """Bytes that print as the picture's name, so the shared decoder's messages name the file."""
 
@@ -56,7 +60,7 @@ def decode(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{name}: not a PNG, JPEG or DICOM picture") from None
     except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours, refused before ours is asked
         limit = f"more pixels than the limit of {max_pixels} (--max-pixels)"
-        raise ImageError(f"{name}: {limit}: {first_line(exc)}") from None
+        raise TooManyPixels(f"{name}: {limit}: {first_line(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: unreadable picture header ({first_line(exc, with_type=True)})") from None
     _check_pixels(name, width, height, max_pixels)
@@ -76,7 +80,7 @@ def read(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageError(f"{name}: {width} x {height} pixels is more than the limit of {max_pixels} (--max-pixels)")
+        raise TooManyPixels(f"{name}: {width} x {height} pixels is more than the limit of {max_pixels} (--max-pixels)")
 
 
 def _pydicom():

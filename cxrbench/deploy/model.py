@@ -61,6 +61,8 @@ class ScoringModel:
         self.classes: list[str] = json.loads(self.metadata["cxrbench.classes"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        weight = onnx_checks.WEIGHT_KEY
+        self.cam_weight = onnx_checks.decode_array(self.metadata, weight, str(self.path)) if self.has_cam else None
 
     @property
     def has_cam(self) -> bool:
@@ -83,9 +85,8 @@ class ScoringModel:
         logits = np.asarray(outputs[0], dtype=np.float32)
         if cam_classes is None:
             return Scores(logits)
-        weight = onnx_checks.decode_array(self.metadata, onnx_checks.WEIGHT_KEY, str(self.path))
         layout = self.metadata.get("cxrbench.features_layout", self.layout)
-        return Scores(logits, onnx_checks.cam_from_features(outputs[1], layout, weight, cam_classes))
+        return Scores(logits, onnx_checks.cam_from_features(outputs[1], layout, self.cam_weight, cam_classes))
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` answers: the metadata (without the classifier arrays), inputs and outputs."""

@@ -50,7 +50,7 @@ def score_upload(model: ScoringModel, data: bytes, name: str, max_pixels: int, c
     try:
         pixels = resize_gray(images.decode(data, name, max_pixels), model.size)
     except images.ImageError as exc:
-        raise Refused(413 if "--max-pixels" in str(exc) else 422, str(exc)) from None
+        raise Refused(413 if isinstance(exc, images.TooManyPixels) else 422, str(exc)) from None
     scores = model.score(pixels[None], None if cam_format is None else list(range(len(model.classes))))
     probabilities = scores.probabilities[0]
     answer: dict[str, Any] = {"file": name, "probabilities": dict(zip(model.classes, map(float, probabilities)))}
