@@ -7,7 +7,8 @@ backend is reached exactly as a worker reaches it: through its own plugin manage
 
 Tolerances: logits computed twice on the same weights agree within 1e-6 (bitwise on a CPU; a GPU
 may pick kernels nondeterministically); the CAM identity holds within 1e-4; ONNX Runtime matches
-``cxrbench_predict`` within atol 1e-4 / rtol 1e-3 (the float32 gate of ``export.atol/rtol``); two
+``cxrbench_predict`` within atol 1e-4 / rtol 1e-3 (the float32 gate of ``export.atol/rtol``), and so does a
+CAM computed from the export alone against ``cxrbench_cam``'s maps; two
 backends on the same canonical weights agree within ``run.equivalence_atol`` (1e-4); the reference
 backend computes its logits in a child process of its own (see :func:`reference_logits`).
 
