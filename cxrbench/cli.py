@@ -155,11 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--no-rebuild", action="store_true", help="only report a mismatch; remove the corrupt cache")
     verify.set_defaults(func=_cmd_data_verify)
 
+    from cxrbench.deploy import cli as deploy_cli
     from cxrbench.report import cli as report_cli
     from cxrbench.run import cli as run_cli
 
     run_cli.add_parser(commands)
     report_cli.add_parser(commands)
+    deploy_cli.add_parsers(commands)
     return parser
 
 

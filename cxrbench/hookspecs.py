@@ -179,10 +179,13 @@ def cxrbench_export_onnx(model, path, settings):
     """Export the model to ONNX at ``path``.
 
     Input: float32, ImageNet-normalised, three channels, dynamic batch axis, in the backend's
-    layout (NCHW or NHWC, stated in the result); output: logits. Opset ``settings.export.opset``.
-    The backend stamps the metadata of :func:`cxrbench.checks.onnx.model_metadata` with
-    :func:`cxrbench.checks.onnx.stamp_metadata`; the core checks it with ``onnx.checker`` and
-    compares onnxruntime with :func:`cxrbench_predict`.
+    layout (NCHW or NHWC, stated in the result); outputs: logits first, then ``features``
+    (:data:`cxrbench.checks.onnx.FEATURES_OUTPUT`), the final feature map after the last BatchNorm
+    and ReLU in the same layout. Opset ``settings.export.opset``. The backend stamps the metadata of
+    :func:`cxrbench.checks.onnx.model_metadata` and :func:`cxrbench.checks.onnx.cam_metadata` (the
+    classifier weight ``(classes, K)`` and bias) with :func:`cxrbench.checks.onnx.stamp_metadata`, so
+    a CAM needs only onnxruntime and numpy; the core checks it with ``onnx.checker``, compares
+    onnxruntime with :func:`cxrbench_predict` and checks the CAM identity on the export.
 
     :return: a :class:`cxrbench.api.ExportInfo`.
     """

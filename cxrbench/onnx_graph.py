@@ -3,8 +3,9 @@
 For backends whose framework has no ONNX exporter (the numpy example; JAX): the graph is the canonical
 network, so it needs only the weights and the block configuration, never the framework.
 Input ``input``: float32 NCHW ``(batch, 3, S, S)``, already ImageNet-normalised, batch dynamic.
-Output ``logits``: ``(batch, 14)``. Canonical weights become the graph's initializers unchanged,
-because ONNX's Conv, BatchNormalization and Gemm use torchvision's layouts.
+Outputs ``logits``: ``(batch, 14)``, and ``features``: the final feature map after the last BatchNorm and
+ReLU, NCHW ``(batch, K, h, w)``, so a class activation map needs only onnxruntime. Canonical weights become
+the graph's initializers unchanged, because ONNX's Conv, BatchNormalization and Gemm use torchvision's layouts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.weights import BN_EPSILON
 
@@ -68,7 +70,7 @@ class GraphBuilder:
                 x = self.dense_layer(x, f"features.denseblock{b}.denselayer{k}")
             if b != len(block_config):
                 x = self.transition(x, f"features.transition{b}")
-        x = self.bn_relu(x, "features.norm5")
+        x = self._node("Identity", [self.bn_relu(x, "features.norm5")], FEATURES_OUTPUT)
         x = self._node("Flatten", [self._node("GlobalAveragePool", [x], "pool")], "flatten")
         weight, bias = self._weight("classifier.weight"), self._weight("classifier.bias")
         return self._node("Gemm", [x, weight, bias], OUTPUT, transB=1)
@@ -78,7 +80,9 @@ def write_onnx(
     weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], image_size: int, opset: int, path: Path,
     producer: str = "cxrbench",
 ) -> None:
-    """Build and save the graph; the caller stamps the metadata and the core runs ``onnx.checker``."""
+    """Build and save the graph with the classifier in its metadata (:func:`cam_metadata`: the graph's own
+    weights, so CAMs from its ``features`` output always match); the caller stamps :func:`model_metadata`
+    and the core runs ``onnx.checker``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -88,11 +92,18 @@ def write_onnx(
         builder.nodes,
         f"densenet_{'_'.join(map(str, block_config))}",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", NUM_CLASSES])],
+        [
+            helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", NUM_CLASSES]),
+            helper.make_tensor_value_info(
+                FEATURES_OUTPUT, TensorProto.FLOAT, ["batch", weights["classifier.weight"].shape[1], "height", "width"]
+            ),
+        ],
         initializer=[numpy_helper.from_array(np.asarray(weights[n], dtype=np.float32), n) for n in builder.used],
     )
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(
         graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets), producer_name=producer
     )
+    classifier = cam_metadata(weights["classifier.weight"], weights["classifier.bias"], "NCHW")
+    helper.set_model_props(model, classifier)
     onnx.save(model, str(path))

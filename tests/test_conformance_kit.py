@@ -177,6 +177,20 @@ BROKEN = {
         "onnx",
         {"test_onnx_runtime_matches_predict[32px-1]", "test_onnx_runtime_matches_predict[64px-3]"},
     ),
+    "onnx_classifier_rows_swapped": (
+        """
+        from cxrbench.checks.onnx import cam_metadata, stamp_metadata
+
+        @hookimpl
+        def cxrbench_export_onnx(model, path, settings):
+            info = good.cxrbench_export_onnx(model, path, settings)
+            weight, bias = model.weights["classifier.weight"], model.weights["classifier.bias"]
+            stamp_metadata(path, cam_metadata(weight[::-1], bias, info.layout))  # CAM weights of the wrong classes
+            return info
+        """,
+        "onnx_cam",
+        {"test_onnx_cam_matches_the_native_cam[32px]", "test_onnx_cam_matches_the_native_cam[64px]"},
+    ),
     "logits_differ_from_the_reference": (
         """
         @hookimpl

@@ -336,7 +336,7 @@ def test_onnx_export_matches_keras(tmp_path, tiny):
     assert (info.layout, meta["cxrbench.input_layout"], info.opset, info.output_name) == ("NHWC", "NHWC", 17, "logits")
     session = onnx_checks.session(info.path)
     assert [i.name for i in session.get_inputs()] == [info.input_name]
-    assert [o.name for o in session.get_outputs()] == [info.output_name]
+    assert [o.name for o in session.get_outputs()] == [info.output_name, onnx_checks.FEATURES_OUTPUT]
     noise = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE), dtype=np.uint8)
     for images in (noise, structured_images(5), noise[:1], structured_images(1)):
         got = onnx_checks.run_onnx(info.path, images, info.layout, batch_size=len(images), sess=session)

@@ -486,7 +486,9 @@ def test_onnx_export_matches_eager_torch(tmp_path, record_property):
     assert (info.layout, info.opset, info.input_name, info.output_name) == ("NCHW", 18, "input", "logits")
     assert info.exporter == "torch.onnx (dynamo=False)" and info.seconds > 0
     onnx_checks.check_model(info.path)
-    assert onnx_checks.read_metadata(info.path) == onnx_checks.model_metadata("NCHW", 64, "pytorch")
+    classifier = onnx_checks.cam_metadata(model.net.classifier.weight.detach().numpy(),
+                                          model.net.classifier.bias.detach().numpy(), "NCHW")
+    assert onnx_checks.read_metadata(info.path) == {**onnx_checks.model_metadata("NCHW", 64, "pytorch"), **classifier}
     session = onnx_checks.session(info.path, threads=1)
     atol, rtol = settings.export.atol, settings.export.rtol
     for batch in (1, 5):  # the batch axis is dynamic

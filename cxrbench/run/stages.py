@@ -262,6 +262,9 @@ def export(ctx: StageContext) -> None:
             "checker": "passed",
             "parity_images": parity(images),
             "parity_random": parity(noise),
+            "cam_identity": onnx_checks.cam_identity(
+                path, noise, info.layout, settings.export.atol, settings.export.rtol
+            ),
             "metadata": onnx_checks.read_metadata(path),
         },
     )

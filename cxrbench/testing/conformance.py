@@ -8,7 +8,8 @@ backend is reached exactly as a worker reaches it: through its own plugin manage
 
 Tolerances: logits computed twice on the same weights agree within 1e-6 (bitwise on a CPU; a GPU
 may pick kernels nondeterministically); the CAM identity holds within 1e-4; ONNX Runtime matches
-``cxrbench_predict`` within atol 1e-4 / rtol 1e-3 (the float32 gate of ``export.atol/rtol``); two
+``cxrbench_predict`` within atol 1e-4 / rtol 1e-3 (the float32 gate of ``export.atol/rtol``), and so does a
+CAM computed from the export alone against ``cxrbench_cam``'s maps; two
 backends on the same canonical weights agree within ``run.equivalence_atol`` (1e-4); the reference
 backend computes its logits in a child process of its own (see :func:`reference_logits`).
 
@@ -435,7 +436,7 @@ def test_onnx_metadata_says_what_the_model_expects(backend: Backend, exported):
     for key, value in expected.items():
         assert stamped.get(key) == value, f"metadata {key}"
     sess = onnx_checks.session(info.path)
-    [model_input], [model_output] = sess.get_inputs(), sess.get_outputs()
+    [model_input], [model_output, *_] = sess.get_inputs(), sess.get_outputs()
     assert (model_input.name, model_output.name) == (info.input_name, info.output_name)
     assert not isinstance(model_input.shape[0], int), f"batch axis must be dynamic, got {model_input.shape}"
 
@@ -447,6 +448,24 @@ def test_onnx_runtime_matches_predict(backend: Backend, exported, batch: int):
     native = backend.predict(model, images, settings)
     onnx_logits = onnx_checks.run_onnx(info.path, images, info.layout)
     stats = onnx_checks.diff_stats(native, onnx_logits, settings.export.atol, settings.export.rtol)
+    assert stats["passed"], stats
+
+
+def test_onnx_cam_matches_the_native_cam(backend: Backend, exported):
+    """A CAM from the export alone (its ``features`` output and the classifier in its metadata, onnxruntime and
+    numpy only) obeys the CAM identity against the export's own logits (within CAM_ATOL) and equals the backend's
+    ``cxrbench_cam`` maps within the export gate (``export.atol`` / ``export.rtol``)."""
+    settings, model, info = exported
+    sess = onnx_checks.session(info.path)
+    assert [o.name for o in sess.get_outputs()] == [info.output_name, onnx_checks.FEATURES_OUTPUT]
+    images, classes = random_images(3, settings.data.image_size, seed=5), [13, 2, 7]
+    logits, maps, bias = onnx_checks.onnx_cam(info.path, images, info.layout, classes, sess=sess)
+    np.testing.assert_allclose(maps.mean(axis=(2, 3)) + bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
+    identity = onnx_checks.cam_identity(info.path, images, info.layout, CAM_ATOL, 0.0)
+    assert identity["passed"], identity
+    native = backend.cam(model, images, classes)
+    np.testing.assert_allclose(bias, native.bias, rtol=0, atol=0, err_msg="the bias travels bit-exact")
+    stats = onnx_checks.diff_stats(native.maps, maps, settings.export.atol, settings.export.rtol)
     assert stats["passed"], stats
 
 

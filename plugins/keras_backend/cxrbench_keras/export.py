@@ -1,4 +1,4 @@
-"""ONNX export of the bare network (no uint8 preprocessing), NHWC, dynamic batch, logits out.
+"""ONNX export of the bare network (no uint8 preprocessing), NHWC, dynamic batch, logits and CAM features out.
 
 The input stays NHWC, Keras' native layout: converting to NCHW would add transposes that neither
 framework computes natively, and the metadata and ExportInfo state the layout. Keras 3's
@@ -19,9 +19,10 @@ import keras
 import tensorflow as tf
 
 from cxrbench.api import ExportInfo
-from cxrbench.checks.onnx import model_metadata, stamp_metadata
+from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata, model_metadata, stamp_metadata
 from cxrbench.errors import BackendError, first_line
 
+from cxrbench_keras.infer import FEATURE_LAYER
 from cxrbench_keras.model import KerasDenseNet, build_network
 from cxrbench_keras.numerics import float32_policy
 
@@ -42,19 +43,21 @@ def _float32_network(model: KerasDenseNet) -> keras.Model:
 def _convert(network: keras.Model, signature: list[tf.TensorSpec], opset: int, path: Path) -> None:
     import tf2onnx
 
-    infer = tf.function(lambda image: network(image, training=False), input_signature=signature)
+    both = keras.Model(network.inputs, [network.outputs[0], network.get_layer(FEATURE_LAYER).output])
+    infer = tf.function(lambda image: both(image, training=False), input_signature=signature)
     tf2onnx.convert.from_function(infer, input_signature=signature, opset=opset, output_path=str(path))
 
 
-def _rename_output(path: Path, name: str) -> None:
-    """tf2onnx names the output after TF's Identity op; give it a meaningful name."""
+def _rename_outputs(path: Path, names: list[str]) -> None:
+    """tf2onnx names the outputs after TF's Identity ops; give them meaningful names (in output order)."""
     import onnx
 
     proto = onnx.load(str(path))
-    old = proto.graph.output[0].name
+    renamed = {output.name: name for output, name in zip(proto.graph.output, names)}
     for node in proto.graph.node:
-        node.output[:] = [name if out == old else out for out in node.output]
-    proto.graph.output[0].name = name
+        node.output[:] = [renamed.get(out, out) for out in node.output]
+    for output in proto.graph.output:
+        output.name = renamed.get(output.name, output.name)
     onnx.save(proto, str(path))
 
 
@@ -64,12 +67,15 @@ def export_onnx(model: KerasDenseNet, path, settings) -> ExportInfo:
     size = model.image_size
     signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
     start = time.perf_counter()
+    network = _float32_network(model)
     try:
-        _convert(_float32_network(model), signature, settings.export.opset, path)
+        _convert(network, signature, settings.export.opset, path)
     except Exception as exc:  # tf2onnx raises many types; the user needs one line naming the file
         raise BackendError(f"{path}: ONNX export (opset {settings.export.opset}) failed: {first_line(exc)}") from None
-    _rename_output(path, OUTPUT_NAME)
-    stamp_metadata(path, model_metadata(layout=LAYOUT, image_size=size, backend="keras"))
+    _rename_outputs(path, [OUTPUT_NAME, FEATURES_OUTPUT])
+    kernel, bias = network.get_layer("classifier").get_weights()  # kernel (K, classes): the transpose of canonical
+    classifier = cam_metadata(kernel.T, bias, LAYOUT)
+    stamp_metadata(path, {**model_metadata(layout=LAYOUT, image_size=size, backend="keras"), **classifier})
     return ExportInfo(
         path=str(path),
         layout=LAYOUT,

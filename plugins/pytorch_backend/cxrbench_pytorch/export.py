@@ -1,4 +1,4 @@
-"""ONNX export of the DenseNet alone: float32 NCHW ImageNet-normalised input -> logits."""
+"""ONNX export of the DenseNet alone: float32 NCHW ImageNet-normalised input -> logits and the CAM features."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cxrbench.api import ExportInfo
-from cxrbench.checks.onnx import model_metadata, stamp_metadata
+from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata, model_metadata, stamp_metadata
 from cxrbench.suite import Settings
 from cxrbench_pytorch.model import TorchModel
 
@@ -18,6 +20,18 @@ INPUT_NAME, OUTPUT_NAME, LAYOUT = "input", "logits", "NCHW"
 #: The TorchScript-based exporter: about 1 s for DenseNet-121 against about 12 s for the dynamo
 #: exporter, which may also write external data files and freeze the batch axis to the example's.
 EXPORTER = "torch.onnx (dynamo=False)"
+
+
+class LogitsAndFeatures(nn.Module):
+    """torchvision's DenseNet forward, also returning the feature map its pooling consumes (for CAMs)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = F.relu(self.net.features(x))
+        return self.net.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1)), features
 
 
 def export_onnx(model: TorchModel, path: str | Path, settings: Settings) -> ExportInfo:
@@ -32,10 +46,11 @@ def export_onnx(model: TorchModel, path: str | Path, settings: Settings) -> Expo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen deliberately
         torch.onnx.export(
-            net, (example,), str(path), dynamo=False, opset_version=settings.export.opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            LogitsAndFeatures(net), (example,), str(path), dynamo=False, opset_version=settings.export.opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_OUTPUT],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_OUTPUT: {0: "batch"}},
         )
     seconds = time.perf_counter() - start
-    stamp_metadata(path, model_metadata(LAYOUT, size, "pytorch"))
+    classifier = cam_metadata(net.classifier.weight.detach().numpy(), net.classifier.bias.detach().numpy(), LAYOUT)
+    stamp_metadata(path, {**model_metadata(LAYOUT, size, "pytorch"), **classifier})
     return ExportInfo(str(path), LAYOUT, settings.export.opset, INPUT_NAME, OUTPUT_NAME, seconds, EXPORTER)

@@ -1,0 +1,61 @@
+"""``cxrbench predict``, ``serve`` and ``results``: options here, work in the modules each command imports when run
+(so ``cxrbench --help`` loads neither numpy-heavy code nor FastAPI, pydicom or pandas)."""
+
+from __future__ import annotations
+
+import argparse
+
+#: Default limits: pixels of one picture (a 6000 x 6000 radiograph is 36 M; NIH's are 1024 x 1024), upload bytes.
+MAX_PIXELS, MAX_BYTES = 50_000_000, 32 * 1024 * 1024
+TABLES = ("auroc", "history", "throughput", "utilisation", "localisation")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cxrbench.deploy import predict
+
+    return predict.run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cxrbench.deploy import serve
+
+    return serve.run(args)
+
+
+def _results(args: argparse.Namespace) -> int:
+    from cxrbench.deploy import tables
+
+    return tables.run(args)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="an exported model.onnx, or a run folder (with --backend)")
+    parser.add_argument("--backend", help="which backend's export, when MODEL is a run folder with several")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger pictures ({MAX_PIXELS})")
+
+
+def add_parsers(commands) -> None:
+    predict = commands.add_parser("predict", help="score PNG/JPEG/DICOM pictures with an ONNX export (no framework)")
+    _add_model(predict)
+    predict.add_argument("images", metavar="IMAGE", nargs="+", help="picture files, folders or globs")
+    predict.add_argument("--format", choices=("csv", "json"), default="csv", help="table on stdout (default csv)")
+    predict.add_argument("--cam", metavar="DIR", help="write one CAM overlay PNG (with predicted boxes) per picture "
+                         "and class here")
+    predict.add_argument("--top-k", type=int, default=3, help="CAMs for the K most probable classes (default 3)")
+    predict.add_argument("--classes", nargs="+", metavar="CLASS", help="CAMs for these classes instead of the top K")
+    predict.add_argument("--batch-size", type=int, default=16, help="pictures per onnxruntime call (default 16)")
+    predict.set_defaults(func=_predict)
+
+    serve = commands.add_parser("serve", help="serve an ONNX export over HTTP (POST /predict, GET /health, GET /model)")
+    _add_model(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"largest accepted upload ({MAX_BYTES})")
+    serve.add_argument("--workers", type=int, help="pictures scored at once (default: the CPU count)")
+    serve.set_defaults(func=_serve)
+
+    results = commands.add_parser("results", help="a run's results as one table (several runs stacked, a 'run' column)")
+    results.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    results.add_argument("--table", choices=TABLES, default="auroc", help="which table (default auroc)")
+    results.add_argument("--format", choices=("csv", "markdown", "json"), default="csv")
+    results.set_defaults(func=_results)
