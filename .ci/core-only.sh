@@ -29,4 +29,4 @@ echo "-- cxrbench --help and cxrbench backends with no backend installed"
 
 echo "-- the core's tests, with the framework-free example backend installed"
 "$py" -m pip install --quiet -e tests/example_plugin
-"$py" -m pytest -p no:cacheprovider -q -rs --benchmark-disable
+"$py" -m pytest -p no:cacheprovider -q -rs --benchmark-skip  # the benchmarks run in the full stage

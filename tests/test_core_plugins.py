@@ -19,6 +19,7 @@ def _names(pm):
     return {name for name, _ in pm.list_name_plugin()}
 
 
+@pytest.mark.backends("pytorch", "keras")
 def test_builtin_backends_come_from_entry_points():
     found = plugins.load_plugins()
     assert {"pytorch", "keras"} <= set(found.backends)
@@ -26,6 +27,7 @@ def test_builtin_backends_come_from_entry_points():
     assert "cxrbench.builtin" in _names(found.manager)
 
 
+@pytest.mark.backends("pytorch")
 def test_extra_module_and_failures_are_reported_by_name():
     found = plugins.load_plugins(["tests.core_plugins.echo_backend", "tests.core_plugins.broken_at_import"])
     assert "echo" in found.backends
@@ -34,6 +36,7 @@ def test_extra_module_and_failures_are_reported_by_name():
     assert "pytorch" in found.backends  # the others still load
 
 
+@pytest.mark.backends("pytorch", "keras")
 def test_broken_entry_point_does_not_stop_the_others(monkeypatch):
     real = importlib.metadata.entry_points
 
@@ -64,11 +67,13 @@ def test_worker_manager_holds_exactly_one_backend():
     assert builtin["auroc"]["per_class"] == {"a": 1.0, "b": 1.0}
 
 
+@pytest.mark.backends("pytorch")
 def test_unknown_backend_lists_installed_and_broken():
     with pytest.raises(BackendError, match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import"):
         plugins.load_plugins(["tests.core_plugins.broken_at_import"], backend="mxnet")
 
 
+@pytest.mark.backends("pytorch")
 def test_misspelt_hook_is_a_load_failure_naming_plugin_and_hook():
     """check_pending: a hook implementation no hookspec knows refuses the whole plugin (it is never registered,
     so a backend cannot half-work), and the other plugins still load."""
@@ -103,6 +108,7 @@ def test_backend_info_is_keyword_only():
     assert BackendInfo(name="mine", framework="numpy", version="1.0", onnx_layout="NHWC").plugin == ""
 
 
+@pytest.mark.backends("pytorch")
 def test_backends_json_lists_each_backends_extra(capsys):
     assert main(["backends", "--json", "--plugin", "tests.core_plugins.echo_backend"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)["backends"]}
@@ -117,6 +123,7 @@ def _installed_only(monkeypatch, *names: str) -> None:
                         lambda group: [ep for ep in real(group=group) if ep.name in names])
 
 
+@pytest.mark.backends("pytorch")
 def test_missing_builtin_backend_names_the_distribution(monkeypatch, tmp_path, capsys):
     _installed_only(monkeypatch, "pytorch")
     code = main(["run", "--backend", "keras", "--out", str(tmp_path / "run")])

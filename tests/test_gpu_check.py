@@ -27,6 +27,7 @@ def test_without_a_gpu_the_check_refuses_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch", "keras")
 def test_dry_run_runs_every_step_on_the_cpu_and_writes_one_summary(tmp_path):
     out = tmp_path / "check"
     done = _check("--dry-run", "--backend", "pytorch", "--out", str(out), timeout=900)

@@ -12,6 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from helpers.backends import require
+
+require("pytorch", "keras")
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND before keras is imported below)
 from cxrbench import numerics_record

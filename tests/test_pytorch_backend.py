@@ -15,6 +15,9 @@ import urllib.error
 
 import numpy as np
 import pytest
+from helpers.backends import require
+
+require("pytorch")
 import torch
 import torch.nn.functional as F
 import torchvision

@@ -56,6 +56,7 @@ def _run_json(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch", "numpy")
 def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tmp_path):
     run_dir = tmp_path / "run"
     process = _start("--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
@@ -89,6 +90,7 @@ def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tm
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch", "numpy")
 def test_ctrl_c_stops_the_workers_and_writes_what_finished(tmp_path):
     run_dir = tmp_path / "run"
     process = _start("--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
@@ -107,6 +109,7 @@ def test_ctrl_c_stops_the_workers_and_writes_what_finished(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch", "numpy")
 def test_a_backend_with_a_wrong_layer_fails_the_equivalence_check(tmp_path):
     run_dir = tmp_path / "run"
     code, err = _finish(_start("--backend", "pytorch", "--backend", "pytorch-wrong-bn", "--plugin", "plugins_wrong.wrong_bn",

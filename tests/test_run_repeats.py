@@ -210,6 +210,7 @@ def test_repeats_section_escapes_hostile_names(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch")
 def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=2",

@@ -13,6 +13,7 @@ from cxrbench.run.schema import validate
 from cxrbench.run_folder import BACKEND_FILES, RUN_FILES
 
 BACKENDS = ("pytorch", "keras")
+pytestmark = pytest.mark.backends(*BACKENDS)
 
 
 @pytest.fixture(scope="module")

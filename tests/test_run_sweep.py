@@ -175,6 +175,7 @@ def test_sweep_section_escapes_hostile_names_and_errors(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("pytorch")
 def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=4",
