@@ -22,22 +22,12 @@ from cxrbench.api import ExportInfo
 from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata, model_metadata, stamp_metadata
 from cxrbench.errors import BackendError, first_line
 
-from cxrbench_keras.infer import FEATURE_LAYER
-from cxrbench_keras.model import KerasDenseNet, build_network
-from cxrbench_keras.numerics import float32_policy
+from cxrbench_keras.infer import FEATURE_LAYER, float32_network
+from cxrbench_keras.model import KerasDenseNet
 
 LAYOUT = "NHWC"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 EXPORTER = "tf2onnx.convert.from_function"
-
-
-def _float32_network(model: KerasDenseNet) -> keras.Model:
-    if model.network.dtype_policy.name == "float32":
-        return model.network
-    with float32_policy():
-        network = build_network(model.block_config, model.image_size, None, synchronized=False)
-    network.set_weights(model.network.get_weights())
-    return network
 
 
 def _convert(network: keras.Model, signature: list[tf.TensorSpec], opset: int, path: Path) -> None:
@@ -67,7 +57,7 @@ def export_onnx(model: KerasDenseNet, path, settings) -> ExportInfo:
     size = model.image_size
     signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
     start = time.perf_counter()
-    network = _float32_network(model)
+    network = float32_network(model)
     try:
         _convert(network, signature, settings.export.opset, path)
     except Exception as exc:  # tf2onnx raises many types; the user needs one line naming the file

@@ -99,6 +99,17 @@ def device_name() -> str:
 
 
 @contextmanager
+def ieee_float32():
+    """No TF32 inside, whatever ``numerics.tf32`` set (TensorFlow's switch is process-wide); restored after."""
+    previous = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(previous)
+
+
+@contextmanager
 def float32_policy():
     """Build float32 layers whatever the global policy (ONNX export needs a float32 network)."""
     previous = keras.config.dtype_policy()

@@ -1,7 +1,7 @@
 """Prediction and class activation maps: eval mode, no autograd, batched, always float32.
 
-Inference ignores ``numerics.precision`` on purpose: its logits are what the ONNX export and the
-other backend are compared against, so they must be the float32 function of the weights.
+Inference ignores ``numerics.precision`` and ``numerics.tf32`` on purpose: its logits are what the ONNX export
+and the other backend are compared against, so they must be the IEEE float32 function of the weights.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _batched(model: TorchModel, images: np.ndarray, batch_size: int, doing: str,
     """``fn`` of each normalised device batch, in eval and inference mode, out-of-memory translated."""
     host = host_images(images)
     model.net.eval()
-    with torch.inference_mode(), numerics.out_of_memory_as_error(model.device, batch_size, doing):
+    with torch.inference_mode(), numerics.ieee_float32(), numerics.out_of_memory_as_error(model.device, batch_size, doing):
         return [fn(model.inputs(host[start : start + batch_size])) for start in range(0, len(host), batch_size)]
 
 

@@ -66,6 +66,22 @@ def _set_interop_threads(threads: int, requested: bool) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def ieee_float32():
+    """IEEE float32 matmuls and convolutions inside, whatever ``numerics.tf32`` set; the previous state after.
+
+    Prediction, CAMs and the equivalence and ONNX checks promise the float32 function of the weights: with TF32
+    left on (process-wide) they would differ by ~1e-3 on Ampere and newer GPUs. One API (fp32_precision) only.
+    """
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    previous = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = previous
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast region for ``precision``; fp32 runs without autocast."""
     dtype = AUTOCAST_DTYPES[precision]
