@@ -463,7 +463,7 @@ def test_onnx_cam_matches_the_native_cam(backend: Backend, exported):
     np.testing.assert_allclose(maps.mean(axis=(2, 3)) + bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
     identity = onnx_checks.cam_identity(info.path, images, info.layout, CAM_ATOL, 0.0)
     assert identity["passed"], identity
-    native = backend.cam(model, images, classes)
+    native = backend.cam(model, images, classes, settings)
     np.testing.assert_allclose(bias, native.bias, rtol=0, atol=0, err_msg="the bias travels bit-exact")
     stats = onnx_checks.diff_stats(native.maps, maps, settings.export.atol, settings.export.rtol)
     assert stats["passed"], stats
