@@ -16,21 +16,26 @@ from helpers.backends import require
 
 require("jax", "pytorch", "numpy")
 
-import torch  # noqa: E402  (torch before any other framework in one process)
-import torchvision  # noqa: E402
+import cxrbench_jax
+import jax
+import jax.numpy as jnp
+import torch
+import torchvision
+from cxrbench_jax import loop, network
+from cxrbench_jax import model as jax_model
+from cxrbench_numpy_example.network import classify, pooled_features
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import cxrbench_jax  # noqa: E402
-from cxrbench import weights as canonical  # noqa: E402
-from cxrbench.checks.onnx import normalise as host_normalise  # noqa: E402
-from cxrbench.classes import NUM_CLASSES  # noqa: E402
-from cxrbench.errors import BackendError, TrainingDiverged  # noqa: E402
-from cxrbench.recorder import Recorder  # noqa: E402
-from cxrbench.testing.conformance import kit_settings, random_canonical, random_images, synthetic_data  # noqa: E402
-from cxrbench_jax import loop, model as jax_model, network  # noqa: E402
-from cxrbench_numpy_example.network import classify, pooled_features  # noqa: E402
+from cxrbench import weights as canonical
+from cxrbench.checks.onnx import normalise as host_normalise
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.errors import BackendError, TrainingDiverged
+from cxrbench.recorder import Recorder
+from cxrbench.testing.conformance import (
+    kit_settings,
+    random_canonical,
+    random_images,
+    synthetic_data,
+)
 
 SIZE = 64
 TINY = (1, 1, 1, 1)
@@ -113,7 +118,8 @@ def test_first_training_step_equals_a_torch_step(shared):
 
     net = torch_densenet(shared).train()
     adam = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(net(torch.from_numpy(host_normalise(images, "NCHW"))),
+    torch_logits = net(torch.from_numpy(host_normalise(images, "NCHW")))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch_logits,
                                                                     torch.from_numpy(labels))
     expected.backward()
     adam.step()
@@ -193,7 +199,8 @@ TWO_DEVICES = textwrap.dedent(
     data = synthetic_data(32, train=8, val=4)
 
     def one_epoch(batch_size, devices):
-        settings = kit_settings(32, **{"train.batch_size": batch_size, "train.max_steps": 1, "train.lr_scaling": "none"})
+        dotted = {"train.batch_size": batch_size, "train.max_steps": 1, "train.lr_scaling": "none"}
+        settings = kit_settings(32, **dotted)
         model = cxrbench_jax.cxrbench_build_model(settings=settings, weights=weights)
         model.devices = model.devices[:devices]
         model.put(model.host_variables())
@@ -210,7 +217,8 @@ TWO_DEVICES = textwrap.dedent(
     on_two = all(len(a.sharding.device_set) == 2 for a in leaves)
 
     def max_diff(a, b):
-        return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in pairs)
 
     # After one step Adam's first moment is (1 - beta1) * gradient: the gradients themselves are compared.
     mu = [epoch_loop.state.opt_state[1].mu for epoch_loop in (sharded, single)]
@@ -232,7 +240,8 @@ def test_two_devices_equal_one_device_on_the_concatenated_batch():
     elementwise: lr * g / (|g| + eps) turns noise in near-zero gradients into differences of up to lr.)"""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-c", TWO_DEVICES], capture_output=True, text=True, env=env, timeout=900)
+    command = [sys.executable, "-c", TWO_DEVICES]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(result)

@@ -56,7 +56,8 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None) -> JaxModel
         variables = flax_weights.to_variables(weights, network.block_config)
     else:
         variables = _initial_variables(settings, network)
-    model = JaxModel(network, {}, numerics.select_devices(settings), settings.data.image_size, settings.train.batch_size)
+    devices = numerics.select_devices(settings)
+    model = JaxModel(network, {}, devices, settings.data.image_size, settings.train.batch_size)
     model.put(variables)
     return model
 

@@ -85,8 +85,10 @@ class DenseNet(nn.Module):
         for b, layers in enumerate(self.block_config, start=1):
             for k in range(1, layers + 1):
                 prefix = f"features.denseblock{b}.denselayer{k}"
-                y = conv(BN_SIZE * GROWTH_RATE, 1, module_name(f"{prefix}.conv1"))(self.bn_relu(x, f"{prefix}.norm1", train))
-                y = conv(GROWTH_RATE, 3, module_name(f"{prefix}.conv2"), pad=1)(self.bn_relu(y, f"{prefix}.norm2", train))
+                y = self.bn_relu(x, f"{prefix}.norm1", train)
+                y = conv(BN_SIZE * GROWTH_RATE, 1, module_name(f"{prefix}.conv1"))(y)
+                y = self.bn_relu(y, f"{prefix}.norm2", train)
+                y = conv(GROWTH_RATE, 3, module_name(f"{prefix}.conv2"), pad=1)(y)
                 x = jnp.concatenate([x, y], axis=-1)
             channels += layers * GROWTH_RATE
             if b != len(self.block_config):

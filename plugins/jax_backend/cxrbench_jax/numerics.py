@@ -28,7 +28,9 @@ DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 def configure(settings: Settings) -> None:
     """Refuse what this backend cannot do; ask XLA for deterministic GPU ops before its client starts."""
     if settings.numerics.precision != "fp32":
-        raise BackendError(f"numerics.precision = {settings.numerics.precision!r}: the jax backend computes in fp32 only")
+        raise BackendError(
+            f"numerics.precision = {settings.numerics.precision!r}: the jax backend computes in fp32 only"
+        )
     flags = os.environ.get("XLA_FLAGS", "")
     if settings.numerics.deterministic and DETERMINISTIC_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
@@ -40,7 +42,9 @@ def select_devices(settings: Settings) -> list[jax.Device]:
     wanted = settings.run.gpus
     gpus = _gpus()
     if wanted > len(gpus):
-        raise BackendError(f"run.gpus = {wanted}, but jax sees {len(gpus)} GPU(s) (install jax[cuda12] for NVIDIA GPUs)")
+        raise BackendError(
+            f"run.gpus = {wanted}, but jax sees {len(gpus)} GPU(s) (install jax[cuda12] for NVIDIA GPUs)"
+        )
     if wanted:
         return gpus[:wanted]
     return gpus[:1] if gpus else jax.local_devices(backend="cpu")

@@ -33,7 +33,9 @@ def _place(name: str, shape: tuple[int, ...]) -> tuple[str, str, str, tuple[int,
     return collection, module, variable, None
 
 
-def to_variables(weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str = "weights") -> Variables:
+def to_variables(
+    weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str = "weights"
+) -> Variables:
     """Validated canonical weights as host Flax variables (float32 copies, never aliasing the input)."""
     canonical.validate(weights, block_config, origin)
     variables: Variables = {"params": {}, "batch_stats": {}}
