@@ -141,6 +141,25 @@ def test_first_training_step_equals_a_torch_step(shared):
     assert differing <= 1e-3 * sum(v.size for v in got.values())
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e-2], ids=["gradients-near-eps", "ordinary-gradients"])
+def test_adam_equals_torch_optim_adam_with_weight_decay(scale):
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(50,)).astype(np.float32)
+    grads = [rng.normal(scale=scale, size=(50,)).astype(np.float32) for _ in range(5)]
+    optimizer = loop.torch_adam(settings_for(**{"train.weight_decay": 0.1}))
+    ours = jnp.asarray(start)
+    state = optimizer.init(ours)
+    for g in grads:
+        direction, state = optimizer.update(jnp.asarray(g), state, ours)
+        ours = ours - jnp.float32(1e-2) * direction
+    reference = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    theirs = torch.optim.Adam([reference], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for g in grads:
+        reference.grad = torch.from_numpy(g)
+        theirs.step()
+    np.testing.assert_allclose(np.asarray(ours), reference.detach().numpy(), rtol=0, atol=1e-6)
+
+
 def test_train_hook_reports_epochs_numerics_and_keeps_best_weights(shared):
     settings = settings_for(**{"train.epochs": 2, "train.max_steps": 2, "train.batch_size": 4})
     model = cxrbench_jax.cxrbench_build_model(settings=settings, weights=shared)
@@ -151,6 +170,7 @@ def test_train_hook_reports_epochs_numerics_and_keeps_best_weights(shared):
     numerics = result["numerics"]
     assert (numerics["world_size"], numerics["global_batch"], numerics["precision"]) == (1, 4, "fp32")
     assert numerics["compile_s"] > 0 and numerics["jax"] == jax.__version__
+    assert numerics["matmul_precision"] == "highest"  # numerics.tf32 = false: no TF32 on GPUs
     logits = cxrbench_jax.cxrbench_predict(model=model, images=data.split_images("val"), settings=settings)
     z, y = logits.astype(np.float64), data.split_labels("val")
     kept = np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))

@@ -28,20 +28,19 @@ def _require_framework() -> None:
                            "(and jax[cuda12] for NVIDIA GPUs)")
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("jaxlib", "flax", "optax"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def _version(package: str) -> str:
+    """The installed version, or "not installed": discovery must list the backend even then, and building a
+    model says what to install (:func:`_require_framework`)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 @hookimpl
 def cxrbench_backend_info():
-    return BackendInfo(name=NAME, framework="jax", version=importlib.metadata.version("jax"), onnx_layout="NCHW",
-                       extra=_versions())
+    return BackendInfo(name=NAME, framework="jax", version=_version("jax"), onnx_layout="NCHW",
+                       extra={name: _version(name) for name in ("jaxlib", "flax", "optax")})
 
 
 @hookimpl

@@ -26,13 +26,22 @@ DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
 def configure(settings: Settings) -> None:
-    """Refuse what this backend cannot do; ask XLA for deterministic GPU ops before its client starts."""
-    if settings.numerics.precision != "fp32":
-        raise BackendError(
-            f"numerics.precision = {settings.numerics.precision!r}: the jax backend computes in fp32 only"
-        )
+    """Refuse what this backend cannot do; set XLA's switches before its GPU client starts (they are read then).
+
+    * ``numerics.tf32 = false`` (the default) pins float32 matmuls and convolutions to full float32: XLA's
+      default precision on recent NVIDIA GPUs is TF32, which alone breaks the 1e-4 cross-backend equivalence.
+    * ``numerics.memory_growth`` maps to ``XLA_PYTHON_CLIENT_PREALLOCATE=false``: JAX otherwise reserves 75 % of
+      the GPU's memory at start, which the monitor would report as used.
+    * ``numerics.deterministic`` adds ``--xla_gpu_deterministic_ops=true`` to ``XLA_FLAGS``.
+    """
+    numerics = settings.numerics
+    if numerics.precision != "fp32":
+        raise BackendError(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if numerics.tf32 else "highest")
+    if numerics.memory_growth:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     flags = os.environ.get("XLA_FLAGS", "")
-    if settings.numerics.deterministic and DETERMINISTIC_FLAG not in flags:
+    if numerics.deterministic and DETERMINISTIC_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
 
 
@@ -100,7 +109,9 @@ def describe(settings: Settings, devices: list[jax.Device], learning_rate: float
         "learning_rate": learning_rate,
         "lr_scaling": settings.train.lr_scaling,
         "precision": settings.numerics.precision,
+        "tf32": settings.numerics.tf32,
         "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+        "gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true") != "false",
         "deterministic": settings.numerics.deterministic,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "data_parallel": "jax.sharding (GSPMD): batch sharded, weights replicated" if world > 1 else "none",
