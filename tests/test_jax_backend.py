@@ -88,6 +88,19 @@ def test_logits_equal_the_numpy_example_and_torchvision(model, shared):
     assert vs_numpy < LOGIT_ATOL and vs_torch < LOGIT_ATOL
 
 
+def test_logits_equal_torchvision_with_several_layers_per_block():
+    """densenet-small (two layers a block): the concatenations' channel growth that a one-layer block never has."""
+    settings = settings_for(**{"model.arch": "densenet-small"})
+    weights = random_canonical(settings.model.block_config, seed=22)
+    images = random_images(3, SIZE, seed=5)
+    ours = cxrbench_jax.cxrbench_predict(model=cxrbench_jax.cxrbench_build_model(settings=settings, weights=weights),
+                                         images=images, settings=settings)
+    with torch.no_grad():
+        net = torch_densenet(weights, settings.model.block_config).eval()
+        expected = net(torch.from_numpy(host_normalise(images, "NCHW"))).numpy()
+    assert np.abs(ours - expected).max() < LOGIT_ATOL
+
+
 def test_device_normalisation_equals_the_host_one():
     images = random_images(3, 32, seed=1)
     np.testing.assert_allclose(np.asarray(network.normalise(jnp.asarray(images))), host_normalise(images, "NHWC"),
