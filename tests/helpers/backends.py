@@ -16,6 +16,7 @@ TEST_BACKENDS = {
     "pytorch": ("cxrbench_pytorch", "torch", "plugins/pytorch_backend"),
     "keras": ("cxrbench_keras", "tensorflow", "plugins/keras_backend"),
     "numpy": ("cxrbench_numpy_example", "numpy", "tests/example_plugin"),
+    "jax": ("cxrbench_jax", "jax", "plugins/jax_backend"),
 }
 
 

@@ -1,0 +1,94 @@
+"""cxrbench's JAX backend: DenseNet-BC in Flax, a jitted training step, jax.sharding data parallelism, and ONNX
+written from canonical weights.
+
+Only the hook implementations live here, and they import jax, flax and optax lazily: importing this plugin (as
+``cxrbench backends`` does for discovery) must not import the framework. Without jax installed, a hook that needs
+it raises a one-line error naming the package to install.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+from cxrbench.api import BackendInfo
+from cxrbench.errors import BackendError
+from cxrbench.hookspecs import hookimpl
+
+NAME = "jax"
+#: What the backend needs at run time, beside the core.
+FRAMEWORK_PACKAGES = ("jax", "flax", "optax")
+
+
+def _require_framework() -> None:
+    """One line naming what to install, instead of an ImportError traceback from a worker."""
+    missing = [name for name in FRAMEWORK_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BackendError(f"the jax backend needs {', '.join(missing)}: pip install -e plugins/jax_backend "
+                           "(and jax[cuda12] for NVIDIA GPUs)")
+
+
+def _version(package: str) -> str:
+    """The installed version, or "not installed": discovery must list the backend even then, and building a
+    model says what to install (:func:`_require_framework`)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@hookimpl
+def cxrbench_backend_info():
+    return BackendInfo(name=NAME, framework="jax", version=_version("jax"), onnx_layout="NCHW",
+                       extra={name: _version(name) for name in ("jaxlib", "flax", "optax")})
+
+
+@hookimpl
+def cxrbench_build_model(settings, weights):
+    _require_framework()
+    from cxrbench_jax.model import build
+
+    return build(settings, weights)
+
+
+@hookimpl
+def cxrbench_get_weights(model):
+    from cxrbench_jax import weights
+
+    return weights.from_variables(model.host_variables(), model.block_config)
+
+
+@hookimpl
+def cxrbench_set_weights(model, weights):
+    from cxrbench_jax import weights as flax_weights
+
+    model.put(flax_weights.to_variables(weights, model.block_config))
+    return True
+
+
+@hookimpl
+def cxrbench_train(model, data, settings, recorder):
+    from cxrbench_jax import loop
+
+    return loop.train(model, data, settings, recorder)
+
+
+@hookimpl
+def cxrbench_predict(model, images, settings):
+    from cxrbench_jax import infer
+
+    return infer.predict(model, images, settings.train.batch_size, settings.eval.tta_hflip)
+
+
+@hookimpl
+def cxrbench_cam(model, images, classes):
+    from cxrbench_jax import infer
+
+    return infer.cam(model, images, classes)
+
+
+@hookimpl
+def cxrbench_export_onnx(model, path, settings):
+    from cxrbench_jax import export
+
+    return export.export_onnx(model, path, settings, NAME)

@@ -1,0 +1,179 @@
+"""Training: a jitted step under the core's ``run_recipe``.
+
+The step is one XLA program: on-device normalisation, train-mode forward, BCE on logits averaged over the
+classes, gradients, PyTorch's Adam (L2 weight decay added to the gradient, epsilon after bias correction: what
+optax's ``add_decayed_weights`` + ``scale_by_adam`` compute) and the BatchNorm statistics update. The training
+state is donated to the step, so XLA updates the weights in place. With several devices the global batch
+(``batch_size`` x devices, the ranks' batches of the core concatenated) is sharded over them and the weights are
+replicated: the step computes exactly what one device computes on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.prepared import Batch, PreparedData
+from cxrbench.errors import DataError
+from cxrbench.recorder import Recorder
+from cxrbench.suite import Settings
+from cxrbench.timing import batch_images
+from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
+from cxrbench_jax import numerics
+from cxrbench_jax.infer import pad_rows
+from cxrbench_jax.model import JaxModel
+from cxrbench_jax.network import DenseNet, normalise
+
+
+class TrainState(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Element-wise BCE on logits in torch's overflow-free form: max(z, 0) - z y + log1p(exp(-|z|))."""
+    return jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
+def torch_adam(settings: Settings) -> optax.GradientTransformation:
+    """torch.optim.Adam's direction (the learning rate is applied by the step, so it can change per epoch)."""
+    train = settings.train
+    return optax.chain(
+        optax.add_decayed_weights(train.weight_decay),
+        optax.scale_by_adam(b1=train.adam_beta1, b2=train.adam_beta2, eps=train.adam_epsilon),
+    )
+
+
+def make_train_step(network: DenseNet, optimizer: optax.GradientTransformation):
+    """The pure step ``(state, uint8 images, labels, lr) -> (state, loss)``."""
+
+    def loss_fn(params, batch_stats, images, labels):
+        logits, updated = network.apply(
+            {"params": params, "batch_stats": batch_stats}, normalise(images), train=True, mutable=["batch_stats"]
+        )
+        return bce_with_logits(logits, labels).mean(), updated["batch_stats"]
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array, lr: jax.Array) -> tuple[TrainState, jax.Array]:
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, images, labels
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        return TrainState(params, batch_stats, opt_state), loss
+
+    return step
+
+
+def make_val_step(network: DenseNet):
+    """``(variables, images, labels, mask) -> summed per-image BCE`` (mean over classes), padding rows masked."""
+
+    def val_step(variables, images, labels, mask):
+        per_image = bce_with_logits(network.apply(variables, normalise(images)), labels).sum(axis=1) / NUM_CLASSES
+        return jnp.sum(per_image * mask)
+
+    return val_step
+
+
+class JaxEpochLoop:
+    """One epoch of the jitted step, validation, and weight snapshots, for ``run_recipe``."""
+
+    def __init__(self, model: JaxModel, data: PreparedData, settings: Settings, recorder: Recorder):
+        self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
+        self.world = len(model.devices)
+        self.global_batch = settings.train.batch_size * self.world
+        self.batch_sharding = numerics.batch_sharding(model.devices)
+        self.optimizer = torch_adam(settings)
+        # A copy: the step donates its state, and the model's own arrays must survive a failed epoch.
+        params, batch_stats = jax.tree.map(jnp.copy, (model.variables["params"], model.variables["batch_stats"]))
+        self.state = TrainState(params, batch_stats, jax.jit(self.optimizer.init)(params))
+        self.step_fn = jax.jit(make_train_step(model.network, self.optimizer), donate_argnums=0)
+        self.val_fn = jax.jit(make_val_step(model.network))
+        self.compiled: Any = None
+        self.compile_s: float | None = None
+
+    def sync(self) -> None:
+        jax.block_until_ready(self.state)
+
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.state.params, "batch_stats": self.state.batch_stats}
+
+    def compile(self, images: jax.Array, labels: jax.Array, lr: jax.Array):
+        """Compile the step ahead of time once, so the compile time is a figure of its own."""
+        if self.compiled is None:
+            start = time.perf_counter()
+            self.compiled = self.step_fn.lower(self.state, images, labels, lr).compile()
+            self.compile_s = time.perf_counter() - start
+        return self.compiled
+
+    def device_batch(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        return jax.device_put(batch.images, self.batch_sharding), jax.device_put(batch.labels, self.batch_sharding)
+
+    def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
+        train = self.settings.train
+        steps = self.data.num_batches("train", self.global_batch, max_steps=train.max_steps)
+        batches = self.recorder.timed(self._train_batches(epoch), self.sync, self.global_batch)
+        rate = jnp.float32(lr)
+        losses: list[jax.Array] = []
+        with numerics.out_of_memory_as_error(train.batch_size, "training"):
+            for step, batch in enumerate(batches, start=1):
+                images, labels = self.device_batch(batch)
+                self.state, loss = self.compile(images, labels, rate)(self.state, images, labels, rate)
+                losses.append(loss)
+                self.recorder.step(epoch, step, steps)
+            fetched = np.asarray(jnp.stack(losses), dtype=np.float64) if losses else np.zeros(0)
+        return EpochOutcome(fetched, len(losses) * self.global_batch, batches.data_wait_s)
+
+    def _train_batches(self, epoch: int) -> Iterable[Batch]:
+        """The global batch of every step: the core's ranks' batches concatenated, so any device count sees the
+        images one device would."""
+        train = self.settings.train
+        return self.data.batches("train", self.global_batch, epoch=epoch, seed=self.settings.run.seed, shuffle=True,
+                                 hflip=train.hflip, max_steps=train.max_steps)
+
+    def validate(self) -> float:
+        """Image-weighted mean BCE over the validation split; one compiled shape (the last batch is padded)."""
+        batch_size = self.settings.train.batch_size
+        variables = self.variables()
+        sums, count = [], 0
+        batches = self.data.batches("val", self.global_batch, shuffle=False, drop_last=False)
+        with numerics.out_of_memory_as_error(batch_size, "validating"):
+            for batch in self.recorder.timed(batches, self.sync, batch_images):
+                real = len(batch.images)
+                mask = (np.arange(self.global_batch) < real).astype(np.float32)
+                images, labels = (pad_rows(a, self.global_batch) for a in (batch.images, batch.labels))
+                put = [jax.device_put(a, self.batch_sharding) for a in (images, labels, mask)]
+                sums.append(self.val_fn(variables, *put))
+                count += real
+            if not count:
+                raise DataError("the validation split is empty: training needs validation images (data.val_fraction)")
+            total = float(np.asarray(jnp.stack(sums), dtype=np.float64).sum())
+        return total / count
+
+    def snapshot(self) -> dict[str, Any]:
+        """Host copies: the device buffers are donated to the next step."""
+        return jax.tree.map(lambda a: np.array(a, copy=True), self.variables())
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        placed = jax.device_put(snapshot, numerics.replicated(self.model.devices))
+        self.state = self.state._replace(params=placed["params"], batch_stats=placed["batch_stats"])
+
+
+def train(model: JaxModel, data: PreparedData, settings: Settings, recorder: Recorder) -> dict[str, Any]:
+    """Run the core's recipe; the model keeps the best weights; return the result and the numerics in force."""
+    loop = JaxEpochLoop(model, data, settings, recorder)
+    try:
+        result = run_recipe(loop, settings, recorder, world=loop.world)
+    finally:
+        if not any(a.is_deleted() for a in jax.tree.leaves(loop.variables())):
+            model.variables = loop.variables()
+    in_force = numerics.describe(settings, model.devices, scaled_learning_rate(settings, loop.world),
+                                 compile_s=loop.compile_s, jit="jax.jit, AOT-compiled step, donated state")
+    return {**result, "numerics": in_force}

@@ -1,0 +1,88 @@
+"""The model the core holds: the Flax DenseNet, its variables on the devices, and how it was initialised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrbench import weights as canonical
+from cxrbench.errors import BackendError, WeightsError
+from cxrbench.suite import Settings
+from cxrbench_jax import numerics
+from cxrbench_jax import weights as flax_weights
+from cxrbench_jax.network import DenseNet
+from cxrbench_jax.weights import Variables
+
+#: Side of the dummy input ``init`` traces; the variables do not depend on it.
+INIT_SIZE = 32
+
+
+@dataclass
+class JaxModel:
+    """What the core treats as the opaque model. ``variables`` live on ``devices`` (replicated)."""
+
+    network: DenseNet
+    variables: Variables
+    devices: list[jax.Device]
+    image_size: int
+    #: Images per device per inference batch for hooks that get no settings (CAM): the suite's batch size.
+    batch_size: int
+    #: Jitted inference functions by purpose (traced once per input shape).
+    functions: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def block_config(self) -> tuple[int, ...]:
+        return self.network.block_config
+
+    def put(self, variables: Variables) -> None:
+        """Place host or device variables on the devices, replicated."""
+        self.variables = jax.device_put(variables, numerics.replicated(self.devices))
+
+    def host_variables(self) -> Variables:
+        return jax.device_get(self.variables)
+
+
+def build(settings: Settings, weights: dict[str, np.ndarray] | None) -> JaxModel:
+    """The model for ``settings``: given canonical weights, or initialised by ``settings.model.init``."""
+    canonical.check_image_size(settings.data.image_size)
+    numerics.configure(settings)
+    network = DenseNet(tuple(settings.model.block_config))
+    if weights is not None:
+        variables = flax_weights.to_variables(weights, network.block_config)
+    else:
+        variables = _initial_variables(settings, network)
+    devices = numerics.select_devices(settings)
+    model = JaxModel(network, {}, devices, settings.data.image_size, settings.train.batch_size)
+    model.put(variables)
+    return model
+
+
+def _initial_variables(settings: Settings, network: DenseNet) -> Variables:
+    init = settings.model.init
+    if init == "framework":
+        return framework_init(network, settings.run.seed)
+    if init == "imagenet":
+        raise WeightsError("model.init = 'imagenet': the jax backend has no ImageNet weights "
+                           "(use 'shared', 'framework' or a weights file)")
+    if init == "shared":
+        raise BackendError("model.init = 'shared' needs the core's shared weights, but none were passed")
+    return read_file(Path(init), network.block_config)
+
+
+def framework_init(network: DenseNet, seed: int) -> Variables:
+    """Flax's own initialisers (LeCun normal convolutions), seeded by ``run.seed``, as host arrays."""
+    dummy = jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32)
+    variables = jax.jit(network.init)(jax.random.PRNGKey(seed), dummy)
+    return jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+
+
+def read_file(path: Path, block_config: tuple[int, ...]) -> Variables:
+    """A canonical ``.npz`` weights file (the only format: JAX has no checkpoint format of its own to honour)."""
+    if path.suffix.lower() != ".npz":
+        raise WeightsError(f"{path}: unknown weights file type {path.suffix or '(none)'!r} (use a canonical .npz)")
+    return flax_weights.to_variables(canonical.load(path), block_config, origin=str(path))
