@@ -114,14 +114,15 @@ def window_fields(train: WindowTimer | None, validate: WindowTimer | None) -> di
 
 
 def train_batches(data: PreparedData, settings: Settings, epoch: int, *, batch_size: int = 0, rank: int = 0,
-                  world: int = 1) -> Iterator[Batch]:
+                  world: int = 1, loader_worker: int = 0, loader_workers: int = 1) -> Iterator[Batch]:
     """This rank's training batches of ``epoch``: the seeded order and flips, ``train.max_steps`` steps at most.
 
     ``batch_size`` defaults to ``train.batch_size``; a process feeding several replicas asks for theirs at once.
     """
     train = settings.train
     return data.batches("train", batch_size or train.batch_size, epoch=epoch, seed=settings.run.seed, shuffle=True,
-                        hflip=train.hflip, max_steps=train.max_steps, rank=rank, world=world)
+                        hflip=train.hflip, max_steps=train.max_steps, rank=rank, world=world,
+                        loader_worker=loader_worker, loader_workers=loader_workers)
 
 
 def steps_per_epoch(data: PreparedData, settings: Settings, world: int = 1) -> int:

@@ -414,3 +414,18 @@ def test_bf16_policy_keeps_float32_logits_and_trains():
         assert result["numerics"]["compute_dtype"] == "bfloat16"
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("dotted, message", [
+    ({"numerics.precision": "fp16"}, "numerics.precision = 'fp16' with 2 replicas: Keras' LossScaleOptimizer decides "
+                                     "'finite' from replica 0 only"),
+    ({"numerics.jit_compile": True}, "numerics.jit_compile = true with 2 replicas: Keras disables XLA"),
+])
+def test_replicated_fp16_and_xla_are_refused_in_one_line(dotted, message):
+    from cxrbench_keras.distributed import check_replicated_numerics
+
+    numerics = make_settings(**dotted).numerics
+    check_replicated_numerics(numerics, replicas=1)  # one device: both are fine
+    with pytest.raises(BackendError, match=message):
+        check_replicated_numerics(numerics, replicas=2)
+    check_replicated_numerics(make_settings(**{"numerics.precision": "bf16"}).numerics, replicas=2)

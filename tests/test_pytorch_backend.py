@@ -263,13 +263,29 @@ def test_on_device_normalisation_equals_the_cores_reference():
     np.testing.assert_array_equal(got, onnx_checks.normalise(images, "NCHW"))
 
 
-def test_loader_workers_yield_the_cores_batches_in_order():
+class CountingReads(np.ndarray):
+    """The prepared images, counting the reads a batch's assembly makes."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        type(self).reads += 1
+        return super().__getitem__(key)
+
+
+def test_loader_workers_yield_the_cores_batches_in_order_each_reading_only_its_own():
     data = synthetic_data(32, train=10, val=2)
 
-    def make():
-        return data.batches("train", 2, epoch=3, seed=1, shuffle=True, hflip=True)
+    def make(**shard):
+        return data.batches("train", 2, epoch=3, seed=1, shuffle=True, hflip=True, **shard)
 
     expected = [(b.images, b.labels) for b in make()]
+    data.images = np.asarray(data.images).view(CountingReads)
+    second = list(make(loader_worker=1, loader_workers=2))
+    data.images = np.asarray(data.images)
+    assert CountingReads.reads == 2  # steps 2 and 4 of 5: no image of the other worker's steps is read
+    assert [b.labels.tolist() for b in second] == [labels.tolist() for _, labels in expected[1::2]]
+
     got = list(loop.input_pipeline(make, workers=2, pin=False))
     assert len(got) == len(expected) == 5  # odd: the workers end unevenly
     for (images, labels), (want_images, want_labels) in zip(got, expected):
@@ -338,6 +354,7 @@ def test_training_reports_numerics_and_keeps_the_best_weights():
     assert numerics["device"] == "cpu" and numerics["world_size"] == 1 and numerics["global_batch"] == 4
     assert numerics["learning_rate"] == 0.05 and numerics["precision"] == "fp32"
     assert numerics["input_pipeline"] == "DataLoader(workers=1, pin_memory=False)"
+    assert numerics["framework"]["adam"] == "for-loop"  # fused only on CUDA
     assert numerics["intra_op_threads"] == torch.get_num_threads()
     assert list(numerics) == list(numerics_record.FIELDS)
     assert (numerics["devices"], numerics["data_parallel"], numerics["synchronized_batchnorm"]) == (["cpu"], "none", False)

@@ -99,20 +99,23 @@ class PreparedData:
         world: int = 1,
         drop_last: bool = True,
         max_steps: int = 0,
+        loader_worker: int = 0,
+        loader_workers: int = 1,
     ) -> Iterator[Batch]:
         """Yield this rank's batches of one epoch.
 
         The global batch is ``batch_size * world``; rank ``r`` takes slice ``r`` of every global
         batch, so the ranks' batches concatenated are exactly the single-process batch of size
         ``batch_size * world``. Training uses ``drop_last`` so every rank takes the same number of
-        equal-sized steps.
+        equal-sized steps. Loader worker ``w`` of ``loader_workers`` assembles only steps ``w, w + W, ...``
+        and reads no image of the others (a DataLoader collects its workers round-robin: the order is kept).
         """
         rows = self.rows(split)
         labels = self.index.labels
         order = epoch_order(len(rows), seed, epoch, shuffle)
         flips = flip_decisions(len(rows), seed, epoch) if hflip else np.zeros(len(rows), dtype=bool)
         global_batch = batch_size * world
-        for step in range(self.num_batches(split, batch_size, world, drop_last, max_steps)):
+        for step in range(loader_worker, self.num_batches(split, batch_size, world, drop_last, max_steps), loader_workers):
             chunk = order[step * global_batch : (step + 1) * global_batch]
             mine = chunk[rank * batch_size : (rank + 1) * batch_size]
             if len(mine) == 0:

@@ -14,13 +14,32 @@ import os
 import tensorflow as tf
 
 from cxrbench.classes import NUM_CLASSES
+from cxrbench.errors import BackendError
 from cxrbench.training import train_batches
+
+
+def check_replicated_numerics(numerics, replicas: int) -> None:
+    """Refuse what Keras 3.15 gets wrong under a multi-replica strategy instead of training wrongly.
+
+    fp16: ``LossScaleOptimizer`` decides "finite" from replica 0's gradients only, so a step another replica saw
+    overflow is applied (NaN weights; with XLA a hang). XLA: ``jit_compile`` of a replicated step takes a path
+    Keras itself disables for distribution strategies. bf16 without XLA needs neither and is the way.
+    """
+    if replicas <= 1:
+        return
+    if numerics.precision == "fp16":
+        raise BackendError(f"numerics.precision = 'fp16' with {replicas} replicas: Keras' LossScaleOptimizer decides "
+                           "'finite' from replica 0 only (NaN weights or a hang); use bf16 or one GPU")
+    if numerics.jit_compile:
+        raise BackendError(f"numerics.jit_compile = true with {replicas} replicas: Keras disables XLA for "
+                           "distribution strategies; set it to false or use one GPU")
 
 
 def make_strategy(settings) -> tf.distribute.Strategy:
     """Default strategy for one device; Mirrored (one machine) or MultiWorkerMirrored (TF_CONFIG)."""
     if settings.run.gpus <= 1:
         return tf.distribute.get_strategy()
+    check_replicated_numerics(settings.numerics, settings.run.gpus)
     if _tf_config_workers() > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.get_visible_devices("GPU")

@@ -23,7 +23,7 @@ from cxrbench.training import (
     validation_loss,
 )
 
-from cxrbench_keras.distributed import is_chief, train_dataset
+from cxrbench_keras.distributed import check_replicated_numerics, is_chief, train_dataset
 from cxrbench_keras.model import KerasDenseNet, preprocess
 from cxrbench_keras.numerics import describe, oom_as_backend_error
 from cxrbench_keras.optim import make_optimizer
@@ -46,6 +46,7 @@ class KerasEpochLoop:
         self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
         self.strategy = model.strategy
         self.replicas = self.strategy.num_replicas_in_sync
+        check_replicated_numerics(settings.numerics, self.replicas)
         self.global_batch = settings.train.batch_size * self.replicas
         with self.strategy.scope():
             self.optimizer = make_optimizer(settings)

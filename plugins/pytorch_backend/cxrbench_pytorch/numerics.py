@@ -107,7 +107,8 @@ def device_name(device: torch.device) -> str:
 
 
 def describe(settings: Settings, net: nn.Module, device: torch.device, world: int, learning_rate: float, *,
-             scaler: torch.amp.GradScaler, compiled: bool, loader: str, data_parallel: str = "none",
+             scaler: torch.amp.GradScaler, compiled: bool, loader: str, optimizer: torch.optim.Optimizer,
+             data_parallel: str = "none",
              batchnorm: str = "torch.nn.BatchNorm2d") -> dict[str, Any]:
     """The core's numerics record of a training run, read back from torch where torch holds it."""
     numerics = settings.numerics
@@ -146,6 +147,7 @@ def describe(settings: Settings, net: nn.Module, device: torch.device, world: in
             "cudnn_conv_fp32_precision": cudnn.conv.fp32_precision,
             "cudnn_benchmark": cudnn.benchmark,
             "batchnorm": batchnorm,
+            "adam": "fused" if optimizer.defaults.get("fused") else "foreach" if device.type == "cuda" else "for-loop",
             **determinism.describe(),
         },
     )
