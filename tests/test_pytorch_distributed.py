@@ -112,3 +112,23 @@ def test_divergence_in_the_ranks_reaches_the_parent_as_one_line():
     with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 2") as error:
         run_ranks(settings, synthetic_data(32, seed=1), random_canonical(TINY, seed=1))
     assert_one_line(error.value)
+
+
+def test_an_interrupt_while_ranks_train_terminates_every_rank(monkeypatch):
+    from helpers.sleeper import wait
+
+    settings = kit_settings(32)
+    model = backend.cxrbench_build_model(settings=settings, weights=None)
+    started, spawn = [], torch.multiprocessing.spawn
+
+    def spawn_sleepers(fn, args, nprocs, join):  # ranks that would wait in a collective for two minutes
+        job = spawn(wait, args=(120.0,), nprocs=nprocs, join=False)
+        job.join = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())  # Ctrl-C while following
+        started.append(job)
+        return job
+
+    monkeypatch.setattr(distributed.mp, "spawn", spawn_sleepers)
+    with pytest.raises(KeyboardInterrupt):
+        distributed.train(model, synthetic_data(32, train=8, val=4), settings, Recorder(), world=2, device_type="cpu")
+    (job,) = started
+    assert not any(process.is_alive() for process in job.processes)

@@ -93,10 +93,44 @@ def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: R
         canonical.save(tv_weights.get(model.net), folder / INITIAL)
         events = mp.get_context("spawn").Queue()
         args = (world, device_type, settings, _portable(data), str(folder), events)
-        job = mp.spawn(_rank_main, args=args, nprocs=world, join=False)
-        result = _follow(job, events, recorder)
+        with _released(model):
+            job = mp.spawn(_rank_main, args=args, nprocs=world, join=False)
+            try:
+                result = _follow(job, events, recorder)
+            finally:
+                _stop_ranks(job)
         tv_weights.put(model.net, canonical.load(folder / FINAL), model.block_config, "rank 0's final weights")
     return result
+
+
+@contextlib.contextmanager
+def _released(model: TorchModel):
+    """The parent's copy of the model off the GPU while the ranks train, so rank 0's device holds only rank 0.
+
+    The parent's CUDA context stays (torch cannot release it), but its weights and cached blocks go; the model
+    is back on its device afterwards, whatever happened.
+    """
+    if model.device.type != "cuda":
+        yield
+        return
+    model.net.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        model.net.to(model.device, memory_format=model.memory_format)
+
+
+def _stop_ranks(job: mp.ProcessContext, grace_s: float = 5.0) -> None:
+    """Terminate ranks still alive (an interrupt, a failed rank's peers in a collective), then kill stragglers."""
+    alive = [process for process in job.processes if process.is_alive()]
+    for process in alive:
+        process.terminate()
+    for process in alive:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _follow(job: mp.ProcessContext, events, recorder: Recorder) -> dict[str, Any]:
