@@ -19,6 +19,7 @@ import psutil
 
 import cxrbench
 from cxrbench import devices
+from cxrbench.errors import BackendError
 
 PACKAGES = (
     "cxrbench", "cxrbench-pytorch", "cxrbench-keras", "cxrbench-jax", "numpy", "scipy", "scikit-learn", "pillow",
@@ -81,6 +82,28 @@ def run_gpu_indices(requested: int) -> list[int] | None:
         return None
     shown = [devices.Gpu(d["nvml_index"], d["name"], d["uuid"], d["memory_total_mib"]) for d in inventory["devices"]]
     return [gpu.nvml_index for gpu in devices.used_by_run(shown, requested)]
+
+
+def require_framework_gpus(framework: str, sees: int, requested: int) -> None:
+    """Refuse a framework that sees fewer GPUs than the run needs, naming the cause; never fall back to the CPU.
+
+    ``requested`` is ``run.gpus`` (0: the first GPU when there is one). The GPUs NVML shows this process are what it
+    was given: a framework that sees fewer did not load its CUDA libraries (TensorFlow built for CUDA 12 next to
+    torch's CUDA 13 in one environment is the common case), and training would quietly run on the CPU.
+    """
+    inventory = gpu_inventory()
+    visible = inventory["count"]
+    needed = requested or min(visible, 1)
+    if sees >= needed:
+        return
+    if visible >= needed:
+        names = ", ".join(dict.fromkeys(d["name"] for d in inventory["devices"]))
+        raise BackendError(
+            f"{framework} sees {sees} GPU(s) but this process may use {visible} ({names}): its CUDA libraries did not "
+            "load in this environment; give this backend its own environment (cxrbench run --python BACKEND=PATH), "
+            "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose"
+        )
+    raise BackendError(f"run.gpus = {requested}, but {framework} sees {sees} GPU(s)")
 
 
 def _text(value: Any) -> str:

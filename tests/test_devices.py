@@ -11,7 +11,7 @@ import types
 import pytest
 
 from cxrbench import devices, env
-from cxrbench.errors import CxrError
+from cxrbench.errors import BackendError, CxrError
 from cxrbench.monitor.gpu import open_gpu_reader
 from cxrbench.monitor.sampler import Sampler
 from cxrbench.monitor.summary import summarise
@@ -156,3 +156,37 @@ def test_a_failed_nvml_read_is_recorded_and_monitoring_goes_on(tmp_path, monkeyp
     assert gpu2["read_error"] == "nvmlDeviceGetUtilizationRates: NVMLError_NotSupported"
     assert summary["gpu_read_errors"] == {"gpu1": 2}
     assert summary["phases"]["train"]["gpu0"]["util"]["mean"] == 10.0
+
+
+@pytest.mark.parametrize("sees, requested, message", [
+    (0, 0, r"^torch sees 0 GPU\(s\) but this process may use 1 \(NVIDIA H100\): its CUDA libraries did not load"),
+    (1, 2, r"^torch sees 1 GPU\(s\) but this process may use 2 \(NVIDIA H100\)"),
+    (0, 4, r"^run.gpus = 4, but torch sees 0 GPU\(s\)$"),
+])
+def test_a_framework_blind_to_the_gpus_it_was_given_is_refused_not_sent_to_the_cpu(monkeypatch, sees, requested,
+                                                                                   message):
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3" if requested < 2 else "3,4")
+    with pytest.raises(BackendError, match=message):
+        env.require_framework_gpus("torch", sees, requested)
+    env.require_framework_gpus("torch", sees=2, requested=requested if requested <= 2 else 2)  # enough: no error
+
+
+def test_no_gpu_given_means_the_cpu_is_fine(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    env.require_framework_gpus("TensorFlow", sees=0, requested=0)
+
+
+@pytest.mark.backends("pytorch", "keras")
+def test_both_backends_refuse_a_gpu_given_but_unseen(monkeypatch):
+    from cxrbench_keras.numerics import configure_runtime
+    from cxrbench_pytorch.numerics import select_device
+    from cxrbench.suite import Settings
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # NVML shows this process one GPU; neither framework sees it
+    with pytest.raises(BackendError, match=r"^torch sees 0 GPU\(s\) but this process may use 1"):
+        select_device(Settings())
+    with pytest.raises(BackendError, match=r"^TensorFlow sees 0 GPU\(s\) but this process may use 1"):
+        configure_runtime(Settings())

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
-from cxrbench.errors import BackendError
+from cxrbench.env import require_framework_gpus
 from cxrbench_keras import determinism
 
 #: settings.numerics.precision -> Keras dtype policy.
@@ -30,9 +30,8 @@ def configure_runtime(settings) -> None:
     _try_before_init(threading.set_intra_op_parallelism_threads, budget["intra_op"])
     _try_before_init(threading.set_inter_op_parallelism_threads, budget["inter_op"])
     gpus = tf.config.list_physical_devices("GPU")
+    require_framework_gpus("TensorFlow", len(gpus), settings.run.gpus)  # never a quiet fall back to the CPU
     wanted = settings.run.gpus or min(len(gpus), 1)
-    if wanted > len(gpus):
-        raise BackendError(f"run.gpus = {settings.run.gpus} but TensorFlow sees {len(gpus)} GPU(s)")
     _try_before_init(tf.config.set_visible_devices, gpus[:wanted], "GPU")
     for gpu in gpus[:wanted]:
         _try_before_init(tf.config.experimental.set_memory_growth, gpu, numerics.memory_growth)

@@ -16,6 +16,7 @@ from torch import nn
 
 from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
+from cxrbench.env import require_framework_gpus
 from cxrbench.errors import BackendError
 from cxrbench.suite import NumericsSettings, Settings
 from cxrbench_pytorch import determinism
@@ -24,10 +25,10 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def select_device(settings: Settings) -> torch.device:
-    """run.gpus = 0: the first GPU when there is one, else the CPU; N >= 1: exactly N GPUs must exist."""
-    wanted, available = settings.run.gpus, torch.cuda.device_count()
-    if wanted > available:
-        raise BackendError(f"run.gpus = {wanted}, but torch sees {available} CUDA GPU(s)")
+    """run.gpus = 0: the first GPU when there is one, else the CPU; N >= 1: exactly N GPUs must exist. A GPU this
+    process was given but torch cannot see is an error, never a quiet fall back to the CPU."""
+    available = torch.cuda.device_count()
+    require_framework_gpus("torch", available, settings.run.gpus)
     return torch.device("cuda", 0) if available else torch.device("cpu")
 
 
