@@ -43,13 +43,27 @@ def out_of_memory(device: str, batch_size: int, doing: str) -> BackendError:
                         "lower train.batch_size or data.image_size")
 
 
+#: Allocation failures libraries report as their own errors, not as the framework's out-of-memory type (cuDNN and
+#: cuBLAS workspaces, CUDA driver calls, XLA's allocator): their messages carry one of these.
+ALLOCATION_FAILURES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA_ERROR_OUT_OF_MEMORY",
+                       "cudaErrorMemoryAllocation", "RESOURCE_EXHAUSTED")
+
+
+def is_out_of_memory(error: BaseException, framework_error: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """The framework's out-of-memory type, or another error whose message names a failed device allocation."""
+    return isinstance(error, framework_error) or any(marker in str(error) for marker in ALLOCATION_FAILURES)
+
+
 @contextmanager
-def out_of_memory_as_error(framework_error: type[BaseException], device: str, batch_size: int,
-                           doing: str) -> Iterator[None]:
-    """Turn a framework's out-of-memory exception (and only that) into :func:`out_of_memory`'s one line."""
+def out_of_memory_as_error(framework_error: type[BaseException] | tuple[type[BaseException], ...], device: str,
+                           batch_size: int, doing: str) -> Iterator[None]:
+    """Turn running out of device memory (:func:`is_out_of_memory`), and only that, into :func:`out_of_memory`'s
+    one line; any other error passes unchanged."""
     try:
         yield
-    except framework_error:
+    except Exception as error:
+        if not is_out_of_memory(error, framework_error):
+            raise
         raise out_of_memory(device, batch_size, doing) from None
 
 

@@ -142,7 +142,9 @@ def cxrbench_train(model, data, settings, recorder):
     :return: a dict with at least ``best_epoch`` and ``best_val_loss`` (``run_recipe``'s result), and
         ``"numerics"``: the record of what was in force, made with :func:`cxrbench.numerics_record.build`
         (exactly its keys, read back from the framework; framework-specific values under ``"framework"``).
-        The core refuses a record with a missing or unknown key.
+        The core refuses a record with a missing or unknown key. Optionally ``"peak_memory"``:
+        ``{"mib": ..., "source": ...}``, the framework's own peak device allocation while training (empty or
+        absent on the CPU), written beside the monitor's NVML figure.
     """
 
 

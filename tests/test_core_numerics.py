@@ -1,6 +1,7 @@
 """The core's numerics record (one schema for every backend), its documentation, and the out-of-memory message."""
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def test_out_of_memory_catcher_turns_only_the_frameworks_exception():
         raise RuntimeError("another failure")
 
 
+
+@pytest.mark.parametrize("message", [
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",  # torch raises these as RuntimeError, not OutOfMemoryError
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.",  # XLA
+])
+def test_library_allocation_failures_are_out_of_memory_too(message):
+    with pytest.raises(BackendError, match="^out of memory on cuda:0 while training at batch size 64"):
+        with out_of_memory_as_error(FakeOutOfMemory, "cuda:0", 64, "training"):
+            raise RuntimeError(message)
+
+
 class OldStyleBackend:
     """A backend whose train hook still returns its own keys."""
 
@@ -107,3 +120,16 @@ def test_the_train_stage_refuses_a_bad_record_after_keeping_the_trained_weights(
     with pytest.raises(BackendError, match="backend 'old': the numerics record has the unknown key 'grad_scaler'"):
         train(ctx)
     assert (tmp_path / "weights_best.npz").exists() and (tmp_path / "history.json").exists()
+
+
+def test_the_frameworks_peak_memory_lands_beside_the_throughput(tmp_path):
+    class GpuBackend(OldStyleBackend):
+        def cxrbench_train(self, model, data, settings, recorder):
+            return {"best_epoch": 1, "best_val_loss": 0.5, "numerics": {**complete(), "framework": {}},
+                    "peak_memory": {"mib": 5120.5, "source": "torch.cuda.max_memory_allocated"}}
+
+    settings = Settings().replace(**{"model.arch": "densenet-tiny"})
+    train(StageContext(folder=tmp_path, backend="gpu", hook=GpuBackend(), settings=settings, recorder=Recorder()))
+    throughput = json.loads((tmp_path / "throughput.json").read_text())
+    assert throughput["framework_peak_memory_mib"] == 5120.5
+    assert throughput["framework_peak_memory_source"] == "torch.cuda.max_memory_allocated"

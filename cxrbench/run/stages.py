@@ -82,9 +82,17 @@ def train(ctx: StageContext) -> None:
     canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
     canonical.save(weights, ctx.folder / WEIGHTS_NPZ)
     history = [r.to_dict() for r in ctx.recorder.history]
-    write_json(ctx.folder / THROUGHPUT_JSON, training_throughput(history, ctx.settings))
+    write_json(ctx.folder / THROUGHPUT_JSON, {**training_throughput(history, ctx.settings),
+                                              **framework_peak_memory(result.get("peak_memory"))})
     # Checked last, so a backend with a broken record still leaves its trained weights and timings behind.
     numerics_record.check(ctx.backend, result.get("numerics"))
+
+
+def framework_peak_memory(peak: dict[str, Any] | None) -> dict[str, Any]:
+    """The framework's own peak device allocation while training (``cxrbench_train``'s optional ``peak_memory``),
+    beside the monitor's NVML figure, which adds caching allocators' reserves and the CUDA context."""
+    peak = peak or {}
+    return {"framework_peak_memory_mib": peak.get("mib"), "framework_peak_memory_source": peak.get("source")}
 
 
 def training_throughput(history: list[dict], settings: Settings) -> dict[str, Any]:

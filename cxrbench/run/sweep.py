@@ -30,7 +30,7 @@ FIXED_SECTIONS = {
 }
 SWEEP_STAGES = ("prepare-check", "train")
 CSV_COLUMNS = ("point", "backend", "status", "train_images_per_s", "interval_low", "interval_high", "first_step_s",
-               "peak_memory_mib", "memory_source", "disturbed", "no_steady_state", "error")
+               "peak_memory_mib", "memory_source", "framework_peak_memory_mib", "disturbed", "no_steady_state", "error")
 
 
 def _parse_one(text: str, settings: Settings) -> tuple[str, list[Any]]:
@@ -117,6 +117,7 @@ def cell(folder: Path, point: dict[str, Any], backend: str) -> dict[str, Any]:
         "first_step_s": throughput.get("first_step_s"),
         "peak_memory_mib": memory,
         "memory_source": source,
+        "framework_peak_memory_mib": throughput.get("framework_peak_memory_mib"),
         "disturbed": throughput.get("disturbed"),
         "no_steady_state": throughput.get("no_steady_state"),
     }

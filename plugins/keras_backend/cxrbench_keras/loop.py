@@ -25,7 +25,7 @@ from cxrbench.training import (
 
 from cxrbench_keras.distributed import check_replicated_numerics, is_chief, train_dataset
 from cxrbench_keras.model import KerasDenseNet, preprocess
-from cxrbench_keras.numerics import describe, oom_as_backend_error
+from cxrbench_keras.numerics import describe, oom_as_backend_error, peak_memory
 from cxrbench_keras.optim import make_optimizer
 
 
@@ -100,7 +100,8 @@ def train(model: KerasDenseNet, data, settings, recorder: Recorder) -> dict:
     """run_recipe with the Keras loop; rank 0 reports; the core's numerics record is returned."""
     reporter = recorder if is_chief(model.strategy) else Recorder()
     loop = KerasEpochLoop(model, data, settings, reporter)
-    with oom_as_backend_error(settings.train.batch_size, "training"):
+    with oom_as_backend_error(settings.train.batch_size, "training"), peak_memory() as peak:
         result = run_recipe(loop, settings, reporter, world=loop.replicas)
     learning_rate = scaled_learning_rate(settings, loop.replicas)
-    return {**result, "numerics": describe(settings, model.network, model.strategy, loop.optimizer, learning_rate)}
+    return {**result, "numerics": describe(settings, model.network, model.strategy, loop.optimizer, learning_rate),
+            "peak_memory": peak}

@@ -98,6 +98,20 @@ def device_name() -> str:
 
 
 @contextmanager
+def peak_memory():
+    """TensorFlow's own peak allocation over the block, the largest over the visible GPUs (NVML's figure adds the
+    allocator's reserve), filled into the yielded dict; empty without a GPU."""
+    found: dict = {}
+    gpus = [f"GPU:{i}" for i in range(len(tf.config.get_visible_devices("GPU")))]
+    for gpu in gpus:
+        tf.config.experimental.reset_memory_stats(gpu)
+    yield found
+    if gpus:
+        peak = max(tf.config.experimental.get_memory_info(gpu)["peak"] for gpu in gpus)
+        found.update(mib=peak / 2**20, source="tf.config.experimental.get_memory_info (peak)")
+
+
+@contextmanager
 def ieee_float32():
     """No TF32 inside, whatever ``numerics.tf32`` set (TensorFlow's switch is process-wide); restored after."""
     previous = tf.config.experimental.tensor_float_32_execution_enabled()

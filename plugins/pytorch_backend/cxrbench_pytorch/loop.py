@@ -162,8 +162,9 @@ def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: R
     if settings.numerics.compile:
         net = torch.compile(net)
     loop = TorchEpochLoop(model, data, settings, recorder, net, rank, world)
-    result = run_recipe(loop, settings, recorder, world=world)
+    with numerics.peak_memory(model.device) as peak:
+        result = run_recipe(loop, settings, recorder, world=world)
     in_force = numerics.describe(settings, model.net, model.device, world, scaled_learning_rate(settings, world),
                                  scaler=loop.scaler, compiled=settings.numerics.compile, loader=loop.loader_name,
                                  optimizer=loop.optimizer, **record)
-    return {**result, "numerics": in_force}
+    return {**result, "numerics": in_force, "peak_memory": peak}

@@ -101,6 +101,18 @@ def out_of_memory_as_error(device: torch.device, batch_size: int, doing: str):
     return errors.out_of_memory_as_error(torch.OutOfMemoryError, device_name(device), batch_size, doing)
 
 
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """The framework's own peak allocation on ``device`` over the block (NVML's figure adds its caches and context),
+    filled into the yielded dict; empty on the CPU."""
+    found: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield found
+    if device.type == "cuda":
+        found.update(mib=torch.cuda.max_memory_allocated(device) / 2**20, source="torch.cuda.max_memory_allocated")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
