@@ -2,16 +2,18 @@
 an NVIDIA GPU and writes ONE JSON summary (its path is printed last).
 
 Steps (each in fresh processes, each with its own time limit, a failing step never stops the others):
-  devices      what torch and TensorFlow see (each in its own process); a framework that sees no GPU fails
+  devices      what torch, TensorFlow and JAX see (each in its own process); a framework that sees no GPU fails
   sweep        `cxrbench run --suite throughput` at 224 px with --sweep precision x channels_last
   compile      the throughput suite with torch.compile / XLA (numerics.compile, numerics.jit_compile)
   smoke        the smoke suite on one GPU, every stage, NVML sampling: per-phase utilisation,
                equivalence (TF32 off) and ONNX parity
-  tf32         the equivalence check again with TF32 on (recorded, not judged: TF32 is not float32)
+  tf32         the equivalence check again with TF32 on for training: inference must still be IEEE float32, so
+               the equivalence and ONNX parity must pass
   oversized    an oversized batch per backend: must end as a one-line out-of-memory error, not a crash
   ddp-torch    two DDP ranks: one per GPU over NCCL with >= 2 GPUs; with one GPU the backend's CUDA path
                cannot run (one rank per device), so the gloo path runs its two ranks on the CPU
-  mirrored-keras  MirroredStrategy over two logical devices split from GPU 0 (fp32, fp16, each with and without XLA)
+  mirrored-keras  MirroredStrategy over two logical devices split from GPU 0: fp32 and bf16 must train with identical
+               replicas; fp16 and XLA must be refused in one line (Keras gets them wrong under replication)
   visible-device  a run with CUDA_VISIBLE_DEVICES set to a non-first GPU (needs >= 2 GPUs)
 
 ``--dry-run`` runs the same steps at tiny size on the CPU (tiny DenseNet, a few steps) so the script
@@ -81,6 +83,14 @@ def probe_tensorflow() -> dict[str, Any]:
             "cudnn_build": build.get("cudnn_version"), "gpus": len(gpus), "devices": [g.name for g in gpus]}
 
 
+def probe_jax() -> dict[str, Any]:
+    import jax
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+    return {"framework": "jax", "version": jax.__version__, "backend": jax.default_backend(), "gpus": len(gpus),
+            "devices": [str(d) for d in gpus]}
+
+
 def probe_ddp_torch(size: int) -> dict[str, Any]:
     """Two DDP ranks, one step: the CUDA path (NCCL, a GPU per rank) when two GPUs exist, else gloo on the CPU."""
     import torch
@@ -122,7 +132,10 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
     devices = _split_logical(tf, "GPU" if gpu else "CPU")
     strategy = tf.distribute.MirroredStrategy(devices)
     data, variants = synthetic_data(size, train=8, val=4), {}
-    for precision, xla in (("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True)):
+    #: (precision, XLA) -> the one-line refusal expected, or None when the variant must train.
+    expected = {("fp32", False): None, ("bf16", False): None, ("fp16", False): "LossScaleOptimizer",
+                ("fp32", True): "disables XLA"}
+    for (precision, xla), refusal in expected.items():
         settings = kit_settings(size, **{"train.max_steps": 1, "train.batch_size": 2, "numerics.precision": precision,
                                          "numerics.jit_compile": xla})
         name = f"{precision}{' + XLA' if xla else ''}"
@@ -132,13 +145,16 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
             replicas = [[v.numpy() for v in strategy.experimental_local_results(w.value)]
                         for w in model.network.weights]
             spread = max(float(np.max(np.abs(r[0].astype(np.float64) - r[1]))) for r in replicas)
-            variants[name] = {"status": "passed" if all(np.isfinite(outcome.losses)) and spread == 0 else "failed",
-                              "loss": float(outcome.losses[0]), "max_abs_weight_diff_between_replicas": spread}
+            trained = all(np.isfinite(outcome.losses)) and spread == 0 and refusal is None
+            variants[name] = {"status": "passed" if trained else "failed",
+                              "loss": float(outcome.losses[0]), "max_abs_weight_diff_between_replicas": spread,
+                              **({"error": f"trained although it must be refused ({refusal})"} if refusal else {})}
         except Exception as exc:  # a refusal is a result here: record it and try the next variant
             text = str(exc).strip()
             first = text.splitlines()[0] if text else ""
-            variants[name] = {"status": "failed", "error": f"{type(exc).__name__}: {first}",
-                              "detail": text[-DETAIL_CHARS:]}
+            refused = refusal is not None and refusal in first and "\n" not in text
+            variants[name] = {"status": "refused as expected" if refused else "failed",
+                              "error": f"{type(exc).__name__}: {first}", "detail": text[-DETAIL_CHARS:]}
     failed = [f"{name}: {v['error'] if 'error' in v else 'replicas differ or the loss is not finite'}"
               for name, v in variants.items() if v["status"] == "failed"]
     return {"status": "failed" if failed else "passed", "devices": devices, "variants": variants,
@@ -147,6 +163,7 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
 
 
 PROBES = {"torch": lambda args: probe_torch(), "tensorflow": lambda args: probe_tensorflow(),
+          "jax": lambda args: probe_jax(),
           "ddp-torch": lambda args: probe_ddp_torch(args.size),
           "mirrored-keras": lambda args: probe_mirrored_keras(args.size, args.gpu)}
 
@@ -234,6 +251,8 @@ class Check:
         seen = {"torch": self._probe("devices", "torch")}
         if "keras" in self.backends:
             seen["tensorflow"] = self._probe("devices", "tensorflow")
+        if "jax" in self.backends:
+            seen["jax"] = self._probe("devices", "jax")
         for framework, info in seen.items():
             print(f"[gpu-check] {framework} {info['version']} sees {info['gpus']} GPU(s): {info['devices']}",
                   flush=True)
@@ -266,7 +285,12 @@ class Check:
     def tf32(self) -> dict[str, Any]:
         sets = [*self.sizes["smoke"], "numerics.tf32=true", "run.stages=[]"]
         run = self._run("tf32", "smoke", sets, self.sizes["gpus"])
-        return {"equivalence_tf32_on": _equivalence(run), "note": "recorded, not judged: TF32 is not IEEE float32"}
+        equivalence = _equivalence(run)
+        exact = bool(equivalence and equivalence.get("passed"))
+        return {"status": "passed" if exact else "failed", "equivalence_tf32_on": equivalence,
+                "note": "TF32 is on for training only: prediction and the equivalence run at IEEE float32",
+                **({} if exact else {"error": "with numerics.tf32 = true the equivalence check failed: TF32 leaked "
+                                              "into inference"})}
 
     def oversized(self) -> dict[str, Any]:
         sets = [*self.sizes["throughput"], *self.sizes["oversized"]]
