@@ -64,6 +64,13 @@ BODY = textwrap.dedent(
     worst = max((float(np.abs(got[k] - expected[k]).max()), k) for k in got)
     assert worst[0] < 1e-5, worst
     print("max abs weight difference", worst)
+
+    # Inference and export read a single-device twin: no synchronised BatchNorm, the replicated weights.
+    from cxrbench_keras import infer
+    twin = infer.float32_network(two)
+    assert twin is not two.network
+    assert not any(l.synchronized for l in twin.layers if isinstance(l, keras_model.TorchBatchNorm))
+    assert all(np.array_equal(a, b) for a, b in zip(twin.get_weights(), two.network.get_weights()))
     """
 )
 

@@ -26,12 +26,14 @@ def _batched(function, images: np.ndarray, batch_size: int) -> list:
 
 
 def float32_network(model: KerasDenseNet) -> keras.Model:
-    """The model's network when it computes in float32, else a float32 twin holding its current weights.
+    """The model's network when it computes in float32 on one device, else a single-device float32 twin holding
+    its current weights (a mixed-precision network, or a replicated one whose synchronised BatchNorm tf2onnx and
+    plain inference must not see).
 
     The twin is built once per model (so the inference functions over it are traced once) and refreshed by
     assigning the weights, a copy that costs little next to inference.
     """
-    if model.network.dtype_policy.name == "float32":
+    if model.network.dtype_policy.name == "float32" and model.strategy.num_replicas_in_sync == 1:
         return model.network
     if "float32_twin" not in model.functions:
         with float32_policy():
