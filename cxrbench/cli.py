@@ -21,6 +21,8 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     from cxrbench.plugins import load_plugins, no_backend_message
 
     plugins = load_plugins(args.plugin)
+    if args.check:
+        return _check_backends(plugins.backend_names(), args)
     gpus = gpu_inventory()
     devices = ", ".join(["cpu"] + [f"cuda:{d['index']} {d['name']}" for d in gpus["devices"]])
     rows = [(info.name, info.framework, info.version, info.plugin, devices) for info in plugins.backends.values()]
@@ -36,6 +38,19 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     if not rows:
         print(f"note: {no_backend_message()}", file=sys.stderr)
     return 0
+
+
+def _check_backends(names: list[str], args: argparse.Namespace) -> int:
+    from cxrbench.device_check import check_all
+    from cxrbench.run.environments import parse_python_options
+
+    rows = check_all(names, parse_python_options(args.python))
+    if args.json:
+        print(json.dumps({"checks": rows}, indent=2))
+    else:
+        _print_table(("backend", "python", "framework sees", "verdict"),
+                     [(r["backend"], r["python"], ", ".join(r.get("devices") or []) or "-", r["verdict"]) for r in rows])
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
@@ -119,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     backends = commands.add_parser("backends", help="list installed backends (no framework is imported)")
     backends.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
     backends.add_argument("--json", action="store_true")
+    backends.add_argument("--check", action="store_true",
+                          help="import each backend in a process (its environment) of its own and check the devices "
+                               "its framework sees against NVML's GPUs; exit 1 when one is blind to a GPU")
+    backends.add_argument("--python", action="append", default=[], metavar="BACKEND=PATH",
+                          help="with --check: that backend's interpreter (as for cxrbench run)")
     backends.set_defaults(func=_cmd_backends)
 
     env = commands.add_parser("env", help="print the environment capture as JSON")

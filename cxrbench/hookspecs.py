@@ -41,6 +41,20 @@ def cxrbench_backend_info():
     """
 
 
+@hookspec(firstresult=True)
+def cxrbench_devices():
+    """The devices the backend's framework sees in this process.
+
+    Called by ``cxrbench backends --check``, in a process of its own per backend (and in the backend's own
+    environment when ``--python`` names one), so unlike :func:`cxrbench_backend_info` it imports the framework.
+    The core compares the GPUs listed with the GPUs NVML shows the process: a framework that sees fewer did not
+    load its CUDA libraries and would train on the CPU.
+
+    :return: a list of strings, ``"cpu"`` first, then one per GPU (e.g. ``"cuda:0 NVIDIA H200"``); every entry
+        after the first is a GPU.
+    """
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,13 @@ def cxrbench_backend_info():
 
 
 @hookimpl
+def cxrbench_devices():
+    import tensorflow as tf
+
+    return ["cpu"] + [gpu.name for gpu in tf.config.list_physical_devices("GPU")]
+
+
+@hookimpl
 def cxrbench_build_model(settings, weights):
     from cxrbench_keras import determinism
 

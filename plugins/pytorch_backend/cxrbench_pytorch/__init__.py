@@ -27,6 +27,13 @@ def cxrbench_backend_info():
 
 
 @hookimpl
+def cxrbench_devices():
+    import torch
+
+    return ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+
+
+@hookimpl
 def cxrbench_build_model(settings, weights):
     from cxrbench_pytorch.model import build
 

@@ -54,6 +54,11 @@ def cxrbench_backend_info():
     )
 
 
+@hookimpl
+def cxrbench_devices():
+    return ["cpu"]  # numpy computes on the CPU only
+
+
 def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
     """What the core resolved (:func:`cxrbench.initial_weights.resolve`), plus this backend's own cases."""
     initial = resolve(settings, weights)  # no file format of its own: canonical .npz only
