@@ -29,7 +29,6 @@ class JaxModel:
     network: DenseNet
     variables: Variables
     devices: list[jax.Device]
-    image_size: int
     #: Jitted inference functions by purpose (traced once per input shape).
     functions: dict[str, Any] = field(default_factory=dict)
 
@@ -52,7 +51,7 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None) -> JaxModel
     network = DenseNet(tuple(settings.model.block_config))
     variables = _initial_variables(settings, weights, network)
     devices = numerics.select_devices(settings)
-    model = JaxModel(network, {}, devices, settings.data.image_size)
+    model = JaxModel(network, {}, devices)
     model.put(variables)
     return model
 
