@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import torch
 import torchvision
-from cxrbench_jax import loop, network
+from cxrbench_jax import infer, loop, network
 from cxrbench_jax import model as jax_model
 from cxrbench_numpy_example.network import classify, pooled_features
 
@@ -182,12 +182,37 @@ def test_train_hook_reports_epochs_numerics_and_keeps_best_weights(shared):
     assert [(r.epoch, r.steps, r.images) for r in recorder.history] == [(1, 2, 8), (2, 2, 8)]
     numerics = result["numerics"]
     assert (numerics["world_size"], numerics["global_batch"], numerics["precision"]) == (1, 4, "fp32")
-    assert numerics["compile_s"] > 0 and numerics["jax"] == jax.__version__
-    assert numerics["matmul_precision"] == "highest"  # numerics.tf32 = false: no TF32 on GPUs
+    assert numerics["framework"]["compile_s"] > 0 and numerics["versions"]["jax"] == jax.__version__
+    assert numerics["framework"]["matmul_precision"] == "highest" and not numerics["tf32"]  # no TF32 on GPUs
     logits = cxrbench_jax.cxrbench_predict(model=model, images=data.split_images("val"), settings=settings)
     z, y = logits.astype(np.float64), data.split_labels("val")
     kept = np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))
     assert kept == pytest.approx(result["best_val_loss"], rel=1e-5)
+
+
+def test_tf32_is_for_training_only_inference_traces_ieee_float32(monkeypatch, shared):
+    """numerics.tf32 = true: the training step traces at TF32 precision and says so; prediction and CAMs trace at
+    "highest" (IEEE float32) even when called inside a TF32 context."""
+    settings = settings_for(**{"numerics.tf32": True, "train.max_steps": 1, "train.batch_size": 4})
+    model = cxrbench_jax.cxrbench_build_model(settings=settings, weights=shared)
+    traced = []
+
+    def recording(images):
+        traced.append(jax.config.jax_default_matmul_precision)
+        return network.normalise(images)
+
+    monkeypatch.setattr(loop, "normalise", recording)
+    numerics = cxrbench_jax.cxrbench_train(model=model, data=synthetic_data(SIZE, train=4, val=4), settings=settings,
+                                           recorder=Recorder())["numerics"]
+    assert numerics["tf32"] and numerics["framework"]["matmul_precision"] == "tensorfloat32"
+    assert set(traced) == {"tensorfloat32"}  # the train and validation steps
+    traced.clear()
+    monkeypatch.setattr(infer, "normalise", recording)
+    images = random_images(2, SIZE, seed=3)
+    with jax.default_matmul_precision("tensorfloat32"):
+        cxrbench_jax.cxrbench_predict(model=model, images=images, settings=settings)
+        cxrbench_jax.cxrbench_cam(model=model, images=images, classes=[0], settings=settings)
+    assert traced == ["highest", "highest"]
 
 
 def test_nan_loss_names_epoch_and_step(shared):
@@ -202,7 +227,7 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, model):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
 
     monkeypatch.setattr(loop.JaxEpochLoop, "compile", lambda self, *a: exhausted)
-    with pytest.raises(BackendError, match="out of device memory while training at batch size 8 ") as caught:
+    with pytest.raises(BackendError, match="out of memory on cpu:0 .* while training at batch size 8 ") as caught:
         cxrbench_jax.cxrbench_train(model=model, data=synthetic_data(SIZE, train=16), settings=settings_for(),
                                     recorder=Recorder())
     assert "\n" not in str(caught.value)

@@ -14,6 +14,7 @@ import importlib.util
 from cxrbench.api import BackendInfo
 from cxrbench.errors import BackendError
 from cxrbench.hookspecs import hookimpl
+from cxrbench.model_inputs import check_cam_inputs, check_images
 
 NAME = "jax"
 #: What the backend needs at run time, beside the core.
@@ -77,14 +78,16 @@ def cxrbench_train(model, data, settings, recorder):
 def cxrbench_predict(model, images, settings):
     from cxrbench_jax import infer
 
+    images = check_images(images, settings.data.image_size)
     return infer.predict(model, images, settings.train.batch_size, settings.eval.tta_hflip)
 
 
 @hookimpl
-def cxrbench_cam(model, images, classes):
+def cxrbench_cam(model, images, classes, settings):
     from cxrbench_jax import infer
 
-    return infer.cam(model, images, classes)
+    images, classes = check_cam_inputs(images, classes, settings.data.image_size)
+    return infer.cam(model, images, classes, settings.train.batch_size)
 
 
 @hookimpl

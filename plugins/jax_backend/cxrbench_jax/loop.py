@@ -11,7 +11,7 @@ replicated: the step computes exactly what one device computes on the concatenat
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import jax
@@ -19,13 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import Batch, PreparedData
-from cxrbench.errors import DataError
 from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
-from cxrbench.timing import batch_images
-from cxrbench.training import EpochOutcome, run_recipe, scaled_learning_rate
+from cxrbench.training import (
+    EpochOutcome,
+    run_recipe,
+    scaled_learning_rate,
+    steps_per_epoch,
+    train_batches,
+    train_epoch,
+    validation_loss,
+)
 from cxrbench_jax import numerics
 from cxrbench_jax.infer import pad_rows
 from cxrbench_jax.model import JaxModel
@@ -73,10 +78,10 @@ def make_train_step(network: DenseNet, optimizer: optax.GradientTransformation):
 
 
 def make_val_step(network: DenseNet):
-    """``(variables, images, labels, mask) -> summed per-image BCE`` (mean over classes), padding rows masked."""
+    """``(variables, images, labels, mask) -> BCE summed over images and classes``, padding rows masked."""
 
     def val_step(variables, images, labels, mask):
-        per_image = bce_with_logits(network.apply(variables, normalise(images)), labels).sum(axis=1) / NUM_CLASSES
+        per_image = bce_with_logits(network.apply(variables, normalise(images)), labels).sum(axis=1)
         return jnp.sum(per_image * mask)
 
     return val_step
@@ -117,45 +122,36 @@ class JaxEpochLoop:
         return jax.device_put(batch.images, self.batch_sharding), jax.device_put(batch.labels, self.batch_sharding)
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
-        train = self.settings.train
-        steps = self.data.num_batches("train", self.global_batch, max_steps=train.max_steps)
-        batches = self.recorder.timed(self._train_batches(epoch), self.sync, self.global_batch)
+        """The core's global batches (the ranks' batches concatenated, so any device count sees the images one
+        device would), one compiled step each; the losses stay on the device until the epoch ends."""
+        settings = self.settings
+        batches = train_batches(self.data, settings, epoch, batch_size=self.global_batch)
         rate = jnp.float32(lr)
-        losses: list[jax.Array] = []
-        with numerics.out_of_memory_as_error(train.batch_size, "training"):
-            for step, batch in enumerate(batches, start=1):
-                images, labels = self.device_batch(batch)
-                self.state, loss = self.compile(images, labels, rate)(self.state, images, labels, rate)
-                losses.append(loss)
-                self.recorder.step(epoch, step, steps)
-            fetched = np.asarray(jnp.stack(losses), dtype=np.float64) if losses else np.zeros(0)
-        return EpochOutcome(fetched, len(losses) * self.global_batch, batches.data_wait_s)
 
-    def _train_batches(self, epoch: int) -> Iterable[Batch]:
-        """The global batch of every step: the core's ranks' batches concatenated, so any device count sees the
-        images one device would."""
-        train = self.settings.train
-        return self.data.batches("train", self.global_batch, epoch=epoch, seed=self.settings.run.seed, shuffle=True,
-                                 hflip=train.hflip, max_steps=train.max_steps)
+        def step(batch: Batch) -> jax.Array:
+            images, labels = self.device_batch(batch)
+            self.state, loss = self.compile(images, labels, rate)(self.state, images, labels, rate)
+            return loss
+
+        with self.out_of_memory("training"):
+            return train_epoch(self.recorder, batches, step, epoch=epoch, sync=self.sync, images=self.global_batch,
+                               steps=steps_per_epoch(self.data, settings, self.world), fetch=fetch_stacked)
 
     def validate(self) -> float:
-        """Image-weighted mean BCE over the validation split; one compiled shape (the last batch is padded)."""
-        batch_size = self.settings.train.batch_size
+        """The core's validation loss; every batch padded to one compiled shape that the devices divide."""
         variables = self.variables()
-        sums, count = [], 0
-        batches = self.data.batches("val", self.global_batch, shuffle=False, drop_last=False)
-        with numerics.out_of_memory_as_error(batch_size, "validating"):
-            for batch in self.recorder.timed(batches, self.sync, batch_images):
-                real = len(batch.images)
-                mask = (np.arange(self.global_batch) < real).astype(np.float32)
-                images, labels = (pad_rows(a, self.global_batch) for a in (batch.images, batch.labels))
-                put = [jax.device_put(a, self.batch_sharding) for a in (images, labels, mask)]
-                sums.append(self.val_fn(variables, *put))
-                count += real
-            if not count:
-                raise DataError("the validation split is empty: training needs validation images (data.val_fraction)")
-            total = float(np.asarray(jnp.stack(sums), dtype=np.float64).sum())
-        return total / count
+        rows = -(-self.settings.train.batch_size // self.world) * self.world
+
+        def summed_loss(batch: Batch) -> jax.Array:
+            mask = (np.arange(rows) < len(batch.images)).astype(np.float32)
+            padded = (pad_rows(batch.images, rows), pad_rows(batch.labels, rows), mask)
+            return self.val_fn(variables, *(jax.device_put(a, self.batch_sharding) for a in padded))
+
+        with self.out_of_memory("validating"):
+            return validation_loss(self.recorder, self.data, self.settings, summed_loss, self.sync, device_total)
+
+    def out_of_memory(self, doing: str) -> AbstractContextManager[None]:
+        return numerics.out_of_memory_as_error(self.model.devices[0], self.settings.train.batch_size, doing)
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies: the device buffers are donated to the next step."""
@@ -166,14 +162,27 @@ class JaxEpochLoop:
         self.state = self.state._replace(params=placed["params"], batch_stats=placed["batch_stats"])
 
 
+def fetch_stacked(values: list[jax.Array]) -> np.ndarray:
+    """Device scalars as one host array, in one transfer."""
+    return np.asarray(jnp.stack(values), dtype=np.float64)
+
+
+def device_total(sums: list[jax.Array], images: int) -> tuple[float, int]:
+    """The validation batches' summed losses, added up on the host after one transfer."""
+    return float(fetch_stacked(sums).sum()) if sums else 0.0, images
+
+
 def train(model: JaxModel, data: PreparedData, settings: Settings, recorder: Recorder) -> dict[str, Any]:
-    """Run the core's recipe; the model keeps the best weights; return the result and the numerics in force."""
+    """Run the core's recipe at the training matmul precision; the model keeps the best weights; return the result
+    and the core's numerics record."""
     loop = JaxEpochLoop(model, data, settings, recorder)
-    try:
-        result = run_recipe(loop, settings, recorder, world=loop.world)
-    finally:
-        if not any(a.is_deleted() for a in jax.tree.leaves(loop.variables())):
-            model.variables = loop.variables()
-    in_force = numerics.describe(settings, model.devices, scaled_learning_rate(settings, loop.world),
-                                 compile_s=loop.compile_s, jit="jax.jit, AOT-compiled step, donated state")
+    with jax.default_matmul_precision(numerics.training_precision(settings)):
+        try:
+            result = run_recipe(loop, settings, recorder, world=loop.world)
+        finally:
+            if not any(a.is_deleted() for a in jax.tree.leaves(loop.variables())):
+                model.variables = loop.variables()
+        in_force = numerics.describe(settings, model.devices, scaled_learning_rate(settings, loop.world),
+                                     model.variables, compile_s=loop.compile_s,
+                                     jit="jax.jit, AOT-compiled step, donated state")
     return {**result, "numerics": in_force}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -11,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrbench import weights as canonical
-from cxrbench.errors import BackendError, WeightsError
+from cxrbench.errors import WeightsError
+from cxrbench.initial_weights import Start, resolve
 from cxrbench.suite import Settings
 from cxrbench_jax import numerics
 from cxrbench_jax import weights as flax_weights
@@ -29,9 +29,6 @@ class JaxModel:
     network: DenseNet
     variables: Variables
     devices: list[jax.Device]
-    image_size: int
-    #: Images per device per inference batch for hooks that get no settings (CAM): the suite's batch size.
-    batch_size: int
     #: Jitted inference functions by purpose (traced once per input shape).
     functions: dict[str, Any] = field(default_factory=dict)
 
@@ -52,26 +49,23 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None) -> JaxModel
     canonical.check_image_size(settings.data.image_size)
     numerics.configure(settings)
     network = DenseNet(tuple(settings.model.block_config))
-    if weights is not None:
-        variables = flax_weights.to_variables(weights, network.block_config)
-    else:
-        variables = _initial_variables(settings, network)
+    variables = _initial_variables(settings, weights, network)
     devices = numerics.select_devices(settings)
-    model = JaxModel(network, {}, devices, settings.data.image_size, settings.train.batch_size)
+    model = JaxModel(network, {}, devices)
     model.put(variables)
     return model
 
 
-def _initial_variables(settings: Settings, network: DenseNet) -> Variables:
-    init = settings.model.init
-    if init == "framework":
+def _initial_variables(settings: Settings, weights: dict[str, np.ndarray] | None, network: DenseNet) -> Variables:
+    """What the core resolved (:func:`cxrbench.initial_weights.resolve`); JAX has no checkpoint format of its own,
+    so canonical ``.npz`` is the only file type."""
+    initial = resolve(settings, weights)
+    if initial.start is Start.FRAMEWORK:
         return framework_init(network, settings.run.seed)
-    if init == "imagenet":
+    if initial.start is Start.IMAGENET:
         raise WeightsError("model.init = 'imagenet': the jax backend has no ImageNet weights "
                            "(use 'shared', 'framework' or a weights file)")
-    if init == "shared":
-        raise BackendError("model.init = 'shared' needs the core's shared weights, but none were passed")
-    return read_file(Path(init), network.block_config)
+    return flax_weights.to_variables(initial.weights, network.block_config, origin=initial.origin)
 
 
 def framework_init(network: DenseNet, seed: int) -> Variables:
@@ -79,10 +73,3 @@ def framework_init(network: DenseNet, seed: int) -> Variables:
     dummy = jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32)
     variables = jax.jit(network.init)(jax.random.PRNGKey(seed), dummy)
     return jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
-
-
-def read_file(path: Path, block_config: tuple[int, ...]) -> Variables:
-    """A canonical ``.npz`` weights file (the only format: JAX has no checkpoint format of its own to honour)."""
-    if path.suffix.lower() != ".npz":
-        raise WeightsError(f"{path}: unknown weights file type {path.suffix or '(none)'!r} (use a canonical .npz)")
-    return flax_weights.to_variables(canonical.load(path), block_config, origin=str(path))

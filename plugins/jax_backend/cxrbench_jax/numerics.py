@@ -11,38 +11,55 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
-from cxrbench.errors import BackendError, first_line
+from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
 
 AXIS = "data"
 #: XLA's switch for run-to-run identical GPU reductions (read when the GPU client starts).
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+#: Prediction and CAMs compute the IEEE float32 function whatever ``numerics.tf32`` says (devices-and-numerics.md).
+INFERENCE_PRECISION = "highest"
+#: Precisions under which XLA keeps float32 matmuls and convolutions in float32 on GPUs.
+IEEE_PRECISIONS = ("highest", "float32")
 
 
 def configure(settings: Settings) -> None:
     """Refuse what this backend cannot do; set XLA's switches before its GPU client starts (they are read then).
 
-    * ``numerics.tf32 = false`` (the default) pins float32 matmuls and convolutions to full float32: XLA's
-      default precision on recent NVIDIA GPUs is TF32, which alone breaks the 1e-4 cross-backend equivalence.
     * ``numerics.memory_growth`` maps to ``XLA_PYTHON_CLIENT_PREALLOCATE=false``: JAX otherwise reserves 75 % of
       the GPU's memory at start, which the monitor would report as used.
     * ``numerics.deterministic`` adds ``--xla_gpu_deterministic_ops=true`` to ``XLA_FLAGS``.
+
+    ``numerics.tf32`` is no global switch here: :func:`training_precision` is in force while training, and
+    :data:`INFERENCE_PRECISION` around prediction and CAMs.
     """
     numerics = settings.numerics
     if numerics.precision != "fp32":
         raise BackendError(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
-    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if numerics.tf32 else "highest")
     if numerics.memory_growth:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     flags = os.environ.get("XLA_FLAGS", "")
     if numerics.deterministic and DETERMINISTIC_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+
+
+def training_precision(settings: Settings) -> str:
+    """``jax.default_matmul_precision`` for training: TF32 only when ``numerics.tf32`` asks for it (XLA's default
+    on recent NVIDIA GPUs is TF32, which alone breaks the 1e-4 cross-backend equivalence)."""
+    return "tensorfloat32" if settings.numerics.tf32 else INFERENCE_PRECISION
+
+
+def matmul_precision() -> str:
+    """The matmul precision in force now, read back from JAX's config."""
+    return str(jax.config.jax_default_matmul_precision or "default")
 
 
 def select_devices(settings: Settings) -> list[jax.Device]:
@@ -80,46 +97,59 @@ def replicated(devices: list[jax.Device]) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(batch_size: int, doing: str):
-    """XLA's RESOURCE_EXHAUSTED as a one-line error naming the batch size."""
+def out_of_memory_as_error(device: jax.Device, batch_size: int, doing: str) -> Iterator[None]:
+    """XLA's RESOURCE_EXHAUSTED as the core's one-line out-of-memory error. JAX has no exception type of its own
+    for it (:func:`cxrbench.errors.out_of_memory_as_error` needs one), so the status code in the message decides."""
     try:
         yield
     except jax.errors.JaxRuntimeError as exc:
         if "RESOURCE_EXHAUSTED" not in str(exc):
             raise
-        raise BackendError(
-            f"out of device memory while {doing} at batch size {batch_size} (train.batch_size): "
-            f"lower the batch size or the image size ({first_line(exc)})"
-        ) from None
+        raise errors.out_of_memory(device_name(device), batch_size, doing) from None
 
 
 def device_name(device: jax.Device) -> str:
     return f"{device.platform}:{device.id} ({device.device_kind})"
 
 
-def describe(settings: Settings, devices: list[jax.Device], learning_rate: float, **extra: Any) -> dict[str, Any]:
-    """Every numerics and speed setting in force, with pytorch's key names where they mean the same."""
+def describe(settings: Settings, devices: list[jax.Device], learning_rate: float, variables: Any,
+             **framework: Any) -> dict[str, Any]:
+    """The core's numerics record of a training run (call it inside the training precision: it is read back).
+
+    XLA sizes its CPU thread pools itself from the schedulable CPUs; it exposes no setting, so the record gives
+    the intra-op pool's size as XLA computes it, no inter-op count, and ``threads_applied = False``.
+    """
     world = len(devices)
-    return {
-        "device": device_name(devices[0]),
-        "devices": [device_name(d) for d in devices],
-        "world_size": world,
-        "batch_size_per_device": settings.train.batch_size,
-        "global_batch": settings.train.batch_size * world,
-        "learning_rate": learning_rate,
-        "lr_scaling": settings.train.lr_scaling,
-        "precision": settings.numerics.precision,
-        "tf32": settings.numerics.tf32,
-        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
-        "gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true") != "false",
-        "deterministic": settings.numerics.deterministic,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "data_parallel": "jax.sharding (GSPMD): batch sharded, weights replicated" if world > 1 else "none",
-        "thread_budget": thread_budget(settings.numerics),
-        "threads_applied": False,  # XLA sizes its CPU pool itself; recorded, not claimed
-        "jax": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "flax": importlib.metadata.version("flax"),
-        "optax": importlib.metadata.version("optax"),
-        **extra,
-    }
+    precision = matmul_precision()
+    dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(variables["params"])})
+    return numerics_record.build(
+        "jax",
+        device=device_name(devices[0]),
+        devices=[device_name(d) for d in devices],
+        world_size=world,
+        data_parallel="jax.sharding (GSPMD): batch sharded, weights replicated" if world > 1 else "none",
+        batch_size_per_device=settings.train.batch_size,
+        global_batch=settings.train.batch_size * world,
+        learning_rate=learning_rate,
+        lr_scaling=settings.train.lr_scaling,
+        precision=settings.numerics.precision,
+        compute_dtype=", ".join(dtypes),
+        loss_scaling=False,  # fp32 only: nothing to scale
+        tf32=precision not in IEEE_PRECISIONS,
+        layout="NHWC",
+        compile="jax.jit (XLA)",
+        synchronized_batchnorm=world > 1,  # the sharded step reduces the statistics over the global batch
+        intra_op_threads=len(os.sched_getaffinity(0)),
+        inter_op_threads=None,
+        thread_budget=thread_budget(settings.numerics),
+        deterministic=DETERMINISTIC_FLAG in os.environ.get("XLA_FLAGS", ""),
+        input_pipeline="plain iteration (jax.device_put)",
+        versions={name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")},
+        framework={
+            "matmul_precision": precision,
+            "gpu_preallocate": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true") != "false",
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "threads_applied": False,
+            **framework,
+        },
+    )
