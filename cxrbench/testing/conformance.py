@@ -282,6 +282,12 @@ def test_backend_info_imports_no_framework(backend: Backend):
     assert not new_roots & (HEAVY_MODULES | framework_roots)
 
 
+def test_devices_list_the_cpu_then_the_gpus_the_framework_sees(backend: Backend):
+    devices = backend.call("cxrbench_devices")
+    assert isinstance(devices, list) and devices and devices[0] == "cpu", devices
+    assert all(isinstance(device, str) and device for device in devices), devices
+
+
 # -- shapes and dtypes ----------------------------------------------------------------------------
 
 

@@ -45,6 +45,14 @@ def cxrbench_backend_info():
 
 
 @hookimpl
+def cxrbench_devices():
+    _require_framework()
+    import jax
+
+    return ["cpu"] + [str(device) for device in jax.devices() if device.platform == "gpu"]
+
+
+@hookimpl
 def cxrbench_build_model(settings, weights):
     _require_framework()
     from cxrbench_jax.model import build
