@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxrbench import errors, numerics_record
 from cxrbench.budget import thread_budget
+from cxrbench.env import require_framework_gpus
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
 
@@ -44,6 +45,10 @@ def configure(settings: Settings) -> None:
     numerics = settings.numerics
     if numerics.precision != "fp32":
         raise BackendError(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
+    for option in ("intra_op_threads", "inter_op_threads"):
+        if getattr(numerics, option):  # 0: the core's budget, which XLA's own sizing matches on a dedicated machine
+            raise BackendError(f"numerics.{option} = {getattr(numerics, option)}: XLA sizes its CPU thread pools "
+                               "itself and jax offers no setting for them; leave it at 0")
     if numerics.memory_growth:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     flags = os.environ.get("XLA_FLAGS", "")
@@ -67,10 +72,7 @@ def select_devices(settings: Settings) -> list[jax.Device]:
     (one unless XLA was told to force more)."""
     wanted = settings.run.gpus
     gpus = _gpus()
-    if wanted > len(gpus):
-        raise BackendError(
-            f"run.gpus = {wanted}, but jax sees {len(gpus)} GPU(s) (install jax[cuda12] for NVIDIA GPUs)"
-        )
+    require_framework_gpus("jax", len(gpus), wanted)  # a GPU given but unseen (CPU-only jaxlib) stops here
     if wanted:
         return gpus[:wanted]
     return gpus[:1] if gpus else jax.local_devices(backend="cpu")
