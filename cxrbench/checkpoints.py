@@ -4,14 +4,18 @@ Only the framework that wrote a checkpoint can read it (a torch pickle, a Keras 
 plugin is asked through ``cxrbench_import_checkpoint`` and the first that knows the file answers. What is the
 same for every framework lives here: the file must exist, ``.npz`` is the core's own, an unknown file names the
 backend to install, and :func:`check_densenet` turns a wrong architecture, a foreign head or stray tensors into
-one line naming the file. A run converts ``model.init = FILE`` once, in the parent (:func:`record`), so every
-backend starts from the same canonical ``.npz``.
+one line naming the file. A run converts ``model.init = FILE`` once, before any worker, in a child process of its
+own (:func:`import_in_child`), so every backend starts from the same canonical ``.npz`` (:func:`record` says which).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ _DENSENET_NAME = re.compile(
     r"\.weight)|classifier\.(?:weight|bias)"
 )
 _LAYER = re.compile(r"features\.denseblock(\d+)\.denselayer(\d+)\.")
+#: How ``cxrbench`` prints a one-line error (:func:`cxrbench.cli.main`).
+_CLI_ERROR = "cxrbench: error: "
 
 
 def import_checkpoint(path: str | Path, block_config: tuple[int, ...], plugins: Any) -> dict[str, np.ndarray]:
@@ -53,6 +59,26 @@ def import_checkpoint(path: str | Path, block_config: tuple[int, ...], plugins: 
             raise WeightsError(no_reader_message(path))
     check_densenet(weights, block_config, str(path))
     return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in weights.items()}
+
+
+def import_in_child(path: str | Path, arch: str, plugin_modules: list[str]) -> dict[str, np.ndarray]:
+    """:func:`import_checkpoint` in a child Python (``cxrbench weights import``), GPUs hidden from it.
+
+    A run's parent holds no framework: TensorFlow would take every GPU's memory for the parent's whole life, and
+    two frameworks in one process can crash. The child's one-line error is raised here as the same error.
+    """
+    from cxrbench.devices import VISIBLE_VARIABLE
+
+    with tempfile.TemporaryDirectory(prefix="cxrbench-import-") as folder:
+        out = Path(folder) / "imported.npz"
+        command = [sys.executable, "-m", "cxrbench", "weights", "import", str(path), "--out", str(out), "--arch", arch]
+        for module in plugin_modules:
+            command += ["--plugin", module]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, VISIBLE_VARIABLE: ""})
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise WeightsError(lines[-1].removeprefix(_CLI_ERROR))
+        return canonical.load(out)
 
 
 def no_reader_message(path: Path) -> str:

@@ -212,7 +212,7 @@ class Pickled:
 
 def _arbitrary_object(path: Path) -> str:
     _save_state(path, {"state_dict": torch_densenet().state_dict(), "extra": Pickled()})
-    return r"refused: it pickles objects other than tensors and plain containers"
+    return rf"refused: it pickles {__name__}\.Pickled, not only tensors and plain containers"
 
 
 BAD_TORCH = {"unknown keys": _unknown_keys, "wrong architecture": _wrong_architecture,

@@ -112,7 +112,7 @@ def new_run(request: RunRequest) -> "Orchestrator":
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
-    imported = _import_init(settings, plugins)
+    imported = _import_init(settings, request.plugins)
     run_dir = request.out or _default_out(settings)
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
@@ -152,11 +152,11 @@ def new_run(request: RunRequest) -> "Orchestrator":
     return orchestrator
 
 
-def _import_init(settings: Settings, plugins: Plugins) -> dict[str, np.ndarray] | None:
+def _import_init(settings: Settings, plugin_modules: list[str]) -> dict[str, np.ndarray] | None:
     """``model.init = FILE`` in a framework's format, as canonical weights (refused before the run folder exists)."""
     if not checkpoints.is_foreign(settings.model.init):
         return None
-    return checkpoints.import_checkpoint(settings.model.init, settings.model.block_config, plugins)
+    return checkpoints.import_in_child(settings.model.init, settings.model.arch, plugin_modules)
 
 
 def _refuse_existing(run_dir: Path) -> None:

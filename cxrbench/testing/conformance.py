@@ -463,7 +463,7 @@ def test_onnx_cam_matches_the_native_cam(backend: Backend, exported):
     np.testing.assert_allclose(maps.mean(axis=(2, 3)) + bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
     identity = onnx_checks.cam_identity(info.path, images, info.layout, CAM_ATOL, 0.0)
     assert identity["passed"], identity
-    native = backend.cam(model, images, classes)
+    native = backend.cam(model, images, classes, settings)
     np.testing.assert_allclose(bias, native.bias, rtol=0, atol=0, err_msg="the bias travels bit-exact")
     stats = onnx_checks.diff_stats(native.maps, maps, settings.export.atol, settings.export.rtol)
     assert stats["passed"], stats
@@ -594,6 +594,25 @@ def test_bad_weights_file_is_a_weights_error(backend: Backend, tmp_path: Path, k
         backend.build(kit_settings(**{"model.init": str(path)}))
     assert named in str(caught.value)
     assert_one_line(caught.value)
+
+
+#: Every suffix a backend might import (``cxrbench.checkpoints.READERS``) and the core's own.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".h5", ".keras", ".weights.h5", ".ckpt", ".msgpack", ".bin")
+
+
+@pytest.mark.parametrize("suffix", CHECKPOINT_SUFFIXES)
+def test_import_checkpoint_of_garbage_is_none_or_one_line(backend: Backend, tmp_path: Path, suffix: str):
+    """``cxrbench_import_checkpoint`` (optional) answers ``None`` for a file not its kind and a one-line
+    ``WeightsError`` naming a file of its kind that it cannot read; never another exception."""
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(b"these bytes are no checkpoint of any framework")
+    try:
+        answer = backend.plugins.hook.cxrbench_import_checkpoint(path=path, block_config=(1, 1, 1, 1))
+    except WeightsError as error:
+        assert path.name in str(error)
+        assert_one_line(error)
+    else:
+        assert answer is None, f"{path.name}: garbage imported as {type(answer).__name__}"
 
 
 def test_non_finite_loss_raises_training_diverged(backend: Backend):

@@ -27,6 +27,8 @@ _NOT_A_WEIGHT = "num_batches_tracked"
 NATIVE_SUFFIXES = (".pt", ".pth")
 #: ``nn.DataParallel``'s ``module.`` and CheXNet's wrapper attribute ``densenet121.`` before torchvision's names.
 _CHECKPOINT_PREFIX = re.compile(r"^(?:module\.)?(?:densenet121\.)?")
+#: What ``torch.load(weights_only=True)`` names when a file pickles an object it does not allow.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 #: CheXNet's head is ``nn.Sequential(nn.Linear, nn.Sigmoid)``: its Linear is ``classifier.0``.
 _CLASSIFIER_IN_SEQUENTIAL = re.compile(r"^classifier\.0\.")
 
@@ -70,11 +72,12 @@ def _load(path: Path, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise WeightsError(f"{path}: refused: it pickles objects other than tensors and plain containers "
-                               f"(load it in PyTorch you trust and torch.save its state_dict)") from None
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise WeightsError(f"{path}: refused: it pickles {refused.group(1)}, not only tensors and plain containers "
+                               f"(if you trust it, load it in PyTorch and torch.save its state_dict)") from None
         raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # the unpickler fails on garbage in many ways (IndexError, KeyError, EOFError, ...)
         raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
 
 
