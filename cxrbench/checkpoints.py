@@ -10,7 +10,6 @@ own (:func:`import_in_child`), so every backend starts from the same canonical `
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -25,6 +24,7 @@ import numpy as np
 from cxrbench import weights as canonical
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.errors import WeightsError
+from cxrbench.files import sha256_of
 from cxrbench.initial_weights import CANONICAL_SUFFIX, KEYWORDS
 from cxrbench.suite import ARCHITECTURES
 
@@ -129,15 +129,6 @@ def is_foreign(init: str) -> bool:
     return init not in KEYWORDS and not init.endswith(CANONICAL_SUFFIX)
 
 
-def sha256(path: Path) -> str:
-    """The file's SHA-256, read in blocks: the record of which checkpoint a run started from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def record(source: Path, converted: str, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """``run.json``'s ``init_checkpoint``: where the run's initial weights came from."""
-    return {"source": str(source), "sha256": sha256(source), "file": converted, "tensors": len(weights)}
+    return {"source": str(source), "sha256": sha256_of(source), "file": converted, "tensors": len(weights)}

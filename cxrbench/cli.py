@@ -103,12 +103,13 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
 def _cmd_weights_import(args: argparse.Namespace) -> int:
     from cxrbench import checkpoints, weights
+    from cxrbench.files import sha256_of
     from cxrbench.plugins import load_plugins
 
     imported = checkpoints.import_checkpoint(args.file, ARCHITECTURES[args.arch], load_plugins(args.plugin))
     out = weights.save(imported, args.out)
     print(f"{out}: {len(imported)} canonical tensors of {args.arch} from {args.file} "
-          f"(sha256 {checkpoints.sha256(Path(args.file))[:16]})")
+          f"(sha256 {sha256_of(Path(args.file))[:16]})")
     return EXIT_OK
 
 

@@ -24,6 +24,8 @@ from cxrbench.checks.onnx import normalise
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.cli import main
 from cxrbench.errors import WeightsError
+from cxrbench.files import sha256_of
+from cxrbench.initial_weights import same_start
 from cxrbench.plugins import load_plugins
 from cxrbench.run.orchestrator import RunRequest, new_run
 from cxrbench.run_folder import IMPORTED_INIT
@@ -219,16 +221,6 @@ BAD_TORCH = {"unknown keys": _unknown_keys, "wrong architecture": _wrong_archite
              "1000-class head": _imagenet_head, "truncated": _truncated, "arbitrary object": _arbitrary_object}
 
 
-@pytest.mark.backends("pytorch")
-@pytest.mark.parametrize("kind", BAD_TORCH)
-def test_bad_torch_checkpoint_is_one_line_naming_the_file(tmp_path, plugins, kind):
-    path = tmp_path / "bad.pth"
-    pattern = BAD_TORCH[kind](path)
-    with pytest.raises(WeightsError, match=rf"^{tmp_path}/bad\.pth: .*{pattern}") as caught:
-        checkpoints.import_checkpoint(path, TINY, plugins)
-    assert_one_line(caught.value)
-
-
 def _keras_wrong_architecture(path: Path) -> str:
     keras_densenet(block_config=(2, 2, 2, 2)).save(path)
     return r"holds a DenseNet with blocks \(2, 2, 2, 2\)"
@@ -257,12 +249,17 @@ BAD_KERAS = {"wrong architecture": _keras_wrong_architecture, "unknown keys": _k
              "truncated": _keras_truncated, "1000-class head": _keras_imagenet_head}
 
 
-@pytest.mark.backends("keras")
-@pytest.mark.parametrize("kind", BAD_KERAS)
-def test_bad_keras_checkpoint_is_one_line_naming_the_file(tmp_path, plugins, kind):
-    path = tmp_path / "bad.h5"
-    pattern = BAD_KERAS[kind](path)
-    with pytest.raises(WeightsError, match=rf"^{tmp_path}/bad\.h5: .*{pattern}") as caught:
+#: Each bad file, written with the suffix of its framework, for the backend that must refuse it.
+BAD_FILES = [pytest.param(writer, suffix, id=f"{backend} {kind}", marks=pytest.mark.backends(backend))
+             for backend, suffix, writers in (("pytorch", ".pth", BAD_TORCH), ("keras", ".h5", BAD_KERAS))
+             for kind, writer in writers.items()]
+
+
+@pytest.mark.parametrize(("writer", "suffix"), BAD_FILES)
+def test_bad_checkpoint_is_one_line_naming_the_file(tmp_path, plugins, writer, suffix):
+    path = tmp_path / f"bad{suffix}"
+    pattern = writer(path)
+    with pytest.raises(WeightsError, match=rf"^{tmp_path}/bad\{suffix}: .*{pattern}") as caught:
         checkpoints.import_checkpoint(path, TINY, plugins)
     assert_one_line(caught.value)
 
@@ -276,6 +273,12 @@ def test_a_file_no_backend_reads_names_what_to_install(tmp_path, plugins):
                                  f".pth/.pt/.pth.tar, cxrbench-keras for .h5/.keras")
     with pytest.raises(WeightsError, match=r"missing\.pth: checkpoint file not found"):
         checkpoints.import_checkpoint(tmp_path / "missing.pth", TINY, plugins)
+
+
+def test_every_backend_starts_alike_from_shared_or_a_weights_file():
+    """The run's equivalence check runs then, an imported checkpoint (the run's imported_init.npz) included."""
+    assert same_start("shared") and same_start(f"/runs/r/{IMPORTED_INIT}") and same_start("w.npz")
+    assert not same_start("framework") and not same_start("imagenet") and not same_start("model.pth.tar")
 
 
 def test_found_block_config_reads_the_layer_names():
@@ -312,7 +315,7 @@ def test_run_converts_model_init_once_and_records_its_source(tmp_path, images):
     converted = tmp_path / "run" / IMPORTED_INIT
     assert orchestrator.settings.model.init == str(converted.absolute())
     record = orchestrator.run["init_checkpoint"]
-    assert record == {"source": str(path), "sha256": checkpoints.sha256(path), "file": IMPORTED_INIT,
+    assert record == {"source": str(path), "sha256": sha256_of(path), "file": IMPORTED_INIT,
                       "tensors": len(canonical.densenet_spec(TINY))}
     expected = checkpoints.import_checkpoint(path, TINY, load_plugins())
     written = canonical.load(converted)

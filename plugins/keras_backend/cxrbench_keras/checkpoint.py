@@ -27,7 +27,8 @@ from cxrbench.errors import WeightsError, first_line
 from cxrbench_keras.weights import canonical_prefix, to_canonical
 
 #: Variable names of each kind of layer, in the order :func:`cxrbench_keras.weights.to_canonical` takes them.
-_VARIABLES = {"bn": ("gamma", "beta", "moving_mean", "moving_variance"), "conv": ("kernel",), "dense": ("kernel", "bias")}
+_VARIABLES = {"bn": ("gamma", "beta", "moving_mean", "moving_variance"), "conv": ("kernel",),
+              "dense": ("kernel", "bias")}
 #: The legacy HDF5 root group of a whole saved model (a weights-only file has the layers at its root).
 _LEGACY_ROOT = "model_weights"
 

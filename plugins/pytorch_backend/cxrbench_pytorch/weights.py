@@ -97,7 +97,8 @@ def import_checkpoint(path: Path, block_config: tuple[int, ...]) -> dict[str, np
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         content = content["state_dict"]
     state = {_CHECKPOINT_PREFIX.sub("", key): value for key, value in _tensors(content, path).items()}
-    weights = {_CLASSIFIER_IN_SEQUENTIAL.sub("classifier.", key): value for key, value in from_state_dict(state).items()}
+    weights = {_CLASSIFIER_IN_SEQUENTIAL.sub("classifier.", key): value
+               for key, value in from_state_dict(state).items()}
     check_densenet(weights, block_config, str(path))
     return weights
 
