@@ -30,7 +30,7 @@ from cxrbench.plugins import load_plugins
 from cxrbench.run.orchestrator import RunRequest, new_run
 from cxrbench.run_folder import IMPORTED_INIT
 from cxrbench.suite import ARCHITECTURES
-from cxrbench.testing.conformance import assert_one_line, kit_settings, open_backend, random_images
+from cxrbench.testing.conformance import assert_one_line, kit_settings, open_backend, random_canonical, random_images
 
 TINY = ARCHITECTURES["densenet-tiny"]
 SIZE = 64
@@ -174,6 +174,36 @@ def test_imported_checkpoint_gives_the_originals_logits_in_every_backend(tmp_pat
         np.testing.assert_allclose(got, logits["pytorch"], atol=ATOL, rtol=0, err_msg=f"{name} vs pytorch")
         mine = sigmoid(got) if kind == "probabilities" else got
         np.testing.assert_allclose(mine, original, atol=ATOL, rtol=0, err_msg=f"{name} vs the original {layout}")
+
+
+def save_keras_network(model, path: Path) -> None:
+    model.network.save_weights(path) if path.name.endswith(".weights.h5") else model.network.save(path)
+
+
+def save_torch_network(model, path: Path) -> None:
+    import torch
+
+    torch.save(model.net.state_dict(), path)
+
+
+#: Each backend's own files, written from its model object.
+OWN_FILES = [pytest.param(name, suffix, save, id=f"{name}{suffix}", marks=pytest.mark.backends(name))
+             for name, save, suffixes in (("keras", save_keras_network, (".keras", ".weights.h5", ".h5")),
+                                          ("pytorch", save_torch_network, (".pth",)))
+             for suffix in suffixes]
+
+
+@pytest.mark.parametrize(("name", "suffix", "save"), OWN_FILES)
+def test_a_backends_own_files_import_bitwise(tmp_path, plugins, name, suffix, save):
+    """What a backend writes itself comes back exactly: the weights it was built from, bit for bit."""
+    settings = kit_settings(SIZE, **{"model.arch": "densenet-tiny"})
+    weights = random_canonical(TINY, seed=21)
+    path = tmp_path / f"own{suffix}"
+    save(open_backend(name, []).build(settings, weights), path)
+    got = checkpoints.import_checkpoint(path, TINY, plugins)
+    assert got.keys() == weights.keys()
+    for key, value in weights.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 # -- bad checkpoints: one line each, naming the file -----------------------------------------------
