@@ -140,10 +140,18 @@ def keras_densenet(block_config=TINY, top="predictions", classes=NUM_CLASSES, se
     return model
 
 
+def save_keras(network, path: Path) -> None:
+    """Keras 3 writes ``.weights.h5`` with ``save_weights`` only; ``.keras`` and legacy ``.h5`` with ``save``."""
+    if path.name.endswith(".weights.h5"):
+        network.save_weights(path)
+    else:
+        network.save(path)
+
+
 def write_keras(folder: Path, images: np.ndarray, suffix: str):
     model = keras_densenet()
     path = folder / f"densenet{suffix}"
-    model.save_weights(path) if suffix == ".weights.h5" else model.save(path)
+    save_keras(model, path)
     return path, np.asarray(model(normalise(images, "NHWC"), training=False)), "logits"
 
 
@@ -177,7 +185,7 @@ def test_imported_checkpoint_gives_the_originals_logits_in_every_backend(tmp_pat
 
 
 def save_keras_network(model, path: Path) -> None:
-    model.network.save_weights(path) if path.name.endswith(".weights.h5") else model.network.save(path)
+    save_keras(model.network, path)
 
 
 def save_torch_network(model, path: Path) -> None:
