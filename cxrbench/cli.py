@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cxrbench import __version__
 from cxrbench.errors import CxrError, StorageError, is_storage_fault, storage_error
+from cxrbench.suite import ARCHITECTURES
 
 #: Exit statuses (README "Exit status"): 128 + SIGPIPE, as a shell reports a pipeline reader that closed early.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
@@ -115,6 +116,18 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from cxrbench import checkpoints, weights
+    from cxrbench.files import sha256_of
+    from cxrbench.plugins import load_plugins
+
+    imported = checkpoints.import_checkpoint(args.file, ARCHITECTURES[args.arch], load_plugins(args.plugin))
+    out = weights.save(imported, args.out)
+    print(f"{out}: {len(imported)} canonical tensors of {args.arch} from {args.file} "
+          f"(sha256 {sha256_of(Path(args.file))[:16]})")
+    return EXIT_OK
+
+
 def _add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="NIH ChestX-ray14 folder (or a phantom one)")
     parser.add_argument("--split", default="official", choices=("official", "random-70-10-20"))
@@ -174,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--cache", help="cache folder (default: as for data prepare)")
     verify.add_argument("--no-rebuild", action="store_true", help="only report a mismatch; remove the corrupt cache")
     verify.set_defaults(func=_cmd_data_verify)
+
+    weights = commands.add_parser("weights", help="bring published checkpoints into the canonical weights")
+    weights_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    imports = weights_commands.add_parser("import", help="convert a framework's checkpoint (.pth, .pth.tar, .pt, "
+                                          ".h5, .keras) to canonical .npz weights, usable as model.init")
+    imports.add_argument("file", help="the checkpoint, read by the installed backend that knows its kind")
+    imports.add_argument("--out", required=True, help="canonical weights file to write (.npz)")
+    imports.add_argument("--arch", default="densenet121", choices=tuple(ARCHITECTURES), help="the DenseNet it holds")
+    imports.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
+    imports.set_defaults(func=_cmd_weights_import)
 
     from cxrbench.deploy import cli as deploy_cli
     from cxrbench.report import cli as report_cli

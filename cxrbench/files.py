@@ -8,6 +8,7 @@ killed mid-write. Framework-free and below every other module: it knows files, n
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -162,3 +163,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read in blocks of 1 MiB (a whole data set or checkpoint never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -123,6 +123,24 @@ def cxrbench_set_weights(model, weights):
     """
 
 
+@hookspec(firstresult=True)
+def cxrbench_import_checkpoint(path, block_config):
+    """Read a checkpoint file in the framework's own format as canonical weights (``cxrbench weights import``,
+    and ``model.init = FILE`` in a run). All plugins are asked; the first answer wins.
+
+    Decide by the file's suffix (and content) whether it is your kind, *before* importing the framework, so
+    other kinds cost nothing. Never unpickle arbitrary objects. Check what you read with
+    :func:`cxrbench.checkpoints.check_densenet`, which names a wrong architecture, a head of another class
+    count or unknown tensors in one line.
+
+    :param path: a :class:`pathlib.Path` to an existing file that is not ``.npz`` (the core reads those).
+    :param block_config: the DenseNet the weights are for (``settings.model.block_config``).
+    :return: canonical weights (float32, exactly :func:`cxrbench.weights.densenet_spec`), or ``None`` when the
+        file is not your kind. A file of your kind that is wrong (truncated, unknown keys, another architecture,
+        a pickle you refuse) is a one-line :class:`~cxrbench.errors.WeightsError` naming the file.
+    """
+
+
 # -- training ------------------------------------------------------------------------------------
 
 

@@ -69,6 +69,12 @@ def resolve(settings: Settings, weights: Mapping[str, np.ndarray] | None,
     return InitialWeights(Start.NATIVE_FILE, str(path), path=path)
 
 
+def same_start(init: str) -> bool:
+    """Whether every backend starts from the same canonical weights (``"shared"`` or a ``.npz`` file, an imported
+    checkpoint included), so their initial models must compute the same function (the run's equivalence check)."""
+    return init == "shared" or init.endswith(CANONICAL_SUFFIX)
+
+
 def _canonical(weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str) -> InitialWeights:
     canonical.validate(weights, block_config, origin)
     return InitialWeights(Start.CANONICAL, origin, weights=weights)

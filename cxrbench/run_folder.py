@@ -33,6 +33,8 @@ EQUIVALENCE_BATCH = "equivalence_batch.npy"
 SHARED_INIT = "shared_init.npz"
 #: Every seed's shared initial weights (``--repeats``: one file per seed, see :func:`shared_init_path`).
 SHARED_INIT_FILES = "shared_init*.npz"
+#: ``model.init = FILE`` (a framework's checkpoint), converted once to canonical weights for every backend.
+IMPORTED_INIT = "imported_init.npz"
 SWEEP_CSV = "sweep.csv"
 SWEEP_DIR = "sweep"
 

@@ -38,6 +38,7 @@ from cxrbench.data.index import DataIndex
 from cxrbench.data.nih import METADATA_FILES
 from cxrbench.data.prepared import PreparedData
 from cxrbench.errors import DataError, StorageError, is_storage_fault, storage_error
+from cxrbench.files import sha256_of
 
 #: 2: the manifest carries per-block checksums (format-1 caches get a new key and are rebuilt once).
 CACHE_FORMAT = 2
@@ -185,7 +186,7 @@ def _key_and_newest(index: DataIndex, size: int) -> tuple[str, int]:
         newest = max(newest, stat.st_mtime_ns)
     for name in METADATA_FILES:
         if (index.root / name).is_file():
-            _update(digest, [name, _file_sha256(index.root / name)])
+            _update(digest, [name, sha256_of(index.root / name)])
     _update(digest, {"excluded": sorted(index.excluded)})
     return digest.hexdigest(), newest
 
@@ -199,14 +200,6 @@ def _stat(path: Path) -> os.stat_result:
         return path.stat()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_valid(folder: Path, key: str, count: int, size: int) -> bool:

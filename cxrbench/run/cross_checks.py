@@ -17,15 +17,17 @@ from cxrbench.checks import equivalence as eq
 from cxrbench.checks.onnx import run_onnx
 from cxrbench.checks.ort_benchmark import benchmark
 from cxrbench.files import load_npz, read_json, write_json
+from cxrbench.initial_weights import same_start
 from cxrbench.run_folder import (COMPARISON_JSON, EQUIVALENCE_BATCH, EQUIVALENCE_NPZ, INIT_ONNX, INIT_ONNX_JSON,
                                  MODEL_ONNX, ONNX_JSON, PREDICTIONS_NPZ, SCHEMA_VERSION)
 from cxrbench.suite import Settings
 
 
 def equivalence_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
-    if settings.model.init != "shared":
+    if not same_start(settings.model.init):
         return {"skipped": f"model.init = {settings.model.init!r}: the backends start from different weights, "
-                           "so equal functions are not expected (use init = 'shared' to check)", "passed": None}
+                           "so equal functions are not expected (use init = 'shared' or a weights file to check)",
+                "passed": None}
     batch = np.load(run_dir / EQUIVALENCE_BATCH, allow_pickle=False)
     outputs, missing = {}, []
     for name in backends:

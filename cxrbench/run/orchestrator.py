@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from cxrbench import __version__, devices, timing
+from cxrbench import __version__, checkpoints, devices, timing
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
@@ -35,9 +35,9 @@ from cxrbench.run.cross_checks import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
 from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
-from cxrbench.run_folder import (EQUIVALENCE_BATCH, LOG_TXT, RUN_JSON, SCHEMA_VERSION, STATUS_JSON, backend_results,
-                                 current_status, gpus_folder, log_of, now_iso, repeat_folder, shared_init_path,
-                                 sweep_folder)
+from cxrbench.run_folder import (EQUIVALENCE_BATCH, IMPORTED_INIT, LOG_TXT, RUN_JSON, SCHEMA_VERSION, STATUS_JSON,
+                                 backend_results, current_status, gpus_folder, log_of, now_iso, repeat_folder,
+                                 shared_init_path, sweep_folder)
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -112,6 +112,10 @@ def new_run(request: RunRequest) -> "Orchestrator":
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
+    imported = _import_init(settings, request.plugins)
+    run_dir = request.out or _default_out(settings)
+    if imported is not None:
+        settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
     grid = sweep.parse_grid(request.sweep, settings)
     index = _dataset(plugins, settings)
     for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
@@ -120,7 +124,6 @@ def new_run(request: RunRequest) -> "Orchestrator":
             break
         settings, index = sized, _dataset(plugins, sized)
     _check_warmup(settings, index, counts, grid)
-    run_dir = request.out or _default_out(settings)
     _refuse_existing(run_dir)
     run = {
         "schema_version": SCHEMA_VERSION,
@@ -141,8 +144,19 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "scaling": None,
         "repeats": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
+        "init_checkpoint": checkpoints.record(Path(request.settings.model.init), IMPORTED_INIT, imported)
+        if imported is not None else None,
     }
-    return Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
+    orchestrator = Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
+    orchestrator.imported_init = imported
+    return orchestrator
+
+
+def _import_init(settings: Settings, plugin_modules: list[str]) -> dict[str, np.ndarray] | None:
+    """``model.init = FILE`` in a framework's format, as canonical weights (refused before the run folder exists)."""
+    if not checkpoints.is_foreign(settings.model.init):
+        return None
+    return checkpoints.import_in_child(settings.model.init, settings.model.arch, plugin_modules)
 
 
 def _refuse_existing(run_dir: Path) -> None:
@@ -176,6 +190,8 @@ class Orchestrator:
         self.monitor_interval = monitor_interval
         self.progress = Progress(self.backends)
         self.index, self.new = index, new
+        #: ``model.init``'s checkpoint as canonical weights, written to the run folder by :meth:`prepare`.
+        self.imported_init: dict[str, np.ndarray] | None = None
         self.lock = RunLock(self.run_dir)
 
     # -- before the workers ----------------------------------------------------------------------
@@ -206,6 +222,8 @@ class Orchestrator:
                 path = shared_init_path(self.run_dir, seed, settings.run.seed)
                 if not path.exists():
                     canonical.save(canonical.init_canonical(settings.model.block_config, seed), path)
+        if self.imported_init is not None and not (self.run_dir / IMPORTED_INIT).exists():
+            canonical.save(self.imported_init, self.run_dir / IMPORTED_INIT)
         if not (self.run_dir / EQUIVALENCE_BATCH).exists():
             batch = np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES])
             save_npy(self.run_dir / EQUIVALENCE_BATCH, batch)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench import __version__
+from cxrbench import initial_weights
 from cxrbench import weights as canonical
 from cxrbench.env import run_gpu_indices
 from cxrbench.errors import CxrError, DataError, StorageError
@@ -100,7 +101,7 @@ class Worker:
             if self.status.is_done("train"):
                 trained = canonical.load(self.folder / "weights_best.npz")
                 require_answer(self.hook.cxrbench_set_weights(model=ctx.model, weights=trained), "cxrbench_set_weights", self.backend)
-        shared = self.settings.model.init == "shared"
+        shared = initial_weights.same_start(self.settings.model.init)
         self._stage("equivalence", "equivalence" in selected and shared, lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"))
         for name in ("train", "evaluate", "cam", "export"):
             enabled = name in selected and name in suite_stages and (name != "export" or self.settings.export.onnx)

@@ -602,6 +602,25 @@ def test_bad_weights_file_is_a_weights_error(backend: Backend, tmp_path: Path, k
     assert_one_line(caught.value)
 
 
+#: Every suffix a backend might import (``cxrbench.checkpoints.READERS``) and the core's own.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".h5", ".keras", ".weights.h5", ".ckpt", ".msgpack", ".bin")
+
+
+@pytest.mark.parametrize("suffix", CHECKPOINT_SUFFIXES)
+def test_import_checkpoint_of_garbage_is_none_or_one_line(backend: Backend, tmp_path: Path, suffix: str):
+    """``cxrbench_import_checkpoint`` (optional) answers ``None`` for a file not its kind and a one-line
+    ``WeightsError`` naming a file of its kind that it cannot read; never another exception."""
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(b"these bytes are no checkpoint of any framework")
+    try:
+        answer = backend.plugins.hook.cxrbench_import_checkpoint(path=path, block_config=(1, 1, 1, 1))
+    except WeightsError as error:
+        assert path.name in str(error)
+        assert_one_line(error)
+    else:
+        assert answer is None, f"{path.name}: garbage imported as {type(answer).__name__}"
+
+
 def test_non_finite_loss_raises_training_diverged(backend: Backend):
     settings = kit_settings(**{"train.learning_rate": math.inf, "train.max_steps": 2})
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=13))

@@ -17,6 +17,8 @@ from cxrbench.model_inputs import check_cam_inputs, check_images
 os.environ["KERAS_BACKEND"] = "tensorflow"
 
 NAME = "keras"
+#: Checkpoints this backend imports (``cxrbench weights import``): legacy HDF5, Keras 3 weights and archives.
+CHECKPOINT_SUFFIXES = (".h5", ".keras")
 
 
 def _version(distribution: str) -> str:
@@ -68,6 +70,17 @@ def cxrbench_set_weights(model, weights):
 
     set_weights(model.network, weights, model.block_config)
     return True
+
+
+@hookimpl
+def cxrbench_import_checkpoint(path, block_config):
+    from pathlib import Path
+
+    if not Path(path).name.endswith(CHECKPOINT_SUFFIXES):  # decided before TensorFlow is imported
+        return None
+    from cxrbench_keras.checkpoint import import_checkpoint
+
+    return import_checkpoint(Path(path), tuple(block_config))
 
 
 @hookimpl

@@ -43,7 +43,7 @@ def canonical_prefix(layer_name: str) -> tuple[str, str] | None:
     return None
 
 
-def _to_canonical(kind: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+def to_canonical(kind: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     if kind == "conv":
         return {"weight": arrays[0].transpose(3, 2, 0, 1)}
     if kind == "dense":
@@ -74,7 +74,7 @@ def get_weights(network) -> dict[str, np.ndarray]:
     """The network's weights as a canonical dict (float32, torchvision order and layout)."""
     out: dict[str, np.ndarray] = {}
     for layer, prefix, kind in _mapped_layers(network):
-        for part, value in _to_canonical(kind, layer.get_weights()).items():
+        for part, value in to_canonical(kind, layer.get_weights()).items():
             out[f"{prefix}.{part}"] = np.ascontiguousarray(value, dtype=np.float32)
     return out
 

@@ -13,6 +13,8 @@ from cxrbench.hookspecs import hookimpl
 from cxrbench.model_inputs import check_cam_inputs, check_images
 
 NAME = "pytorch"
+#: Checkpoints this backend imports (``cxrbench weights import``): torch state_dicts and training checkpoints.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar")
 
 
 @hookimpl
@@ -53,6 +55,17 @@ def cxrbench_set_weights(model, weights):
 
     tv_weights.put(model.net, weights, model.block_config)
     return True
+
+
+@hookimpl
+def cxrbench_import_checkpoint(path, block_config):
+    from pathlib import Path
+
+    if not Path(path).name.endswith(CHECKPOINT_SUFFIXES):  # decided before torch is imported
+        return None
+    from cxrbench_pytorch import weights
+
+    return weights.import_checkpoint(Path(path), tuple(block_config))
 
 
 @hookimpl

@@ -25,6 +25,12 @@ _OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\
 _NOT_A_WEIGHT = "num_batches_tracked"
 #: Weight files this backend reads itself (``model.init``): torch state_dicts. The core reads ``.npz``.
 NATIVE_SUFFIXES = (".pt", ".pth")
+#: ``nn.DataParallel``'s ``module.`` and CheXNet's wrapper attribute ``densenet121.`` before torchvision's names.
+_CHECKPOINT_PREFIX = re.compile(r"^(?:module\.)?(?:densenet121\.)?")
+#: What ``torch.load(weights_only=True)`` names when a file pickles an object it does not allow.
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+#: CheXNet's head is ``nn.Sequential(nn.Linear, nn.Sigmoid)``: its Linear is ``classifier.0``.
+_CLASSIFIER_IN_SEQUENTIAL = re.compile(r"^classifier\.0\.")
 
 
 def get(net: nn.Module) -> dict[str, np.ndarray]:
@@ -58,13 +64,43 @@ def from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     """A torch state_dict file (:data:`NATIVE_SUFFIXES`) as canonical arrays, read without unpickling objects."""
+    return from_state_dict(_tensors(_load(path, "torch state_dict"), path))
+
+
+def _load(path: Path, what: str) -> object:
+    """``torch.load`` with ``weights_only``: tensors and plain containers only, never arbitrary objects."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable torch state_dict ({first_line(exc, with_type=True)})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise WeightsError(f"{path}: refused: it pickles {refused.group(1)}, not only tensors and plain containers "
+                               f"(if you trust it, load it in PyTorch and torch.save its state_dict)") from None
+        raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
+    except Exception as exc:  # the unpickler fails on garbage in many ways (IndexError, KeyError, EOFError, ...)
+        raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
+
+
+def _tensors(state: object, path: Path) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state_dict (tensor names -> tensors), found {type(state).__name__}")
-    return from_state_dict(state)
+    return state
+
+
+def import_checkpoint(path: Path, block_config: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A torchvision DenseNet state_dict, or a training checkpoint holding one under ``"state_dict"`` (CheXNet's
+    ``model.pth.tar``: ``module.densenet121.`` prefixes, the released key names, ``classifier.0`` before a Sigmoid),
+    as canonical weights checked against ``block_config``."""
+    from cxrbench.checkpoints import check_densenet
+
+    content = _load(path, "torch checkpoint")
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    state = {_CHECKPOINT_PREFIX.sub("", key): value for key, value in _tensors(content, path).items()}
+    weights = {_CLASSIFIER_IN_SEQUENTIAL.sub("classifier.", key): value
+               for key, value in from_state_dict(state).items()}
+    check_densenet(weights, block_config, str(path))
+    return weights
 
 
 def imagenet(block_config: tuple[int, ...], classifier: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
