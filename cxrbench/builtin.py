@@ -13,7 +13,11 @@ def cxrbench_dataset(settings):
 
     data = settings.data
     if data.source == "phantom":
-        root = Path(data.path) if data.path else phantom.ensure_default(data.phantom_images, data.phantom_size, settings.run.seed)
+        root = (
+            Path(data.path)
+            if data.path
+            else phantom.ensure_default(data.phantom_images, data.phantom_size, settings.run.seed)
+        )
     elif data.source == "chestxray14":
         root = Path(data.path) if data.path else None
         if root is None:

@@ -44,8 +44,9 @@ def jet(heat: np.ndarray) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
-def overlay(gray: np.ndarray | None, heat: np.ndarray, true_boxes: Iterable[Box],
-            predicted_boxes: Iterable[Box]) -> Image.Image:
+def overlay(
+    gray: np.ndarray | None, heat: np.ndarray, true_boxes: Iterable[Box], predicted_boxes: Iterable[Box]
+) -> Image.Image:
     """The overlay of the 0-255 ``heat`` map on the uint8 ``gray`` image (black when None), with its boxes."""
     coloured = jet(heat) * 255.0
     base = np.repeat(np.asarray(gray, dtype=np.float64)[..., None], 3, axis=2) if gray is not None else 0.0

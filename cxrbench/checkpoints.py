@@ -99,12 +99,16 @@ def check_densenet(weights: Mapping[str, Any], block_config: tuple[int, ...], or
         raise WeightsError(f"{origin}: unknown tensor {unknown[0]!r} ({len(unknown)} not in a DenseNet's layout)")
     found = found_block_config(weights)
     if found != tuple(block_config):
-        raise WeightsError(f"{origin}: holds a DenseNet with blocks {found}{_arch_name(found)}, not "
-                           f"{tuple(block_config)}{_arch_name(block_config)}: choose the matching model.arch / --arch")
+        raise WeightsError(
+            f"{origin}: holds a DenseNet with blocks {found}{_arch_name(found)}, not "
+            f"{tuple(block_config)}{_arch_name(block_config)}: choose the matching model.arch / --arch"
+        )
     head = tuple(np.shape(weights.get("classifier.weight", ())))
     if len(head) == 2 and head[0] != NUM_CLASSES:
-        raise WeightsError(f"{origin}: its classifier has {head[0]} classes, not the {NUM_CLASSES} of ChestX-ray14 "
-                           f"(an ImageNet head?): import a checkpoint with a {NUM_CLASSES}-way head")
+        raise WeightsError(
+            f"{origin}: its classifier has {head[0]} classes, not the {NUM_CLASSES} of ChestX-ray14 "
+            f"(an ImageNet head?): import a checkpoint with a {NUM_CLASSES}-way head"
+        )
     canonical.validate(weights, block_config, origin)
 
 

@@ -28,10 +28,16 @@ def _cmd_backends(args: argparse.Namespace) -> int:
     devices = ", ".join(["cpu"] + [f"cuda:{d['index']} {d['name']}" for d in gpus["devices"]])
     rows = [(info.name, info.framework, info.version, info.plugin, devices) for info in plugins.backends.values()]
     if args.json:
-        listed = [{**dict(zip(("name", "framework", "version", "plugin", "devices"), row)), "extra": info.extra}
-                  for row, info in zip(rows, plugins.backends.values())]
-        print(json.dumps({"backends": listed,
-                          "failures": [{"plugin": f.name, "error": f.error} for f in plugins.failures]}, indent=2))
+        listed = [
+            {**dict(zip(("name", "framework", "version", "plugin", "devices"), row)), "extra": info.extra}
+            for row, info in zip(rows, plugins.backends.values())
+        ]
+        print(
+            json.dumps(
+                {"backends": listed, "failures": [{"plugin": f.name, "error": f.error} for f in plugins.failures]},
+                indent=2,
+            )
+        )
     else:
         _print_table(("backend", "framework", "version", "plugin", "devices"), rows)
         for failure in plugins.failures:
@@ -49,8 +55,10 @@ def _check_backends(names: list[str], args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checks": rows}, indent=2))
     else:
-        _print_table(("backend", "python", "framework sees", "verdict"),
-                     [(r["backend"], r["python"], ", ".join(r.get("devices") or []) or "-", r["verdict"]) for r in rows])
+        _print_table(
+            ("backend", "python", "framework sees", "verdict"),
+            [(r["backend"], r["python"], ", ".join(r.get("devices") or []) or "-", r["verdict"]) for r in rows],
+        )
     return 0 if all(r["ok"] for r in rows) else 1
 
 
@@ -91,8 +99,13 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from cxrbench.data import cache
 
     index = _read_index(args)
-    prepared = cache.prepare(index, args.size, cache_dir=Path(args.cache) if args.cache else None,
-                             workers=args.workers, progress=not args.quiet)
+    prepared = cache.prepare(
+        index,
+        args.size,
+        cache_dir=Path(args.cache) if args.cache else None,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     for note in index.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"prepared {len(index)} images at {args.size} px: key {prepared.key[:16]} ({prepared.images.filename})")
@@ -110,8 +123,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_verify(args: argparse.Namespace) -> int:
     from cxrbench.data import cache
 
-    result = cache.verify(_read_index(args), args.size, cache_dir=Path(args.cache) if args.cache else None,
-                          rebuild=not args.no_rebuild)
+    result = cache.verify(
+        _read_index(args), args.size, cache_dir=Path(args.cache) if args.cache else None, rebuild=not args.no_rebuild
+    )
     print(result.message)
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -123,8 +137,10 @@ def _cmd_weights_import(args: argparse.Namespace) -> int:
 
     imported = checkpoints.import_checkpoint(args.file, ARCHITECTURES[args.arch], load_plugins(args.plugin))
     out = weights.save(imported, args.out)
-    print(f"{out}: {len(imported)} canonical tensors of {args.arch} from {args.file} "
-          f"(sha256 {sha256_of(Path(args.file))[:16]})")
+    print(
+        f"{out}: {len(imported)} canonical tensors of {args.arch} from {args.file} "
+        f"(sha256 {sha256_of(Path(args.file))[:16]})"
+    )
     return EXIT_OK
 
 
@@ -145,13 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     backends = commands.add_parser("backends", help="list installed backends (no framework is imported)")
-    backends.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
+    backends.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module"
+    )
     backends.add_argument("--json", action="store_true")
-    backends.add_argument("--check", action="store_true",
-                          help="import each backend in a process (its environment) of its own and check the devices "
-                               "its framework sees against NVML's GPUs; exit 1 when one is blind to a GPU")
-    backends.add_argument("--python", action="append", default=[], metavar="BACKEND=PATH",
-                          help="with --check: that backend's interpreter (as for cxrbench run)")
+    backends.add_argument(
+        "--check",
+        action="store_true",
+        help="import each backend in a process (its environment) of its own and check the devices "
+        "its framework sees against NVML's GPUs; exit 1 when one is blind to a GPU",
+    )
+    backends.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="BACKEND=PATH",
+        help="with --check: that backend's interpreter (as for cxrbench run)",
+    )
     backends.set_defaults(func=_cmd_backends)
 
     env = commands.add_parser("env", help="print the environment capture as JSON")
@@ -169,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_commands.add_parser("prepare", help="decode, gray and resize every image once into the cache")
     _add_index_options(prepare)
     prepare.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
-    prepare.add_argument("--cache", help="cache folder (default: $CXRBENCH_CACHE/prepared or ~/.cache/cxrbench/prepared)")
+    prepare.add_argument(
+        "--cache", help="cache folder (default: $CXRBENCH_CACHE/prepared or ~/.cache/cxrbench/prepared)"
+    )
     prepare.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(func=_cmd_data_prepare)
@@ -180,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-verify", action="store_true", help="do not decode every image")
     check.set_defaults(func=_cmd_data_check)
 
-    verify = data_commands.add_parser("verify", help="check every block of a prepared cache against its checksum; "
-                                      "a mismatch rebuilds it (exit 1)")
+    verify = data_commands.add_parser(
+        "verify", help="check every block of a prepared cache against its checksum; a mismatch rebuilds it (exit 1)"
+    )
     _add_index_options(verify)
     verify.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
     verify.add_argument("--cache", help="cache folder (default: as for data prepare)")
@@ -190,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = commands.add_parser("weights", help="bring published checkpoints into the canonical weights")
     weights_commands = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-    imports = weights_commands.add_parser("import", help="convert a framework's checkpoint (.pth, .pth.tar, .pt, "
-                                          ".h5, .keras) to canonical .npz weights, usable as model.init")
+    imports = weights_commands.add_parser(
+        "import",
+        help="convert a framework's checkpoint (.pth, .pth.tar, .pt, "
+        ".h5, .keras) to canonical .npz weights, usable as model.init",
+    )
     imports.add_argument("file", help="the checkpoint, read by the installed backend that knows its kind")
     imports.add_argument("--out", required=True, help="canonical weights file to write (.npz)")
     imports.add_argument("--arch", default="densenet121", choices=tuple(ARCHITECTURES), help="the DenseNet it holds")

@@ -28,8 +28,13 @@ def check_backend(name: str, python: str = sys.executable) -> dict[str, Any]:
     """One backend's row: the interpreter, what its framework sees, NVML's count and the verdict."""
     row: dict[str, Any] = {"backend": name, "python": python}
     try:
-        done = subprocess.run([python, "-c", _PROBE, name], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                              env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+        done = subprocess.run(
+            [python, "-c", _PROBE, name],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env={**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {**row, "ok": False, "verdict": f"could not run: {type(exc).__name__}: {exc}".splitlines()[0]}
     if done.returncode != 0:
@@ -37,13 +42,22 @@ def check_backend(name: str, python: str = sys.executable) -> dict[str, Any]:
         return {**row, "ok": False, "verdict": f"failed to import: {last}"}
     found = json.loads(done.stdout.strip().splitlines()[-1])
     if found["devices"] is None:
-        return {**row, "ok": True, "devices": None, "nvml_gpus": found["nvml_gpus"],
-                "verdict": "the backend does not list its devices (cxrbench_devices)"}
+        return {
+            **row,
+            "ok": True,
+            "devices": None,
+            "nvml_gpus": found["nvml_gpus"],
+            "verdict": "the backend does not list its devices (cxrbench_devices)",
+        }
     gpus = len(found["devices"]) - 1  # "cpu" first
     row.update(devices=found["devices"], gpus=gpus, nvml_gpus=found["nvml_gpus"])
     if gpus < found["nvml_gpus"]:
-        return {**row, "ok": False, "verdict": f"sees {gpus} of the {found['nvml_gpus']} GPU(s) NVML shows: its CUDA "
-                                               "libraries did not load here; give it its own environment (--python)"}
+        return {
+            **row,
+            "ok": False,
+            "verdict": f"sees {gpus} of the {found['nvml_gpus']} GPU(s) NVML shows: its CUDA "
+            "libraries did not load here; give it its own environment (--python)",
+        }
     return {**row, "ok": True, "verdict": "ok"}
 
 

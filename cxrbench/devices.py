@@ -82,12 +82,14 @@ def nvml_gpus(nvml) -> list[Gpu]:
             gpus.append(Gpu(index, "unreadable GPU (NVML refused its handle)"))
             continue
         memory = guarded(lambda handle=handle: nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20)
-        gpus.append(Gpu(
-            nvml_index=index,
-            name=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetName(handle)), "unknown GPU"),
-            uuid=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetUUID(handle))),
-            memory_total_mib=memory,
-        ))
+        gpus.append(
+            Gpu(
+                nvml_index=index,
+                name=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetName(handle)), "unknown GPU"),
+                uuid=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetUUID(handle))),
+                memory_total_mib=memory,
+            )
+        )
     return gpus
 
 

@@ -22,8 +22,31 @@ from cxrbench import devices
 from cxrbench.errors import BackendError
 
 PACKAGES = (
-    "cxrbench", "cxrbench-pytorch", "cxrbench-keras", "cxrbench-jax", "numpy", "scipy", "scikit-learn", "pillow",
-    "pluggy", "torch", "torchvision", "tensorflow", "keras", "tf2onnx", "jax", "jaxlib", "flax", "optax", "onnx", "onnxruntime", "onnxscript", "nvidia-ml-py", "gputil", "jinja2", "matplotlib",
+    "cxrbench",
+    "cxrbench-pytorch",
+    "cxrbench-keras",
+    "cxrbench-jax",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "pillow",
+    "pluggy",
+    "torch",
+    "torchvision",
+    "tensorflow",
+    "keras",
+    "tf2onnx",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "nvidia-ml-py",
+    "gputil",
+    "jinja2",
+    "matplotlib",
 )
 
 
@@ -64,8 +87,13 @@ def gpu_inventory() -> dict[str, Any]:
     try:
         driver = devices.guarded(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
         cuda = devices.guarded(pynvml.nvmlSystemGetCudaDriverVersion)
-        return _inventory(devices.nvml_gpus(pynvml), spec, source="nvml", driver=driver,
-                          cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None)
+        return _inventory(
+            devices.nvml_gpus(pynvml),
+            spec,
+            source="nvml",
+            driver=driver,
+            cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None,
+        )
     except Exception as exc:  # NVML initialised but cannot even count: say so, never crash the caller
         return _inventory([], spec, reason=f"NVML failed: {type(exc).__name__}: {exc}")
     finally:
@@ -110,8 +138,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _inventory(every: list[devices.Gpu], spec: str | None, source: str = "device nodes", reason: str | None = None,
-               **driver: Any) -> dict[str, Any]:
+def _inventory(
+    every: list[devices.Gpu], spec: str | None, source: str = "device nodes", reason: str | None = None, **driver: Any
+) -> dict[str, Any]:
     shown = devices.visible(every, spec)
     inventory = {
         "available": bool(shown),
@@ -132,7 +161,9 @@ def _inventory(every: list[devices.Gpu], spec: str | None, source: str = "device
 def git_commit(path: Path | None = None) -> str | None:
     root = path or Path(cxrbench.__file__).resolve().parent.parent
     try:
-        result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        result = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:
@@ -154,5 +185,9 @@ def capture() -> dict[str, Any]:
         "packages": package_versions(),
         "gpu": gpu_inventory(),
         "git_commit": git_commit(),
-        "env": {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "KERAS_BACKEND", "TF_ENABLE_ONEDNN_OPTS")
+            if k in os.environ
+        },
     }

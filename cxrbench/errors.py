@@ -39,24 +39,34 @@ class BackendError(CxrError):
 
 def out_of_memory(device: str, batch_size: int, doing: str) -> BackendError:
     """The one message every backend gives when its device runs out of memory, naming what to lower."""
-    return BackendError(f"out of memory on {device} while {doing} at batch size {batch_size} (train.batch_size): "
-                        "lower train.batch_size or data.image_size")
+    return BackendError(
+        f"out of memory on {device} while {doing} at batch size {batch_size} (train.batch_size): "
+        "lower train.batch_size or data.image_size"
+    )
 
 
 #: Allocation failures libraries report as their own errors, not as the framework's out-of-memory type (cuDNN and
 #: cuBLAS workspaces, CUDA driver calls, XLA's allocator): their messages carry one of these.
-ALLOCATION_FAILURES = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA_ERROR_OUT_OF_MEMORY",
-                       "cudaErrorMemoryAllocation", "RESOURCE_EXHAUSTED")
+ALLOCATION_FAILURES = (
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "cudaErrorMemoryAllocation",
+    "RESOURCE_EXHAUSTED",
+)
 
 
-def is_out_of_memory(error: BaseException, framework_error: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+def is_out_of_memory(
+    error: BaseException, framework_error: type[BaseException] | tuple[type[BaseException], ...]
+) -> bool:
     """The framework's out-of-memory type, or another error whose message names a failed device allocation."""
     return isinstance(error, framework_error) or any(marker in str(error) for marker in ALLOCATION_FAILURES)
 
 
 @contextmanager
-def out_of_memory_as_error(framework_error: type[BaseException] | tuple[type[BaseException], ...], device: str,
-                           batch_size: int, doing: str) -> Iterator[None]:
+def out_of_memory_as_error(
+    framework_error: type[BaseException] | tuple[type[BaseException], ...], device: str, batch_size: int, doing: str
+) -> Iterator[None]:
     """Turn running out of device memory (:func:`is_out_of_memory`), and only that, into :func:`out_of_memory`'s
     one line; any other error passes unchanged."""
     try:

@@ -93,8 +93,10 @@ def require_space(folder: Path, needed: int, what: str) -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     free, total = shutil.disk_usage(existing).free, needed + SPACE_MARGIN_BYTES
     if free < total:
-        raise StorageError(f"{folder}: {what} needs {total:,} bytes ({total / 2**20:.0f} MiB) but only {free:,} bytes "
-                           "are free there: free space or choose a folder on another disk")
+        raise StorageError(
+            f"{folder}: {what} needs {total:,} bytes ({total / 2**20:.0f} MiB) but only {free:,} bytes "
+            "are free there: free space or choose a folder on another disk"
+        )
 
 
 def _json_default(value: Any) -> Any:

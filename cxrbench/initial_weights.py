@@ -47,8 +47,9 @@ class InitialWeights:
     path: Path | None = None
 
 
-def resolve(settings: Settings, weights: Mapping[str, np.ndarray] | None,
-            native_suffixes: Sequence[str] = ()) -> InitialWeights:
+def resolve(
+    settings: Settings, weights: Mapping[str, np.ndarray] | None, native_suffixes: Sequence[str] = ()
+) -> InitialWeights:
     """What to start from: ``weights`` when given, else ``settings.model.init``.
 
     :param native_suffixes: the file endings the backend reads itself (``(".pt", ".pth")``); any

@@ -58,12 +58,16 @@ def check(backend: str, record: Any) -> dict[str, Any]:
         raise BackendError(f"backend {backend!r}: the numerics record is {type(record).__name__}, not a dict")
     missing = [key for key in FIELDS if key not in record]
     if missing:
-        raise BackendError(f"backend {backend!r}: the numerics record lacks the key {missing[0]!r} "
-                           "(docs/devices-and-numerics.md lists every key)")
+        raise BackendError(
+            f"backend {backend!r}: the numerics record lacks the key {missing[0]!r} "
+            "(docs/devices-and-numerics.md lists every key)"
+        )
     unknown = [key for key in record if key not in FIELDS]
     if unknown:
-        raise BackendError(f"backend {backend!r}: the numerics record has the unknown key {unknown[0]!r} "
-                           f"(framework-specific values go under {FRAMEWORK!r})")
+        raise BackendError(
+            f"backend {backend!r}: the numerics record has the unknown key {unknown[0]!r} "
+            f"(framework-specific values go under {FRAMEWORK!r})"
+        )
     if not isinstance(record[FRAMEWORK], Mapping):
         raise BackendError(f"backend {backend!r}: the numerics record's {FRAMEWORK!r} is not a dict")
     return dict(record)

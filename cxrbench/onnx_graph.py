@@ -43,8 +43,12 @@ class GraphBuilder:
     def conv(self, x: str, prefix: str, stride: int = 1, pad: int = 0) -> str:
         kernel = self.weights[f"{prefix}.weight"].shape[2:]
         return self._node(
-            "Conv", [x, self._weight(f"{prefix}.weight")], prefix,
-            kernel_shape=list(kernel), strides=[stride, stride], pads=[pad] * 4,
+            "Conv",
+            [x, self._weight(f"{prefix}.weight")],
+            prefix,
+            kernel_shape=list(kernel),
+            strides=[stride, stride],
+            pads=[pad] * 4,
         )
 
     def bn_relu(self, x: str, prefix: str) -> str:
@@ -77,7 +81,11 @@ class GraphBuilder:
 
 
 def write_onnx(
-    weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], image_size: int, opset: int, path: Path,
+    weights: Mapping[str, np.ndarray],
+    block_config: tuple[int, ...],
+    image_size: int,
+    opset: int,
+    path: Path,
     producer: str = "cxrbench",
 ) -> None:
     """Build and save the graph with the classifier in its metadata (:func:`cam_metadata`: the graph's own

@@ -63,25 +63,55 @@ def _auroc_rows(name: str, report: dict) -> list[dict[str, Any]]:
     rows = []
     for cls, value in (report.get("per_class") or {}).items():
         low, high = _interval(per_class_ci.get(cls))
-        rows.append({"backend": name, "class": cls, "auroc": value, "ci_low": low, "ci_high": high,
-                     "positives": positives.get(cls), "no_interval": no_interval.get(cls)})
+        rows.append(
+            {
+                "backend": name,
+                "class": cls,
+                "auroc": value,
+                "ci_low": low,
+                "ci_high": high,
+                "positives": positives.get(cls),
+                "no_interval": no_interval.get(cls),
+            }
+        )
     low, high = _interval(ci.get("mean"))
-    rows.append({"backend": name, "class": MEAN_ROW, "auroc": report.get("mean"), "ci_low": low, "ci_high": high,
-                 "positives": None, "no_interval": None})
+    rows.append(
+        {
+            "backend": name,
+            "class": MEAN_ROW,
+            "auroc": report.get("mean"),
+            "ci_low": low,
+            "ci_high": high,
+            "positives": None,
+            "no_interval": None,
+        }
+    )
     return rows
 
 
 def _history_rows(name: str, history: list) -> list[dict[str, Any]]:
-    return [{"backend": name, **{k: v for k, v in record.items() if k not in _HISTORY_LISTS}}
-            for record in history if isinstance(record, dict)]
+    return [
+        {"backend": name, **{k: v for k, v in record.items() if k not in _HISTORY_LISTS}}
+        for record in history
+        if isinstance(record, dict)
+    ]
 
 
 def _throughput_rows(name: str, throughput: dict) -> list[dict[str, Any]]:
     rows = []
     for phase, entry in (throughput.get("phases") or {}).items():
         low, high = _interval(entry.get("interval"))
-        rows.append({"backend": name, "phase": phase, "images_per_s": entry.get("images_per_s"), "ci_low": low,
-                     "ci_high": high, "windows": entry.get("windows"), "steady": entry.get("steady")})
+        rows.append(
+            {
+                "backend": name,
+                "phase": phase,
+                "images_per_s": entry.get("images_per_s"),
+                "ci_low": low,
+                "ci_high": high,
+                "windows": entry.get("windows"),
+                "steady": entry.get("steady"),
+            }
+        )
     return rows
 
 
@@ -92,9 +122,17 @@ def _localisation_rows(name: str, localisation: dict) -> list[dict[str, Any]]:
         groups = {**(result.get("per_class") or {}), "(overall)": result.get("overall") or {}}
         for cls, entry in groups.items():
             for threshold, accuracy in (entry.get("accuracy") or {}).items():
-                rows.append({"backend": name, "metric": metric, "class": cls, "threshold": float(threshold),
-                             "accuracy": accuracy, "avg_fp": (entry.get("avg_fp") or {}).get(threshold),
-                             "boxes": entry.get("boxes")})
+                rows.append(
+                    {
+                        "backend": name,
+                        "metric": metric,
+                        "class": cls,
+                        "threshold": float(threshold),
+                        "accuracy": accuracy,
+                        "avg_fp": (entry.get("avg_fp") or {}).get(threshold),
+                        "boxes": entry.get("boxes"),
+                    }
+                )
     return rows
 
 
@@ -118,9 +156,13 @@ def load(run_dir: str | Path) -> Results:
         tables["throughput"] += _throughput_rows(name, backend.get("throughput") or {})
         tables["localisation"] += _localisation_rows(name, backend.get("localisation") or {})
     tables["utilisation"] = utilisation_table(run, {name: b.monitor_samples for name, b in run.backends.items()})
-    columns = {"auroc": ["backend", "class", "auroc"], "history": ["backend", "epoch"],
-               "throughput": ["backend", "phase", "images_per_s"], "utilisation": ["backend", "phase", "device"],
-               "localisation": ["backend", "metric", "class", "threshold", "accuracy"]}
+    columns = {
+        "auroc": ["backend", "class", "auroc"],
+        "history": ["backend", "epoch"],
+        "throughput": ["backend", "phase", "images_per_s"],
+        "utilisation": ["backend", "phase", "device"],
+        "localisation": ["backend", "metric", "class", "threshold", "accuracy"],
+    }
     frames = {t: _frame(pandas, str(run_dir), rows, columns[t]) for t, rows in tables.items()}
     return Results(run=str(run_dir), **frames)
 
@@ -129,4 +171,3 @@ def stack(results: list[Results], table: str):
     """One table of several runs, one under the other (the ``run`` column tells them apart)."""
     pandas = _pandas()
     return pandas.concat([r.table(table) for r in results], ignore_index=True)
-

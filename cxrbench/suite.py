@@ -206,7 +206,9 @@ def _check_value(origin: str, key: str, f: dataclasses.Field, kind: Any, value: 
         raise SuiteError(f"{origin}: {key} must be {_type_name(kind)}, got {value!r}")
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
-        raise SuiteError(f"{origin}: {key} = {value!r} is not allowed (allowed: {', '.join(map(str, meta['choices']))})")
+        raise SuiteError(
+            f"{origin}: {key} = {value!r} is not allowed (allowed: {', '.join(map(str, meta['choices']))})"
+        )
     if "min" in meta and value < meta["min"]:
         raise SuiteError(f"{origin}: {key} = {value!r} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
@@ -233,9 +235,7 @@ def _build(raw: dict[str, Any], origin: str) -> Settings:
         values = {}
         for name, item in value.items():
             if name not in known:
-                raise SuiteError(
-                    f"{origin}: unknown key '{key}.{name}' (allowed in [{key}]: {', '.join(known)})"
-                )
+                raise SuiteError(f"{origin}: unknown key '{key}.{name}' (allowed in [{key}]: {', '.join(known)})")
             values[name] = _check_value(origin, f"{key}.{name}", known[name], hints[name], item)
         top[key] = section_cls(**values)
     return Settings(**top)

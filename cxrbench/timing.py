@@ -84,8 +84,15 @@ class WindowTimer:
     step, or a function of the batch for splits whose last batch is short.
     """
 
-    def __init__(self, iterable: Iterable, sync: Callable[[], None] = no_sync, images: int | Callable[[Any], int] = 1,
-                 warmup_steps: int = 1, window_steps: int = 5, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        iterable: Iterable,
+        sync: Callable[[], None] = no_sync,
+        images: int | Callable[[Any], int] = 1,
+        warmup_steps: int = 1,
+        window_steps: int = 5,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.waits = WaitTimer(iterable, clock)
         self.sync, self.clock = sync, clock
         self.count = images if callable(images) else (lambda batch, n=images: n)
@@ -154,8 +161,9 @@ class WindowTimer:
             self._close_window(self._synced_now())
 
 
-def timed_calls(function: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                chunk: int) -> tuple[np.ndarray, WindowTimer]:
+def timed_calls(
+    function: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int
+) -> tuple[np.ndarray, WindowTimer]:
     """``function`` over ``images`` in chunks of ``chunk``; each call after the first is one window.
 
     Each call returns a host numpy array, which is the synchronisation, so a window per call adds
@@ -194,17 +202,21 @@ def summarise(windows: Iterable[Sequence[float] | Window]) -> dict[str, Any]:
     }
 
 
-def no_steady_reason(steps_after_warmup: int, windows: int, warmup_steps: int, window_steps: int,
-                     timed: bool = True) -> str:
+def no_steady_reason(
+    steps_after_warmup: int, windows: int, warmup_steps: int, window_steps: int, timed: bool = True
+) -> str:
     """Why a run has no steady-state figure, in the words the summary prints."""
     if not timed:
         return "no steady state: the backend's loop does not time its batches (recorder.timed)"
-    return (f"no steady state: {steps_after_warmup} steps after warm-up (train.warmup_steps = {warmup_steps}) "
-            f"make {windows} window(s) of {window_steps} steps (train.window_steps), {MIN_WINDOWS} needed")
+    return (
+        f"no steady state: {steps_after_warmup} steps after warm-up (train.warmup_steps = {warmup_steps}) "
+        f"make {windows} window(s) of {window_steps} steps (train.window_steps), {MIN_WINDOWS} needed"
+    )
 
 
-def ratio_interval(value_rates: Sequence[float], base_rates: Sequence[float], rounds: int = RATIO_ROUNDS,
-                   seed: int = RATIO_SEED) -> list[float] | None:
+def ratio_interval(
+    value_rates: Sequence[float], base_rates: Sequence[float], rounds: int = RATIO_ROUNDS, seed: int = RATIO_SEED
+) -> list[float] | None:
     """95 % bootstrap interval of median(value) / median(base), resampling both backends' windows (seeded)."""
     value, base = np.asarray(value_rates, dtype=np.float64), np.asarray(base_rates, dtype=np.float64)
     if len(value) < MIN_WINDOWS or len(base) < MIN_WINDOWS:

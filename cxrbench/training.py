@@ -102,27 +102,54 @@ def window_fields(train: WindowTimer | None, validate: WindowTimer | None) -> di
     fields: dict[str, Any] = {}
     if train is not None:
         steady = summarise(train.windows)
-        fields.update(first_step_s=train.first_step_s, steady_images_per_s=steady["images_per_s"],
-                      steady_images_per_s_interval=steady["interval"], windows=steady["windows"],
-                      steps_after_warmup=train.steps_after_warmup,
-                      train_window_list=[w.to_list() for w in train.windows])
+        fields.update(
+            first_step_s=train.first_step_s,
+            steady_images_per_s=steady["images_per_s"],
+            steady_images_per_s_interval=steady["interval"],
+            windows=steady["windows"],
+            steps_after_warmup=train.steps_after_warmup,
+            train_window_list=[w.to_list() for w in train.windows],
+        )
     if validate is not None:
         steady = summarise(validate.windows)
-        fields.update(val_images_per_s=steady["images_per_s"], val_images_per_s_interval=steady["interval"],
-                      val_windows=steady["windows"], val_window_list=[w.to_list() for w in validate.windows])
+        fields.update(
+            val_images_per_s=steady["images_per_s"],
+            val_images_per_s_interval=steady["interval"],
+            val_windows=steady["windows"],
+            val_window_list=[w.to_list() for w in validate.windows],
+        )
     return fields
 
 
-def train_batches(data: PreparedData, settings: Settings, epoch: int, *, batch_size: int = 0, rank: int = 0,
-                  world: int = 1, loader_worker: int = 0, loader_workers: int = 1) -> Iterator[Batch]:
+def train_batches(
+    data: PreparedData,
+    settings: Settings,
+    epoch: int,
+    *,
+    batch_size: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    loader_worker: int = 0,
+    loader_workers: int = 1,
+) -> Iterator[Batch]:
     """This rank's training batches of ``epoch``: the seeded order and flips, ``train.max_steps`` steps at most.
 
     ``batch_size`` defaults to ``train.batch_size``; a process feeding several replicas asks for theirs at once.
     """
     train = settings.train
-    return data.batches("train", batch_size or train.batch_size, epoch=epoch, seed=settings.run.seed, shuffle=True,
-                        hflip=train.hflip, max_steps=train.max_steps, rank=rank, world=world,
-                        loader_worker=loader_worker, loader_workers=loader_workers)
+    return data.batches(
+        "train",
+        batch_size or train.batch_size,
+        epoch=epoch,
+        seed=settings.run.seed,
+        shuffle=True,
+        hflip=train.hflip,
+        max_steps=train.max_steps,
+        rank=rank,
+        world=world,
+        loader_worker=loader_worker,
+        loader_workers=loader_workers,
+    )
 
 
 def steps_per_epoch(data: PreparedData, settings: Settings, world: int = 1) -> int:
@@ -130,9 +157,17 @@ def steps_per_epoch(data: PreparedData, settings: Settings, world: int = 1) -> i
     return data.num_batches("train", settings.train.batch_size, world, max_steps=settings.train.max_steps)
 
 
-def train_epoch(recorder: Recorder, batches: Iterable, step: Callable[[Any], Any], *, epoch: int, steps: int,
-                sync: Callable[[], None], images: int | Callable[[Any], int],
-                fetch: Callable[[list[Any]], Any] = np.asarray) -> EpochOutcome:
+def train_epoch(
+    recorder: Recorder,
+    batches: Iterable,
+    step: Callable[[Any], Any],
+    *,
+    epoch: int,
+    steps: int,
+    sync: Callable[[], None],
+    images: int | Callable[[Any], int],
+    fetch: Callable[[list[Any]], Any] = np.asarray,
+) -> EpochOutcome:
     """Run ``step`` on every batch under the recorder's window timer, reporting progress without a host sync.
 
     ``step`` returns the step's mean loss as the framework holds it; the list of them goes to ``fetch``
@@ -153,9 +188,17 @@ def host_total(sums: list[Any], images: int) -> tuple[float, int]:
     return float(np.sum(np.asarray(sums, dtype=np.float64))), images
 
 
-def validation_loss(recorder: Recorder, data: PreparedData, settings: Settings, summed_loss: Callable[[Batch], Any],
-                    sync: Callable[[], None], total: Callable[[list[Any], int], tuple[float, int]] = host_total, *,
-                    rank: int = 0, world: int = 1) -> float:
+def validation_loss(
+    recorder: Recorder,
+    data: PreparedData,
+    settings: Settings,
+    summed_loss: Callable[[Batch], Any],
+    sync: Callable[[], None],
+    total: Callable[[list[Any], int], tuple[float, int]] = host_total,
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> float:
     """Mean binary cross-entropy per label over this rank's share of the validation split, every image once.
 
     ``summed_loss(batch)`` is the batch's loss summed over images and classes, left where the framework

@@ -37,7 +37,6 @@ def cache_dir(tmp_path, monkeypatch):
     return path
 
 
-
 def pytest_runtest_setup(item):
     for mark in item.iter_markers("backends"):
         reasons = [reason for reason in map(backends.missing, mark.args) if reason]

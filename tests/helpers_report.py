@@ -39,14 +39,31 @@ def _write(path: Path, data) -> None:
 
 def _environment(gpus: int) -> dict:
     devices = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559} for i in range(gpus)]
-    gpu = ({"available": True, "count": gpus, "devices": devices, "driver": "550.54.15", "cuda_driver": "12.4"}
-           if gpus else {"available": False, "count": 0, "devices": [], "reason": "NVML unavailable: NVMLError_LibraryNotFound"})
+    gpu = (
+        {"available": True, "count": gpus, "devices": devices, "driver": "550.54.15", "cuda_driver": "12.4"}
+        if gpus
+        else {"available": False, "count": 0, "devices": [], "reason": "NVML unavailable: NVMLError_LibraryNotFound"}
+    )
     return {
-        "os": "Linux-6.1.0-x86_64-with-glibc2.36", "python": "3.11.9", "cpu": "AMD EPYC 7B13",
-        "cpu_count_logical": 2, "cpu_count_physical": 1, "memory_total_gib": 7.8,
-        "packages": {"cxrbench": "0.1.0", "numpy": "2.1.3", "torch": "2.14.1", "torchvision": "0.29.1",
-                     "tensorflow": "2.21.0", "keras": "3.15.0", "onnx": "1.23.0", "onnxruntime": "1.32.0"},
-        "gpu": gpu, "git_commit": "6cf1d94", "env": {},
+        "os": "Linux-6.1.0-x86_64-with-glibc2.36",
+        "python": "3.11.9",
+        "cpu": "AMD EPYC 7B13",
+        "cpu_count_logical": 2,
+        "cpu_count_physical": 1,
+        "memory_total_gib": 7.8,
+        "packages": {
+            "cxrbench": "0.1.0",
+            "numpy": "2.1.3",
+            "torch": "2.14.1",
+            "torchvision": "0.29.1",
+            "tensorflow": "2.21.0",
+            "keras": "3.15.0",
+            "onnx": "1.23.0",
+            "onnxruntime": "1.32.0",
+        },
+        "gpu": gpu,
+        "git_commit": "6cf1d94",
+        "env": {},
     }
 
 
@@ -54,13 +71,27 @@ def _numerics(name: str) -> dict:
     """A numerics record with the core's keys, as each backend writes it (framework extras differ)."""
     keras = name == "keras"
     return numerics_record(
-        name, framework={"dtype_policy": "float32"} if keras else {"cudnn_benchmark": False},
+        name,
+        framework={"dtype_policy": "float32"} if keras else {"cudnn_benchmark": False},
         device="/device:GPU:0 (NVIDIA H100 80GB HBM3)" if keras else "cuda:0 (NVIDIA H100 80GB HBM3)",
-        devices=["/device:GPU:0"] if keras else ["cuda:0"], world_size=1, data_parallel="none",
-        batch_size_per_device=16, global_batch=16, learning_rate=1e-3, lr_scaling="linear", precision="fp32",
-        compute_dtype="float32", loss_scaling=False, tf32=False, layout="NHWC" if keras else "NCHW",
-        compile="tf.function" if keras else "eager", synchronized_batchnorm=False, intra_op_threads=2,
-        inter_op_threads=2, thread_budget={"intra_op": 2, "inter_op": 2}, deterministic=False,
+        devices=["/device:GPU:0"] if keras else ["cuda:0"],
+        world_size=1,
+        data_parallel="none",
+        batch_size_per_device=16,
+        global_batch=16,
+        learning_rate=1e-3,
+        lr_scaling="linear",
+        precision="fp32",
+        compute_dtype="float32",
+        loss_scaling=False,
+        tf32=False,
+        layout="NHWC" if keras else "NCHW",
+        compile="tf.function" if keras else "eager",
+        synchronized_batchnorm=False,
+        intra_op_threads=2,
+        inter_op_threads=2,
+        thread_budget={"intra_op": 2, "inter_op": 2},
+        deterministic=False,
         input_pipeline="tf.data" if keras else "plain iteration",
         versions={"tensorflow": "2.21.0", "keras": "3.15.0"} if keras else {"torch": "2.14.1"},
     )
@@ -84,12 +115,22 @@ def _history(rng, epochs: int, speed: float, images: int) -> list[dict]:
     for epoch in range(1, epochs + 1):
         warmup = epoch == 1
         train_s = images / speed * (1.35 if warmup else 1.0) * rng.uniform(0.97, 1.03)
-        records.append({
-            "epoch": epoch, "warmup": warmup, "train_loss": 0.35 / epoch ** 0.5, "val_loss": 0.33 / epoch ** 0.4,
-            "train_time_s": train_s, "val_time_s": train_s * 0.18, "data_wait_s": train_s * 0.04,
-            "images": images, "images_per_s": images / train_s, "lr": 1e-3 if epoch < 3 else 1e-4,
-            "steps": images // 16, "best": True,
-        })
+        records.append(
+            {
+                "epoch": epoch,
+                "warmup": warmup,
+                "train_loss": 0.35 / epoch**0.5,
+                "val_loss": 0.33 / epoch**0.4,
+                "train_time_s": train_s,
+                "val_time_s": train_s * 0.18,
+                "data_wait_s": train_s * 0.04,
+                "images": images,
+                "images_per_s": images / train_s,
+                "lr": 1e-3 if epoch < 3 else 1e-4,
+                "steps": images // 16,
+                "best": True,
+            }
+        )
     return records
 
 
@@ -102,12 +143,23 @@ def _monitor(backend: str, history: list[dict], gpus: int, rng) -> list[dict]:
                 t += 1.0
                 for device in devices:
                     gpu = device.startswith("gpu")
-                    samples.append({
-                        "t": t, "backend": backend, "phase": phase, "epoch": record["epoch"], "device": device,
-                        "util": float(np.clip(rng.normal(75 if phase == "train" else 40, 12), 0, 100)) if gpu else None,
-                        "mem_mib": 30_000.0 if gpu else None, "power_w": 350.0 if gpu else None, "temp_c": 60.0 if gpu else None,
-                        "cpu_percent": float(np.clip(rng.normal(160, 20), 0, 200)), "rss_mib": 2900.0,
-                    })
+                    samples.append(
+                        {
+                            "t": t,
+                            "backend": backend,
+                            "phase": phase,
+                            "epoch": record["epoch"],
+                            "device": device,
+                            "util": float(np.clip(rng.normal(75 if phase == "train" else 40, 12), 0, 100))
+                            if gpu
+                            else None,
+                            "mem_mib": 30_000.0 if gpu else None,
+                            "power_w": 350.0 if gpu else None,
+                            "temp_c": 60.0 if gpu else None,
+                            "cpu_percent": float(np.clip(rng.normal(160, 20), 0, 200)),
+                            "rss_mib": 2900.0,
+                        }
+                    )
     return samples
 
 
@@ -127,7 +179,7 @@ def _heat_maps(rng, truth, size: int, blur: float) -> np.ndarray:
     maps = np.zeros((len(truth), len(BOX_CLASSES), size, size), np.float32)
     for pos, box in truth:
         cx, cy = box.x + box.w / 2 + rng.normal(0, blur), box.y + box.h / 2 + rng.normal(0, blur)
-        maps[pos, BOX_CLASSES.index(box.label)] = np.exp(-((xx - cx) ** 2 / box.w ** 2 + (yy - cy) ** 2 / box.h ** 2) * 2)
+        maps[pos, BOX_CLASSES.index(box.label)] = np.exp(-((xx - cx) ** 2 / box.w**2 + (yy - cy) ** 2 / box.h**2) * 2)
     return maps
 
 
@@ -153,9 +205,14 @@ def _cams(folder: Path, rng, truth, maps, count: int, size: int) -> None:
         heat.append(heat_u8)
         boxes.append([k, box.x, box.y, box.w, box.h])
     _write(folder / "cams" / "index.json", entries)
-    np.savez(folder / "cams.npz", positions=np.array([e["position"] for e in entries]),
-             classes=np.array([e["class"] for e in entries]), maps=np.stack(heat), images=np.stack(grays),
-             true_boxes=np.array(boxes, dtype=np.float64))
+    np.savez(
+        folder / "cams.npz",
+        positions=np.array([e["position"] for e in entries]),
+        classes=np.array([e["class"] for e in entries]),
+        maps=np.stack(heat),
+        images=np.stack(grays),
+        true_boxes=np.array(boxes, dtype=np.float64),
+    )
 
 
 def _localisation(truth, maps, size: int) -> dict:
@@ -167,8 +224,15 @@ def _localisation(truth, maps, size: int) -> dict:
 def _onnx(backend: str, logits: np.ndarray, rng) -> dict:
     layout = "NCHW" if backend != "keras" else "NHWC"
     return {
-        "export": {"path": "model.onnx", "layout": layout, "opset": 17, "input_name": "input", "output_name": "logits",
-                   "seconds": 1.2 if layout == "NCHW" else 13.0, "exporter": "torch.onnx (dynamo=False)" if layout == "NCHW" else "tf2onnx.convert.from_function"},
+        "export": {
+            "path": "model.onnx",
+            "layout": layout,
+            "opset": 17,
+            "input_name": "input",
+            "output_name": "logits",
+            "seconds": 1.2 if layout == "NCHW" else 13.0,
+            "exporter": "torch.onnx (dynamo=False)" if layout == "NCHW" else "tf2onnx.convert.from_function",
+        },
         "parity_random": diff_stats(logits, logits + rng.normal(0, 1e-7, logits.shape), 1e-4, 1e-3),
         "parity_images": diff_stats(logits, logits + rng.normal(0, 2e-7, logits.shape), 1e-4, 1e-3),
         "metadata": {"cxrbench.backend": backend},
@@ -180,21 +244,47 @@ def _log(backend: str, error: str | None, lines: int = 100) -> str:
     return "\n".join(text + ([f"Traceback (most recent call last):\n  ...\n{error}"] if error else [])) + "\n"
 
 
-def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool, gpus: int, cam_images: int,
-                   image_size: int, speed: float, epochs: int, hostile: bool) -> dict:
+def _write_backend(
+    run_dir: Path,
+    name: str,
+    rng,
+    labels,
+    classes,
+    failed: bool,
+    gpus: int,
+    cam_images: int,
+    image_size: int,
+    speed: float,
+    epochs: int,
+    hostile: bool,
+) -> dict:
     folder = run_dir / name
     error = (HOSTILE_ERROR if hostile else "BackendError: out of memory at batch size 16") if failed else None
     history = _history(rng, 1 if failed else epochs, speed, 640)
-    info = {"name": name, "framework": "keras" if "keras" in name else "torch", "version": "3.15.0" if "keras" in name else "2.14.1",
-            "plugin": HOSTILE_PLUGIN if hostile else f"cxrbench_{name}", "onnx_layout": "NHWC" if "keras" in name else "NCHW", "extra": {}}
-    summary = {"status": "failed" if failed else "completed", "error": error, "info": info, "history": history,
-               "log": f"{name}/log.txt"}
+    info = {
+        "name": name,
+        "framework": "keras" if "keras" in name else "torch",
+        "version": "3.15.0" if "keras" in name else "2.14.1",
+        "plugin": HOSTILE_PLUGIN if hostile else f"cxrbench_{name}",
+        "onnx_layout": "NHWC" if "keras" in name else "NCHW",
+        "extra": {},
+    }
+    summary = {
+        "status": "failed" if failed else "completed",
+        "error": error,
+        "info": info,
+        "history": history,
+        "log": f"{name}/log.txt",
+    }
     _write(folder / "history.json", history)
     (folder / "log.txt").write_text(_log(name, error), encoding="utf-8")
     monitor = _monitor(name, history, gpus, rng)
     (folder / "monitor.jsonl").write_text("".join(json.dumps(s) + "\n" for s in monitor), encoding="utf-8")
-    summary["gpu"] = {"gpu_available": bool(gpus), "source": "nvml" if gpus else "none",
-                      "reason": None if gpus else "NVML unavailable: NVMLError_LibraryNotFound"}
+    summary["gpu"] = {
+        "gpu_available": bool(gpus),
+        "source": "nvml" if gpus else "none",
+        "reason": None if gpus else "NVML unavailable: NVMLError_LibraryNotFound",
+    }
     _write(folder / "monitor.json", summary["gpu"])
     if not failed:
         quality = {"pytorch": 1.6}.get(name, 1.5)
@@ -210,22 +300,35 @@ def _write_backend(run_dir: Path, name: str, rng, labels, classes, failed: bool,
         _cams(folder, np.random.default_rng(11), truth, maps, cam_images, image_size)
         steady = [r for r in history if not r["warmup"]]
         rates = {"train": speed * rng.uniform(0.95, 1.05, 12), "predict": speed * 3.4 * rng.uniform(0.9, 1.1, 6)}
-        summary["throughput"] = {"train_images_per_s": float(np.median(rates["train"])),
-                                 "train_images_per_s_interval": [float(np.percentile(rates["train"], q))
-                                                                 for q in (2.5, 97.5)],
-                                 "first_step_s": 100.0 if name == "keras" else 1.2, "steady": True,
-                                 "epoch_time_s": float(np.median([r["train_time_s"] for r in steady])),
-                                 "warmup_epoch_time_s": history[0]["train_time_s"],
-                                 "predict_images_per_s": float(np.median(rates["predict"])),
-                                 "window_rates": {k: [float(r) for r in v] for k, v in rates.items()},
-                                 "disturbed": False, "disturbance": {}, "gpus": max(gpus, 1) if gpus else 0}
-        summary["train"] = {"best_epoch": epochs, "best_val_loss": history[-1]["val_loss"],
-                            "numerics": _numerics(name)}
+        summary["throughput"] = {
+            "train_images_per_s": float(np.median(rates["train"])),
+            "train_images_per_s_interval": [float(np.percentile(rates["train"], q)) for q in (2.5, 97.5)],
+            "first_step_s": 100.0 if name == "keras" else 1.2,
+            "steady": True,
+            "epoch_time_s": float(np.median([r["train_time_s"] for r in steady])),
+            "warmup_epoch_time_s": history[0]["train_time_s"],
+            "predict_images_per_s": float(np.median(rates["predict"])),
+            "window_rates": {k: [float(r) for r in v] for k, v in rates.items()},
+            "disturbed": False,
+            "disturbance": {},
+            "gpus": max(gpus, 1) if gpus else 0,
+        }
+        summary["train"] = {"best_epoch": epochs, "best_val_loss": history[-1]["val_loss"], "numerics": _numerics(name)}
         summary["onnx"] = _onnx(name, logits, rng)
         for key, file_name in (("throughput", "throughput.json"), ("train", "train.json"), ("onnx", "onnx.json")):
             _write(folder / file_name, summary[key])
-    _write(folder / "status.json", {"backend": name, "status": summary["status"], "stages": {"train": "done"}, "error": error,
-                                     "pid": 1234, "started": "2025-11-27T13:00:00+0000", "finished": "2025-11-27T13:05:00+0000"})
+    _write(
+        folder / "status.json",
+        {
+            "backend": name,
+            "status": summary["status"],
+            "stages": {"train": "done"},
+            "error": error,
+            "pid": 1234,
+            "started": "2025-11-27T13:00:00+0000",
+            "finished": "2025-11-27T13:05:00+0000",
+        },
+    )
     return summary
 
 
@@ -238,26 +341,53 @@ def _comparison(run_dir: Path, names: list[str], summaries: dict, labels, classe
     predictions = {n: np.load(run_dir / n / "predictions.npz")["logits"] for n in ok}
     pairs = []
     for i, a in enumerate(ok):
-        for b in ok[i + 1:]:
+        for b in ok[i + 1 :]:
             pair = agreement(a, predictions[a], b, predictions[b], labels, _patients(len(labels)), rounds=50)
-            pairs.append({**pair, "per_class": dict(zip(classes, pair["per_class"].values())),
-                          "score_correlation": {**pair["score_correlation"], "spearman": 0.9}})
+            pairs.append(
+                {
+                    **pair,
+                    "per_class": dict(zip(classes, pair["per_class"].values())),
+                    "score_correlation": {**pair["score_correlation"], "spearman": 0.9},
+                }
+            )
     return {
         "schema_version": SCHEMA_VERSION,
-        "equivalence": {"atol": 1e-4, "labels": model_labels, "max_abs": max_abs,
-                        "mean_abs": [[v / 10 for v in row] for row in max_abs], "passed": True, "failures": []},
+        "equivalence": {
+            "atol": 1e-4,
+            "labels": model_labels,
+            "max_abs": max_abs,
+            "mean_abs": [[v / 10 for v in row] for row in max_abs],
+            "passed": True,
+            "failures": [],
+        },
         "parity": {n: summaries[n]["onnx"]["parity_images"] for n in ok},
         "agreement": {"pairs": pairs},
-        "onnxruntime": {n: {"latency_ms_b1": {"p50": 800 / DEFAULT_SPEED.get(n, 25.0), "p95": 900 / DEFAULT_SPEED.get(n, 25.0)},
-                            "throughput_b32_images_per_s": DEFAULT_SPEED.get(n, 25.0) * 5,
-                            "session_options": {"intra_op_num_threads": 2, "graph_optimization_level": "ORT_ENABLE_ALL"}}
-                        for n in ok},
+        "onnxruntime": {
+            n: {
+                "latency_ms_b1": {"p50": 800 / DEFAULT_SPEED.get(n, 25.0), "p95": 900 / DEFAULT_SPEED.get(n, 25.0)},
+                "throughput_b32_images_per_s": DEFAULT_SPEED.get(n, 25.0) * 5,
+                "session_options": {"intra_op_num_threads": 2, "graph_optimization_level": "ORT_ENABLE_ALL"},
+            }
+            for n in ok
+        },
     }
 
 
-def make_fake_run(root: Path, *, backends=("pytorch", "keras"), failed: str | None = None, n_test: int = 400,
-                  cam_images: int = 16, image_size: int = 64, gpus: int = 0, epochs: int = 3, scaling: bool = False,
-                  hostile: bool = False, seed: int = 0, settings: Settings | None = None) -> Path:
+def make_fake_run(
+    root: Path,
+    *,
+    backends=("pytorch", "keras"),
+    failed: str | None = None,
+    n_test: int = 400,
+    cam_images: int = 16,
+    image_size: int = 64,
+    gpus: int = 0,
+    epochs: int = 3,
+    scaling: bool = False,
+    hostile: bool = False,
+    seed: int = 0,
+    settings: Settings | None = None,
+) -> Path:
     """Write a complete run folder at ``root`` and return it.
 
     ``failed`` names a backend that failed after its first epoch; ``hostile`` puts markup and
@@ -273,19 +403,62 @@ def make_fake_run(root: Path, *, backends=("pytorch", "keras"), failed: str | No
         names[0] = HOSTILE_BACKEND
     settings = settings or Settings(name=HOSTILE_CLASS if hostile else "smoke")
     labels = _labels(rng, n_test, classes)
-    summaries = {n: _write_backend(root, n, rng, labels, classes, n == failed, gpus, cam_images, image_size,
-                                   DEFAULT_SPEED.get(n, 25.0), epochs, hostile) for n in names}
+    summaries = {
+        n: _write_backend(
+            root,
+            n,
+            rng,
+            labels,
+            classes,
+            n == failed,
+            gpus,
+            cam_images,
+            image_size,
+            DEFAULT_SPEED.get(n, 25.0),
+            epochs,
+            hostile,
+        )
+        for n in names
+    }
     _write(root / "comparison.json", _comparison(root, names, summaries, labels, classes, rng))
-    _write(root / "run.json", {
-        "schema_version": SCHEMA_VERSION, "cxrbench_version": "0.1.0", "suite": settings.name,
-        "settings": settings.to_dict(),
-        "environment": _environment(gpus), "created": "2025-11-27T13:00:00+0000", "finished": "2025-11-27T13:06:00+0000",
-        "argv": ["cxrbench", "run"], "baseline": names[0],
-        "data": {"source": "phantom", "root": "/tmp/phantom", "key": "abc123", "size": image_size,
-                 "splits": {"train": 640, "val": 80, "test": n_test}, "classes": classes, "class_order": "chexnet"},
-        "backends": summaries,
-        "scaling": ({n: [{"gpus": g, "images_per_s": DEFAULT_SPEED.get(n, 25.0) * g * (1 - 0.06 * (g - 1)),
-                          "efficiency": 1 - 0.06 * (g - 1), "gpu_util": {"mean": 80 - 3 * g}} for g in (1, 2, 4)]
-                     for n in names} if scaling else None),
-    })
+    _write(
+        root / "run.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "cxrbench_version": "0.1.0",
+            "suite": settings.name,
+            "settings": settings.to_dict(),
+            "environment": _environment(gpus),
+            "created": "2025-11-27T13:00:00+0000",
+            "finished": "2025-11-27T13:06:00+0000",
+            "argv": ["cxrbench", "run"],
+            "baseline": names[0],
+            "data": {
+                "source": "phantom",
+                "root": "/tmp/phantom",
+                "key": "abc123",
+                "size": image_size,
+                "splits": {"train": 640, "val": 80, "test": n_test},
+                "classes": classes,
+                "class_order": "chexnet",
+            },
+            "backends": summaries,
+            "scaling": (
+                {
+                    n: [
+                        {
+                            "gpus": g,
+                            "images_per_s": DEFAULT_SPEED.get(n, 25.0) * g * (1 - 0.06 * (g - 1)),
+                            "efficiency": 1 - 0.06 * (g - 1),
+                            "gpu_util": {"mean": 80 - 3 * g},
+                        }
+                        for g in (1, 2, 4)
+                    ]
+                    for n in names
+                }
+                if scaling
+                else None
+            ),
+        },
+    )
     return root

@@ -28,8 +28,9 @@ TOLERANCE = 1e-4
 def smoke(tmp_path_factory):
     """The smoke suite's data: the phantom data set prepared at 64 px."""
     settings = load_suite("smoke")
-    root = phantom.synthesize(tmp_path_factory.mktemp("phantom"), settings.data.phantom_images,
-                              settings.data.phantom_size, settings.run.seed)
+    root = phantom.synthesize(
+        tmp_path_factory.mktemp("phantom"), settings.data.phantom_images, settings.data.phantom_size, settings.run.seed
+    )
     index = nih.read_index(root, seed=settings.run.seed)
     data = cache.prepare(index, settings.data.image_size, cache_dir=tmp_path_factory.mktemp("prepared"))
     return settings, data
@@ -97,7 +98,9 @@ def boxed_test_images(data):
 def test_one_epoch_learns_and_localises(smoke, name):
     settings, data = smoke
     hook = backend(name)
-    model = hook.cxrbench_build_model(settings=settings, weights=weights.init_canonical(settings.model.block_config, settings.run.seed))
+    model = hook.cxrbench_build_model(
+        settings=settings, weights=weights.init_canonical(settings.model.block_config, settings.run.seed)
+    )
     recorder = Recorder()
     hook.cxrbench_train(model=model, data=data, settings=settings, recorder=recorder)
 
@@ -112,9 +115,11 @@ def test_one_epoch_learns_and_localises(smoke, name):
     centred = localisation_accuracy(centred_box_baseline(truth, data.size), truth, metric="iobb")
     cam_accuracy = cam["iobb"]["overall"]["accuracy"]["0.5"]
     centred_accuracy = centred["overall"]["accuracy"]["0.5"]
-    print(f"{name}: mean AUROC {report['mean']:.3f} over {len(report['mean_over'])} classes; "
-          f"T(IoBB)=0.5 accuracy CAM {cam_accuracy:.3f} vs centred box {centred_accuracy:.3f} "
-          f"on {len(truth)} boxes; epoch {recorder.history[0].train_time_s:.1f} s")
+    print(
+        f"{name}: mean AUROC {report['mean']:.3f} over {len(report['mean_over'])} classes; "
+        f"T(IoBB)=0.5 accuracy CAM {cam_accuracy:.3f} vs centred box {centred_accuracy:.3f} "
+        f"on {len(truth)} boxes; epoch {recorder.history[0].train_time_s:.1f} s"
+    )
     assert report["mean"] > 0.75
     # Keras training on CPU is not bit-reproducible (oneDNN's threaded reductions; op determinism
     # does not cure it), and one short epoch amplifies that: eight runs gave CAM accuracy

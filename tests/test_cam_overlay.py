@@ -58,9 +58,11 @@ def test_run_pngs_and_report_tiles_from_cams_npz_show_the_same_pixels(tmp_path):
     images = rng.integers(0, 256, (2, SIZE, SIZE), dtype=np.uint8)
     class_indices = [CLASSES.index("Mass"), CLASSES.index("Nodule")]
     maps = np.stack([np.stack([_blob(20, 24), _blob(44, 40)]), np.stack([_blob(32, 16), _blob(12, 50)])])
-    truth = [(0, Box("a.png", "Mass", 14, 18, 12, 12, SIZE, SIZE)),
-             (0, Box("a.png", "Nodule", 38, 34, 10, 12, SIZE, SIZE)),
-             (1, Box("b.png", "Nodule", 6, 44, 12, 12, SIZE, SIZE))]
+    truth = [
+        (0, Box("a.png", "Mass", 14, 18, 12, 12, SIZE, SIZE)),
+        (0, Box("a.png", "Nodule", 38, 34, 10, 12, SIZE, SIZE)),
+        (1, Box("b.png", "Nodule", 6, 44, 12, 12, SIZE, SIZE)),
+    ]
     run_side, report_side = tmp_path / "pngs" / "numpy", tmp_path / "npz" / "numpy"
     cam_files.write(run_side, images, maps, [5, 9], class_indices, truth, 0.5, ["a.png", "b.png"], "relative")
 
@@ -68,9 +70,12 @@ def test_run_pngs_and_report_tiles_from_cams_npz_show_the_same_pixels(tmp_path):
     entries = read_json(run_side / run_folder.CAMS_INDEX)
     local = {5: 0, 9: 1}
     boxes = [[k, *box] for k, entry in enumerate(entries) for box in entry["true_boxes"]]
-    save_npz(report_side / run_folder.CAMS_NPZ, **load_npz(run_side / run_folder.CAMS_NPZ),
-             images=np.stack([images[local[entry["position"]]] for entry in entries]),
-             true_boxes=np.asarray(boxes, dtype=np.float64))
+    save_npz(
+        report_side / run_folder.CAMS_NPZ,
+        **load_npz(run_side / run_folder.CAMS_NPZ),
+        images=np.stack([images[local[entry["position"]]] for entry in entries]),
+        true_boxes=np.asarray(boxes, dtype=np.float64),
+    )
 
     notes: list[str] = []
     from_pngs = backend_tiles(BackendRun("numpy", run_side, {}), 0.5, "relative", notes)

@@ -119,8 +119,11 @@ def write_chexnet(folder: Path, images: np.ndarray):
     state = {old_names(key): value for key, value in model.state_dict().items()}
     assert "module.densenet121.classifier.0.weight" in state and any(".norm.1." in key for key in state)
     path = folder / "model.pth.tar"
-    torch.save({"epoch": 7, "state_dict": state, "best_loss": 0.12, "optimizer": optimizer.state_dict()}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"epoch": 7, "state_dict": state, "best_loss": 0.12, "optimizer": optimizer.state_dict()},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
     return path, torch_output(model, images), "probabilities"
 
 
@@ -128,14 +131,19 @@ def keras_densenet(block_config=TINY, top="predictions", classes=NUM_CLASSES, se
     import keras
     from keras.src.applications.densenet import DenseNet
 
-    base = DenseNet(blocks=list(block_config), include_top=False, weights=None, input_shape=(SIZE, SIZE, 3),
-                    pooling="avg")
+    base = DenseNet(
+        blocks=list(block_config), include_top=False, weights=None, input_shape=(SIZE, SIZE, 3), pooling="avg"
+    )
     model = keras.Model(base.inputs, keras.layers.Dense(classes, name=top)(base.outputs[0]))
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if layer.weights:
-            values = [rng.uniform(0.5, 1.5, w.shape) if "variance" in w.name or "gamma" in w.name
-                      else rng.normal(0.0, 0.1, w.shape) for w in layer.weights]
+            values = [
+                rng.uniform(0.5, 1.5, w.shape)
+                if "variance" in w.name or "gamma" in w.name
+                else rng.normal(0.0, 0.1, w.shape)
+                for w in layer.weights
+            ]
             layer.set_weights([v.astype(np.float32) for v in values])
     return model
 
@@ -195,10 +203,14 @@ def save_torch_network(model, path: Path) -> None:
 
 
 #: Each backend's own files, written from its model object.
-OWN_FILES = [pytest.param(name, suffix, save, id=f"{name}{suffix}", marks=pytest.mark.backends(name))
-             for name, save, suffixes in (("keras", save_keras_network, (".keras", ".weights.h5", ".h5")),
-                                          ("pytorch", save_torch_network, (".pth",)))
-             for suffix in suffixes]
+OWN_FILES = [
+    pytest.param(name, suffix, save, id=f"{name}{suffix}", marks=pytest.mark.backends(name))
+    for name, save, suffixes in (
+        ("keras", save_keras_network, (".keras", ".weights.h5", ".h5")),
+        ("pytorch", save_torch_network, (".pth",)),
+    )
+    for suffix in suffixes
+]
 
 
 @pytest.mark.parametrize(("name", "suffix", "save"), OWN_FILES)
@@ -255,8 +267,13 @@ def _arbitrary_object(path: Path) -> str:
     return rf"refused: it pickles {__name__}\.Pickled, not only tensors and plain containers"
 
 
-BAD_TORCH = {"unknown keys": _unknown_keys, "wrong architecture": _wrong_architecture,
-             "1000-class head": _imagenet_head, "truncated": _truncated, "arbitrary object": _arbitrary_object}
+BAD_TORCH = {
+    "unknown keys": _unknown_keys,
+    "wrong architecture": _wrong_architecture,
+    "1000-class head": _imagenet_head,
+    "truncated": _truncated,
+    "arbitrary object": _arbitrary_object,
+}
 
 
 def _keras_wrong_architecture(path: Path) -> str:
@@ -283,14 +300,20 @@ def _keras_imagenet_head(path: Path) -> str:
     return r"its classifier has 1000 classes"
 
 
-BAD_KERAS = {"wrong architecture": _keras_wrong_architecture, "unknown keys": _keras_two_heads,
-             "truncated": _keras_truncated, "1000-class head": _keras_imagenet_head}
+BAD_KERAS = {
+    "wrong architecture": _keras_wrong_architecture,
+    "unknown keys": _keras_two_heads,
+    "truncated": _keras_truncated,
+    "1000-class head": _keras_imagenet_head,
+}
 
 
 #: Each bad file, written with the suffix of its framework, for the backend that must refuse it.
-BAD_FILES = [pytest.param(writer, suffix, id=f"{backend} {kind}", marks=pytest.mark.backends(backend))
-             for backend, suffix, writers in (("pytorch", ".pth", BAD_TORCH), ("keras", ".h5", BAD_KERAS))
-             for kind, writer in writers.items()]
+BAD_FILES = [
+    pytest.param(writer, suffix, id=f"{backend} {kind}", marks=pytest.mark.backends(backend))
+    for backend, suffix, writers in (("pytorch", ".pth", BAD_TORCH), ("keras", ".h5", BAD_KERAS))
+    for kind, writer in writers.items()
+]
 
 
 @pytest.mark.parametrize(("writer", "suffix"), BAD_FILES)
@@ -307,8 +330,10 @@ def test_a_file_no_backend_reads_names_what_to_install(tmp_path, plugins):
     path.write_bytes(b"\0" * 16)
     with pytest.raises(WeightsError) as caught:
         checkpoints.import_checkpoint(path, TINY, plugins)
-    assert str(caught.value) == (f"no installed backend reads {path} (suffix .bin): install cxrbench-pytorch for "
-                                 f".pth/.pt/.pth.tar, cxrbench-keras for .h5/.keras")
+    assert str(caught.value) == (
+        f"no installed backend reads {path} (suffix .bin): install cxrbench-pytorch for "
+        f".pth/.pt/.pth.tar, cxrbench-keras for .h5/.keras"
+    )
     with pytest.raises(WeightsError, match=r"missing\.pth: checkpoint file not found"):
         checkpoints.import_checkpoint(tmp_path / "missing.pth", TINY, plugins)
 
@@ -346,15 +371,27 @@ def test_weights_import_command_writes_canonical_npz(tmp_path, images, capsys):
 @pytest.mark.backends("pytorch", "numpy")
 def test_run_converts_model_init_once_and_records_its_source(tmp_path, images):
     path, _, _ = write_torchvision(tmp_path, images)
-    settings = kit_settings(32, **{"model.arch": "densenet-tiny", "model.init": str(path), "data.phantom_images": 40,
-                                   "data.phantom_size": 32, "train.warmup_steps": 1})
+    settings = kit_settings(
+        32,
+        **{
+            "model.arch": "densenet-tiny",
+            "model.init": str(path),
+            "data.phantom_images": 40,
+            "data.phantom_size": 32,
+            "train.warmup_steps": 1,
+        },
+    )
     orchestrator = new_run(RunRequest(settings, backends=["numpy"], out=tmp_path / "run"))
     orchestrator.prepare()
     converted = tmp_path / "run" / IMPORTED_INIT
     assert orchestrator.settings.model.init == str(converted.absolute())
     record = orchestrator.run["init_checkpoint"]
-    assert record == {"source": str(path), "sha256": sha256_of(path), "file": IMPORTED_INIT,
-                      "tensors": len(canonical.densenet_spec(TINY))}
+    assert record == {
+        "source": str(path),
+        "sha256": sha256_of(path),
+        "file": IMPORTED_INIT,
+        "tensors": len(canonical.densenet_spec(TINY)),
+    }
     expected = checkpoints.import_checkpoint(path, TINY, load_plugins())
     written = canonical.load(converted)
     for name, value in expected.items():

@@ -27,7 +27,10 @@ def numpy_backend():
 
 def _outcomes(recorder) -> dict[str, set[str]]:
     passed, skipped, failed = recorder.listoutcomes()
-    return {kind: {r.nodeid.rpartition("::")[2] for r in reports} for kind, reports in zip(("passed", "skipped", "failed"), (passed, skipped, failed))}
+    return {
+        kind: {r.nodeid.rpartition("::")[2] for r in reports}
+        for kind, reports in zip(("passed", "skipped", "failed"), (passed, skipped, failed))
+    }
 
 
 @pytest.mark.slow
@@ -64,14 +67,17 @@ def test_named_paths_are_respected(pytester):
 def test_arch_option_reaches_every_kit_model_and_is_undone_after_the_session(pytester):
     """``--cxrbench-arch`` sets model.arch of kit_settings (so of every kit test) for its session only; the
     reference backend's child process is told the same architecture."""
-    pytester.makepyfile(test_arch="""
+    pytester.makepyfile(
+        test_arch="""
         from cxrbench.testing import conformance
 
         def test_kit_settings_use_the_option():
             assert conformance.kit_settings(64).model.arch == "densenet-small"
-        """)
-    pytester.inline_run("--cxrbench-backend", "numpy", "--cxrbench-arch", "densenet-small", "test_arch.py",
-                        "-p", "no:cacheprovider").assertoutcome(passed=1)
+        """
+    )
+    pytester.inline_run(
+        "--cxrbench-backend", "numpy", "--cxrbench-arch", "densenet-small", "test_arch.py", "-p", "no:cacheprovider"
+    ).assertoutcome(passed=1)
     assert conformance.kit_settings().model.arch == conformance.DEFAULT_ARCH == "densenet-tiny"
 
 
@@ -80,8 +86,9 @@ def test_reference_worker_builds_the_arch_it_is_given(tmp_path, numpy_backend):
     conformance.reference_worker("numpy", [], str(out), "densenet-small")
     settings, weights, images = conformance.equivalence_inputs(32, "densenet-small")
     hook = numpy_backend.hook
-    expected = hook.cxrbench_predict(model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images,
-                                     settings=settings)
+    expected = hook.cxrbench_predict(
+        model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images, settings=settings
+    )
     with np.load(out) as logits:
         assert sorted(logits.files) == sorted(str(size) for size in conformance.SIZES)
         np.testing.assert_array_equal(logits["32"], expected)
@@ -90,7 +97,9 @@ def test_reference_worker_builds_the_arch_it_is_given(tmp_path, numpy_backend):
 def test_unknown_backend_is_a_one_line_usage_error(pytester):
     result = pytester.runpytest("--cxrbench-backend", "no-such-backend")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: --cxrbench-backend no-such-backend: unknown backend 'no-such-backend' (installed: *)"])
+    result.stderr.fnmatch_lines(
+        ["ERROR: --cxrbench-backend no-such-backend: unknown backend 'no-such-backend' (installed: *)"]
+    )
 
 
 # -- the kit fails broken backends ------------------------------------------------------------------
@@ -141,7 +150,11 @@ BROKEN = {
             return weights
         """,
         "weight",
-        {"test_get_weights_has_the_canonical_layout", "test_weight_round_trip_is_bitwise", "test_build_with_weights_loads_them_exactly"},
+        {
+            "test_get_weights_has_the_canonical_layout",
+            "test_weight_round_trip_is_bitwise",
+            "test_build_with_weights_loads_them_exactly",
+        },
     ),
     "set_weights_without_validation": (
         """
@@ -242,8 +255,16 @@ def test_kit_fails_a_broken_backend(torch_imported_first, pytester, broken):
     pytester.makepyfile(**{f"broken_{broken}": BROKEN_PREAMBLE + textwrap.dedent(override)})
     pytester.syspathinsert()
     recorder = pytester.inline_run(
-        "--cxrbench-backend", "broken", "--cxrbench-plugin", f"broken_{broken}",
-        "--cxrbench-reference", "numpy", "-k", selection, "-p", "no:cacheprovider",
+        "--cxrbench-backend",
+        "broken",
+        "--cxrbench-plugin",
+        f"broken_{broken}",
+        "--cxrbench-reference",
+        "numpy",
+        "-k",
+        selection,
+        "-p",
+        "no:cacheprovider",
     )
     failed = _outcomes(recorder)["failed"]
     assert must_fail <= failed, f"the kit let {broken} through (failed: {sorted(failed)})"
@@ -264,7 +285,9 @@ def test_numpy_network_matches_torchvision(numpy_backend, arch, size):
 
     images = random_images(3, size, seed=22)
     hook = numpy_backend.hook
-    ours = hook.cxrbench_predict(model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images, settings=settings)
+    ours = hook.cxrbench_predict(
+        model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images, settings=settings
+    )
     with torch.no_grad():
         from cxrbench.checks.onnx import normalise
 
@@ -291,8 +314,16 @@ def test_probe_training_steps_match_torch_adam(numpy_backend):
         linear.weight.copy_(torch.from_numpy(weights["classifier.weight"]))
         linear.bias.copy_(torch.from_numpy(weights["classifier.bias"]))
     train = settings.train
-    adam = torch.optim.Adam(linear.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon, weight_decay=train.weight_decay)
-    for batch in data.batches("train", train.batch_size, seed=settings.run.seed, hflip=train.hflip, max_steps=train.max_steps):
+    adam = torch.optim.Adam(
+        linear.parameters(),
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_epsilon,
+        weight_decay=train.weight_decay,
+    )
+    for batch in data.batches(
+        "train", train.batch_size, seed=settings.run.seed, hflip=train.hflip, max_steps=train.max_steps
+    ):
         features = torch.from_numpy(pooled_features(weights, settings.model.block_config, batch.images))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(linear(features), torch.from_numpy(batch.labels))
         adam.zero_grad()

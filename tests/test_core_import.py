@@ -44,7 +44,9 @@ def test_help_and_backends_load_no_framework():
 @pytest.mark.backends("pytorch", "keras")
 def test_backends_lists_both_builtin_backends_quickly():
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "cxrbench", "backends", "--json"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cxrbench", "backends", "--json"], capture_output=True, text=True, check=True
+    )
     elapsed = time.perf_counter() - start
     listed = {b["name"]: b for b in json.loads(result.stdout)["backends"]}
     assert {"pytorch", "keras"} <= set(listed)

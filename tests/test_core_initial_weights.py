@@ -22,8 +22,9 @@ KERAS_SUFFIXES = (".keras", ".weights.h5")
 
 
 def settings_for(init: str, seed: int = 0) -> Settings:
-    return Settings().replace(**{"model.arch": "densenet-tiny", "model.init": init, "run.seed": seed,
-                                 "data.image_size": 32})
+    return Settings().replace(
+        **{"model.arch": "densenet-tiny", "model.init": init, "run.seed": seed, "data.image_size": 32}
+    )
 
 
 def assert_same(got, expected) -> None:
@@ -87,8 +88,15 @@ def test_npz_with_a_wrong_shape_names_the_file_and_the_tensor(tmp_path, tensor):
     assert message.startswith(f"{path}: tensor {tensor!r} has shape")
 
 
-@pytest.mark.parametrize(("name", "suffixes"), [("w.pt", TORCH_SUFFIXES), ("w.pth", TORCH_SUFFIXES),
-                                                 ("w.keras", KERAS_SUFFIXES), ("w.weights.h5", KERAS_SUFFIXES)])
+@pytest.mark.parametrize(
+    ("name", "suffixes"),
+    [
+        ("w.pt", TORCH_SUFFIXES),
+        ("w.pth", TORCH_SUFFIXES),
+        ("w.keras", KERAS_SUFFIXES),
+        ("w.weights.h5", KERAS_SUFFIXES),
+    ],
+)
 def test_native_file_is_handed_to_the_backend(tmp_path, name, suffixes):
     path = tmp_path / name
     path.write_bytes(b"the backend reads this")
@@ -98,16 +106,21 @@ def test_native_file_is_handed_to_the_backend(tmp_path, name, suffixes):
 @pytest.mark.parametrize("name", ["w.npz", "w.pt"])
 def test_missing_file_is_one_line_naming_it(tmp_path, name):
     path = tmp_path / name
-    assert refused(WeightsError, resolve, settings_for(str(path)), None, TORCH_SUFFIXES) == \
-        f"{path}: weights file not found (model.init)"
+    assert (
+        refused(WeightsError, resolve, settings_for(str(path)), None, TORCH_SUFFIXES)
+        == f"{path}: weights file not found (model.init)"
+    )
 
 
-@pytest.mark.parametrize(("name", "suffixes", "accepted"), [
-    ("w.pt", (), ".npz"),
-    ("w.h5", KERAS_SUFFIXES, ".npz, .keras or .weights.h5"),
-    ("w.keras", TORCH_SUFFIXES, ".npz, .pt or .pth"),
-    ("sharde", TORCH_SUFFIXES, ".npz, .pt or .pth"),
-])
+@pytest.mark.parametrize(
+    ("name", "suffixes", "accepted"),
+    [
+        ("w.pt", (), ".npz"),
+        ("w.h5", KERAS_SUFFIXES, ".npz, .keras or .weights.h5"),
+        ("w.keras", TORCH_SUFFIXES, ".npz, .pt or .pth"),
+        ("sharde", TORCH_SUFFIXES, ".npz, .pt or .pth"),
+    ],
+)
 def test_unsupported_suffix_names_the_file_and_what_the_backend_reads(tmp_path, name, suffixes, accepted):
     path = tmp_path / name
     path.write_bytes(b"")
@@ -135,9 +148,15 @@ class RecordingHook:
 def test_shared_equals_the_run_folders_shared_init_files(tmp_path):
     """The orchestrator writes shared_init*.npz, one per repeat seed; the worker passes them to the backend.
     For every seed that is exactly what the core resolves for init = "shared" without weights."""
-    settings = settings_for("shared", seed=4).replace(**{"run.repeats": 2, "data.phantom_images": 40,
-                                                         "data.phantom_size": 32, "train.batch_size": 4,
-                                                         "train.warmup_steps": 1})
+    settings = settings_for("shared", seed=4).replace(
+        **{
+            "run.repeats": 2,
+            "data.phantom_images": 40,
+            "data.phantom_size": 32,
+            "train.batch_size": 4,
+            "train.warmup_steps": 1,
+        }
+    )
     orchestrator = new_run(RunRequest(settings, backends=["numpy"], out=tmp_path / "run"))
     orchestrator.prepare()
     for seed in orchestrator.seeds():
@@ -158,14 +177,17 @@ def test_images_of_the_contract_pass_unchanged():
     assert checked is images and classes == [13, 0] and all(type(c) is int for c in classes)
 
 
-@pytest.mark.parametrize(("images", "got"), [
-    (np.zeros((2, 32, 32), np.float32), "float32 (2, 32, 32)"),
-    (np.zeros((32, 32), np.uint8), "uint8 (32, 32)"),
-    (np.zeros((2, 32, 32, 3), np.uint8), "uint8 (2, 32, 32, 3)"),
-    (np.zeros((2, 32, 64), np.uint8), "uint8 (2, 32, 64)"),
-    (np.zeros((2, 64, 64), np.uint8), "uint8 (2, 64, 64)"),
-    ([[[0] * 32] * 32], "int64 (1, 32, 32)"),
-])
+@pytest.mark.parametrize(
+    ("images", "got"),
+    [
+        (np.zeros((2, 32, 32), np.float32), "float32 (2, 32, 32)"),
+        (np.zeros((32, 32), np.uint8), "uint8 (32, 32)"),
+        (np.zeros((2, 32, 32, 3), np.uint8), "uint8 (2, 32, 32, 3)"),
+        (np.zeros((2, 32, 64), np.uint8), "uint8 (2, 32, 64)"),
+        (np.zeros((2, 64, 64), np.uint8), "uint8 (2, 64, 64)"),
+        ([[[0] * 32] * 32], "int64 (1, 32, 32)"),
+    ],
+)
 def test_images_outside_the_contract_are_one_line(images, got):
     expected = f"images must be uint8 (N, S, S), got {got} (S = data.image_size = 32)"
     assert refused(BackendError, check_images, images, 32) == expected
@@ -177,11 +199,14 @@ def test_images_too_small_for_densenet_say_why():
     assert message.startswith("image size 16 px is too small for DenseNet")
 
 
-@pytest.mark.parametrize(("count", "classes", "expected"), [
-    (0, [0], "CAM needs at least one image, got none"),
-    (1, [], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got []"),
-    (1, [NUM_CLASSES], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got [{NUM_CLASSES}]"),
-    (1, [2, -1], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got [2, -1]"),
-])
+@pytest.mark.parametrize(
+    ("count", "classes", "expected"),
+    [
+        (0, [0], "CAM needs at least one image, got none"),
+        (1, [], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got []"),
+        (1, [NUM_CLASSES], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got [{NUM_CLASSES}]"),
+        (1, [2, -1], f"CAM classes must be indices 0..{NUM_CLASSES - 1}, got [2, -1]"),
+    ],
+)
 def test_cam_inputs_need_images_and_known_classes(count, classes, expected):
     assert refused(BackendError, check_cam_inputs, np.zeros((count, 32, 32), np.uint8), classes, 32) == expected

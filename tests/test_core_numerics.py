@@ -75,8 +75,10 @@ def test_every_numerics_option_is_documented_once():
 def test_out_of_memory_message_names_device_stage_and_setting():
     error = out_of_memory("cuda:0 (NVIDIA H200)", 512, "training")
     assert isinstance(error, BackendError)
-    assert str(error) == ("out of memory on cuda:0 (NVIDIA H200) while training at batch size 512 (train.batch_size): "
-                          "lower train.batch_size or data.image_size")
+    assert str(error) == (
+        "out of memory on cuda:0 (NVIDIA H200) while training at batch size 512 (train.batch_size): "
+        "lower train.batch_size or data.image_size"
+    )
 
 
 class FakeOutOfMemory(RuntimeError):
@@ -92,12 +94,14 @@ def test_out_of_memory_catcher_turns_only_the_frameworks_exception():
         raise RuntimeError("another failure")
 
 
-
-@pytest.mark.parametrize("message", [
-    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",  # torch raises these as RuntimeError, not OutOfMemoryError
-    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.",  # XLA
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",  # torch raises these as RuntimeError, not OutOfMemoryError
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.",  # XLA
+    ],
+)
 def test_library_allocation_failures_are_out_of_memory_too(message):
     with pytest.raises(BackendError, match="^out of memory on cuda:0 while training at batch size 64"):
         with out_of_memory_as_error(FakeOutOfMemory, "cuda:0", 64, "training"):
@@ -108,7 +112,11 @@ class OldStyleBackend:
     """A backend whose train hook still returns its own keys."""
 
     def cxrbench_train(self, model, data, settings, recorder):
-        return {"best_epoch": 1, "best_val_loss": 0.5, "numerics": {**complete(), "framework": {}, "grad_scaler": False}}
+        return {
+            "best_epoch": 1,
+            "best_val_loss": 0.5,
+            "numerics": {**complete(), "framework": {}, "grad_scaler": False},
+        }
 
     def cxrbench_get_weights(self, model):
         return init_canonical(TINY, seed=0)
@@ -125,8 +133,12 @@ def test_the_train_stage_refuses_a_bad_record_after_keeping_the_trained_weights(
 def test_the_frameworks_peak_memory_lands_beside_the_throughput(tmp_path):
     class GpuBackend(OldStyleBackend):
         def cxrbench_train(self, model, data, settings, recorder):
-            return {"best_epoch": 1, "best_val_loss": 0.5, "numerics": {**complete(), "framework": {}},
-                    "peak_memory": {"mib": 5120.5, "source": "torch.cuda.max_memory_allocated"}}
+            return {
+                "best_epoch": 1,
+                "best_val_loss": 0.5,
+                "numerics": {**complete(), "framework": {}},
+                "peak_memory": {"mib": 5120.5, "source": "torch.cuda.max_memory_allocated"},
+            }
 
     settings = Settings().replace(**{"model.arch": "densenet-tiny"})
     train(StageContext(folder=tmp_path, backend="gpu", hook=GpuBackend(), settings=settings, recorder=Recorder()))

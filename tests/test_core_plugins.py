@@ -60,8 +60,9 @@ def test_worker_manager_holds_exactly_one_backend():
     assert "tests.core_plugins.metric_plugin" in registered  # non-backend plugins stay
     assert found.hook.cxrbench_predict(model=None, images=None, settings=None) == "echo"
     labels, scores = np.array([[1, 0], [0, 1], [1, 1]]), np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6]])
-    results = found.hook.cxrbench_evaluate(labels=labels, scores=scores, classes=["a", "b"], groups=np.arange(3),
-                                           settings=Settings())
+    results = found.hook.cxrbench_evaluate(
+        labels=labels, scores=scores, classes=["a", "b"], groups=np.arange(3), settings=Settings()
+    )
     assert {"positives_fraction": 4 / 6} in results
     [builtin] = [r for r in results if "auroc" in r]  # the core's own AUROC answers next to the plugin
     assert builtin["auroc"]["per_class"] == {"a": 1.0, "b": 1.0}
@@ -69,7 +70,10 @@ def test_worker_manager_holds_exactly_one_backend():
 
 @pytest.mark.backends("pytorch")
 def test_unknown_backend_lists_installed_and_broken():
-    with pytest.raises(BackendError, match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import"):
+    with pytest.raises(
+        BackendError,
+        match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import",
+    ):
         plugins.load_plugins(["tests.core_plugins.broken_at_import"], backend="mxnet")
 
 
@@ -97,7 +101,9 @@ def test_hook_argument_the_hookspec_lacks_is_a_one_line_load_failure():
 
 
 def test_selecting_a_refused_backend_names_the_reason():
-    with pytest.raises(BackendError, match=r"unknown backend 'misspelt' .*misspelt_hook \(hook implementation 'cxrbench_predcit'"):
+    with pytest.raises(
+        BackendError, match=r"unknown backend 'misspelt' .*misspelt_hook \(hook implementation 'cxrbench_predcit'"
+    ):
         plugins.load_plugins([MISSPELT], backend="misspelt")
 
 
@@ -119,8 +125,9 @@ def test_backends_json_lists_each_backends_extra(capsys):
 def _installed_only(monkeypatch, *names: str) -> None:
     """Pretend only the entry points ``names`` are installed (a backend "uninstalled" without pip)."""
     real = importlib.metadata.entry_points
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: [ep for ep in real(group=group) if ep.name in names])
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: [ep for ep in real(group=group) if ep.name in names]
+    )
 
 
 @pytest.mark.backends("pytorch")
@@ -129,18 +136,26 @@ def test_missing_builtin_backend_names_the_distribution(monkeypatch, tmp_path, c
     code = main(["run", "--backend", "keras", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert ("backend 'keras' is not installed: pip install -e plugins/keras_backend (the distribution cxrbench-keras) "
-            "from a cxrbench checkout (installed: pytorch)") in err
+    assert (
+        "backend 'keras' is not installed: pip install -e plugins/keras_backend (the distribution cxrbench-keras) "
+        "from a cxrbench checkout (installed: pytorch)"
+    ) in err
     assert not (tmp_path / "run").exists()
 
 
 def test_builtin_backend_that_fails_to_load_is_not_called_uninstalled(monkeypatch):
     real = importlib.metadata.entry_points
     broken = importlib.metadata.EntryPoint("keras", "tests.core_plugins.broken_at_import", plugins.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(importlib.metadata, "entry_points",
-                        lambda group: [ep for ep in real(group=group) if ep.name != "keras"] + [broken])
-    with pytest.raises(BackendError, match=r"^unknown backend 'keras' \(installed: .*\); plugins that failed to "
-                                           r"load: keras \(ImportError: libfoo.so.1"):
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda group: [ep for ep in real(group=group) if ep.name != "keras"] + [broken],
+    )
+    with pytest.raises(
+        BackendError,
+        match=r"^unknown backend 'keras' \(installed: .*\); plugins that failed to "
+        r"load: keras \(ImportError: libfoo.so.1",
+    ):
         plugins.load_plugins(backend="keras")
 
 
@@ -149,7 +164,11 @@ def test_no_backend_installed_says_how_to_install_one(monkeypatch, tmp_path, cap
     assert main(["backends"]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == ["backend  framework  version  plugin  devices"]
-    for hint in ("pip install -e plugins/pytorch_backend", "pip install -e plugins/keras_backend", "'cxrbench' entry point"):
+    for hint in (
+        "pip install -e plugins/pytorch_backend",
+        "pip install -e plugins/keras_backend",
+        "'cxrbench' entry point",
+    ):
         assert hint in err
     assert main(["run", "--out", str(tmp_path / "run")]) == 2
     assert f"cxrbench: error: {plugins.no_backend_message()}" in capsys.readouterr().err
@@ -168,11 +187,13 @@ def test_evaluate_stage_passes_patients_and_notes_a_plugin_without_groups(tmp_pa
     images = (labels[:, :1, None] * 120 + rng.integers(0, 120, (60, 8, 8))).astype(np.uint8)
     data = PreparedData.in_memory(images, labels, np.array(["train"] * 20 + ["test"] * 40), key="groups")
     data.index.patients = np.repeat(np.arange(30), 2)  # two images per patient
-    found = plugins.load_plugins(["tests.core_plugins.logit_backend", "tests.core_plugins.metric_plugin"],
-                                 backend="logit")
+    found = plugins.load_plugins(
+        ["tests.core_plugins.logit_backend", "tests.core_plugins.metric_plugin"], backend="logit"
+    )
     settings = Settings().replace(**{"eval.bootstrap_rounds": 30})
-    ctx = stages.StageContext(folder=tmp_path, backend="logit", hook=found.hook, settings=settings,
-                              recorder=Recorder(), data=data)
+    ctx = stages.StageContext(
+        folder=tmp_path, backend="logit", hook=found.hook, settings=settings, recorder=Recorder(), data=data
+    )
     stages.evaluate(ctx)
     metrics = read_json(tmp_path / "metrics.json")
     assert metrics["auroc"]["resampling"] == "patients" and metrics["auroc"]["patients"] == 20

@@ -58,8 +58,9 @@ def test_unknown_suite_name_lists_available():
 
 def test_common_overrides_and_set_option():
     settings = load_suite("smoke")
-    changed = apply_overrides(settings, {COMMON_OVERRIDES["epochs"]: 3, COMMON_OVERRIDES["image_size"]: 96,
-                                          COMMON_OVERRIDES["seed"]: None})
+    changed = apply_overrides(
+        settings, {COMMON_OVERRIDES["epochs"]: 3, COMMON_OVERRIDES["image_size"]: 96, COMMON_OVERRIDES["seed"]: None}
+    )
     assert changed.train.epochs == 3 and changed.data.image_size == 96 and changed.run.seed == settings.run.seed
     key, value = parse_set_option("numerics.channels_last=true")
     assert (key, value) == ("numerics.channels_last", True)

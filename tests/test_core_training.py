@@ -130,8 +130,9 @@ def test_train_batches_follow_the_settings():
     ours = list(train_batches(data, config, epoch=2))
     direct = list(data.batches("train", 3, epoch=2, seed=4, shuffle=True, hflip=True, max_steps=2))
     assert len(ours) == steps_per_epoch(data, config) == 2
-    assert all(np.array_equal(a.images, b.images) and np.array_equal(a.positions, b.positions)
-               for a, b in zip(ours, direct))
+    assert all(
+        np.array_equal(a.images, b.images) and np.array_equal(a.positions, b.positions) for a, b in zip(ours, direct)
+    )
     assert [len(b.positions) for b in train_batches(data, config, 1, batch_size=2, rank=1, world=2)] == [2, 2]
 
 
@@ -145,20 +146,25 @@ def test_train_epoch_times_reports_progress_and_fetches_the_losses_once():
         return losses
 
     with recorder.phase("train"):
-        outcome = train_epoch(recorder, [3, 1, 2], lambda batch: batch / 10, epoch=5, steps=3, sync=lambda: None,
-                              images=4, fetch=fetch)
+        outcome = train_epoch(
+            recorder, [3, 1, 2], lambda batch: batch / 10, epoch=5, steps=3, sync=lambda: None, images=4, fetch=fetch
+        )
     assert fetched == [[0.3, 0.1, 0.2]]  # one fetch, after the last step
     np.testing.assert_array_equal(outcome.losses, [0.3, 0.1, 0.2])
     assert outcome.losses.dtype == np.float64 and outcome.images == 12 and outcome.data_wait_s >= 0
-    assert [(p["epoch"], p["step"], p["steps"]) for name, p in events if name == "step"] == [(5, 1, 3), (5, 2, 3),
-                                                                                            (5, 3, 3)]
+    assert [(p["epoch"], p["step"], p["steps"]) for name, p in events if name == "step"] == [
+        (5, 1, 3),
+        (5, 2, 3),
+        (5, 3, 3),
+    ]
     timer = recorder.take_timer("train")
     assert timer.steps == 3 and len(timer.windows) == 2  # the loop's batches went through the window timer
 
 
 def test_train_epoch_without_batches_is_an_empty_outcome():
-    outcome = train_epoch(Recorder(), [], lambda batch: 1 / 0, epoch=1, steps=0, sync=lambda: None, images=4,
-                          fetch=lambda losses: 1 / 0)
+    outcome = train_epoch(
+        Recorder(), [], lambda batch: 1 / 0, epoch=1, steps=0, sync=lambda: None, images=4, fetch=lambda losses: 1 / 0
+    )
     assert outcome.losses.shape == (0,) and outcome.images == 0
 
 
@@ -187,8 +193,9 @@ def test_validation_loss_reduces_once_through_total():
         calls.append((list(sums), images))
         return 2 * float(sum(sums)), 2 * images
 
-    loss = validation_loss(Recorder(), data, settings(**{"train.batch_size": 2}), lambda batch: 1.0, lambda: None,
-                           total)
+    loss = validation_loss(
+        Recorder(), data, settings(**{"train.batch_size": 2}), lambda batch: 1.0, lambda: None, total
+    )
     assert calls == [([1.0, 1.0, 1.0], 5)] and loss == pytest.approx(6.0 / (10 * NUM_CLASSES))
 
 

@@ -20,7 +20,9 @@ LABELS = ("No Finding", "Effusion", "Mass|Nodule", "Atelectasis")
 
 
 def make_root(tmp_path, size=40, modes=("L", "RGBA", "I;16", "P", "RGB")):
-    items = [Entry(e.name, e.labels, e.patient, mode=modes[i % len(modes)]) for i, e in enumerate(entries(16, 3, LABELS))]
+    items = [
+        Entry(e.name, e.labels, e.patient, mode=modes[i % len(modes)]) for i, e in enumerate(entries(16, 3, LABELS))
+    ]
     return write_dataset(tmp_path / "nih", items, test_patients=(2, 7, 11, 15), size=size)
 
 
@@ -85,7 +87,9 @@ def test_corrupt_file_mid_build_leaves_nothing_valid(tmp_path):
         cache.prepare(index, 16, cache_dir=tmp_path / "cache", workers=2)
     left = list((tmp_path / "cache").iterdir())
     assert left == [], left
-    assert not cache.is_valid(tmp_path / "cache" / cache.cache_key(index, 16), cache.cache_key(index, 16), len(index), 16)
+    assert not cache.is_valid(
+        tmp_path / "cache" / cache.cache_key(index, 16), cache.cache_key(index, 16), len(index), 16
+    )
 
 
 def test_invalid_leftover_under_the_key_is_replaced(tmp_path):
@@ -104,7 +108,7 @@ def test_two_processes_preparing_the_same_key(tmp_path):
         f"""
         from pathlib import Path
         from cxrbench.data import cache, nih
-        p = cache.prepare(nih.read_index(Path({str(root)!r})), 32, cache_dir=Path({str(tmp_path / 'cache')!r}), workers=1)
+        p = cache.prepare(nih.read_index(Path({str(root)!r})), 32, cache_dir=Path({str(tmp_path / "cache")!r}), workers=1)
         print(p.key, int(p.images.astype('int64').sum()))
         """
     )
@@ -134,7 +138,9 @@ def test_batches_are_deterministic_per_epoch_with_exact_flips(prepared):
 
     first = epoch(1)
     assert len(first) == len(prepared.rows("train")) // 4
-    assert all(np.array_equal(a.images, b.images) and (a.positions == b.positions).all() for a, b in zip(first, epoch(1)))
+    assert all(
+        np.array_equal(a.images, b.images) and (a.positions == b.positions).all() for a, b in zip(first, epoch(1))
+    )
     assert any((a.positions != b.positions).any() for a, b in zip(first, epoch(2)))
     train = prepared.split_images("train")
     flipped = 0

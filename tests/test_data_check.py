@@ -19,10 +19,17 @@ TEST_PATIENTS = (2, 6, 9)
 
 @pytest.fixture
 def fixture(tmp_path):
-    items = [Entry(e.name, e.labels, e.patient, view="AP" if i % 3 == 0 else "PA") for i, e in enumerate(entries(12, 3, LABELS))]
+    items = [
+        Entry(e.name, e.labels, e.patient, view="AP" if i % 3 == 0 else "PA")
+        for i, e in enumerate(entries(12, 3, LABELS))
+    ]
     missing = [items[4].name]
     excluded = [items[13].name, items[20].name]
-    boxes = [(items[3].name, "Effusion", 10, 20, 30, 40), (items[3].name, "Infiltrate", 1, 2, 3, 4), (items[15].name, "Mass", 5, 5, 5, 5)]
+    boxes = [
+        (items[3].name, "Effusion", 10, 20, 30, 40),
+        (items[3].name, "Infiltrate", 1, 2, 3, 4),
+        (items[15].name, "Mass", 5, 5, 5, 5),
+    ]
     root = write_dataset(tmp_path / "nih", items, test_patients=TEST_PATIENTS, boxes=boxes, not_written=missing)
     exclude = tmp_path / "exclude.txt"
     exclude.write_text("\n".join(excluded) + "\n")
@@ -44,7 +51,9 @@ def test_counts_match_the_fixture(fixture):
     assert summary["views"] == dict(Counter(e.view for e in kept))
     kept_names = {e.name for e in kept}
     box_labels = Counter(nih.BOX_LABEL_ALIASES.get(b[1], b[1]) for b in boxes if b[0] in kept_names)
-    assert summary["boxes"] == dict(box_labels) and summary["boxed_images"] == len({b[0] for b in boxes if b[0] in kept_names})
+    assert summary["boxes"] == dict(box_labels) and summary["boxed_images"] == len(
+        {b[0] for b in boxes if b[0] in kept_names}
+    )
     test = [e for e in kept if e.patient in TEST_PATIENTS]
     assert summary["splits"]["test"] == {"images": len(test), "patients": len({e.patient for e in test})}
     assert sum(s["images"] for s in summary["splits"].values()) == len(kept)

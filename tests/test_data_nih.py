@@ -10,7 +10,15 @@ from cxrbench.classes import CLASSES
 from cxrbench.data import images, nih
 from cxrbench.errors import DataError
 
-LABELS = ("No Finding", "Effusion", "Atelectasis|Effusion", "Hernia", "Pleural_Thickening|Mass", "No Finding", "Infiltration")
+LABELS = (
+    "No Finding",
+    "Effusion",
+    "Atelectasis|Effusion",
+    "Hernia",
+    "Pleural_Thickening|Mass",
+    "No Finding",
+    "Infiltration",
+)
 
 
 def expected_vector(text: str) -> list[int]:
@@ -50,7 +58,9 @@ def test_trailing_comma_and_v2020_give_the_same_index(tmp_path):
 def test_prefers_v2020_when_both_files_exist(tmp_path):
     root, items = dataset(tmp_path, variant="v2020")
     first = items[0]
-    (root / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels,Patient ID,View Position,\n" f"{first.name},Hernia,{first.patient},PA,\n")
+    (root / "Data_Entry_2017.csv").write_text(
+        f"Image Index,Finding Labels,Patient ID,View Position,\n{first.name},Hernia,{first.patient},PA,\n"
+    )
     index = nih.read_index(root)
     assert len(index) == len(items)
     assert index.labels[index.files.index(first.name)].tolist() == expected_vector(first.labels)

@@ -36,7 +36,9 @@ def test_writes_nih_headers_and_names(phantom_root, index):
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
         "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
     )
-    assert (phantom_root / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert (phantom_root / "BBox_List_2017.csv").read_text().splitlines()[
+        0
+    ] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     assert index.notes == [] and len(index) == 600
     for name, patient in zip(index.files, index.patients):
         assert re.fullmatch(r"\d{8}_\d{3}\.png", name) and int(name[:8]) == patient

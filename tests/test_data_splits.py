@@ -77,7 +77,11 @@ def test_stratified_lists_still_spread_a_rare_class():
     for seed in range(5):
         split = splits.stratified_patients(patients, labels, splits.RANDOM_FRACTIONS, seed)
         hernia = labels[:, CLASSES.index("Hernia")] == 1
-        assert {s: hernia[split == s].any() for s in ("train", "val", "test")} == {"train": True, "val": True, "test": True}
+        assert {s: hernia[split == s].any() for s in ("train", "val", "test")} == {
+            "train": True,
+            "val": True,
+            "test": True,
+        }
 
 
 def test_tiny_data_sets_still_fill_every_split():

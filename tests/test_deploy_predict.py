@@ -24,8 +24,9 @@ from cxrbench.cli import main
 from cxrbench.deploy import images
 from cxrbench.deploy.model import ScoringModel
 
-needs_pydicom = pytest.mark.skipif(importlib.util.find_spec("pydicom") is None,
-                                   reason='DICOM tests need pydicom: pip install -e ".[dicom]"')
+needs_pydicom = pytest.mark.skipif(
+    importlib.util.find_spec("pydicom") is None, reason='DICOM tests need pydicom: pip install -e ".[dicom]"'
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,9 @@ def test_cam_overlays_for_top_k_and_asked_classes(model_path, pictures, tmp_path
             with Image.open(cam["file"]) as image:
                 assert image.format == "PNG" and min(image.size) >= SIZE
             assert cam["boxes"] and all(len(box) == 4 and box[2] > 0 and box[3] > 0 for box in cam["boxes"])
-    status, out, _ = _predict(capsys, model_path, pictures[0], "--format", "json", "--cam", cams,
-                              "--classes", "Mass", "Hernia")
+    status, out, _ = _predict(
+        capsys, model_path, pictures[0], "--format", "json", "--cam", cams, "--classes", "Mass", "Hernia"
+    )
     assert [c["class"] for c in json.loads(out)[0]["cams"]] == ["Mass", "Hernia"]
     assert len(list(cams.glob("*.png"))) == 2 * 2 + 2
 
@@ -107,7 +109,7 @@ def test_cam_of_the_scoring_model_obeys_the_cam_identity(model_path, pictures):
 
 
 def test_sixteen_bit_png_is_scaled_by_its_full_range(tmp_path):
-    wide = (chest_like(3).astype(np.uint16) * 257)  # 0..65535
+    wide = chest_like(3).astype(np.uint16) * 257  # 0..65535
     path = tmp_path / "wide.png"
     Image.fromarray(wide).save(path)
     np.testing.assert_array_equal(images.read(path), chest_like(3))
@@ -143,8 +145,14 @@ def _linear_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
 @needs_pydicom
 def test_dicom_sixteen_bit_applies_rescale_and_the_voi_window(tmp_path):
     stored = (np.random.default_rng(6).integers(0, 4096, (40, 48))).astype(np.uint16)
-    path = dicom_file(tmp_path / "ct.dcm", stored, RescaleSlope="2", RescaleIntercept="-1024",
-                  WindowCenter=["1500", "40"], WindowWidth=["3000", "400"])
+    path = dicom_file(
+        tmp_path / "ct.dcm",
+        stored,
+        RescaleSlope="2",
+        RescaleIntercept="-1024",
+        WindowCenter=["1500", "40"],
+        WindowWidth=["3000", "400"],
+    )
     values = stored.astype(np.float64) * 2 - 1024
     np.testing.assert_array_equal(images.read(path), _linear_window(values, 1500.0, 3000.0))
     import pydicom
@@ -191,8 +199,9 @@ def test_dicom_without_pydicom_names_the_extra(model_path, tmp_path, monkeypatch
     ],
     ids=["text", "truncated", "empty"],
 )
-def test_unreadable_picture_is_skipped_with_one_line_and_others_are_scored(model_path, pictures, tmp_path, capsys,
-                                                                            content, message):
+def test_unreadable_picture_is_skipped_with_one_line_and_others_are_scored(
+    model_path, pictures, tmp_path, capsys, content, message
+):
     bad = tmp_path / "bad.png"
     bad.write_bytes(content)
     status, out, err = _predict(capsys, model_path, pictures[0], bad)
@@ -233,8 +242,13 @@ def test_bad_arguments_are_one_line(model_path, pictures, tmp_path, capsys, argv
     proto = onnx.load(str(model_path))
     del proto.metadata_props[:]
     onnx.save(proto, str(plain))
-    names = {"model": model_path, "missing": tmp_path / "nope.png", "folder": pictures[0].parent,
-             "picture": pictures[0], "plain": plain}
+    names = {
+        "model": model_path,
+        "missing": tmp_path / "nope.png",
+        "folder": pictures[0].parent,
+        "picture": pictures[0],
+        "plain": plain,
+    }
     status, _, err = _predict(capsys, *[a.format(**names) for a in argv])
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("cxrbench: " + message.format(**names)), err

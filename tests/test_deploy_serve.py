@@ -124,8 +124,16 @@ def test_cam_as_png_and_as_base64(client):
         (lambda c: _upload(c, png_bytes(chest_like(0)), cam="jpeg"), 400, "cam='jpeg': must be one of png, base64"),
         (lambda c: _upload(c, png_bytes(chest_like(0)), cam="png", **{"class": "Flu"}), 400, "class='Flu': not one"),
     ],
-    ids=["non-image", "truncated", "huge-dimensions", "too-many-bytes", "no-file-field", "not-multipart",
-         "bad-cam", "bad-class"],
+    ids=[
+        "non-image",
+        "truncated",
+        "huge-dimensions",
+        "too-many-bytes",
+        "no-file-field",
+        "not-multipart",
+        "bad-cam",
+        "bad-class",
+    ],
 )
 def test_bad_uploads_get_4xx_json_and_the_server_keeps_serving(client, make, status, message):
     response = make(client)
@@ -191,9 +199,11 @@ def test_bounded_load_has_no_error(client, server, capsys):
         latencies = np.concatenate(list(pool.map(one_client, range(CLIENTS)))) * 1000
     elapsed = time.perf_counter() - start
     with capsys.disabled():
-        print(f"\nserve load: {CLIENTS} clients x {REQUESTS} requests ({SIZE} px densenet-tiny): "
-              f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
-              f"{len(latencies) / elapsed:.1f} req/s")
+        print(
+            f"\nserve load: {CLIENTS} clients x {REQUESTS} requests ({SIZE} px densenet-tiny): "
+            f"p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
+            f"{len(latencies) / elapsed:.1f} req/s"
+        )
     assert len(latencies) == CLIENTS * REQUESTS
 
 
@@ -202,8 +212,11 @@ def test_serve_command_starts_and_answers(model_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "cxrbench", "serve", str(model_path), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cxrbench", "serve", str(model_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline, answer = time.monotonic() + 60, None
         while answer is None and time.monotonic() < deadline and process.poll() is None:
@@ -220,8 +233,9 @@ def test_serve_command_starts_and_answers(model_path):
 def test_serve_without_metadata_is_one_line(tmp_path):
     plain = tmp_path / "plain.onnx"
     plain.write_bytes(b"not onnx")
-    result = subprocess.run([sys.executable, "-m", "cxrbench", "serve", str(plain)], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "cxrbench", "serve", str(plain)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"cxrbench: error: {plain}: not a loadable ONNX model")
     assert len(result.stderr.strip().splitlines()) == 1

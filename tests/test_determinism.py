@@ -37,8 +37,11 @@ def restore_torch():
 def test_torch_switches_on_and_off_and_reads_them_back(restore_torch, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch_determinism.apply(numerics(deterministic=True))
-    assert torch_determinism.describe() == {"deterministic_algorithms": True, "cudnn_deterministic": True,
-                                            "cublas_workspace_config": ":4096:8"}
+    assert torch_determinism.describe() == {
+        "deterministic_algorithms": True,
+        "cudnn_deterministic": True,
+        "cublas_workspace_config": ":4096:8",
+    }
     torch_determinism.apply(numerics(deterministic=False))
     described = torch_determinism.describe()
     assert described["deterministic_algorithms"] is False and described["cudnn_deterministic"] is False

@@ -11,7 +11,7 @@ from cxrbench.cli import main
 from cxrbench.device_check import check_backend
 
 #: A stand-in for nvidia-ml-py in the checked process: NVML shows it one GPU.
-FAKE_PYNVML = '''
+FAKE_PYNVML = """
 class _Memory:
     total = 80 * 2**30
 def nvmlInit(): pass
@@ -23,7 +23,7 @@ def nvmlDeviceGetUUID(h): return "GPU-0000"
 def nvmlDeviceGetMemoryInfo(h): return _Memory()
 def nvmlSystemGetDriverVersion(): return "580.1"
 def nvmlSystemGetCudaDriverVersion(): return 13000
-'''
+"""
 
 
 @pytest.mark.backends("numpy")

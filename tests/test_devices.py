@@ -74,19 +74,22 @@ class _FakeNvml(types.ModuleType):
         return 13000
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (None, list(range(8))),
-    ("", []),
-    ("3", [3]),
-    ("5,2", [5, 2]),  # CUDA's order is the variable's order
-    ("GPU-6aaa6-uuid", [6]),
-    ("GPU-1aaa", [1]),  # a unique prefix is enough
-    ("6aaa6", [6]),  # UUIDs may leave out "GPU-"
-    ("0,abc,1", [0]),  # the list ends at the first entry that names no GPU
-    ("0,9", [0]),
-    ("1,1", [1]),  # or repeats one
-    ("MIG-4f1c", []),  # MIG instances are not resolved
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (None, list(range(8))),
+        ("", []),
+        ("3", [3]),
+        ("5,2", [5, 2]),  # CUDA's order is the variable's order
+        ("GPU-6aaa6-uuid", [6]),
+        ("GPU-1aaa", [1]),  # a unique prefix is enough
+        ("6aaa6", [6]),  # UUIDs may leave out "GPU-"
+        ("0,abc,1", [0]),  # the list ends at the first entry that names no GPU
+        ("0,9", [0]),
+        ("1,1", [1]),  # or repeats one
+        ("MIG-4f1c", []),  # MIG instances are not resolved
+    ],
+)
 def test_visible_resolves_cuda_visible_devices_like_cuda(spec, expected):
     assert [gpu.nvml_index for gpu in devices.visible(EIGHT, spec)] == expected
 
@@ -105,12 +108,16 @@ def test_inventory_counts_only_visible_gpus_and_names_the_hidden(monkeypatch):
     inventory = env.gpu_inventory()
 
     assert inventory["count"] == 1 and inventory["hidden"] == 7 and inventory["source"] == "nvml"
-    assert inventory["devices"] == [{"index": 0, "nvml_index": 3, "name": "NVIDIA H100", "uuid": "GPU-3aaa3-uuid",
-                                     "memory_total_mib": 81559}]
+    assert inventory["devices"] == [
+        {"index": 0, "nvml_index": 3, "name": "NVIDIA H100", "uuid": "GPU-3aaa3-uuid", "memory_total_mib": 81559}
+    ]
     assert inventory["driver"] == "580.1" and inventory["cuda_driver"] == "13.0"
     assert env.run_gpu_indices(0) == [3]
-    with pytest.raises(CxrError, match=r"asked for 2 GPUs but this machine has 1 \(7 more hidden by "
-                                       r"CUDA_VISIBLE_DEVICES='3'\)"):
+    with pytest.raises(
+        CxrError,
+        match=r"asked for 2 GPUs but this machine has 1 \(7 more hidden by "
+        r"CUDA_VISIBLE_DEVICES='3'\)",
+    ):
         check_available([1, 2], inventory)
 
 
@@ -158,13 +165,17 @@ def test_a_failed_nvml_read_is_recorded_and_monitoring_goes_on(tmp_path, monkeyp
     assert summary["phases"]["train"]["gpu0"]["util"]["mean"] == 10.0
 
 
-@pytest.mark.parametrize("sees, requested, message", [
-    (0, 0, r"^torch sees 0 GPU\(s\) but this process may use 1 \(NVIDIA H100\): its CUDA libraries did not load"),
-    (1, 2, r"^torch sees 1 GPU\(s\) but this process may use 2 \(NVIDIA H100\)"),
-    (0, 4, r"^run.gpus = 4, but torch sees 0 GPU\(s\)$"),
-])
-def test_a_framework_blind_to_the_gpus_it_was_given_is_refused_not_sent_to_the_cpu(monkeypatch, sees, requested,
-                                                                                   message):
+@pytest.mark.parametrize(
+    "sees, requested, message",
+    [
+        (0, 0, r"^torch sees 0 GPU\(s\) but this process may use 1 \(NVIDIA H100\): its CUDA libraries did not load"),
+        (1, 2, r"^torch sees 1 GPU\(s\) but this process may use 2 \(NVIDIA H100\)"),
+        (0, 4, r"^run.gpus = 4, but torch sees 0 GPU\(s\)$"),
+    ],
+)
+def test_a_framework_blind_to_the_gpus_it_was_given_is_refused_not_sent_to_the_cpu(
+    monkeypatch, sees, requested, message
+):
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3" if requested < 2 else "3,4")
     with pytest.raises(BackendError, match=message):

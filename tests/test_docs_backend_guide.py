@@ -22,8 +22,9 @@ from cxrbench.testing import conformance
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-backend.md"
 HOOKS = {name: function for name, function in vars(hookspecs).items() if hasattr(function, f"{hookspecs.PROJECT}_spec")}
 #: The plain types a backend builds or reads, by the name the guide uses.
-TYPES = {cls.__name__: cls for cls in (api.BackendInfo, api.ExportInfo, api.CamResult, training.EpochOutcome,
-                                       prepared.Batch)}
+TYPES = {
+    cls.__name__: cls for cls in (api.BackendInfo, api.ExportInfo, api.CamResult, training.EpochOutcome, prepared.Batch)
+}
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,9 @@ def test_names_used_sees_calls_not_prose():
 
 
 def test_argument_names_reads_keywords_and_bare_names():
-    assert argument_names('name="numpy", version=v("numpy", 1), extra={"a": 1, "b": 2}, ...') == ["name", "version",
-                                                                                                 "extra"]
+    assert argument_names('name="numpy", version=v("numpy", 1), extra={"a": 1, "b": 2}, ...') == [
+        "name",
+        "version",
+        "extra",
+    ]
     assert argument_names("maps, bias, logits") == ["maps", "bias", "logits"]

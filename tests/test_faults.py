@@ -123,9 +123,12 @@ def _write_tiny_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
@@ -235,8 +238,19 @@ def test_the_sampled_check_is_complemented_by_a_full_one_when_images_are_newer(d
 def test_data_verify_checks_every_block_and_rebuilds_a_mismatch(dataset, tmp_path):
     prepared = cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)
     npy = Path(prepared.images.filename)
-    command = [sys.executable, "-m", "cxrbench", "data", "verify", "--data", str(dataset.root), "--size", "64",
-               "--cache", str(tmp_path / "cache")]
+    command = [
+        sys.executable,
+        "-m",
+        "cxrbench",
+        "data",
+        "verify",
+        "--data",
+        str(dataset.root),
+        "--size",
+        "64",
+        "--cache",
+        str(tmp_path / "cache"),
+    ]
 
     ok = subprocess.run(command, capture_output=True, text=True)
     assert ok.returncode == 0
@@ -245,8 +259,10 @@ def test_data_verify_checks_every_block_and_rebuilds_a_mismatch(dataset, tmp_pat
     _flip(npy, offset=1000)
     bad = subprocess.run(command, capture_output=True, text=True)
     assert bad.returncode == 1, bad.stderr
-    assert bad.stdout == (f"{npy.parent}: block 1 of 1 of images.npy does not match its checksum "
-                          "(the file was altered): rebuilt it from the images\n")
+    assert bad.stdout == (
+        f"{npy.parent}: block 1 of 1 of images.npy does not match its checksum "
+        "(the file was altered): rebuilt it from the images\n"
+    )
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
 
     _flip(npy, offset=1000)
@@ -270,10 +286,12 @@ def test_a_cache_on_a_full_disk_is_refused_before_decoding(dataset, tmp_path, mo
     with pytest.raises(StorageError) as caught:
         cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)
     needed = len(dataset) * 64 * 64 + cache.CHECKSUM_BLOCK + files.SPACE_MARGIN_BYTES
-    assert str(caught.value) == (f"{tmp_path / 'cache'}: the prepared cache needs {needed:,} bytes "
-                                 f"({needed / 2**20:.0f} MiB)"
-                                 " but only 1,000 bytes are free there: free space or choose a folder on another disk"
-                                 " (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)")
+    assert str(caught.value) == (
+        f"{tmp_path / 'cache'}: the prepared cache needs {needed:,} bytes "
+        f"({needed / 2**20:.0f} MiB)"
+        " but only 1,000 bytes are free there: free space or choose a folder on another disk"
+        " (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)"
+    )
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
@@ -304,9 +322,16 @@ def test_a_running_status_whose_process_is_gone_is_interrupted(tmp_path):
 
 
 def test_the_lock_refuses_a_second_run_and_a_stale_one_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cxrbench.run.store import RunLock; "
-                               f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from cxrbench.run.store import RunLock; "
+            f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         assert run_folder.run_is_active(tmp_path)
@@ -337,19 +362,39 @@ def _fake_run(run_dir: Path) -> None:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_bytes(b"x" * 100)
     for backend in ("pytorch", "keras"):
-        for name in ("init.onnx", "model.onnx", "weights_best.npz", "metrics.json", "predictions.npz",
-                     "cams/001_Mass.png"):
+        for name in (
+            "init.onnx",
+            "model.onnx",
+            "weights_best.npz",
+            "metrics.json",
+            "predictions.npz",
+            "cams/001_Mass.png",
+        ):
             path = run_dir / backend / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"x" * 10)
 
 
-@pytest.mark.parametrize(("value", "removed"), [
-    ("all", []),
-    ("results", ["keras/init.onnx", "pytorch/init.onnx"]),
-    ("minimal", ["keras/init.onnx", "keras/model.onnx", "pytorch/init.onnx", "pytorch/model.onnx",
-                 "keras/weights_best.npz", "pytorch/weights_best.npz", "shared_init.npz", "equivalence_batch.npy"]),
-])
+@pytest.mark.parametrize(
+    ("value", "removed"),
+    [
+        ("all", []),
+        ("results", ["keras/init.onnx", "pytorch/init.onnx"]),
+        (
+            "minimal",
+            [
+                "keras/init.onnx",
+                "keras/model.onnx",
+                "pytorch/init.onnx",
+                "pytorch/model.onnx",
+                "keras/weights_best.npz",
+                "pytorch/weights_best.npz",
+                "shared_init.npz",
+                "equivalence_batch.npy",
+            ],
+        ),
+    ],
+)
 def test_keep_removes_only_what_it_says(tmp_path, value, removed):
     _fake_run(tmp_path)
     before = keep.folder_bytes(tmp_path)
@@ -380,8 +425,9 @@ def _closed_pipe_run(*args: str) -> subprocess.CompletedProcess:
     read, write = os.pipe()
     os.close(read)  # the reader (`head`) has gone: the first write gets EPIPE
     try:
-        return subprocess.run([sys.executable, "-m", "cxrbench", *args], stdout=write, stderr=subprocess.PIPE,
-                              text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "cxrbench", *args], stdout=write, stderr=subprocess.PIPE, text=True
+        )
     finally:
         os.close(write)
 
@@ -394,10 +440,18 @@ def test_a_closed_pipe_is_exit_141_without_a_traceback(dataset):
 
 
 def test_ctrl_c_is_exit_130_with_one_line(dataset, tmp_path):
-    process = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; import cxrbench.cli as cli;"
-                                "cli._cmd_env = lambda args: (print('ready', flush=True), time.sleep(60));"
-                                "sys.exit(cli.main(['env']))"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; import cxrbench.cli as cli;"
+            "cli._cmd_env = lambda args: (print('ready', flush=True), time.sleep(60));"
+            "sys.exit(cli.main(['env']))",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline() == "ready\n"
     process.send_signal(2)
     _, err = process.communicate(timeout=30)

@@ -27,17 +27,35 @@ from cxrbench.run import keep
 from cxrbench.run.schema import validate
 
 TESTS = Path(__file__).resolve().parent
-TINY = ["--backend", "numpy", "--arch", "densenet-tiny", "--image-size", "32", "--batch-size", "4",
-        "--monitor-interval", "0.2", "--set", "data.phantom_images=120", "--set", "data.phantom_size=64",
-        "--set", "eval.bootstrap_rounds=10", "--set", "eval.cam_images=2"]
+TINY = [
+    "--backend",
+    "numpy",
+    "--arch",
+    "densenet-tiny",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--monitor-interval",
+    "0.2",
+    "--set",
+    "data.phantom_images=120",
+    "--set",
+    "data.phantom_size=64",
+    "--set",
+    "eval.bootstrap_rounds=10",
+    "--set",
+    "eval.cam_images=2",
+]
 
 pytestmark = pytest.mark.slow
 
 
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "cxrbench", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxrbench", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -98,8 +116,9 @@ def _tmpfs(folder: Path, size: str, options: str = ""):
     folder.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(folder)],
-                             capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs", str(folder)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
     try:
@@ -132,8 +151,10 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_keeps_results_and_resumes(tmp_
         assert code == 1, err
         line = _last_line(err)
         assert line.startswith(f"cxrbench: error: {run_dir}/")
-        assert ": cannot write (no space left on the device: free space there or choose a folder on another disk); " \
-               f"results so far are kept: free space, then `cxrbench run --resume {run_dir}`" in line
+        assert (
+            ": cannot write (no space left on the device: free space there or choose a folder on another disk); "
+            f"results so far are kept: free space, then `cxrbench run --resume {run_dir}`" in line
+        )
         _assert_no_partial_files(run_dir)
         assert _fingerprints(list(before)) == before
 
@@ -166,10 +187,22 @@ def test_a_refused_run_creates_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = _finish(_start("run", "--suite", "chestxray14", "--backend", "numpy"))
     assert code == 2
-    assert _last_line(err) == ("cxrbench: error: suite 'chestxray14': data.source = 'chestxray14' needs data.path "
-                               "(or --data DIR)")
-    code, err = _finish(_start("run", "--suite", "chestxray14", "--backend", "numpy",
-                               "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")))
+    assert _last_line(err) == (
+        "cxrbench: error: suite 'chestxray14': data.source = 'chestxray14' needs data.path (or --data DIR)"
+    )
+    code, err = _finish(
+        _start(
+            "run",
+            "--suite",
+            "chestxray14",
+            "--backend",
+            "numpy",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "run"),
+        )
+    )
     assert code == 2 and str(tmp_path / "nowhere") in _last_line(err)
     assert list(tmp_path.iterdir()) == []
 
@@ -195,8 +228,10 @@ def test_a_killed_run_is_reported_interrupted_and_resumes_from_its_last_stage(tm
     code, err = _finish(_start("run", "--resume", str(run_dir)))
     assert code == 0, err
     assert "note: took over the lock" in err and "which is no longer running" in err
-    assert f"note: numpy was interrupted during stage {status['stage']} (process {status['pid']} is gone); " \
-           "resuming it from its last completed stage" in err
+    assert (
+        f"note: numpy was interrupted during stage {status['stage']} (process {status['pid']} is gone); "
+        "resuming it from its last completed stage" in err
+    )
     assert "[numpy] equivalence: already done, skipped" in (run_dir / "numpy" / "log.txt").read_text()
     run = json.loads((run_dir / "run.json").read_text())
     validate(run)
@@ -234,8 +269,10 @@ def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     assert _last_line(err).startswith(refusal)
     code, err = _finish(_start("run", "--out", str(run_dir), *TINY))
     assert code == 2
-    assert _last_line(err) == f"cxrbench: error: {run_dir}: already holds a run " \
-                              f"(use --resume {run_dir} to finish it, or another --out)"
+    assert (
+        _last_line(err) == f"cxrbench: error: {run_dir}: already holds a run "
+        f"(use --resume {run_dir} to finish it, or another --out)"
+    )
 
     code, err = _finish(first)
     assert code == 0, err

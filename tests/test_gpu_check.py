@@ -14,8 +14,13 @@ SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "gpu-check.sh"
 
 
 def _check(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHON": sys.executable})
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
 
 
 @pytest.mark.skipif(gpu_inventory()["count"] > 0, reason="this machine has a GPU")
@@ -37,8 +42,16 @@ def test_dry_run_runs_every_step_on_the_cpu_and_writes_one_summary(tmp_path):
     assert done.returncode == 0 and summary["passed"], json.dumps(summary["steps"], indent=1)[:4000]
     steps = summary["steps"]
     assert {name: step["status"] for name, step in steps.items()} == {
-        "devices": "passed", "sweep": "passed", "smoke": "passed", "ddp-torch": "passed", "mirrored-keras": "skipped",
-        "compile": "passed", "tf32": "passed", "oversized": "skipped", "visible-device": "skipped"}
+        "devices": "passed",
+        "sweep": "passed",
+        "smoke": "passed",
+        "ddp-torch": "passed",
+        "mirrored-keras": "skipped",
+        "compile": "passed",
+        "tf32": "passed",
+        "oversized": "skipped",
+        "visible-device": "skipped",
+    }
     assert steps["devices"]["frameworks"]["torch"]["gpus"] == 0
     assert len(steps["sweep"]["cells"]) == 4 and all(c["train_images_per_s"] for c in steps["sweep"]["cells"])
     assert steps["smoke"]["equivalence_tf32_off"]["passed"] is True

@@ -24,7 +24,9 @@ SIZE = 32
 
 def test_pytorch_inference_runs_ieee_float32_and_restores_tf32():
     settings = kit_settings(SIZE, **{"numerics.tf32": True})
-    model = torch_backend.cxrbench_build_model(settings=settings, weights=random_canonical(settings.model.block_config, seed=1))
+    model = torch_backend.cxrbench_build_model(
+        settings=settings, weights=random_canonical(settings.model.block_config, seed=1)
+    )
     seen = []
     model.net.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cuda.matmul.fp32_precision))
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # what numerics.tf32 = true set for training
@@ -52,8 +54,11 @@ def test_keras_mixed_precision_model_predicts_the_float32_function_without_tf32(
     mixed_settings = kit_settings(SIZE, **{"numerics.precision": "bf16", "numerics.tf32": True})
     flags = []
     batched = infer._batched
-    monkeypatch.setattr(infer, "_batched", lambda *args: flags.append(
-        tf.config.experimental.tensor_float_32_execution_enabled()) or batched(*args))
+    monkeypatch.setattr(
+        infer,
+        "_batched",
+        lambda *args: flags.append(tf.config.experimental.tensor_float_32_execution_enabled()) or batched(*args),
+    )
     try:
         mixed = keras_backend.cxrbench_build_model(settings=mixed_settings, weights=weights)
         assert mixed.network.dtype_policy.name == "mixed_bfloat16"

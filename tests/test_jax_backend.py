@@ -50,8 +50,9 @@ def settings_for(**dotted):
 
 
 def torch_densenet(weights, block_config=TINY) -> torch.nn.Module:
-    net = torchvision.models.DenseNet(growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4,
-                                      num_classes=NUM_CLASSES)
+    net = torchvision.models.DenseNet(
+        growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4, num_classes=NUM_CLASSES
+    )
     missing, unexpected = net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
     return net
@@ -93,8 +94,9 @@ def test_logits_equal_torchvision_with_several_layers_per_block():
     settings = settings_for(**{"model.arch": "densenet-small"})
     weights = random_canonical(settings.model.block_config, seed=22)
     images = random_images(3, SIZE, seed=5)
-    ours = cxrbench_jax.cxrbench_predict(model=cxrbench_jax.cxrbench_build_model(settings=settings, weights=weights),
-                                         images=images, settings=settings)
+    ours = cxrbench_jax.cxrbench_predict(
+        model=cxrbench_jax.cxrbench_build_model(settings=settings, weights=weights), images=images, settings=settings
+    )
     with torch.no_grad():
         net = torch_densenet(weights, settings.model.block_config).eval()
         expected = net(torch.from_numpy(host_normalise(images, "NCHW"))).numpy()
@@ -103,8 +105,9 @@ def test_logits_equal_torchvision_with_several_layers_per_block():
 
 def test_device_normalisation_equals_the_host_one():
     images = random_images(3, 32, seed=1)
-    np.testing.assert_allclose(np.asarray(network.normalise(jnp.asarray(images))), host_normalise(images, "NHWC"),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(network.normalise(jnp.asarray(images))), host_normalise(images, "NHWC"), rtol=0, atol=1e-6
+    )
 
 
 def test_running_variance_is_unbiased_with_pytorchs_momentum():
@@ -132,14 +135,14 @@ def test_first_training_step_equals_a_torch_step(shared):
     net = torch_densenet(shared).train()
     adam = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     torch_logits = net(torch.from_numpy(host_normalise(images, "NCHW")))
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch_logits,
-                                                                    torch.from_numpy(labels))
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch_logits, torch.from_numpy(labels))
     expected.backward()
     adam.step()
 
     epoch_loop = loop.JaxEpochLoop(ours, None, settings, Recorder())
-    epoch_loop.state, loss = epoch_loop.step_fn(epoch_loop.state, jnp.asarray(images), jnp.asarray(labels),
-                                                jnp.float32(1e-3))
+    epoch_loop.state, loss = epoch_loop.step_fn(
+        epoch_loop.state, jnp.asarray(images), jnp.asarray(labels), jnp.float32(1e-3)
+    )
     print(f"first-step loss: jax {float(loss):.8f}, torch {expected.item():.8f}")
     assert abs(float(loss) - expected.item()) < LOSS_ATOL
 
@@ -202,8 +205,9 @@ def test_tf32_is_for_training_only_inference_traces_ieee_float32(monkeypatch, sh
         return network.normalise(images)
 
     monkeypatch.setattr(loop, "normalise", recording)
-    numerics = cxrbench_jax.cxrbench_train(model=model, data=synthetic_data(SIZE, train=4, val=4), settings=settings,
-                                           recorder=Recorder())["numerics"]
+    numerics = cxrbench_jax.cxrbench_train(
+        model=model, data=synthetic_data(SIZE, train=4, val=4), settings=settings, recorder=Recorder()
+    )["numerics"]
     assert numerics["tf32"] and numerics["framework"]["matmul_precision"] == "tensorfloat32"
     assert set(traced) == {"tensorfloat32"}  # the train and validation steps
     traced.clear()
@@ -228,8 +232,9 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, model):
 
     monkeypatch.setattr(loop.JaxEpochLoop, "compile", lambda self, *a: exhausted)
     with pytest.raises(BackendError, match="out of memory on cpu:0 .* while training at batch size 8 ") as caught:
-        cxrbench_jax.cxrbench_train(model=model, data=synthetic_data(SIZE, train=16), settings=settings_for(),
-                                    recorder=Recorder())
+        cxrbench_jax.cxrbench_train(
+            model=model, data=synthetic_data(SIZE, train=16), settings=settings_for(), recorder=Recorder()
+        )
     assert "\n" not in str(caught.value)
 
 
@@ -296,8 +301,11 @@ def test_two_devices_equal_one_device_on_the_concatenated_batch():
     the replicas hold bitwise identical state, and loss, gradients, BatchNorm statistics and the validation loss
     equal one device's within float32 reduction-order noise. (Weights after Adam's first step are not compared
     elementwise: lr * g / (|g| + eps) turns noise in near-zero gradients into differences of up to lr.)"""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
     command = [sys.executable, "-c", TWO_DEVICES]
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -69,7 +69,9 @@ def random_weights(block_config=TINY, seed: int = 3) -> dict[str, np.ndarray]:
 
 
 def torch_densenet(weights, block_config=TINY):
-    net = torchvision.models.DenseNet(growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4, num_classes=NUM_CLASSES)
+    net = torchvision.models.DenseNet(
+        growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4, num_classes=NUM_CLASSES
+    )
     missing, unexpected = net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
     return net
@@ -132,7 +134,10 @@ def test_layer_map_round_trip_is_exact(tiny, shared_weights):
     "change, message",
     [
         (lambda w: w.pop("features.norm5.running_var"), "missing tensor 'features.norm5.running_var'"),
-        (lambda w: w.update({"classifier.weight": np.zeros((14, 3), np.float32)}), "'classifier.weight' has shape (14, 3)"),
+        (
+            lambda w: w.update({"classifier.weight": np.zeros((14, 3), np.float32)}),
+            "'classifier.weight' has shape (14, 3)",
+        ),
     ],
 )
 def test_set_weights_names_the_bad_tensor(tiny, shared_weights, change, message):
@@ -296,7 +301,9 @@ def test_imagenet_init_from_keras_cache(tmp_path, monkeypatch):
             for ours, theirs in zip(built.get_layer(layer.name).get_weights(), layer.get_weights()):
                 np.testing.assert_array_equal(ours, theirs)
     fresh = keras_model.build(settings.replace(**{"run.seed": 1})).network
-    assert not np.array_equal(built.get_layer("classifier").get_weights()[0], fresh.get_layer("classifier").get_weights()[0])
+    assert not np.array_equal(
+        built.get_layer("classifier").get_weights()[0], fresh.get_layer("classifier").get_weights()[0]
+    )
 
 
 def test_imagenet_unavailable_is_one_line(tmp_path, monkeypatch):
@@ -362,7 +369,11 @@ def test_train_hook_reports_epochs_and_numerics():
     assert numerics["framework"]["dtype_policy"] == "float32" and numerics["tf32"] is False
     assert (numerics["world_size"], numerics["global_batch"], numerics["learning_rate"]) == (1, 4, 1e-3)
     assert list(numerics) == list(numerics_record.FIELDS)
-    assert (numerics["data_parallel"], numerics["compute_dtype"], numerics["loss_scaling"]) == ("none", "float32", False)
+    assert (numerics["data_parallel"], numerics["compute_dtype"], numerics["loss_scaling"]) == (
+        "none",
+        "float32",
+        False,
+    )
     assert numerics["intra_op_threads"] == tf.config.threading.get_intra_op_parallelism_threads()
 
 
@@ -410,17 +421,25 @@ def test_bf16_policy_keeps_float32_logits_and_trains():
         assert model.network.get_layer("conv1_conv").compute_dtype == "bfloat16"
         assert model.network.outputs[0].dtype == "float32"
         result = loop.train(model, make_data(), settings, Recorder())
-        assert result["numerics"]["framework"]["dtype_policy"] == "mixed_bfloat16" and np.isfinite(result["best_val_loss"])
+        assert result["numerics"]["framework"]["dtype_policy"] == "mixed_bfloat16" and np.isfinite(
+            result["best_val_loss"]
+        )
         assert result["numerics"]["compute_dtype"] == "bfloat16"
     finally:
         keras.config.set_dtype_policy("float32")
 
 
-@pytest.mark.parametrize("dotted, message", [
-    ({"numerics.precision": "fp16"}, "numerics.precision = 'fp16' with 2 replicas: Keras' LossScaleOptimizer decides "
-                                     "'finite' from replica 0 only"),
-    ({"numerics.jit_compile": True}, "numerics.jit_compile = true with 2 replicas: Keras disables XLA"),
-])
+@pytest.mark.parametrize(
+    "dotted, message",
+    [
+        (
+            {"numerics.precision": "fp16"},
+            "numerics.precision = 'fp16' with 2 replicas: Keras' LossScaleOptimizer decides "
+            "'finite' from replica 0 only",
+        ),
+        ({"numerics.jit_compile": True}, "numerics.jit_compile = true with 2 replicas: Keras disables XLA"),
+    ],
+)
 def test_replicated_fp16_and_xla_are_refused_in_one_line(dotted, message):
     from cxrbench_keras.distributed import check_replicated_numerics
 

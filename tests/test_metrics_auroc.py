@@ -185,8 +185,10 @@ def delong_by_pairs(labels, scores_a, scores_b):
 
     def covariance(v, count):
         means = [sum(row) / count for row in v]
-        return [[sum((v[r][k] - means[r]) * (v[q][k] - means[q]) for k in range(count)) / (count - 1)
-                 for q in range(2)] for r in range(2)]
+        return [
+            [sum((v[r][k] - means[r]) * (v[q][k] - means[q]) for k in range(count)) / (count - 1) for q in range(2)]
+            for r in range(2)
+        ]
 
     s10, s01 = covariance(v10, m), covariance(v01, n)
     cov = [[s10[r][q] / m + s01[r][q] / n for q in range(2)] for r in range(2)]
@@ -240,8 +242,10 @@ def test_delong_separates_good_from_random_and_not_equals():
     labels = (rng.random(300) < 0.3).astype(int)
     good = labels + rng.normal(0, 0.7, 300)
     assert delong_test(labels, good, rng.random(300))["p_value"] < 1e-6
-    p_values = [delong_test(labels, labels + rng.normal(0, 1, 300), labels + rng.normal(0, 1, 300))["p_value"]
-                for _ in range(200)]
+    p_values = [
+        delong_test(labels, labels + rng.normal(0, 1, 300), labels + rng.normal(0, 1, 300))["p_value"]
+        for _ in range(200)
+    ]
     rejected = np.mean(np.array(p_values) < 0.05)
     assert 0.01 < rejected < 0.10  # close to the nominal 5 % when both models are equally good
 

@@ -127,8 +127,9 @@ def test_p_values_never_underflow():
     assert log10_two_sided_p(1.959963984540054) == pytest.approx(math.log10(0.05), abs=1e-9)
     # z = 40: 2 * phi(z) / z * (1 - 1/z^2 + 3/z^4), the asymptotic Mills ratio (relative error < 15/z^6)
     z = 40.0
-    reference = (math.log(2) - z * z / 2 - 0.5 * math.log(2 * math.pi) - math.log(z)
-                 + math.log(1 - 1 / z**2 + 3 / z**4)) / math.log(10)
+    reference = (
+        math.log(2) - z * z / 2 - 0.5 * math.log(2 * math.pi) - math.log(z) + math.log(1 - 1 / z**2 + 3 / z**4)
+    ) / math.log(10)
     assert log10_two_sided_p(z) == pytest.approx(reference, abs=1e-6)
     assert log10_two_sided_p(z) < -300
 
@@ -148,10 +149,12 @@ def test_delong_separable_data_reports_log_p_below_underflow():
 def test_paired_patient_bootstrap_equals_explicit_reference():
     labels, scores_a, groups = clustered_data(5, patients=50)
     scores_b = scores_a + np.random.default_rng(6).normal(0, 1.0, scores_a.shape)
-    result = compare_aurocs(labels, scores_a, scores_b, ["a", "b"], groups=groups, rounds=120, seed=9,
-                            confidence=0.9, min_positives=2)
-    diffs = (naive_cluster_bootstrap(labels, scores_a, groups, 120, 9)
-             - naive_cluster_bootstrap(labels, scores_b, groups, 120, 9))
+    result = compare_aurocs(
+        labels, scores_a, scores_b, ["a", "b"], groups=groups, rounds=120, seed=9, confidence=0.9, min_positives=2
+    )
+    diffs = naive_cluster_bootstrap(labels, scores_a, groups, 120, 9) - naive_cluster_bootstrap(
+        labels, scores_b, groups, 120, 9
+    )
     for c, name in enumerate("ab"):
         test, valid = result["per_class"][name], diffs[:, c][np.isfinite(diffs[:, c])]
         point = roc_auc_score(labels[:, c], scores_a[:, c]) - roc_auc_score(labels[:, c], scores_b[:, c])

@@ -45,13 +45,17 @@ def test_upsample_hand_computed():
 def test_upsample_matches_torch(size):
     torch = pytest.importorskip("torch")
     maps = np.random.default_rng(size).normal(size=(2, 3, 7, 5)).astype(np.float32)
-    reference = torch.nn.functional.interpolate(torch.from_numpy(maps), size=(size, size), mode="bilinear", align_corners=False)
+    reference = torch.nn.functional.interpolate(
+        torch.from_numpy(maps), size=(size, size), mode="bilinear", align_corners=False
+    )
     got = upsample(maps, size)
     assert got.shape == (2, 3, size, size) and got.dtype == np.float32
     assert np.abs(got - reference.numpy()).max() < 1e-5
 
 
-@pytest.mark.parametrize("maps, size", [(np.zeros((2, 2)), 4), (np.zeros((1, 1, 2, 2)), 0), (np.full((1, 1, 2, 2), np.nan), 4)])
+@pytest.mark.parametrize(
+    "maps, size", [(np.zeros((2, 2)), 4), (np.zeros((1, 1, 2, 2)), 0), (np.full((1, 1, 2, 2), np.nan), 4)]
+)
 def test_upsample_bad_input(maps, size):
     with pytest.raises(MetricsError, match="upsample"):
         upsample(maps, size)
@@ -87,7 +91,9 @@ def test_flat_map_has_no_box_and_zero_threshold_takes_all():
     assert heatmap_to_boxes(ramp, 0.0) == [(0.0, 0.0, 4.0, 6.0)]
 
 
-@pytest.mark.parametrize("heatmap, threshold", [(np.zeros((2, 2, 2)), 0.5), (np.array([[0.0, np.inf]]), 0.5), (np.eye(3), 1.5)])
+@pytest.mark.parametrize(
+    "heatmap, threshold", [(np.zeros((2, 2, 2)), 0.5), (np.array([[0.0, np.inf]]), 0.5), (np.eye(3), 1.5)]
+)
 def test_heatmap_bad_input(heatmap, threshold):
     with pytest.raises(MetricsError, match="heatmap_to_boxes"):
         heatmap_to_boxes(heatmap, threshold)
@@ -151,7 +157,9 @@ def test_accuracy_iobb_hand_computed():
     # IoBB exactly 0.5 is not found at T = 0.5: ChestX-ray8 counts IoBB > T (contract change, issue 10)
     assert mass["accuracy"] == {"0.1": 1.0, "0.25": 1.0, "0.5": 0.0, "0.75": 0.0, "0.9": 0.0}
     assert mass["avg_fp"] == {"0.1": 0.0, "0.25": 0.0, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
-    assert overall["accuracy"] == pytest.approx({"0.1": 2 / 3, "0.25": 2 / 3, "0.5": 1 / 3, "0.75": 1 / 3, "0.9": 1 / 3})
+    assert overall["accuracy"] == pytest.approx(
+        {"0.1": 2 / 3, "0.25": 2 / 3, "0.5": 1 / 3, "0.75": 1 / 3, "0.9": 1 / 3}
+    )
     assert overall["avg_fp"] == {"0.1": 0.5, "0.25": 0.5, "0.5": 1.0, "0.75": 1.0, "0.9": 1.0}
     assert (overall["boxes"], overall["images"], overall["predicted"]) == (3, 2, 3)
     assert result["unevaluated_predictions"] == 1 and result["thresholds"] == [0.1, 0.25, 0.5, 0.75, 0.9]
@@ -230,7 +238,8 @@ def test_chestxray8_boxes_threshold_the_0_255_map_at_60_and_180():
     heatmap[5:7, 4:8] = 1.0  # above both
     heatmap[0, 7] = 59.0 / 255  # below 60: never boxed
     assert heatmap_to_boxes(heatmap, method="chestxray8") == [
-        (4.0, 5.0, 4.0, 2.0), (1.0, 1.0, 2.0, 2.0),  # level 60: largest region first
+        (4.0, 5.0, 4.0, 2.0),
+        (1.0, 1.0, 2.0, 2.0),  # level 60: largest region first
         (4.0, 5.0, 4.0, 2.0),  # level 180
     ]
     assert heatmap_to_boxes(3.0 * heatmap - 7.0, method="chestxray8") == heatmap_to_boxes(heatmap, method="chestxray8")

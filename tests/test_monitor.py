@@ -48,8 +48,10 @@ def _no_nvml(monkeypatch):
 
 
 #: The exact query GPUtil 1.4.0 runs; the stand-in answers only this, as nvidia-smi would.
-GPUTIL_QUERY = ("--query-gpu=index,uuid,utilization.gpu,memory.total,memory.used,memory.free,driver_version,name,"
-                "gpu_serial,display_active,display_mode,temperature.gpu")
+GPUTIL_QUERY = (
+    "--query-gpu=index,uuid,utilization.gpu,memory.total,memory.used,memory.free,driver_version,name,"
+    "gpu_serial,display_active,display_mode,temperature.gpu"
+)
 GPUTIL_CSV = (
     "0, GPU-8a3e7c1d-0000-1111-2222-333344445555, 37, 16160, 5021, 11139, 535.104.05, Tesla V100-SXM2-16GB, 0323717000001, Disabled, Enabled, 45\n"
     "1, GPU-8a3e7c1d-0000-1111-2222-333344446666, 91, 16160, 15800, 360, 535.104.05, Tesla V100-SXM2-16GB, 0323717000002, Disabled, Enabled, 71\n"
@@ -77,8 +79,13 @@ def test_gputil_path_reads_the_nvidia_smi_stand_in(tmp_path, monkeypatch):
     assert status.gpu_available and status.source == "gputil"
     assert status.devices == ["Tesla V100-SXM2-16GB"] * 2
     readings = reader.read()
-    assert readings[0] == {"util": pytest.approx(37.0), "mem_mib": 5021.0, "power_w": None, "temp_c": 45.0,
-                           "other_processes": None}
+    assert readings[0] == {
+        "util": pytest.approx(37.0),
+        "mem_mib": 5021.0,
+        "power_w": None,
+        "temp_c": 45.0,
+        "other_processes": None,
+    }
     assert readings[1]["util"] == pytest.approx(91.0) and readings[1]["mem_mib"] == 15800.0
 
 
@@ -136,7 +143,12 @@ def test_nvml_path_with_a_fake_pynvml(monkeypatch):
 
     reader, status = open_gpu_reader()
 
-    assert status.to_dict() == {"gpu_available": True, "source": "nvml", "reason": None, "devices": ["NVIDIA A100-SXM4-40GB"] * 2}
+    assert status.to_dict() == {
+        "gpu_available": True,
+        "source": "nvml",
+        "reason": None,
+        "devices": ["NVIDIA A100-SXM4-40GB"] * 2,
+    }
     assert reader.read({100}) == [
         {"util": 64.0, "mem_mib": 1024.0, "power_w": 251.5, "temp_c": 55.0, "other_processes": 1.0},
         {"util": 12.0, "mem_mib": 1536.0, "power_w": None, "temp_c": 60.0, "other_processes": None},
@@ -174,16 +186,32 @@ class _StubReader:
 
 def test_sampler_tags_rows_with_phase_and_epoch_and_writes_the_summary(tmp_path):
     tags = _Tags()
-    sampler = Sampler(tmp_path, "pytorch", tags, interval_s=0.02, gpu=(_StubReader(), GpuStatus(True, "nvml", None, ["x"]))).start()
+    sampler = Sampler(
+        tmp_path, "pytorch", tags, interval_s=0.02, gpu=(_StubReader(), GpuStatus(True, "nvml", None, ["x"]))
+    ).start()
     for phase, epoch in (("train", 1), ("validate", 1)):
         tags.phase_name, tags.epoch = phase, epoch
         _wait_for(lambda: any(r["phase"] == phase for r in sampler.samples))
     summary = sampler.stop()
 
     rows = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
-    assert rows and set(rows[0]) == {"t", "backend", "phase", "epoch", "device", "util", "mem_mib", "power_w", "temp_c",
-                                     "cpu_percent", "rss_mib", "system_cpu_percent", "others_cpu_share", "load_1m",
-                                     "other_processes"}
+    assert rows and set(rows[0]) == {
+        "t",
+        "backend",
+        "phase",
+        "epoch",
+        "device",
+        "util",
+        "mem_mib",
+        "power_w",
+        "temp_c",
+        "cpu_percent",
+        "rss_mib",
+        "system_cpu_percent",
+        "others_cpu_share",
+        "load_1m",
+        "other_processes",
+    }
     assert {(r["phase"], r["epoch"]) for r in rows} >= {("train", 1), ("validate", 1)}
     assert {r["device"] for r in rows} == {"cpu", "gpu0"}
     assert all(r["rss_mib"] > 0 for r in rows if r["device"] == "cpu")

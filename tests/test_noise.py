@@ -48,9 +48,14 @@ def test_a_busy_phase_or_another_gpu_process_is_disturbed():
 
 
 def test_verdicts_merge_into_throughput_json_and_reach_the_end_of_run_warning(tmp_path):
-    write_json(tmp_path / "throughput.json", {"train_images_per_s": 20.0, "disturbed": False,
-                                              "disturbance": {"train": {"disturbed": True, "others_cpu_share_mean": 0.4,
-                                                                        "limit": 0.15}}})
+    write_json(
+        tmp_path / "throughput.json",
+        {
+            "train_images_per_s": 20.0,
+            "disturbed": False,
+            "disturbance": {"train": {"disturbed": True, "others_cpu_share_mean": 0.4, "limit": 0.15}},
+        },
+    )
     noise.record(tmp_path, noise.judge([_cpu_row("predict", 0.0)]))  # a resumed worker that only predicted
     throughput = json.loads((tmp_path / "throughput.json").read_text())
     assert set(throughput["disturbance"]) == {"train", "predict"} and throughput["disturbed"]
@@ -70,8 +75,14 @@ def test_a_cpu_hog_on_every_core_marks_the_measurement_disturbed(tmp_path):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cores())]
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        sampler = Sampler(tmp_path, "pytorch", _Train(), interval_s=0.25, pid=worker.pid,
-                          gpu=(None, GpuStatus(False, "none", "no GPU: test"))).start()
+        sampler = Sampler(
+            tmp_path,
+            "pytorch",
+            _Train(),
+            interval_s=0.25,
+            pid=worker.pid,
+            gpu=(None, GpuStatus(False, "none", "no GPU: test")),
+        ).start()
         deadline = time.monotonic() + 30
         while sum(r["device"] == "cpu" for r in sampler.samples) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)

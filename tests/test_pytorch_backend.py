@@ -215,8 +215,10 @@ def test_imagenet_init_reads_torchvisions_hub_cache(tmp_path, monkeypatch):
         if not name.startswith("classifier."):
             assert np.array_equal(got[name], expected[name]), name
     fresh = backend.cxrbench_get_weights(model=build(settings.replace(**{"model.init": "framework"})))
-    same_weights({k: got[k] for k in fresh if k.startswith("classifier.")},
-                 {k: fresh[k] for k in fresh if k.startswith("classifier.")})
+    same_weights(
+        {k: got[k] for k in fresh if k.startswith("classifier.")},
+        {k: fresh[k] for k in fresh if k.startswith("classifier.")},
+    )
 
 
 def test_imagenet_init_without_network_is_a_one_line_weights_error(tmp_path, monkeypatch):
@@ -301,14 +303,21 @@ def reference_training(settings, data, weights):
     net = torchvision.models.DenseNet(block_config=TINY, num_classes=NUM_CLASSES)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     t = settings.train
-    optimizer = torch.optim.Adam(net.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                 eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    optimizer = torch.optim.Adam(
+        net.parameters(),
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+        weight_decay=t.weight_decay,
+    )
     net.train()
     losses = []
-    for batch in data.batches("train", t.batch_size, epoch=1, seed=settings.run.seed, shuffle=True,
-                              hflip=t.hflip, max_steps=t.max_steps):
+    for batch in data.batches(
+        "train", t.batch_size, epoch=1, seed=settings.run.seed, shuffle=True, hflip=t.hflip, max_steps=t.max_steps
+    ):
         loss = F.binary_cross_entropy_with_logits(
-            net(torch.from_numpy(onnx_checks.normalise(batch.images, "NCHW"))), torch.from_numpy(batch.labels))
+            net(torch.from_numpy(onnx_checks.normalise(batch.images, "NCHW"))), torch.from_numpy(batch.labels)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -323,10 +332,18 @@ def test_one_epoch_equals_a_bare_torch_loop():
     """Non-default betas and weight decay must reach Adam. A large Adam epsilon keeps the update a
     smooth function of the gradient: with 1e-8, Adam's first step is lr * sign(g), which turns
     float rounding on near-zero BatchNorm gradients (~1e-9 here) into differences of size lr."""
-    settings = kit_settings(32, **{
-        "train.epochs": 1, "train.max_steps": 3, "train.adam_beta1": 0.8, "train.adam_beta2": 0.99,
-        "train.adam_epsilon": 1e-3, "train.weight_decay": 1e-2, "run.seed": 7,
-    })
+    settings = kit_settings(
+        32,
+        **{
+            "train.epochs": 1,
+            "train.max_steps": 3,
+            "train.adam_beta1": 0.8,
+            "train.adam_beta2": 0.99,
+            "train.adam_epsilon": 1e-3,
+            "train.weight_decay": 1e-2,
+            "run.seed": 7,
+        },
+    )
     data, weights = synthetic_data(32, train=12, val=6, seed=1), random_canonical(TINY, seed=8)
     model, recorder, result = trained(settings, data, weights)
     expected_weights, losses, val_loss = reference_training(settings, data, weights)
@@ -341,8 +358,9 @@ def test_one_epoch_equals_a_bare_torch_loop():
 
 
 def test_training_reports_numerics_and_keeps_the_best_weights():
-    settings = kit_settings(32, **{"train.epochs": 2, "train.max_steps": 2, "train.learning_rate": 0.05,
-                                   "numerics.loader_workers": 1})
+    settings = kit_settings(
+        32, **{"train.epochs": 2, "train.max_steps": 2, "train.learning_rate": 0.05, "numerics.loader_workers": 1}
+    )
     data = synthetic_data(32, train=8, val=6, seed=2)
     model, recorder, result = trained(settings, data, random_canonical(TINY, seed=1))
     assert [r.epoch for r in recorder.history] == [1, 2]
@@ -357,7 +375,11 @@ def test_training_reports_numerics_and_keeps_the_best_weights():
     assert numerics["framework"]["adam"] == "for-loop"  # fused only on CUDA
     assert numerics["intra_op_threads"] == torch.get_num_threads()
     assert list(numerics) == list(numerics_record.FIELDS)
-    assert (numerics["devices"], numerics["data_parallel"], numerics["synchronized_batchnorm"]) == (["cpu"], "none", False)
+    assert (numerics["devices"], numerics["data_parallel"], numerics["synchronized_batchnorm"]) == (
+        ["cpu"],
+        "none",
+        False,
+    )
 
 
 def test_snapshot_and_restore_are_exact_copies():
@@ -388,7 +410,9 @@ def test_out_of_memory_is_a_one_line_error_naming_the_batch_size(monkeypatch):
 
     monkeypatch.setattr(model.net, "forward", out_of_memory)
     recorder = Recorder()
-    with pytest.raises(BackendError, match=r"out of memory on cpu while training at batch size 4 \(train\.batch_size\)") as error:
+    with pytest.raises(
+        BackendError, match=r"out of memory on cpu while training at batch size 4 \(train\.batch_size\)"
+    ) as error:
         backend.cxrbench_train(model=model, data=synthetic_data(32), settings=settings, recorder=recorder)
     assert str(error.value) == str(core_out_of_memory("cpu", 4, "training"))  # the core's message, word for word
     assert_one_line(error.value)
@@ -423,15 +447,27 @@ def test_channels_last_computes_the_same_function():
 
 
 def test_thread_and_tf32_switches_are_applied_and_read_back(restore_torch_globals):
-    settings = kit_settings(32, **{"numerics.intra_op_threads": 1, "numerics.tf32": True,
-                                   "numerics.cudnn_benchmark": True, "train.max_steps": 1})
+    settings = kit_settings(
+        32,
+        **{
+            "numerics.intra_op_threads": 1,
+            "numerics.tf32": True,
+            "numerics.cudnn_benchmark": True,
+            "train.max_steps": 1,
+        },
+    )
     _, _, result = trained(settings, synthetic_data(32), None)
     assert torch.get_num_threads() == 1
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
     numerics = result["numerics"]
     framework = numerics["framework"]
-    assert (numerics["intra_op_threads"], numerics["tf32"], framework["matmul_fp32_precision"],
-            framework["cudnn_conv_fp32_precision"], framework["cudnn_benchmark"]) == (1, True, "tf32", "tf32", True)
+    assert (
+        numerics["intra_op_threads"],
+        numerics["tf32"],
+        framework["matmul_fp32_precision"],
+        framework["cudnn_conv_fp32_precision"],
+        framework["cudnn_benchmark"],
+    ) == (1, True, "tf32", "tf32", True)
 
 
 # -- prediction and CAM ---------------------------------------------------------------------------
@@ -460,8 +496,10 @@ def test_predict_accepts_read_only_memory_mapped_images(tmp_path):
     np.save(tmp_path / "images.npy", images)
     mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
     model = build(settings)
-    np.testing.assert_array_equal(backend.cxrbench_predict(model=model, images=mapped, settings=settings),
-                                  backend.cxrbench_predict(model=model, images=images, settings=settings))
+    np.testing.assert_array_equal(
+        backend.cxrbench_predict(model=model, images=mapped, settings=settings),
+        backend.cxrbench_predict(model=model, images=images, settings=settings),
+    )
 
 
 def test_predict_refuses_images_that_break_the_contract():
@@ -492,8 +530,9 @@ def test_cam_matches_features_taken_from_the_real_forward():
 
 def test_cam_refuses_unknown_classes():
     with pytest.raises(BackendError, match=r"CAM classes must be indices 0\.\.13, got \[14\]"):
-        backend.cxrbench_cam(model=build(kit_settings()), images=random_images(1, 32), classes=[14],
-                             settings=kit_settings())
+        backend.cxrbench_cam(
+            model=build(kit_settings()), images=random_images(1, 32), classes=[14], settings=kit_settings()
+        )
 
 
 # -- ONNX -----------------------------------------------------------------------------------------
@@ -506,8 +545,9 @@ def test_onnx_export_matches_eager_torch(tmp_path, record_property):
     assert (info.layout, info.opset, info.input_name, info.output_name) == ("NCHW", 18, "input", "logits")
     assert info.exporter == "torch.onnx (dynamo=False)" and info.seconds > 0
     onnx_checks.check_model(info.path)
-    classifier = onnx_checks.cam_metadata(model.net.classifier.weight.detach().numpy(),
-                                          model.net.classifier.bias.detach().numpy(), "NCHW")
+    classifier = onnx_checks.cam_metadata(
+        model.net.classifier.weight.detach().numpy(), model.net.classifier.bias.detach().numpy(), "NCHW"
+    )
     assert onnx_checks.read_metadata(info.path) == {**onnx_checks.model_metadata("NCHW", 64, "pytorch"), **classifier}
     session = onnx_checks.session(info.path, threads=1)
     atol, rtol = settings.export.atol, settings.export.rtol
@@ -515,7 +555,10 @@ def test_onnx_export_matches_eager_torch(tmp_path, record_property):
         images = random_images(batch, 64, seed=batch)
         stats = onnx_checks.diff_stats(
             backend.cxrbench_predict(model=model, images=images, settings=settings),
-            onnx_checks.run_onnx(info.path, images, "NCHW", sess=session), atol, rtol)
+            onnx_checks.run_onnx(info.path, images, "NCHW", sess=session),
+            atol,
+            rtol,
+        )
         record_property(f"onnx_vs_predict_uint8_batch{batch}", stats)
         assert stats["passed"], stats
         noise = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)

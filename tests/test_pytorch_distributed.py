@@ -52,7 +52,9 @@ def test_all_reduce_batchnorm_equals_batchnorm_on_one_rank(single_rank_group):
         inputs = x.clone().requires_grad_()
         out = norm(inputs)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        outputs.append((out.detach(), inputs.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var))
+        outputs.append(
+            (out.detach(), inputs.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var)
+        )
     for got, expected in zip(outputs[1], outputs[0]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

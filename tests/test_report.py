@@ -20,7 +20,7 @@ from cxrbench.report.load import load_run
 from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
 from cxrbench.timing import ratio_interval
-from helpers_report import (HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run)
+from helpers_report import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
 
 class Elements(HTMLParser):
@@ -76,8 +76,10 @@ def test_speed_ratio_reads_at_a_glance(fake_run, report):
     low, high = ratio_interval(keras_tp["window_rates"]["train"], torch_tp["window_rates"]["train"])
     assert low <= ratio <= high
     keras_speed, torch_speed = (format_number(t["train_images_per_s"]) for t in (keras_tp, torch_tp))
-    expected = (f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] "
-                f"(steady state, {keras_speed} vs {torch_speed} img/s)")
+    expected = (
+        f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] "
+        f"(steady state, {keras_speed} vs {torch_speed} img/s)"
+    )
     assert expected in report
     assert "keras spends 100 s before its first step, pytorch 1.2 s" in report
 
@@ -91,8 +93,10 @@ def test_disturbed_figure_is_marked_next_to_the_number(tmp_path):
     path.write_text(json.dumps(data))
     html = write_report([run_dir], out=tmp_path / "r.html").read_text()
     assert "(disturbed: others used 42% of the CPU)" in html  # beside the number in the summary table
-    assert ("no speed verdict in training: the machine was busy while it was timed (keras disturbed: others used 42% "
-            "of the CPU)") in html  # and no ratio from it
+    assert (
+        "no speed verdict in training: the machine was busy while it was timed (keras disturbed: others used 42% "
+        "of the CPU)"
+    ) in html  # and no ratio from it
     assert "x pytorch in training" not in html
 
 
@@ -195,7 +199,13 @@ def test_missing_stages_render_notes_not_crashes(tmp_path):
     (run / "run.json").write_text(json.dumps(data))
     (run / "pytorch" / "cams" / "index.json").unlink()
     html = write_report([run]).read_text()
-    for text in ("No ROC curves", "No localisation results", "No CAM images", "No equivalence check", "No monitor samples"):
+    for text in (
+        "No ROC curves",
+        "No localisation results",
+        "No CAM images",
+        "No equivalence check",
+        "No monitor samples",
+    ):
         assert text in html
 
 
@@ -241,7 +251,9 @@ def test_hostile_strings_are_escaped_everywhere(hostile_html):
     elements = parse(hostile_html)
     tags = [tag for tag, _ in elements.tags]
     assert "script" not in tags and "iframe" not in tags
-    assert not [a for t, a in elements.tags if any(k.startswith("on") for k in a)], "an event-handler attribute was injected"
+    assert not [a for t, a in elements.tags if any(k.startswith("on") for k in a)], (
+        "an event-handler attribute was injected"
+    )
     assert not [a for t, a in elements.tags if a.get("id") == "injected"]
     assert not [a for t, a in elements.tags if t == "img" and a.get("src") == "x"]
     text = "".join(elements.text)
@@ -269,13 +281,23 @@ def test_smoke_sized_report_stays_under_5_mb(tmp_path):
 
 def test_cli_writes_report_with_benchmarks_and_comparison(fake_run, tmp_path, capsys):
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({
-        "machine_info": {"node": "ci-host", "cpu": {"brand_raw": "AMD EPYC"}, "python_version": "3.11.9"},
-        "datetime": "2025-11-27T13:00:00", "commit_info": {"id": "6cf1d94"},
-        "benchmarks": [{"name": "test_predict_speed[pytorch]", "group": "predict",
+    bench.write_text(
+        json.dumps(
+            {
+                "machine_info": {"node": "ci-host", "cpu": {"brand_raw": "AMD EPYC"}, "python_version": "3.11.9"},
+                "datetime": "2025-11-27T13:00:00",
+                "commit_info": {"id": "6cf1d94"},
+                "benchmarks": [
+                    {
+                        "name": "test_predict_speed[pytorch]",
+                        "group": "predict",
                         "stats": {"median": 0.0123, "mean": 0.0125, "stddev": 0.0004, "ops": 80.1, "rounds": 20},
-                        "extra_info": {"images_per_s": 1301.5}}],
-    }))
+                        "extra_info": {"images_per_s": 1301.5},
+                    }
+                ],
+            }
+        )
+    )
     other = make_fake_run(tmp_path / "run-b", gpus=1)
     data = json.loads((other / "run.json").read_text())
     data["environment"]["packages"]["torch"] = "2.15.0"
@@ -284,14 +306,22 @@ def test_cli_writes_report_with_benchmarks_and_comparison(fake_run, tmp_path, ca
     throughput["train_images_per_s_interval"] = [1.5 * bound for bound in throughput["train_images_per_s_interval"]]
     (other / "run.json").write_text(json.dumps(data))
     out = tmp_path / "cmp.html"
-    code = main(["report", str(fake_run), str(other), "--out", str(out), "--benchmark-json", str(bench), "--threshold", "10"])
+    code = main(
+        ["report", str(fake_run), str(other), "--out", str(out), "--benchmark-json", str(bench), "--threshold", "10"]
+    )
     assert code == 0 and f"wrote {out}" in capsys.readouterr().out
     html = out.read_text()
     benchmarks = html[html.index('id="benchmarks"') :]
-    assert "test_predict_speed[pytorch]" in benchmarks and "0.0123" in benchmarks and "images_per_s=1301.5" in benchmarks
+    assert (
+        "test_predict_speed[pytorch]" in benchmarks and "0.0123" in benchmarks and "images_per_s=1301.5" in benchmarks
+    )
     comparison = html[html.index('id="comparison"') : html.index('id="accuracy"')]
     assert "environment.packages.torch" in comparison and "2.15.0" in comparison
-    row = re.search(r'<tr class="flag-better"><td class="text">keras</td><td class="text">train images/s</td>.*?</tr>', comparison, re.S)
+    row = re.search(
+        r'<tr class="flag-better"><td class="text">keras</td><td class="text">train images/s</td>.*?</tr>',
+        comparison,
+        re.S,
+    )
     assert row and "+50.0 %" in row.group(0)
 
 
@@ -320,8 +350,13 @@ class _BrokenPlugin:
         raise RuntimeError("plugin bug")
 
 
-@pytest.mark.parametrize("plugin, expected", [(_SectionPlugin, "<p id='plugin-html'>2 backends</p>"),
-                                              (_BrokenPlugin, "cxrbench_report_sections failed: RuntimeError: plugin bug")])
+@pytest.mark.parametrize(
+    "plugin, expected",
+    [
+        (_SectionPlugin, "<p id='plugin-html'>2 backends</p>"),
+        (_BrokenPlugin, "cxrbench_report_sections failed: RuntimeError: plugin bug"),
+    ],
+)
 def test_plugin_sections(fake_run, tmp_path, monkeypatch, plugin, expected):
     import cxrbench.plugins
     from cxrbench.hookspecs import hookimpl

@@ -17,13 +17,23 @@ from cxrbench.report.render import write_report
 from helpers_report import make_fake_run
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 LOAD_LIMIT_S = 5.0
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (CI installs it: .ci/browser-deps.sh)"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (CI installs it: .ci/browser-deps.sh)"
+    ),
 ]
 
 
@@ -62,7 +72,8 @@ class Page:
 
     def sizes(self, selector: str) -> list[tuple[float, float]]:
         return self.page.eval_on_selector_all(
-            selector, "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })")
+            selector, "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })"
+        )
 
 
 def test_report_renders_in_chromium(browser, tmp_path):

@@ -33,11 +33,14 @@ def test_rows_follow_the_schema_and_line_the_backends_up(fake_run):
 
 
 def test_a_record_without_a_key_says_not_recorded_and_other_keys_keep_their_place():
-    table = numerics_table({"old": {"grad_scaler": False, "precision": "fp32"}, "new": {"precision": "fp32"},
-                            "failed": None})
+    table = numerics_table(
+        {"old": {"grad_scaler": False, "precision": "fp32"}, "new": {"precision": "fp32"}, "failed": None}
+    )
     assert table["backends"] == ["old", "new"]
     assert [(row["key"], row["values"], row["same"]) for row in table["rows"]] == [
-        ("precision", ["fp32", "fp32"], True), ("grad_scaler", [False, NOT_RECORDED], False)]
+        ("precision", ["fp32", "fp32"], True),
+        ("grad_scaler", [False, NOT_RECORDED], False),
+    ]
     assert numerics_table({"failed": None}) is None
 
 

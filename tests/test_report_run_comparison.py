@@ -60,6 +60,7 @@ def test_speed_intervals_decide_when_present(tmp_path):
             throughput = data["backends"]["keras"]["throughput"]
             throughput["train_images_per_s"] *= scale
             throughput["train_images_per_s_interval"] = [low, high]
+
         return edit
 
     _edit_run_json(reference, intervals(1.0, 10.0, 30.0))
@@ -97,7 +98,7 @@ def test_report_shows_patient_intervals_holm_verdict_and_method_notes(tmp_path):
 
     _edit_run_json(run, drop_merged)
     html = write_report([run], out=tmp_path / "r.html").read_text()
-    accuracy = html[html.index('id="accuracy"'):html.index("<h3>ROC curves")]
+    accuracy = html[html.index('id="accuracy"') : html.index("<h3>ROC curves")]
     assert "resampling patients" in accuracy and "patients)" in accuracy
     assert "too few positives (3)" in accuracy and "does not accept groups" in accuracy
     assert "Holm-adjusted p &lt; 0.05" in accuracy and "paired patient bootstrap" in accuracy

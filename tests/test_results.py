@@ -20,8 +20,16 @@ pytestmark = pytest.mark.backends("numpy")
 
 import cxrbench.results  # noqa: E402
 
-TINY_RUN = ["--backend", "numpy", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=6",
-            "--set", "train.warmup_steps=2"]
+TINY_RUN = [
+    "--backend",
+    "numpy",
+    "--set",
+    "model.arch=densenet-tiny",
+    "--set",
+    "train.max_steps=6",
+    "--set",
+    "train.warmup_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +92,9 @@ def test_results_command_stacks_runs(run_dir, tmp_path, capsys, fmt):
     subprocess.run(["cp", "-r", str(run_dir), str(other)], check=True)
     assert main(["results", str(run_dir), str(other), "--table", "auroc", "--format", fmt]) == 0
     out = capsys.readouterr().out
-    expected = pandas.concat([cxrbench.results.load(run_dir).auroc, cxrbench.results.load(other).auroc],
-                             ignore_index=True)
+    expected = pandas.concat(
+        [cxrbench.results.load(run_dir).auroc, cxrbench.results.load(other).auroc], ignore_index=True
+    )
     if fmt == "csv":
         got = pandas.read_csv(io.StringIO(out))
         assert got["run"].tolist() == expected["run"].tolist()
@@ -102,8 +111,10 @@ def test_results_command_stacks_runs(run_dir, tmp_path, capsys, fmt):
 
 def test_results_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert main(["results", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"cxrbench: error: {tmp_path / 'run.json'}: not found " \
-                                                f"(is {tmp_path} a cxrbench run folder?)"
+    assert (
+        capsys.readouterr().err.strip() == f"cxrbench: error: {tmp_path / 'run.json'}: not found "
+        f"(is {tmp_path} a cxrbench run folder?)"
+    )
 
 
 def test_missing_pandas_names_the_extra(run_dir, monkeypatch, capsys):
@@ -130,7 +141,9 @@ def test_cam_identity_is_recorded_with_the_export(run_dir):
 
 
 def test_help_imports_no_optional_extra():
-    code = ("import sys, cxrbench, cxrbench.cli; cxrbench.cli.build_parser().format_help(); "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'pandas', 'pydicom', 'onnxruntime') if m in sys.modules))")
+    code = (
+        "import sys, cxrbench, cxrbench.cli; cxrbench.cli.build_parser().format_help(); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'pandas', 'pydicom', 'onnxruntime') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

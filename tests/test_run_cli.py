@@ -88,18 +88,29 @@ def test_scaling_efficiency_is_relative_to_the_smallest_count(tmp_path):
     for gpus, rate in ((1, 100.0), (2, 180.0), (4, 300.0)):
         folder = gpus_folder(tmp_path, "pytorch", gpus, first=1)
         write_json(folder / "throughput.json", {"train_images_per_s": rate})
-        write_json(folder / "monitor.json", {"phases": {"train": {f"gpu{i}": {"util": {"mean": 80.0 + i}} for i in range(gpus)}}})
+        write_json(
+            folder / "monitor.json",
+            {"phases": {"train": {f"gpu{i}": {"util": {"mean": 80.0 + i}} for i in range(gpus)}}},
+        )
 
     table = scaling.scaling_table(tmp_path, ["pytorch"], [1, 2, 4])
 
     assert [(e["gpus"], e["images_per_s"], e["efficiency"]) for e in table["pytorch"]] == [
-        (1, 100.0, 1.0), (2, 180.0, 0.9), (4, 300.0, 0.75)]
+        (1, 100.0, 1.0),
+        (2, 180.0, 0.9),
+        (4, 300.0, 0.75),
+    ]
     assert sorted(table["pytorch"][2]["gpu_util"]) == ["gpu0", "gpu1", "gpu2", "gpu3"]
     assert scaling.scaling_table(tmp_path, ["pytorch"], [1]) is None
 
 
 def _status(stage, epoch=None, step=None, state="running"):
-    return {"status": state, "stage": stage, "error": None, "progress": {"epoch": epoch, "epochs": 2, "step": step, "steps": 40}}
+    return {
+        "status": state,
+        "stage": stage,
+        "error": None,
+        "progress": {"epoch": epoch, "epochs": 2, "step": step, "steps": 40},
+    }
 
 
 def test_plain_progress_prints_a_line_per_stage_or_epoch_change_not_per_step():
@@ -108,8 +119,11 @@ def test_plain_progress_prints_a_line_per_stage_or_epoch_change_not_per_step():
     for status in (_status("equivalence"), _status("train", 1, 0), _status("train", 1, 5), _status("train", 2, 0)):
         progress.update("pytorch", status)
     lines = stream.getvalue().splitlines()
-    assert lines == ["pytorch  running      equivalence", "pytorch  running      train          epoch 1/2  step 0/40",
-                     "pytorch  running      train          epoch 2/2  step 0/40"]
+    assert lines == [
+        "pytorch  running      equivalence",
+        "pytorch  running      train          epoch 1/2  step 0/40",
+        "pytorch  running      train          epoch 2/2  step 0/40",
+    ]
 
 
 def test_tty_progress_redraws_one_line_per_backend():
@@ -119,23 +133,53 @@ def test_tty_progress_redraws_one_line_per_backend():
     progress.update("pytorch", _status("train", 1, 4))
     text = stream.getvalue()
     assert text.count("\x1b[2F") == 1  # the second draw moves up over the two lines of the first
-    assert text.endswith("\x1b[2F\x1b[2Kpytorch  running      train          epoch 1/2  step 4/40\n\x1b[2Kkeras    pending\n")
+    assert text.endswith(
+        "\x1b[2F\x1b[2Kpytorch  running      train          epoch 1/2  step 4/40\n\x1b[2Kkeras    pending\n"
+    )
 
 
 def test_failed_backend_line_shows_its_error():
-    line = status_line("keras", {"status": "failed", "error": "worker killed by signal SIGKILL during stage train"}, width=5)
+    line = status_line(
+        "keras", {"status": "failed", "error": "worker killed by signal SIGKILL during stage train"}, width=5
+    )
     assert line == "keras  failed       worker killed by signal SIGKILL during stage train"
 
 
 def test_summary_table_and_exit_status():
-    run = {"status": "completed", "backends": {
-        "pytorch": {"status": "completed", "auroc": {"mean": 0.81234}, "throughput": {"train_images_per_s": 30.04, "epoch_time_s": 18.6}},
-        "keras": {"status": "failed", "auroc": None, "throughput": None}}}
-    comparison = {"equivalence": equivalence_matrix({"pytorch": np.zeros((1, 14)), "keras": np.ones((1, 14))}, 1e-4),
-                  "parity": {"pytorch": {"passed": True}}}
+    run = {
+        "status": "completed",
+        "backends": {
+            "pytorch": {
+                "status": "completed",
+                "auroc": {"mean": 0.81234},
+                "throughput": {"train_images_per_s": 30.04, "epoch_time_s": 18.6},
+            },
+            "keras": {"status": "failed", "auroc": None, "throughput": None},
+        },
+    }
+    comparison = {
+        "equivalence": equivalence_matrix({"pytorch": np.zeros((1, 14)), "keras": np.ones((1, 14))}, 1e-4),
+        "parity": {"pytorch": {"passed": True}},
+    }
     table = summary_table(run, comparison).splitlines()
-    assert table[0].split() == ["backend", "status", "mean", "AUROC", "steady", "img/s", "[95", "%]", "first", "step",
-                                "s", "epoch", "s", "ONNX", "parity", "equivalence"]
+    assert table[0].split() == [
+        "backend",
+        "status",
+        "mean",
+        "AUROC",
+        "steady",
+        "img/s",
+        "[95",
+        "%]",
+        "first",
+        "step",
+        "s",
+        "epoch",
+        "s",
+        "ONNX",
+        "parity",
+        "equivalence",
+    ]
     assert table[1].split() == ["pytorch", "completed", "0.8123", "30.0", "-", "-", "18.6", "pass", "FAIL"]
     assert table[2].split() == ["keras", "failed", "-", "-", "-", "-", "-", "-", "FAIL"]
     assert exit_status(run, comparison) == 1
@@ -146,8 +190,13 @@ def test_summary_table_and_exit_status():
 
 def test_without_the_report_package_a_minimal_escaped_page_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cxrbench.report.render", None)  # as if not installed
-    run = {"suite": "smoke", "status": "completed", "backends": {
-        "evil<b>": {"status": "failed", "error": "<script>alert(1)</script>", "auroc": None, "throughput": None}}}
+    run = {
+        "suite": "smoke",
+        "status": "completed",
+        "backends": {
+            "evil<b>": {"status": "failed", "error": "<script>alert(1)</script>", "auroc": None, "throughput": None}
+        },
+    }
 
     page = write_index(tmp_path, run, {}, baseline=None).read_text()
 
@@ -165,11 +214,16 @@ def test_a_gpu_sweep_gives_every_count_the_same_steps_per_epoch():
     grown_train = sized.data.phantom_images * train / total
     assert grown_train >= 40 * 64 * 8  # 8 GPUs still run 40 full steps of 64 x 8 images
     assert scaling.size_for_counts(settings, train, total, [1]) is settings  # no sweep: nothing to size
-    assert scaling.size_for_counts(settings.replace(**{"train.max_steps": 0}), train, total, [1, 8]).data == settings.data
+    assert (
+        scaling.size_for_counts(settings.replace(**{"train.max_steps": 0}), train, total, [1, 8]).data == settings.data
+    )
 
 
 def test_real_data_too_small_for_equal_steps_is_refused_naming_what_to_change():
     settings = load_suite("scaling").replace(**{"data.source": "chestxray14"})
-    with pytest.raises(CxrError, match=r"--gpus 1,8: at 8 GPUs an epoch has 5 steps of 64x8 images, fewer than "
-                                       r"train.max_steps = 40; equal steps per epoch need 20480 training images"):
+    with pytest.raises(
+        CxrError,
+        match=r"--gpus 1,8: at 8 GPUs an epoch has 5 steps of 64x8 images, fewer than "
+        r"train.max_steps = 40; equal steps per epoch need 20480 training images",
+    ):
         scaling.size_for_counts(settings, 2800, 4000, [1, 8])

@@ -27,7 +27,9 @@ def test_the_interpreter_is_asked_which_backends_it_has():
     found = environments.probe(sys.executable)
     assert "numpy" in found["backends"] and found["backends"]["numpy"]["plugin"] == "cxrbench_numpy_example"
     assert environments.backend_info("numpy", sys.executable).framework == "numpy"
-    with pytest.raises(BackendError, match=r"backend 'nosuch' is not installed in that environment \(installed there: "):
+    with pytest.raises(
+        BackendError, match=r"backend 'nosuch' is not installed in that environment \(installed there: "
+    ):
         environments.backend_info("nosuch", sys.executable)
 
 
@@ -36,8 +38,11 @@ def test_an_environment_without_the_core_says_to_install_it(tmp_path, monkeypatc
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(tmp_path)  # not the checkout, whose cxrbench/ the interpreter would import from its folder
 
-    with pytest.raises(CxrError, match=r"cannot import cxrbench there \(ModuleNotFoundError: No module named "
-                                       r"'cxrbench'\); install the core in that environment too"):
+    with pytest.raises(
+        CxrError,
+        match=r"cannot import cxrbench there \(ModuleNotFoundError: No module named "
+        r"'cxrbench'\); install the core in that environment too",
+    ):
         environments.probe(str(tmp_path / "bare" / "bin" / "python"))
 
 
@@ -48,9 +53,25 @@ def test_the_worker_runs_with_the_named_interpreter(tmp_path, capsys):
     other.symlink_to(sys.executable)
     out = tmp_path / "run"
 
-    code = main(["run", "--backend", "numpy", "--python", f"numpy={other}", "--set", "train.max_steps=4",
-                 "--set", "train.warmup_steps=1", "--set", "train.window_steps=1", "--set", "run.stages=[\"train\"]",
-                 "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--backend",
+            "numpy",
+            "--python",
+            f"numpy={other}",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "train.window_steps=1",
+            "--set",
+            'run.stages=["train"]',
+            "--out",
+            str(out),
+        ]
+    )
 
     assert code == 0, capsys.readouterr().err
     run = json.loads((out / "run.json").read_text())

@@ -18,15 +18,35 @@ import pytest
 from cxrbench.run.schema import validate
 
 TESTS = Path(__file__).resolve().parent
-TINY = ["--arch", "densenet-tiny", "--image-size", "32", "--batch-size", "4", "--monitor-interval", "0.2",
-        "--set", "data.phantom_images=120", "--set", "data.phantom_size=64",
-        "--set", "eval.bootstrap_rounds=10", "--set", "eval.cam_images=2"]
+TINY = [
+    "--arch",
+    "densenet-tiny",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--monitor-interval",
+    "0.2",
+    "--set",
+    "data.phantom_images=120",
+    "--set",
+    "data.phantom_size=64",
+    "--set",
+    "eval.bootstrap_rounds=10",
+    "--set",
+    "eval.cam_images=2",
+]
 
 
 def _start(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "cxrbench", "run", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxrbench", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(process: subprocess.Popen, timeout=240) -> tuple[int, str]:
@@ -81,7 +101,12 @@ def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tm
     assert code == 0, err
     run = _run_json(run_dir)
     assert run["backends"]["pytorch"]["status"] == "completed"
-    assert [r["epoch"] for r in run["backends"]["pytorch"]["history"]] == [1, 2, 3, 4]  # restarted from the initial weights
+    assert [r["epoch"] for r in run["backends"]["pytorch"]["history"]] == [
+        1,
+        2,
+        3,
+        4,
+    ]  # restarted from the initial weights
     assert "[pytorch] equivalence: already done, skipped" in (run_dir / "pytorch" / "log.txt").read_text()
     assert json.loads((run_dir / "numpy" / "status.json").read_text())["started"] == numpy_started  # not rerun
     assert len(run["resumed"]) == 1
@@ -112,8 +137,21 @@ def test_ctrl_c_stops_the_workers_and_writes_what_finished(tmp_path):
 @pytest.mark.backends("pytorch", "numpy")
 def test_a_backend_with_a_wrong_layer_fails_the_equivalence_check(tmp_path):
     run_dir = tmp_path / "run"
-    code, err = _finish(_start("--backend", "pytorch", "--backend", "pytorch-wrong-bn", "--plugin", "plugins_wrong.wrong_bn",
-                               "--out", str(run_dir), "--set", "run.stages=[]", *TINY))
+    code, err = _finish(
+        _start(
+            "--backend",
+            "pytorch",
+            "--backend",
+            "pytorch-wrong-bn",
+            "--plugin",
+            "plugins_wrong.wrong_bn",
+            "--out",
+            str(run_dir),
+            "--set",
+            "run.stages=[]",
+            *TINY,
+        )
+    )
 
     assert code == 1, err
     equivalence = json.loads((run_dir / "comparison.json").read_text())["equivalence"]

@@ -62,13 +62,20 @@ def _module_name(relative: str) -> str:
 
 
 def test_the_import_check_sees_every_form_of_import():
-    absolute = ("import cxrbench.run.store\nfrom cxrbench import run\n"
-                "def f():\n    from cxrbench.run.store import RunLock\n")
+    absolute = (
+        "import cxrbench.run.store\nfrom cxrbench import run\ndef f():\n    from cxrbench.run.store import RunLock\n"
+    )
     assert _imports_run(imported_modules(absolute, "cxrbench.monitor.noise")) == [
-        "cxrbench.run", "cxrbench.run.store", "cxrbench.run.store.RunLock"]
+        "cxrbench.run",
+        "cxrbench.run.store",
+        "cxrbench.run.store.RunLock",
+    ]
     relative = "from . import store\nfrom ..run import keep\n"
     assert _imports_run(imported_modules(relative, "cxrbench.run.worker")) == [
-        "cxrbench.run", "cxrbench.run.keep", "cxrbench.run.store"]
+        "cxrbench.run",
+        "cxrbench.run.keep",
+        "cxrbench.run.store",
+    ]
     assert _imports_run(imported_modules(relative, "cxrbench.report.load")) == ["cxrbench.run", "cxrbench.run.keep"]
     assert _imports_run(imported_modules("from cxrbench import run_folder\nimport cxrbench.runner\n", "m")) == []
 
@@ -103,11 +110,14 @@ def test_schema_json_states_the_schema_version_of_run_folder():
 
 def test_the_readme_describes_every_file_of_the_run_folder():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index("reports/<timestamp>-<suite>/"):]
+    block = readme[readme.index("reports/<timestamp>-<suite>/") :]
     block = block[: block.index("```")]
     described = re.findall(r"[\w*/-]+\.(?:jsonl|json|npz|npy|onnx|txt|html|csv|lock)\b", block)
-    missing = [name for name in run_folder.RUN_FILES + run_folder.BACKEND_FILES
-               if not any(fnmatch.fnmatch(name, pattern) for pattern in described)]
+    missing = [
+        name
+        for name in run_folder.RUN_FILES + run_folder.BACKEND_FILES
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in described)
+    ]
     assert not missing
 
 
@@ -142,9 +152,26 @@ def test_paths_of_repeats_gpu_counts_sweeps_and_shared_weights(tmp_path):
     assert run_folder.log_of("keras") == "keras/log.txt"
 
 
-TINY = ["--backend", "numpy", "--arch", "densenet-tiny", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
-        "--set", "data.phantom_images=120", "--set", "data.phantom_size=64", "--set", "eval.bootstrap_rounds=10",
-        "--set", "eval.cam_images=2"]
+TINY = [
+    "--backend",
+    "numpy",
+    "--arch",
+    "densenet-tiny",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--set",
+    "data.phantom_images=120",
+    "--set",
+    "data.phantom_size=64",
+    "--set",
+    "eval.bootstrap_rounds=10",
+    "--set",
+    "eval.cam_images=2",
+]
 
 
 @pytest.mark.slow
@@ -152,8 +179,12 @@ def test_a_real_run_writes_exactly_the_files_run_folder_lists(tmp_path):
     """The example NumPy backend's run (every stage, default run.keep): each listed file exists and nothing else
     is there but the CAM PNGs (their names depend on the data)."""
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "cxrbench", "run", "--out", str(run_dir), *TINY],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "cxrbench", "run", "--out", str(run_dir), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     pngs = {f for f in found if re.fullmatch(rf"numpy/{run_folder.CAMS_DIR}/[^/]+\.png", f)}

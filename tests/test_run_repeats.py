@@ -30,10 +30,16 @@ from helpers_report import HOSTILE_BACKEND, make_fake_run
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]
 #: Hand-made per-repeat figures: (mean AUROC, AUROC of class A, of class B, steady img/s, first step s, disturbed).
 FIGURES = {
-    "pytorch": [(0.80, 0.70, 0.90, 30.0, 2.0, False), (0.82, 0.72, 0.92, 28.0, 2.5, False),
-                (0.84, 0.74, 0.94, 32.0, 1.5, True)],
-    "keras": [(0.70, 0.60, 0.80, 20.0, 9.0, False), (0.71, 0.74, 0.68, 22.0, 8.0, False),
-              (0.72, 0.70, 0.74, 21.0, 10.0, False)],
+    "pytorch": [
+        (0.80, 0.70, 0.90, 30.0, 2.0, False),
+        (0.82, 0.72, 0.92, 28.0, 2.5, False),
+        (0.84, 0.74, 0.94, 32.0, 1.5, True),
+    ],
+    "keras": [
+        (0.70, 0.60, 0.80, 20.0, 9.0, False),
+        (0.71, 0.74, 0.68, 22.0, 8.0, False),
+        (0.72, 0.70, 0.74, 21.0, 10.0, False),
+    ],
 }
 
 
@@ -41,8 +47,15 @@ def _write_repeat(folder: Path, figures: tuple, status: str = "completed") -> No
     mean, a, b, speed, first, disturbed = figures
     write_json(folder / "status.json", {"status": status, "error": None if status == "completed" else "boom"})
     write_json(folder / "metrics.json", {"auroc": {"mean": mean, "per_class": {CLASS_A: a, CLASS_B: b}}})
-    write_json(folder / "throughput.json", {"train_images_per_s": speed, "first_step_s": first, "disturbed": disturbed,
-                                            "train_images_per_s_interval": [speed - 1, speed + 1]})
+    write_json(
+        folder / "throughput.json",
+        {
+            "train_images_per_s": speed,
+            "first_step_s": first,
+            "disturbed": disturbed,
+            "train_images_per_s_interval": [speed - 1, speed + 1],
+        },
+    )
 
 
 def _hand_made(run_dir: Path, figures=FIGURES) -> Path:
@@ -108,9 +121,18 @@ def test_summary_of_hand_made_repeat_files(tmp_path):
     section = repeats.collect(_hand_made(tmp_path), ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
     torch_ = section["backends"]["pytorch"]
     assert [r["seed"] for r in torch_["repeats"]] == [10, 11, 12]
-    assert torch_["repeats"][2] == {"repeat": 3, "seed": 12, "status": "completed", "error": None, "mean_auroc": 0.84,
-                                    "per_class": {CLASS_A: 0.74, CLASS_B: 0.94}, "train_images_per_s": 32.0,
-                                    "train_images_per_s_interval": [31.0, 33.0], "first_step_s": 1.5, "disturbed": True}
+    assert torch_["repeats"][2] == {
+        "repeat": 3,
+        "seed": 12,
+        "status": "completed",
+        "error": None,
+        "mean_auroc": 0.84,
+        "per_class": {CLASS_A: 0.74, CLASS_B: 0.94},
+        "train_images_per_s": 32.0,
+        "train_images_per_s_interval": [31.0, 33.0],
+        "first_step_s": 1.5,
+        "disturbed": True,
+    }
     summary = torch_["summary"]
     assert summary["mean_auroc"] == pytest.approx({"n": 3, "mean": 0.82, "sd": 0.02, "min": 0.80, "max": 0.84})
     assert summary["per_class"][CLASS_B] == pytest.approx({"n": 3, "mean": 0.92, "sd": 0.02, "min": 0.90, "max": 0.94})
@@ -137,8 +159,10 @@ def test_terminal_summary_gives_the_across_seed_figures_and_the_verdict(tmp_path
 
     section = repeats.collect(_hand_made(tmp_path), ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
     lines = repeat_sentences(section)
-    assert lines[0] == "pytorch over 3 seed(s): mean AUROC 0.8200 (SD 0.0200), steady img/s median 30.0 [28.0, 32.0] " \
-                       "across seeds"
+    assert (
+        lines[0] == "pytorch over 3 seed(s): mean AUROC 0.8200 (SD 0.0200), steady img/s median 30.0 [28.0, 32.0] "
+        "across seeds"
+    )
     assert lines[1].startswith("keras over 3 seed(s): mean AUROC 0.7100 (SD 0.0100)")
     assert lines[2].startswith("mean AUROC keras - pytorch: the difference (-0.1100) exceeds seed-to-seed variation")
     assert repeat_sentences(None) == []
@@ -176,8 +200,9 @@ def _with_repeats(run_dir: Path, names: list[str]) -> Path:
         for i, row in enumerate(rows[1:], start=2):
             _write_repeat(repeat_folder(run_dir, name, i), row)
     run = json.loads((run_dir / "run.json").read_text())
-    per_backend = {name: [repeats.repeat_figures(repeat_folder(run_dir, name, i), i, i - 1) for i in (1, 2, 3)]
-                   for name in names}
+    per_backend = {
+        name: [repeats.repeat_figures(repeat_folder(run_dir, name, i), i, i - 1) for i in (1, 2, 3)] for name in names
+    }
     run["repeats"] = repeats.summarise(per_backend, run["data"]["classes"])
     write_json(run_dir / "run.json", run)
     return run_dir
@@ -186,7 +211,7 @@ def _with_repeats(run_dir: Path, names: list[str]) -> Path:
 def test_report_has_a_repeats_table_with_mean_sd_difference_and_verdict(tmp_path):
     run_dir = _with_repeats(make_fake_run(tmp_path / "run"), ["pytorch", "keras"])
     html = write_report([run_dir]).read_text()
-    table = html[html.index('id="repeats-table"'):html.index("</table>", html.index('id="repeats-table"'))]
+    table = html[html.index('id="repeats-table"') : html.index("</table>", html.index('id="repeats-table"'))]
     text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", table))
     section = load_run(run_dir).meta["repeats"]
     mean = section["backends"]["keras"]["summary"]["mean_auroc"]
@@ -194,7 +219,7 @@ def test_report_has_a_repeats_table_with_mean_sd_difference_and_verdict(tmp_path
     assert section["comparisons"][0]["mean_auroc"]["text"] in text
     assert len(re.findall(r"<tr", table)) == 1 + 1 + len(CLASSES)  # header, mean, one row per class
     assert 'href="#repeats"' in html and 'id="repeats-speed"' in html
-    summary = html[html.index('id="summary"'):html.index('id="accuracy"')]
+    summary = html[html.index('id="summary"') : html.index('id="accuracy"')]
     assert f"keras over 3 seed(s): mean AUROC {mean['mean']:.4f}" in summary  # the headline says it too
 
 
@@ -202,7 +227,7 @@ def test_repeats_section_escapes_hostile_names(tmp_path):
     run_dir = make_fake_run(tmp_path / "run", hostile=True)
     names = list(json.loads((run_dir / "run.json").read_text())["backends"])
     html = write_report([_with_repeats(run_dir, names)]).read_text()
-    section = html[html.index('id="repeats"'):html.index('id="localisation"')]
+    section = html[html.index('id="repeats"') : html.index('id="localisation"')]
     assert HOSTILE_BACKEND not in section and "&lt;img src=x" in section
 
 
@@ -213,9 +238,25 @@ def test_repeats_section_escapes_hostile_names(tmp_path):
 @pytest.mark.backends("pytorch")
 def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "--backend", "pytorch", "--set", "model.arch=densenet-tiny", "--set", "train.max_steps=2",
-                 "--set", "train.warmup_steps=1",
-                 "--set", "export.onnx=false", "--repeats", "2", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "--backend",
+            "pytorch",
+            "--set",
+            "model.arch=densenet-tiny",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "export.onnx=false",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     block = ARCHITECTURES["densenet-tiny"]
     second = canonical.load(out / "shared_init-seed1.npz")
@@ -223,8 +264,14 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
         np.testing.assert_array_equal(second[key], value)
     r2 = out / "pytorch" / "repeats" / "r2"
     stages = json.loads((r2 / "status.json").read_text())["stages"]
-    assert stages == {"prepare-check": "done", "equivalence": "skipped", "train": "done", "evaluate": "done",
-                      "cam": "skipped", "export": "skipped"}
+    assert stages == {
+        "prepare-check": "done",
+        "equivalence": "skipped",
+        "train": "done",
+        "evaluate": "done",
+        "cam": "skipped",
+        "export": "skipped",
+    }
     section = json.loads((out / "run.json").read_text())["repeats"]
     seeds = [r["seed"] for r in section["backends"]["pytorch"]["repeats"]]
     aurocs = [r["mean_auroc"] for r in section["backends"]["pytorch"]["repeats"]]

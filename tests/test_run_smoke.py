@@ -20,8 +20,12 @@ pytestmark = pytest.mark.backends(*BACKENDS)
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "cxrbench", "run", "--backend", "pytorch", "--backend", "keras",
-                             "--out", str(run_dir)], capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-m", "cxrbench", "run", "--backend", "pytorch", "--backend", "keras", "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     wall = time.monotonic() - start
     run = json.loads((run_dir / "run.json").read_text())
     stages = {name: run["backends"][name].get("stage_seconds") for name in BACKENDS}

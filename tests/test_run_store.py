@@ -55,19 +55,57 @@ def test_status_marks_the_running_stage_with_the_outcome(tmp_path):
 
 
 def _minimal_run() -> dict:
-    epoch = {"epoch": 1, "warmup": True, "train_loss": 0.7, "val_loss": 0.6, "train_time_s": 2.0, "val_time_s": 0.5,
-             "data_wait_s": None, "images": 64, "images_per_s": 32.0, "lr": 1e-3, "steps": 4, "best": True}
+    epoch = {
+        "epoch": 1,
+        "warmup": True,
+        "train_loss": 0.7,
+        "val_loss": 0.6,
+        "train_time_s": 2.0,
+        "val_time_s": 0.5,
+        "data_wait_s": None,
+        "images": 64,
+        "images_per_s": 32.0,
+        "lr": 1e-3,
+        "steps": 4,
+        "best": True,
+    }
     return {
-        "schema_version": 1, "cxrbench_version": "0.1.0", "suite": "smoke",
-        "settings": {"data": {}, "model": {}, "train": {}, "numerics": {}, "eval": {}, "export": {},
-                     "run": {"seed": 0, "gpus": 0, "equivalence_atol": 1e-4, "stages": ["train"]}},
+        "schema_version": 1,
+        "cxrbench_version": "0.1.0",
+        "suite": "smoke",
+        "settings": {
+            "data": {},
+            "model": {},
+            "train": {},
+            "numerics": {},
+            "eval": {},
+            "export": {},
+            "run": {"seed": 0, "gpus": 0, "equivalence_atol": 1e-4, "stages": ["train"]},
+        },
         "environment": {"os": "Linux", "python": "3.11", "packages": {}, "gpu": {}},
-        "created": "2025-01-01T00:00:00", "finished": None, "argv": ["run"], "baseline": "pytorch",
-        "data": {"source": "phantom", "root": "/d", "key": "abc", "size": 64, "splits": {"train": 5, "val": 2, "test": 3},
-                 "classes": ["Atelectasis"], "class_order": "chexnet"},
-        "backends": {"pytorch": {"status": "completed", "error": None, "log": "pytorch/log.txt", "history": [epoch],
-                                 "auroc": {"per_class": {}, "mean": 0.8},
-                                 "gpu": {"gpu_available": False, "source": "none", "reason": "no GPU"}}},
+        "created": "2025-01-01T00:00:00",
+        "finished": None,
+        "argv": ["run"],
+        "baseline": "pytorch",
+        "data": {
+            "source": "phantom",
+            "root": "/d",
+            "key": "abc",
+            "size": 64,
+            "splits": {"train": 5, "val": 2, "test": 3},
+            "classes": ["Atelectasis"],
+            "class_order": "chexnet",
+        },
+        "backends": {
+            "pytorch": {
+                "status": "completed",
+                "error": None,
+                "log": "pytorch/log.txt",
+                "history": [epoch],
+                "auroc": {"per_class": {}, "mean": 0.8},
+                "gpu": {"gpu_available": False, "source": "none", "reason": "no GPU"},
+            }
+        },
         "scaling": None,
     }
 

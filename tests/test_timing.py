@@ -15,8 +15,16 @@ from cxrbench.recorder import Recorder
 from cxrbench.run.progress import StepRate, status_line
 from cxrbench.run.stages import training_throughput
 from cxrbench.suite import Settings
-from cxrbench.timing import (MIN_WINDOWS, Window, WindowTimer, batch_images, check_warmup, ratio_interval, summarise,
-                             timed_calls)
+from cxrbench.timing import (
+    MIN_WINDOWS,
+    Window,
+    WindowTimer,
+    batch_images,
+    check_warmup,
+    ratio_interval,
+    summarise,
+    timed_calls,
+)
 from cxrbench.training import EpochOutcome, run_recipe
 
 
@@ -179,8 +187,14 @@ def test_live_progress_rate_and_eta_from_timestamped_steps():
     assert rate.update(1, 11, t=1000.0) == {}  # the first step (tracing) sets the origin
     update = rate.update(3, 11, t=1001.0)
     assert update == {"images_per_s": 32.0, "eta_s": 4.0}
-    line = status_line("keras", {"status": "running", "stage": "train",
-                                 "progress": {"epoch": 1, "epochs": 2, "step": 3, "steps": 11, **update}})
+    line = status_line(
+        "keras",
+        {
+            "status": "running",
+            "stage": "train",
+            "progress": {"epoch": 1, "epochs": 2, "step": 3, "steps": 11, **update},
+        },
+    )
     assert line.endswith("epoch 1/2  step 3/11  32.0 img/s  ETA 0:04")
 
 
@@ -188,12 +202,15 @@ def test_cli_refuses_a_warmup_longer_than_an_epoch_before_training(tmp_path, cap
     from cxrbench.cli import main
 
     out = tmp_path / "run"
-    code = main(["run", "--backend", "numpy", "--set", "train.max_steps=4", "--set", "train.warmup_steps=4",
-                 "--out", str(out)])
+    code = main(
+        ["run", "--backend", "numpy", "--set", "train.max_steps=4", "--set", "train.warmup_steps=4", "--out", str(out)]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].endswith("train.warmup_steps = 4 leaves no step to time: an epoch has 4 training step(s) "
-                            "(lower train.warmup_steps or raise train.max_steps)")
+    assert err[-1].endswith(
+        "train.warmup_steps = 4 leaves no step to time: an epoch has 4 training step(s) "
+        "(lower train.warmup_steps or raise train.max_steps)"
+    )
     assert not out.exists()  # refused before the run folder is made
 
 
@@ -203,9 +220,21 @@ def test_one_epoch_charts_have_whole_number_epoch_axes(monkeypatch):
 
     from cxrbench.report import charts
 
-    record = {"epoch": 1, "warmup": True, "train_loss": 0.6, "val_loss": 0.5, "train_time_s": 20.0, "val_time_s": 2.0,
-              "data_wait_s": 0.5, "images": 480, "images_per_s": 24.0, "lr": 1e-3, "steps": 30,
-              "steady_images_per_s": 26.0, "steady_images_per_s_interval": [25.0, 27.5]}
+    record = {
+        "epoch": 1,
+        "warmup": True,
+        "train_loss": 0.6,
+        "val_loss": 0.5,
+        "train_time_s": 20.0,
+        "val_time_s": 2.0,
+        "data_wait_s": 0.5,
+        "images": 480,
+        "images_per_s": 24.0,
+        "lr": 1e-3,
+        "steps": 30,
+        "steady_images_per_s": 26.0,
+        "steady_images_per_s_interval": [25.0, 27.5],
+    }
     ticks = {}
     save = matplotlib.figure.Figure.savefig
 

@@ -13,14 +13,18 @@ from cxrbench.run.stages import training_throughput
 from cxrbench.testing.conformance import kit_settings, synthetic_data
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param("cxrbench_pytorch", marks=pytest.mark.backends("pytorch")),
-    pytest.param("cxrbench_keras", marks=pytest.mark.backends("keras")),
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param("cxrbench_pytorch", marks=pytest.mark.backends("pytorch")),
+        pytest.param("cxrbench_keras", marks=pytest.mark.backends("keras")),
+    ],
+)
 def test_tiny_backend_run_reports_first_step_and_steady_windows(module):
     backend = importlib.import_module(module)
-    settings = kit_settings(32, **{"train.epochs": 1, "train.max_steps": 10, "train.warmup_steps": 2,
-                                   "train.window_steps": 2})
+    settings = kit_settings(
+        32, **{"train.epochs": 1, "train.max_steps": 10, "train.warmup_steps": 2, "train.window_steps": 2}
+    )
     data = synthetic_data(32, train=40, val=28)
     model, recorder = backend.cxrbench_build_model(settings=settings, weights=None), Recorder()
     result = backend.cxrbench_train(model=model, data=data, settings=settings, recorder=recorder)

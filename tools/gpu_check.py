@@ -37,27 +37,62 @@ BUDGET_S = 480.0
 DRY_STRETCH = 4
 #: Settings per mode: the GPU sizes of the issue (224 px, DenseNet-121), and tiny CPU ones.
 SIZES = {
-    "gpu": {"throughput": ["data.image_size=224", "data.phantom_images=1200", "train.batch_size=32",
-                           "train.max_steps=20", "train.epochs=1", "model.arch=densenet121"],
-            "smoke": [], "probe_size": 64, "gpus": ["--gpus", "1"],
-            #: ~4x the pixels of 224 px at batch 1024: far beyond any single GPU's memory for DenseNet-121.
-            "oversized": ["data.image_size=448", "data.phantom_images=2000", "train.batch_size=1024",
-                          "train.max_steps=1"]},
+    "gpu": {
+        "throughput": [
+            "data.image_size=224",
+            "data.phantom_images=1200",
+            "train.batch_size=32",
+            "train.max_steps=20",
+            "train.epochs=1",
+            "model.arch=densenet121",
+        ],
+        "smoke": [],
+        "probe_size": 64,
+        "gpus": ["--gpus", "1"],
+        #: ~4x the pixels of 224 px at batch 1024: far beyond any single GPU's memory for DenseNet-121.
+        "oversized": ["data.image_size=448", "data.phantom_images=2000", "train.batch_size=1024", "train.max_steps=1"],
+    },
     #: Six steps with a one-step warm-up and one-step windows: a steady-state figure even at this size.
-    "dry": {"throughput": ["data.image_size=32", "data.phantom_images=800", "data.phantom_size=128",
-                           "train.batch_size=4", "train.max_steps=6", "train.warmup_steps=1", "train.window_steps=1",
-                           "train.epochs=1", "model.arch=densenet-tiny"],
-            "smoke": ["model.arch=densenet-tiny", "train.max_steps=6", "train.warmup_steps=1", "train.window_steps=1",
-                      "data.image_size=32"], "oversized": None,
-            "probe_size": 32, "gpus": []},
+    "dry": {
+        "throughput": [
+            "data.image_size=32",
+            "data.phantom_images=800",
+            "data.phantom_size=128",
+            "train.batch_size=4",
+            "train.max_steps=6",
+            "train.warmup_steps=1",
+            "train.window_steps=1",
+            "train.epochs=1",
+            "model.arch=densenet-tiny",
+        ],
+        "smoke": [
+            "model.arch=densenet-tiny",
+            "train.max_steps=6",
+            "train.warmup_steps=1",
+            "train.window_steps=1",
+            "data.image_size=32",
+        ],
+        "oversized": None,
+        "probe_size": 32,
+        "gpus": [],
+    },
 }
 #: Seconds a timed-out step's command gets to stop its worker after SIGTERM.
 STOP_GRACE_S = 30
 #: Characters kept of a failure's full message (TensorFlow's first line is often just "Graph execution error:").
 DETAIL_CHARS = 1500
 #: Step name -> seconds it may take at most.
-LIMITS = {"devices": 120, "sweep": 240, "compile": 240, "smoke": 240, "tf32": 120, "oversized": 180, "ddp-torch": 180,
-          "mirrored-keras": 180, "visible-device": 180}
+LIMITS = {
+    "devices": 120,
+    "sweep": 240,
+    "compile": 240,
+    "smoke": 240,
+    "tf32": 120,
+    "oversized": 180,
+    "ddp-torch": 180,
+    "mirrored-keras": 180,
+    "visible-device": 180,
+}
 
 
 # -- probes: run as `python tools/gpu_check.py --probe NAME`, print one JSON line ----------------------
@@ -67,11 +102,18 @@ def probe_torch() -> dict[str, Any]:
     import torch
 
     count = torch.cuda.device_count()
-    return {"framework": "torch", "version": torch.__version__, "cuda_build": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(), "gpus": count,
-            "devices": [{"name": torch.cuda.get_device_name(i), "capability": list(torch.cuda.get_device_capability(i))}
-                        for i in range(count)],
-            "bf16_supported": bool(count and torch.cuda.is_bf16_supported())}
+    return {
+        "framework": "torch",
+        "version": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": count,
+        "devices": [
+            {"name": torch.cuda.get_device_name(i), "capability": list(torch.cuda.get_device_capability(i))}
+            for i in range(count)
+        ],
+        "bf16_supported": bool(count and torch.cuda.is_bf16_supported()),
+    }
 
 
 def probe_tensorflow() -> dict[str, Any]:
@@ -79,16 +121,27 @@ def probe_tensorflow() -> dict[str, Any]:
 
     build = tf.sysconfig.get_build_info()
     gpus = tf.config.list_physical_devices("GPU")
-    return {"framework": "tensorflow", "version": tf.__version__, "cuda_build": build.get("cuda_version"),
-            "cudnn_build": build.get("cudnn_version"), "gpus": len(gpus), "devices": [g.name for g in gpus]}
+    return {
+        "framework": "tensorflow",
+        "version": tf.__version__,
+        "cuda_build": build.get("cuda_version"),
+        "cudnn_build": build.get("cudnn_version"),
+        "gpus": len(gpus),
+        "devices": [g.name for g in gpus],
+    }
 
 
 def probe_jax() -> dict[str, Any]:
     import jax
 
     gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
-    return {"framework": "jax", "version": jax.__version__, "backend": jax.default_backend(), "gpus": len(gpus),
-            "devices": [str(d) for d in gpus]}
+    return {
+        "framework": "jax",
+        "version": jax.__version__,
+        "backend": jax.default_backend(),
+        "gpus": len(gpus),
+        "devices": [str(d) for d in gpus],
+    }
 
 
 def probe_ddp_torch(size: int) -> dict[str, Any]:
@@ -102,14 +155,31 @@ def probe_ddp_torch(size: int) -> dict[str, Any]:
 
     cuda = torch.cuda.device_count() >= 2
     settings = kit_settings(size, **{"train.max_steps": 1, "train.batch_size": 2, "run.gpus": 2 if cuda else 0})
-    model = backend.cxrbench_build_model(settings=settings.replace(**{"run.gpus": 0}),
-                                         weights=random_canonical(settings.model.block_config, 0))
-    result = distributed.train(model, synthetic_data(size, train=8, val=4), settings, Recorder(), world=2,
-                               device_type="cuda" if cuda else "cpu")
-    note = None if cuda else ("the backend's CUDA DDP path runs one rank per GPU over NCCL (NCCL refuses two ranks "
-                              "on one device), so with one GPU the two ranks ran the gloo path on the CPU")
-    return {"device": "cuda" if cuda else "cpu", "ranks": 2, "note": note,
-            "max_abs_weight_diff_between_ranks": result.get("max_abs_weight_diff_between_ranks")}
+    model = backend.cxrbench_build_model(
+        settings=settings.replace(**{"run.gpus": 0}), weights=random_canonical(settings.model.block_config, 0)
+    )
+    result = distributed.train(
+        model,
+        synthetic_data(size, train=8, val=4),
+        settings,
+        Recorder(),
+        world=2,
+        device_type="cuda" if cuda else "cpu",
+    )
+    note = (
+        None
+        if cuda
+        else (
+            "the backend's CUDA DDP path runs one rank per GPU over NCCL (NCCL refuses two ranks "
+            "on one device), so with one GPU the two ranks ran the gloo path on the CPU"
+        )
+    )
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "ranks": 2,
+        "note": note,
+        "max_abs_weight_diff_between_ranks": result.get("max_abs_weight_diff_between_ranks"),
+    }
 
 
 def _split_logical(tf, kind: str) -> list[str]:
@@ -133,39 +203,66 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
     strategy = tf.distribute.MirroredStrategy(devices)
     data, variants = synthetic_data(size, train=8, val=4), {}
     #: (precision, XLA) -> the one-line refusal expected, or None when the variant must train.
-    expected = {("fp32", False): None, ("bf16", False): None, ("fp16", False): "LossScaleOptimizer",
-                ("fp32", True): "disables XLA"}
+    expected = {
+        ("fp32", False): None,
+        ("bf16", False): None,
+        ("fp16", False): "LossScaleOptimizer",
+        ("fp32", True): "disables XLA",
+    }
     for (precision, xla), refusal in expected.items():
-        settings = kit_settings(size, **{"train.max_steps": 1, "train.batch_size": 2, "numerics.precision": precision,
-                                         "numerics.jit_compile": xla})
+        settings = kit_settings(
+            size,
+            **{
+                "train.max_steps": 1,
+                "train.batch_size": 2,
+                "numerics.precision": precision,
+                "numerics.jit_compile": xla,
+            },
+        )
         name = f"{precision}{' + XLA' if xla else ''}"
         try:
             model = keras_model.build(settings, random_canonical(settings.model.block_config, 0), strategy=strategy)
             outcome = loop.KerasEpochLoop(model, data, settings, Recorder()).train_epoch(1, 1e-3)
-            replicas = [[v.numpy() for v in strategy.experimental_local_results(w.value)]
-                        for w in model.network.weights]
+            replicas = [
+                [v.numpy() for v in strategy.experimental_local_results(w.value)] for w in model.network.weights
+            ]
             spread = max(float(np.max(np.abs(r[0].astype(np.float64) - r[1]))) for r in replicas)
             trained = all(np.isfinite(outcome.losses)) and spread == 0 and refusal is None
-            variants[name] = {"status": "passed" if trained else "failed",
-                              "loss": float(outcome.losses[0]), "max_abs_weight_diff_between_replicas": spread,
-                              **({"error": f"trained although it must be refused ({refusal})"} if refusal else {})}
+            variants[name] = {
+                "status": "passed" if trained else "failed",
+                "loss": float(outcome.losses[0]),
+                "max_abs_weight_diff_between_replicas": spread,
+                **({"error": f"trained although it must be refused ({refusal})"} if refusal else {}),
+            }
         except Exception as exc:  # a refusal is a result here: record it and try the next variant
             text = str(exc).strip()
             first = text.splitlines()[0] if text else ""
             refused = refusal is not None and refusal in first and "\n" not in text
-            variants[name] = {"status": "refused as expected" if refused else "failed",
-                              "error": f"{type(exc).__name__}: {first}", "detail": text[-DETAIL_CHARS:]}
-    failed = [f"{name}: {v['error'] if 'error' in v else 'replicas differ or the loss is not finite'}"
-              for name, v in variants.items() if v["status"] == "failed"]
-    return {"status": "failed" if failed else "passed", "devices": devices, "variants": variants,
-            **({"error": "; ".join(failed)} if failed else {})}
+            variants[name] = {
+                "status": "refused as expected" if refused else "failed",
+                "error": f"{type(exc).__name__}: {first}",
+                "detail": text[-DETAIL_CHARS:],
+            }
+    failed = [
+        f"{name}: {v['error'] if 'error' in v else 'replicas differ or the loss is not finite'}"
+        for name, v in variants.items()
+        if v["status"] == "failed"
+    ]
+    return {
+        "status": "failed" if failed else "passed",
+        "devices": devices,
+        "variants": variants,
+        **({"error": "; ".join(failed)} if failed else {}),
+    }
 
 
-
-PROBES = {"torch": lambda args: probe_torch(), "tensorflow": lambda args: probe_tensorflow(),
-          "jax": lambda args: probe_jax(),
-          "ddp-torch": lambda args: probe_ddp_torch(args.size),
-          "mirrored-keras": lambda args: probe_mirrored_keras(args.size, args.gpu)}
+PROBES = {
+    "torch": lambda args: probe_torch(),
+    "tensorflow": lambda args: probe_tensorflow(),
+    "jax": lambda args: probe_jax(),
+    "ddp-torch": lambda args: probe_ddp_torch(args.size),
+    "mirrored-keras": lambda args: probe_mirrored_keras(args.size, args.gpu),
+}
 
 
 # -- steps -------------------------------------------------------------------------------------------
@@ -185,8 +282,9 @@ class Check:
         finished), SIGKILL after a grace period, and raise TimeoutExpired."""
         left = max(self.budget_s - (time.monotonic() - self.start), 1)
         limit = min(LIMITS[name] * (DRY_STRETCH if self.dry else 1), left)
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, **(env or {})})
+        process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
         try:
             stdout, stderr = process.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -206,12 +304,23 @@ class Check:
             raise RuntimeError(_last_error(done))
         return json.loads(lines[-1])
 
-    def _run(self, name: str, suite: str, sets: list[str], extra: list[str] = (),
-             env: dict[str, str] | None = None) -> dict:
+    def _run(
+        self, name: str, suite: str, sets: list[str], extra: list[str] = (), env: dict[str, str] | None = None
+    ) -> dict:
         """``cxrbench run`` into OUT/<name>; returns its run.json (and comparison.json under "comparison")."""
         folder = self.out / name
-        args = [sys.executable, "-m", "cxrbench", "run", "--suite", suite, "--out", str(folder),
-                "--monitor-interval", "0.5"]
+        args = [
+            sys.executable,
+            "-m",
+            "cxrbench",
+            "run",
+            "--suite",
+            suite,
+            "--out",
+            str(folder),
+            "--monitor-interval",
+            "0.5",
+        ]
         for backend in self.backends:
             args += ["--backend", backend]
         for text in sets:
@@ -254,22 +363,39 @@ class Check:
         if "jax" in self.backends:
             seen["jax"] = self._probe("devices", "jax")
         for framework, info in seen.items():
-            print(f"[gpu-check] {framework} {info['version']} sees {info['gpus']} GPU(s): {info['devices']}",
-                  flush=True)
+            print(
+                f"[gpu-check] {framework} {info['version']} sees {info['gpus']} GPU(s): {info['devices']}", flush=True
+            )
         blind = [f for f, info in seen.items() if info["gpus"] == 0]
         if blind and not self.dry:
-            return {"status": "failed", "frameworks": seen,
-                    "error": f"{', '.join(blind)} sees no GPU while NVML does: it would train on the CPU"}
+            return {
+                "status": "failed",
+                "frameworks": seen,
+                "error": f"{', '.join(blind)} sees no GPU while NVML does: it would train on the CPU",
+            }
         return {"frameworks": seen}
 
     def sweep(self) -> dict[str, Any]:
-        run = self._run("sweep", "throughput", self.sizes["throughput"],
-                        ["--sweep", "numerics.precision=fp32,bf16", "--sweep", "numerics.channels_last=false,true",
-                         *self.sizes["gpus"]])
+        run = self._run(
+            "sweep",
+            "throughput",
+            self.sizes["throughput"],
+            [
+                "--sweep",
+                "numerics.precision=fp32,bf16",
+                "--sweep",
+                "numerics.channels_last=false,true",
+                *self.sizes["gpus"],
+            ],
+        )
         cells = (run.get("sweep") or {}).get("cells") or []
         failed = [f"{c['backend']} {c['point']}: {c['error']}" for c in cells if c["status"] != "completed"]
-        return {"status": "passed" if cells and not failed else "failed", "cells": cells, "failed_cells": failed,
-                **({"error": failed[0]} if failed else {})}
+        return {
+            "status": "passed" if cells and not failed else "failed",
+            "cells": cells,
+            "failed_cells": failed,
+            **({"error": failed[0]} if failed else {}),
+        }
 
     def compile(self) -> dict[str, Any]:
         sets = [*self.sizes["throughput"], "numerics.compile=true", "numerics.jit_compile=true"]
@@ -287,22 +413,36 @@ class Check:
         run = self._run("tf32", "smoke", sets, self.sizes["gpus"])
         equivalence = _equivalence(run)
         exact = bool(equivalence and equivalence.get("passed"))
-        return {"status": "passed" if exact else "failed", "equivalence_tf32_on": equivalence,
-                "note": "TF32 is on for training only: prediction and the equivalence run at IEEE float32",
-                **({} if exact else {"error": "with numerics.tf32 = true the equivalence check failed: TF32 leaked "
-                                              "into inference"})}
+        return {
+            "status": "passed" if exact else "failed",
+            "equivalence_tf32_on": equivalence,
+            "note": "TF32 is on for training only: prediction and the equivalence run at IEEE float32",
+            **(
+                {}
+                if exact
+                else {"error": "with numerics.tf32 = true the equivalence check failed: TF32 leaked into inference"}
+            ),
+        }
 
     def oversized(self) -> dict[str, Any]:
         sets = [*self.sizes["throughput"], *self.sizes["oversized"]]
         run = self._run("oversized", "throughput", sets, self.sizes["gpus"])
         errors = {name: b.get("error") for name, b in run["backends"].items()}
         one_line_oom = all(e and "\n" not in e and "memory" in e.lower() for e in errors.values())
-        return {"status": "passed" if one_line_oom else "failed", "errors": errors,
-                **({} if one_line_oom else {"error": "an oversized batch did not end in a one-line memory error"})}
+        return {
+            "status": "passed" if one_line_oom else "failed",
+            "errors": errors,
+            **({} if one_line_oom else {"error": "an oversized batch did not end in a one-line memory error"}),
+        }
 
     def visible_device(self) -> dict[str, Any]:
-        run = self._run("visible-device", "smoke", [*self.sizes["smoke"], 'run.stages=["train"]'], self.sizes["gpus"],
-                        env={"CUDA_VISIBLE_DEVICES": "1"})
+        run = self._run(
+            "visible-device",
+            "smoke",
+            [*self.sizes["smoke"], 'run.stages=["train"]'],
+            self.sizes["gpus"],
+            env={"CUDA_VISIBLE_DEVICES": "1"},
+        )
         return _backend_results(run)
 
     def execute(self, gpu_count: int) -> dict[str, Any]:
@@ -312,20 +452,37 @@ class Check:
         self.step("devices", self.devices)
         self.step("sweep", self.sweep)
         self.step("smoke", self.smoke)
-        self.step("ddp-torch", lambda: self._probe("ddp-torch", "ddp-torch", "--size", size),
-                  None if "pytorch" in self.backends else "pytorch is not among --backend")
-        self.step("mirrored-keras", lambda: self._probe("mirrored-keras", "mirrored-keras", "--size", size, *gpu_flag),
-                  None if keras else "keras is not among --backend")
+        self.step(
+            "ddp-torch",
+            lambda: self._probe("ddp-torch", "ddp-torch", "--size", size),
+            None if "pytorch" in self.backends else "pytorch is not among --backend",
+        )
+        self.step(
+            "mirrored-keras",
+            lambda: self._probe("mirrored-keras", "mirrored-keras", "--size", size, *gpu_flag),
+            None if keras else "keras is not among --backend",
+        )
         self.step("compile", self.compile)
         self.step("tf32", self.tf32)
-        self.step("oversized", self.oversized,
-                  "dry run: an oversized batch would exhaust this machine's memory" if self.dry else None)
-        self.step("visible-device", self.visible_device,
-                  None if gpu_count >= 2 else f"needs 2 GPUs, this machine has {gpu_count}")
-        return {"mode": "dry-run (CPU, tiny)" if self.dry else "gpu", "backends": self.backends,
-                "gpu_inventory_count": gpu_count,
-                "seconds": round(time.monotonic() - self.start, 1), "budget_s": self.budget_s,
-                "passed": all(s["status"] != "failed" for s in self.steps.values()), "steps": self.steps}
+        self.step(
+            "oversized",
+            self.oversized,
+            "dry run: an oversized batch would exhaust this machine's memory" if self.dry else None,
+        )
+        self.step(
+            "visible-device",
+            self.visible_device,
+            None if gpu_count >= 2 else f"needs 2 GPUs, this machine has {gpu_count}",
+        )
+        return {
+            "mode": "dry-run (CPU, tiny)" if self.dry else "gpu",
+            "backends": self.backends,
+            "gpu_inventory_count": gpu_count,
+            "seconds": round(time.monotonic() - self.start, 1),
+            "budget_s": self.budget_s,
+            "passed": all(s["status"] != "failed" for s in self.steps.values()),
+            "steps": self.steps,
+        }
 
 
 # -- reading results -----------------------------------------------------------------------------------
@@ -346,29 +503,48 @@ def _last_error(done: subprocess.CompletedProcess) -> str:
 def _phase_utilisation(gpu: dict | None) -> dict[str, dict[str, float]]:
     """Mean GPU utilisation (and peak memory) per phase and device from a backend's monitor summary."""
     phases = (gpu or {}).get("phases") or {}
-    return {phase: {device: {"util_mean": (fields.get("util") or {}).get("mean"),
-                             "mem_mib_p95": (fields.get("mem_mib") or {}).get("p95")}
-                    for device, fields in devices.items() if device.startswith("gpu")}
-            for phase, devices in phases.items()}
+    return {
+        phase: {
+            device: {
+                "util_mean": (fields.get("util") or {}).get("mean"),
+                "mem_mib_p95": (fields.get("mem_mib") or {}).get("p95"),
+            }
+            for device, fields in devices.items()
+            if device.startswith("gpu")
+        }
+        for phase, devices in phases.items()
+    }
 
 
 #: throughput.json keys every reader may rely on (the contract), copied into the summary.
-THROUGHPUT_KEYS = ("train_images_per_s", "train_images_per_s_interval", "first_step_s", "predict_images_per_s",
-                   "disturbed")
+THROUGHPUT_KEYS = (
+    "train_images_per_s",
+    "train_images_per_s_interval",
+    "first_step_s",
+    "predict_images_per_s",
+    "disturbed",
+)
 
 
 def _backend_results(run: dict) -> dict[str, Any]:
     backends = {}
     for name, b in run["backends"].items():
         throughput = b.get("throughput") or {}
-        backends[name] = {"status": b["status"], "error": b.get("error"), "stage_seconds": b.get("stage_seconds"),
-                          "numerics": (b.get("train") or {}).get("numerics"),
-                          **{k: throughput.get(k) for k in THROUGHPUT_KEYS},
-                          "gpu_utilisation": _phase_utilisation(b.get("gpu")),
-                          "gpu_status": (b.get("gpu") or {}).get("reason")}
+        backends[name] = {
+            "status": b["status"],
+            "error": b.get("error"),
+            "stage_seconds": b.get("stage_seconds"),
+            "numerics": (b.get("train") or {}).get("numerics"),
+            **{k: throughput.get(k) for k in THROUGHPUT_KEYS},
+            "gpu_utilisation": _phase_utilisation(b.get("gpu")),
+            "gpu_status": (b.get("gpu") or {}).get("reason"),
+        }
     failed = [f"{n}: {b['error']}" for n, b in backends.items() if b["status"] != "completed"]
-    return {"status": "failed" if failed else "passed", "backends": backends,
-            **({"error": failed[0]} if failed else {})}
+    return {
+        "status": "failed" if failed else "passed",
+        "backends": backends,
+        **({"error": failed[0]} if failed else {}),
+    }
 
 
 def _equivalence(run: dict) -> dict[str, Any] | None:
@@ -376,8 +552,13 @@ def _equivalence(run: dict) -> dict[str, Any] | None:
     if not eq:
         return None
     values = [v for row in eq.get("max_abs") or [] for v in row if v is not None]
-    return {"passed": eq.get("passed"), "atol": eq.get("atol"), "worst_max_abs": max(values, default=None),
-            "labels": eq.get("labels"), "failures": eq.get("failures")}
+    return {
+        "passed": eq.get("passed"),
+        "atol": eq.get("atol"),
+        "worst_max_abs": max(values, default=None),
+        "labels": eq.get("labels"),
+        "failures": eq.get("failures"),
+    }
 
 
 # -- command line ---------------------------------------------------------------------------------------
@@ -385,13 +566,18 @@ def _equivalence(run: dict) -> dict[str, Any] | None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tools/gpu-check.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the same steps at tiny size on the CPU (tests the check itself)")
-    parser.add_argument("--out", type=Path,
-                        help="folder for the runs and gpu-check.json (default: reports/gpu-check-<time>)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the same steps at tiny size on the CPU (tests the check itself)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for the runs and gpu-check.json (default: reports/gpu-check-<time>)"
+    )
     parser.add_argument("--backend", action="append", default=[], help="repeatable (default: pytorch and keras)")
-    parser.add_argument("--budget-s", type=float, help=f"steps that would start later are skipped "
-                        f"(default {BUDGET_S:.0f}; dry run {BUDGET_S * DRY_STRETCH:.0f})")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help=f"steps that would start later are skipped (default {BUDGET_S:.0f}; dry run {BUDGET_S * DRY_STRETCH:.0f})",
+    )
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)
@@ -407,8 +593,11 @@ def main(argv: list[str] | None = None) -> int:
 
     inventory = gpu_inventory()
     if not args.dry_run and inventory["count"] == 0:
-        print(f"gpu-check: no NVIDIA GPU on this machine ({inventory.get('reason') or 'NVML reports 0 GPUs'}); "
-              "use --dry-run to run the steps at tiny size on the CPU", file=sys.stderr)
+        print(
+            f"gpu-check: no NVIDIA GPU on this machine ({inventory.get('reason') or 'NVML reports 0 GPUs'}); "
+            "use --dry-run to run the steps at tiny size on the CPU",
+            file=sys.stderr,
+        )
         return 2
     out = args.out or Path("reports") / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,10 @@ def equivalence_matrix(outputs: dict[str, np.ndarray], atol: float) -> dict[str,
                 diff = np.abs(arrays[i] - arrays[j])
                 max_abs[i, j], mean_abs[i, j] = diff.max(initial=0.0), diff.mean() if diff.size else 0.0
             if j > i and not max_abs[i, j] <= atol:
-                failures.append(f"{labels[j]} computes a different function from {labels[i]}: "
-                                f"max |logit diff| {max_abs[i, j]:.3g} > {atol:g}")
+                failures.append(
+                    f"{labels[j]} computes a different function from {labels[i]}: "
+                    f"max |logit diff| {max_abs[i, j]:.3g} > {atol:g}"
+                )
     return {
         "atol": atol,
         "labels": labels,
@@ -58,8 +60,15 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
-def agreement(name_a: str, logits_a: np.ndarray, name_b: str, logits_b: np.ndarray, labels: np.ndarray,
-              groups: np.ndarray | None = None, **inference: Any) -> dict[str, Any]:
+def agreement(
+    name_a: str,
+    logits_a: np.ndarray,
+    name_b: str,
+    logits_b: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray | None = None,
+    **inference: Any,
+) -> dict[str, Any]:
     """Per-class and mean AUROC differences by a paired patient bootstrap with Holm-adjusted p-values
     (image-level DeLong beside them), and the correlation of the two models' scores.
 

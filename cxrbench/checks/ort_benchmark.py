@@ -38,8 +38,17 @@ def _timed_runs(sess, feed: dict[str, np.ndarray], warmup: int, runs: int) -> np
     return times
 
 
-def benchmark(path: str | Path, layout: str, image_size: int, threads: int, *,
-              warmup: int = 3, runs_b1: int = 20, runs_b32: int = 5, seed: int = 0) -> dict[str, Any]:
+def benchmark(
+    path: str | Path,
+    layout: str,
+    image_size: int,
+    threads: int,
+    *,
+    warmup: int = 3,
+    runs_b1: int = 20,
+    runs_b32: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Latency p50/p95 at batch 1 and throughput at batch 32 of one ONNX model on the CPU."""
     sess = session(path, threads)
     name = sess.get_inputs()[0].name

@@ -137,8 +137,9 @@ def check_contents(folder: Path, full: bool) -> str | None:
         for number in blocks:
             handle.seek(number * block)
             if hashlib.sha256(handle.read(block)).hexdigest() != checksum["blocks"][number]:
-                return (f"block {number + 1} of {count} of {IMAGES_FILE} does not match its checksum "
-                        "(the file was altered)")
+                return (
+                    f"block {number + 1} of {count} of {IMAGES_FILE} does not match its checksum (the file was altered)"
+                )
     return None
 
 
@@ -178,7 +179,9 @@ def cache_key(index: DataIndex, size: int) -> str:
 def _key_and_newest(index: DataIndex, size: int) -> tuple[str, int]:
     """The cache key, and the newest image modification time (ns) seen while computing it."""
     digest = hashlib.sha256()
-    _update(digest, {"format": CACHE_FORMAT, "preprocessing": images.PREPROCESSING, "size": size, "source": index.source})
+    _update(
+        digest, {"format": CACHE_FORMAT, "preprocessing": images.PREPROCESSING, "size": size, "source": index.source}
+    )
     newest = 0
     for name, path in zip(index.files, index.paths):
         stat = _stat(path)
@@ -227,15 +230,18 @@ def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bo
     except OSError as exc:
         if not is_storage_fault(exc):
             raise
-        raise StorageError(f"{storage_error(exc, folder.parent)} (the cache folder is $CXRBENCH_CACHE/prepared, "
-                           "or --cache)") from None
+        raise StorageError(
+            f"{storage_error(exc, folder.parent)} (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)"
+        ) from None
 
 
 def _build_into(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.", dir=folder.parent))
     try:
         started = time.monotonic()
-        array = np.lib.format.open_memmap(building / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(index), size, size))
+        array = np.lib.format.open_memmap(
+            building / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(len(index), size, size)
+        )
         del array  # created at full size; every worker opens it itself
         _allocate(building / IMAGES_FILE)
         report = ProgressReport(len(index), "preparing images") if progress else None
@@ -291,8 +297,9 @@ def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers
         for job in jobs:
             advance(function(*job))
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(),
-                             initializer=_leave_ctrl_c_to_parent) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=_context(), initializer=_leave_ctrl_c_to_parent
+    ) as pool:
         pending = {pool.submit(function, *job) for job in jobs}
         try:
             while pending:
@@ -382,5 +389,7 @@ class ProgressReport:
     def _show(self, prefix: str) -> None:
         self.shown = time.monotonic()
         rate = self.done / max(self.shown - self.started, 1e-9)
-        sys.stderr.write(f"{prefix}{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%, {rate:.0f}/s)")
+        sys.stderr.write(
+            f"{prefix}{self.what}: {self.done}/{self.total} ({100 * self.done / self.total:.0f}%, {rate:.0f}/s)"
+        )
         sys.stderr.flush()

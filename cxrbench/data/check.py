@@ -15,7 +15,9 @@ from cxrbench.errors import DataError
 _EXAMPLES = 20  #: file names listed per problem; the counts are always complete
 
 
-def summarize(index: DataIndex, *, verify_images: bool = True, workers: int | None = None, progress: bool = False) -> dict:
+def summarize(
+    index: DataIndex, *, verify_images: bool = True, workers: int | None = None, progress: bool = False
+) -> dict:
     """Counts per class, view, box label and split, patient overlaps, and problems (JSON-able).
 
     ``verify_images`` decodes every image (in parallel over ``workers`` processes) and lists the
@@ -35,7 +37,8 @@ def summarize(index: DataIndex, *, verify_images: bool = True, workers: int | No
         "boxes": {c: n for c in index.classes if (n := sum(b.label == c for b in index.boxes))},
         "boxed_images": len({b.image for b in index.boxes}),
         "splits": {
-            name: {"images": len(rows), "patients": len(np.unique(index.patients[rows]))} for name, rows in splits.items()
+            name: {"images": len(rows), "patients": len(np.unique(index.patients[rows]))}
+            for name, rows in splits.items()
         },
         "overlaps": {
             f"{a}/{b}": len(np.intersect1d(index.patients[splits[a]], index.patients[splits[b]]))
@@ -69,7 +72,8 @@ def format_summary(summary: dict) -> str:
         f"images     {summary['images']} from {summary['patients']} patients",
         f"No Finding {summary['no_finding']}",
         "views      " + ", ".join(f"{v} {n}" for v, n in summary["views"].items()),
-        "splits     " + ", ".join(f"{s} {v['images']} images / {v['patients']} patients" for s, v in summary["splits"].items()),
+        "splits     "
+        + ", ".join(f"{s} {v['images']} images / {v['patients']} patients" for s, v in summary["splits"].items()),
         "overlaps   " + ", ".join(f"{pair} {n} patients" for pair, n in summary["overlaps"].items()),
         "positives:",
         *(f"  {c:<20} {n:>7}" for c, n in summary["positives"].items()),

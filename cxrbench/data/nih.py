@@ -196,7 +196,10 @@ def _note_patient_prefixes(entries: _Entries, notes: list[str]) -> None:
         if (m := _NIH_NAME.match(f)) is not None and int(m.group(1)) != p
     ]
     if mismatched:
-        _note(notes, f"{len(mismatched)} images have a file-name prefix other than their Patient ID (e.g. {mismatched[0]}); the Patient ID column is used")
+        _note(
+            notes,
+            f"{len(mismatched)} images have a file-name prefix other than their Patient ID (e.g. {mismatched[0]}); the Patient ID column is used",
+        )
 
 
 def read_name_list(path: Path) -> list[str]:
@@ -251,7 +254,9 @@ def _split(root: Path, entries: _Entries, method: str, val_fraction: float, seed
 def _check_splits(root: Path, method: str, split: np.ndarray) -> None:
     for name in ("train", "val", "test"):
         if not (split == name).any():
-            raise DataError(f"{root}: split {name!r} is empty (data.split = {method!r}, after exclusions and missing files)")
+            raise DataError(
+                f"{root}: split {name!r} is empty (data.split = {method!r}, after exclusions and missing files)"
+            )
 
 
 def _read_boxes_for(root: Path, found: dict[str, Path], kept: set[str], notes: list[str]) -> list[Box]:
@@ -284,7 +289,9 @@ def read_box_file(path: Path) -> list[tuple[str, str, float, float, float, float
         rows = csv.reader(f)
         header = [h.strip() for h in next(rows, [])]
         if header[:2] != ["Image Index", "Finding Label"] or len(header) < 3 or not header[2].startswith("Bbox"):
-            raise DataError(f"{path}: unexpected header {','.join(header)!r}, expected 'Image Index,Finding Label,Bbox [x,y,w,h],,,'")
+            raise DataError(
+                f"{path}: unexpected header {','.join(header)!r}, expected 'Image Index,Finding Label,Bbox [x,y,w,h],,,'"
+            )
         out = []
         for line, row in enumerate(rows, start=2):
             fields = [cell.strip() for cell in row]

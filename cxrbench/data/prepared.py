@@ -54,7 +54,9 @@ class PreparedData:
     key: str  #: the cache key (changes when any input changes)
 
     @classmethod
-    def in_memory(cls, images: np.ndarray, labels: np.ndarray, split: np.ndarray, key: str, source: str = "in-memory") -> "PreparedData":
+    def in_memory(
+        cls, images: np.ndarray, labels: np.ndarray, split: np.ndarray, key: str, source: str = "in-memory"
+    ) -> "PreparedData":
         """Prepared data from arrays (one patient per image): for tests and for plugins' own checks."""
         n = len(images)
         files = [f"{i + 1:08d}_000.png" for i in range(n)]
@@ -83,7 +85,9 @@ class PreparedData:
     def split_labels(self, split: str) -> np.ndarray:
         return self.index.labels[self.rows(split)].astype(np.float32)
 
-    def num_batches(self, split: str, batch_size: int, world: int = 1, drop_last: bool = True, max_steps: int = 0) -> int:
+    def num_batches(
+        self, split: str, batch_size: int, world: int = 1, drop_last: bool = True, max_steps: int = 0
+    ) -> int:
         return count_batches(len(self.rows(split)), batch_size, world, drop_last, max_steps)
 
     def batches(
@@ -115,7 +119,9 @@ class PreparedData:
         order = epoch_order(len(rows), seed, epoch, shuffle)
         flips = flip_decisions(len(rows), seed, epoch) if hflip else np.zeros(len(rows), dtype=bool)
         global_batch = batch_size * world
-        for step in range(loader_worker, self.num_batches(split, batch_size, world, drop_last, max_steps), loader_workers):
+        for step in range(
+            loader_worker, self.num_batches(split, batch_size, world, drop_last, max_steps), loader_workers
+        ):
             chunk = order[step * global_batch : (step + 1) * global_batch]
             mine = chunk[rank * batch_size : (rank + 1) * batch_size]
             if len(mine) == 0:

@@ -86,6 +86,7 @@ def assign_patients(patients: np.ndarray, fractions: dict[str, float], seed: int
 
 def patient_hash(patient_ids: np.ndarray, seed: int) -> np.ndarray:
     """A number in [0, 1) per patient id from BLAKE2b of (seed, id): stable across runs, machines and data subsets."""
+
     def one(patient) -> float:
         digest = hashlib.blake2b(f"{seed}:{patient}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2.0**64

@@ -16,8 +16,9 @@ from cxrbench.suite import EvalSettings
 DEFAULT_METHOD, DEFAULT_THRESHOLD = EvalSettings.cam_method, EvalSettings.cam_threshold
 
 
-def overlay(image: np.ndarray, cam_map: np.ndarray, method: str = DEFAULT_METHOD,
-            threshold: float = DEFAULT_THRESHOLD) -> tuple[bytes, list[list[float]]]:
+def overlay(
+    image: np.ndarray, cam_map: np.ndarray, method: str = DEFAULT_METHOD, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[bytes, list[list[float]]]:
     """PNG bytes of ``image`` (uint8 ``(S, S)``) under one class's map ``(h, w)``, and the boxes ``[x, y, w, h]``."""
     from cxrbench.cam_overlay import overlay as draw
     from cxrbench.cam_overlay import to_uint8

@@ -39,8 +39,9 @@ def add_parsers(commands) -> None:
     _add_model(predict)
     predict.add_argument("images", metavar="IMAGE", nargs="+", help="picture files, folders or globs")
     predict.add_argument("--format", choices=("csv", "json"), default="csv", help="table on stdout (default csv)")
-    predict.add_argument("--cam", metavar="DIR", help="write one CAM overlay PNG (with predicted boxes) per picture "
-                         "and class here")
+    predict.add_argument(
+        "--cam", metavar="DIR", help="write one CAM overlay PNG (with predicted boxes) per picture and class here"
+    )
     predict.add_argument("--top-k", type=int, default=3, help="CAMs for the K most probable classes (default 3)")
     predict.add_argument("--classes", nargs="+", metavar="CLASS", help="CAMs for these classes instead of the top K")
     predict.add_argument("--batch-size", type=int, default=16, help="pictures per onnxruntime call (default 16)")

@@ -53,8 +53,9 @@ class ScoringModel:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [key for key in REQUIRED_KEYS if key not in self.metadata]
         if missing:
-            raise CxrError(f"{self.path}: not a cxrbench export (no metadata {missing[0]!r}); "
-                           "export it with cxrbench run")
+            raise CxrError(
+                f"{self.path}: not a cxrbench export (no metadata {missing[0]!r}); export it with cxrbench run"
+            )
         self.size = int(self.metadata["cxrbench.input_size"])
         self.layout = self.metadata["cxrbench.input_layout"]
         self.mean, self.std = json.loads(self.metadata["cxrbench.mean"]), json.loads(self.metadata["cxrbench.std"])
@@ -77,8 +78,10 @@ class ScoringModel:
     def score(self, images: np.ndarray, cam_classes: list[int] | None = None) -> Scores:
         """Logits of uint8 gray ``(N, S, S)`` images and, with ``cam_classes``, their CAMs (one onnxruntime call)."""
         if cam_classes is not None and not self.has_cam:
-            raise CxrError(f"{self.path}: this export has no '{onnx_checks.FEATURES_OUTPUT}' output for CAMs "
-                           "(exported by an older cxrbench); export it again")
+            raise CxrError(
+                f"{self.path}: this export has no '{onnx_checks.FEATURES_OUTPUT}' output for CAMs "
+                "(exported by an older cxrbench); export it again"
+            )
         x = onnx_checks.normalise(images, self.layout, self.mean, self.std)
         wanted = self.output_names[:1] + ([onnx_checks.FEATURES_OUTPUT] if cam_classes is not None else [])
         outputs = self.session.run(wanted, {self.input_name: x})
@@ -109,8 +112,9 @@ def resolve_model(source: str | Path, backend: str | None) -> Path:
     run = load_run(source)
     if backend is None:
         if len(run.backends) != 1:
-            raise CxrError(f"{source}: a run folder with backends {', '.join(run.backends) or 'none'}: "
-                           "choose one with --backend")
+            raise CxrError(
+                f"{source}: a run folder with backends {', '.join(run.backends) or 'none'}: choose one with --backend"
+            )
         backend = next(iter(run.backends))
     if backend not in run.backends:
         has = ", ".join(run.backends) or "none"

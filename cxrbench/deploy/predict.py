@@ -53,8 +53,9 @@ def expand(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _batches(files: list[Path], size: int, batch_size: int, max_pixels: int,
-             skipped: list[str]) -> Iterator[tuple[list[Path], np.ndarray]]:
+def _batches(
+    files: list[Path], size: int, batch_size: int, max_pixels: int, skipped: list[str]
+) -> Iterator[tuple[list[Path], np.ndarray]]:
     """Decoded, resized pictures ``batch_size`` at a time; unreadable ones recorded in ``skipped``."""
     for start in range(0, len(files), batch_size):
         names, pixels = [], []
@@ -86,8 +87,15 @@ class Progress:
             print(file=sys.stderr)
 
 
-def score_files(model: ScoringModel, files: list[Path], batch_size: int, max_pixels: int,
-                cam_dir: Path | None, cam_classes: list[int] | None, top_k: int) -> tuple[list[Row], list[str]]:
+def score_files(
+    model: ScoringModel,
+    files: list[Path],
+    batch_size: int,
+    max_pixels: int,
+    cam_dir: Path | None,
+    cam_classes: list[int] | None,
+    top_k: int,
+) -> tuple[list[Row], list[str]]:
     """Every readable file's probabilities (and overlays written to ``cam_dir``), and the skipped files' messages."""
     skipped: list[str] = []
     rows: list[Row] = []
@@ -100,8 +108,9 @@ def score_files(model: ScoringModel, files: list[Path], batch_size: int, max_pix
             row = Row(str(path), probabilities)
             if cam_dir is not None:
                 chosen = cam_classes if cam_classes is not None else cam.top_classes(probabilities, top_k)
-                row.cams = [_write_cam(cam_dir, len(rows), path, pixels[i], scores.maps[i, c], model.classes[c])
-                            for c in chosen]
+                row.cams = [
+                    _write_cam(cam_dir, len(rows), path, pixels[i], scores.maps[i, c], model.classes[c]) for c in chosen
+                ]
             rows.append(row)
         progress.advance(len(names))
     progress.close()
@@ -143,7 +152,8 @@ def run(args) -> int:
     model = ScoringModel(resolve_model(args.model, args.backend))
     cam_classes = model.class_indices(args.classes) if args.classes else None
     files = expand(args.images)
-    rows, skipped = score_files(model, files, args.batch_size, args.max_pixels,
-                                Path(args.cam) if args.cam else None, cam_classes, args.top_k)
+    rows, skipped = score_files(
+        model, files, args.batch_size, args.max_pixels, Path(args.cam) if args.cam else None, cam_classes, args.top_k
+    )
     write_table(rows, model.classes, args.format, sys.stdout)
     return 2 if skipped else 0

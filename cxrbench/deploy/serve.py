@@ -44,8 +44,9 @@ class Refused(Exception):
         self.status = status
 
 
-def score_upload(model: ScoringModel, data: bytes, name: str, max_pixels: int, cam_format: str | None,
-                 cam_class: str | None) -> dict[str, Any] | bytes:
+def score_upload(
+    model: ScoringModel, data: bytes, name: str, max_pixels: int, cam_format: str | None, cam_class: str | None
+) -> dict[str, Any] | bytes:
     """One picture's probabilities as JSON-able dict, or the overlay PNG bytes for ``cam=png`` (runs in a thread)."""
     try:
         pixels = resize_gray(images.decode(data, name, max_pixels), model.size)
@@ -93,8 +94,9 @@ async def _read_upload(request, max_bytes: int) -> tuple[bytes, str]:
     return data, upload.filename or "upload"
 
 
-def create_app(model: ScoringModel, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               workers: int | None = None):
+def create_app(
+    model: ScoringModel, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, workers: int | None = None
+):
     """The ASGI application around one loaded model; ``workers`` bounds concurrent decoding + inference."""
     fastapi, _ = _require_extra()
     import anyio

@@ -223,8 +223,9 @@ def auroc_report(
         "undefined": [name for c, name in enumerate(names) if c not in defined],
         "ci": {
             "mean": _interval(boot_mean, confidence),
-            "per_class": {name: None if name in no_interval else _interval(boot[:, c], confidence)
-                          for c, name in enumerate(names)},
+            "per_class": {
+                name: None if name in no_interval else _interval(boot[:, c], confidence) for c, name in enumerate(names)
+            },
         },
         "no_interval": no_interval,
         "valid_rounds": {
@@ -267,7 +268,7 @@ def log10_two_sided_p(z: float) -> float:
 
 def p_from_log10(log10_p: float | None) -> float | None:
     """The p-value itself (0.0 once below float64's range: read ``log10_p_value`` then)."""
-    return None if log10_p is None else float(min(1.0, 10.0 ** log10_p))
+    return None if log10_p is None else float(min(1.0, 10.0**log10_p))
 
 
 def _z_and_p(difference: float, variance: float) -> tuple[float | None, float | None]:

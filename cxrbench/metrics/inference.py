@@ -32,8 +32,10 @@ from cxrbench.metrics.auroc import (
     too_few,
 )
 
-METHOD = ("paired patient bootstrap of AUROC(a) - AUROC(b); p: two-sided Wald test with the bootstrap "
-          "standard error; Holm-adjusted across the classes tested")
+METHOD = (
+    "paired patient bootstrap of AUROC(a) - AUROC(b); p: two-sided Wald test with the bootstrap "
+    "standard error; Holm-adjusted across the classes tested"
+)
 IMAGE_LEVEL_METHOD = "DeLong et al. 1988 (images counted as independent: image-level, secondary)"
 
 
@@ -56,7 +58,7 @@ def holm_log10(log10_p: dict[str, float | None]) -> dict[str, float | None]:
 def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
     """Holm-adjusted p-values (plain scale) of ``p_values``; zeros stay zero."""
     logs = {k: (None if p is None else (-math.inf if p == 0 else math.log10(p))) for k, p in p_values.items()}
-    return {k: (None if v is None else (0.0 if v == -math.inf else 10.0 ** v)) for k, v in holm_log10(logs).items()}
+    return {k: (None if v is None else (0.0 if v == -math.inf else 10.0**v)) for k, v in holm_log10(logs).items()}
 
 
 def _difference_test(point: float, boot: np.ndarray, confidence: float) -> dict:
@@ -83,21 +85,32 @@ def _paired_bootstrap(labels, a, b, clusters, columns, rounds, seed) -> np.ndarr
     """(rounds, len(columns)) bootstrap AUROC differences, both models on the same resampled patients."""
     parts = []
     for weights in bootstrap_rounds(clusters, rounds, seed):
-        parts.append(np.stack(
-            [_weighted_auroc(labels[:, c], a[:, c], weights) - _weighted_auroc(labels[:, c], b[:, c], weights)
-             for c in columns], axis=1) if columns else np.empty((len(weights), 0)))
+        parts.append(
+            np.stack(
+                [
+                    _weighted_auroc(labels[:, c], a[:, c], weights) - _weighted_auroc(labels[:, c], b[:, c], weights)
+                    for c in columns
+                ],
+                axis=1,
+            )
+            if columns
+            else np.empty((len(weights), 0))
+        )
     return np.concatenate(parts) if parts else np.empty((0, len(columns)))
 
 
 def _add_holm(per_class: dict[str, dict], alpha: float) -> None:
     """``p_holm``, ``log10_p_holm`` and ``significant`` (Holm-adjusted p < alpha) for every tested class."""
-    logs = {name: (r["log10_p_value"] if r["log10_p_value"] is not None else -math.inf) if r["tested"] else None
-            for name, r in per_class.items()}
+    logs = {
+        name: (r["log10_p_value"] if r["log10_p_value"] is not None else -math.inf) if r["tested"] else None
+        for name, r in per_class.items()
+    }
     for name, log10_adj in holm_log10(logs).items():
         if log10_adj is not None:
             p_adj = p_from_log10(log10_adj)
-            per_class[name].update(log10_p_holm=None if log10_adj == -math.inf else log10_adj, p_holm=p_adj,
-                                   significant=p_adj < alpha)
+            per_class[name].update(
+                log10_p_holm=None if log10_adj == -math.inf else log10_adj, p_holm=p_adj, significant=p_adj < alpha
+            )
 
 
 def _image_level_delong(labels_1d, a_1d, b_1d) -> dict:
@@ -140,9 +153,13 @@ def compare_aurocs(
         per_class[name] = {"tested": False, "note": skipped[c]} if c in skipped else None
     for j, c in enumerate(tested):
         auc_a, auc_b = auroc(labels[:, c], a[:, c]), auroc(labels[:, c], b[:, c])
-        per_class[names[c]] = {"tested": True, "auc_a": auc_a, "auc_b": auc_b,
-                               **_difference_test(auc_a - auc_b, boot[:, j], confidence),
-                               "delong": _image_level_delong(labels[:, c], a[:, c], b[:, c])}
+        per_class[names[c]] = {
+            "tested": True,
+            "auc_a": auc_a,
+            "auc_b": auc_b,
+            **_difference_test(auc_a - auc_b, boot[:, j], confidence),
+            "delong": _image_level_delong(labels[:, c], a[:, c], b[:, c]),
+        }
     _add_holm(per_class, alpha)
     mean = None
     if tested:

@@ -127,10 +127,9 @@ def cam_largest_box(heatmap) -> list[BoxTuple]:
 
 
 CAM_METHODS = {
-    "relative": "relative threshold: map min-max normalised, kept >= cam_threshold of its range, "
-                "every region boxed",
+    "relative": "relative threshold: map min-max normalised, kept >= cam_threshold of its range, every region boxed",
     "chestxray8": "ChestX-ray8 (Wang et al. 2017): map scaled to 0-255, thresholded at 60 and at 180, "
-                  "every region boxed",
+    "every region boxed",
     "cam-largest": "CAM (Zhou et al. 2016): kept above 20 % of the map's max, the largest connected region boxed",
 }
 
@@ -219,8 +218,9 @@ def _summary(truth_best: list[float], pred_best: list[float], images: int, thres
     }
 
 
-def localisation_accuracy(predicted: dict, truth, *, metric: str = "iobb",
-                          thresholds: Sequence[float] = THRESHOLDS) -> dict:
+def localisation_accuracy(
+    predicted: dict, truth, *, metric: str = "iobb", thresholds: Sequence[float] = THRESHOLDS
+) -> dict:
     """Per class and overall localisation accuracy and average false positives per image.
 
     ``predicted[(image_pos, class_name)]`` lists boxes; ``truth`` lists ``(image_pos, box)`` with
@@ -268,8 +268,9 @@ def centred_box_baseline(truth, size: int, fraction: float = 0.5) -> dict[tuple[
     return {key: [(corner, corner, side, side)] for key in _group_truth(truth)}
 
 
-def cam_localisation(cams_upsampled, truth, class_indices: Sequence[int], threshold: float = 0.5,
-                     method: str = "relative") -> dict:
+def cam_localisation(
+    cams_upsampled, truth, class_indices: Sequence[int], threshold: float = 0.5, method: str = "relative"
+) -> dict:
     """Boxes from each (image, class) heat map by ``method`` (:func:`heatmap_to_boxes`), scored with IoBB and IoU.
 
     ``cams_upsampled[pos, j]`` is the map of ``CLASSES[class_indices[j]]`` at the truth boxes' frame.

@@ -35,7 +35,12 @@ class GpuStatus:
     devices: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gpu_available": self.gpu_available, "source": self.source, "reason": self.reason, "devices": self.devices}
+        return {
+            "gpu_available": self.gpu_available,
+            "source": self.source,
+            "reason": self.reason,
+            "devices": self.devices,
+        }
 
 
 def _optional(read):
@@ -129,10 +134,21 @@ class GputilReader:
     @staticmethod
     def _row(gpu, error: str) -> dict[str, Any]:
         if gpu is None:
-            return {"util": None, "mem_mib": None, "power_w": None, "temp_c": None, "other_processes": None,
-                    "read_error": error}
-        return {"util": gpu.load * 100.0, "mem_mib": float(gpu.memoryUsed), "power_w": None,
-                "temp_c": float(gpu.temperature), "other_processes": None}
+            return {
+                "util": None,
+                "mem_mib": None,
+                "power_w": None,
+                "temp_c": None,
+                "other_processes": None,
+                "read_error": error,
+            }
+        return {
+            "util": gpu.load * 100.0,
+            "mem_mib": float(gpu.memoryUsed),
+            "power_w": None,
+            "temp_c": float(gpu.temperature),
+            "other_processes": None,
+        }
 
     def close(self) -> None:
         return None

@@ -77,7 +77,7 @@ def record(folder: Path, verdicts: dict[str, dict[str, Any]]) -> None:
 
 
 def describe(verdict: dict[str, Any], limit: bool = True) -> str:
-    """"others used 42% of the CPU (limit 15%)", and/or other processes on the GPU."""
+    """ "others used 42% of the CPU (limit 15%)", and/or other processes on the GPU."""
     parts = []
     if verdict.get("others_cpu_share_mean", 0) > verdict.get("limit", OTHERS_CPU_SHARE_LIMIT):
         bound = f" (limit {verdict['limit']:.0%})" if limit else ""

@@ -111,7 +111,13 @@ class Sampler:
         return self
 
     def _row(self, t: float, device: str, values: dict[str, Any]) -> dict[str, Any]:
-        row = {"t": round(t, 3), "backend": self.backend, "phase": self.tags.phase_name, "epoch": self.tags.epoch, "device": device}
+        row = {
+            "t": round(t, 3),
+            "backend": self.backend,
+            "phase": self.tags.phase_name,
+            "epoch": self.tags.epoch,
+            "device": device,
+        }
         row.update({k: None for k in FIELDS})
         row.update(values)
         return row

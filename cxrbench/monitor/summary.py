@@ -9,8 +9,18 @@ import numpy as np
 
 from cxrbench.monitor.gpu import GpuStatus
 
-FIELDS = ("util", "mem_mib", "power_w", "temp_c", "cpu_percent", "rss_mib", "system_cpu_percent", "others_cpu_share",
-          "load_1m", "other_processes")
+FIELDS = (
+    "util",
+    "mem_mib",
+    "power_w",
+    "temp_c",
+    "cpu_percent",
+    "rss_mib",
+    "system_cpu_percent",
+    "others_cpu_share",
+    "load_1m",
+    "other_processes",
+)
 
 
 def statistics(values: list[float]) -> dict[str, float | int]:
@@ -40,7 +50,9 @@ def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: 
             if row.get(name) is not None:
                 grouped[row["phase"]][row["device"]][name].append(row[name])
     phases = {
-        phase: {device: {name: statistics(values) for name, values in fields.items()} for device, fields in devices.items()}
+        phase: {
+            device: {name: statistics(values) for name, values in fields.items()} for device, fields in devices.items()
+        }
         for phase, devices in grouped.items()
     }
     summary = {**status.to_dict(), "interval_s": interval_s, "samples": count, "phases": phases}

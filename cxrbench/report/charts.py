@@ -23,7 +23,13 @@ from sklearn.metrics import roc_curve
 #: Backends keep one colour across every chart of the report.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MAX_POINTS = 600
-_RC = {"svg.fonttype": "none", "svg.hashsalt": "cxrbench", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False}
+_RC = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "cxrbench",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 _PHASE_COLOURS = {"train": "#e8f1fb", "validate": "#fdf1e3", "predict": "#eaf6ea", "export": "#f3ecf8"}
 
 
@@ -62,7 +68,9 @@ def thin(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np
 # -- ROC ------------------------------------------------------------------------------------------
 
 
-def roc_chart(curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], colours: dict[str, str]) -> str | None:
+def roc_chart(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], colours: dict[str, str]
+) -> str | None:
     """Small multiples, one per class, one curve per backend: ``curves[name] = (labels, scores)``."""
     with matplotlib.rc_context(_RC):
         columns = 4
@@ -104,8 +112,15 @@ def training_chart(histories: dict[str, list[dict]], colours: dict[str, str]) ->
         for backend, history in histories.items():
             for key, style in (("train_loss", "-"), ("val_loss", "--")):
                 epochs, values = _series(history, key)
-                loss_ax.plot(epochs, values, style, marker="o", ms=3, color=colours[backend],
-                             label=f"{plain(backend)} {key.split('_')[0]}")
+                loss_ax.plot(
+                    epochs,
+                    values,
+                    style,
+                    marker="o",
+                    ms=3,
+                    color=colours[backend],
+                    label=f"{plain(backend)} {key.split('_')[0]}",
+                )
             epochs, values = _series(history, "lr")
             lr_ax.step(epochs, values, where="mid", marker="o", ms=3, color=colours[backend], label=plain(backend))
         loss_ax.set(title="loss per epoch", xlabel="epoch", ylabel="binary cross-entropy")
@@ -137,10 +152,20 @@ def _speed_series(ax, history: list[dict], colour: str, label: str) -> None:
     steady = [r for r in history if isinstance(r.get("steady_images_per_s"), (int, float))]
     if steady:
         middle = np.array([r["steady_images_per_s"] for r in steady])
-        low, high = (np.array([(r.get("steady_images_per_s_interval") or [m, m])[i] for r, m in zip(steady, middle)])
-                     for i in (0, 1))
-        ax.errorbar([r["epoch"] for r in steady], middle, yerr=[middle - low, high - middle], marker="o", ms=3,
-                    capsize=3, color=colour, label=f"{label} steady")
+        low, high = (
+            np.array([(r.get("steady_images_per_s_interval") or [m, m])[i] for r, m in zip(steady, middle)])
+            for i in (0, 1)
+        )
+        ax.errorbar(
+            [r["epoch"] for r in steady],
+            middle,
+            yerr=[middle - low, high - middle],
+            marker="o",
+            ms=3,
+            capsize=3,
+            color=colour,
+            label=f"{label} steady",
+        )
 
 
 def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) -> str | None:
@@ -163,8 +188,17 @@ def epoch_time_chart(histories: dict[str, list[dict]], colours: dict[str, str]) 
             base = colours[backend]
             time_ax.bar(epochs, wait, width, color=base, alpha=0.35, hatch=hatch, label=f"{plain(backend)} data wait")
             time_ax.bar(epochs, train, width, bottom=wait, color=base, hatch=hatch, label=f"{plain(backend)} train")
-            time_ax.bar(epochs, val, width, bottom=wait + train, color=base, alpha=0.6, hatch=hatch,
-                        label=f"{plain(backend)} validation", edgecolor="white")
+            time_ax.bar(
+                epochs,
+                val,
+                width,
+                bottom=wait + train,
+                color=base,
+                alpha=0.6,
+                hatch=hatch,
+                label=f"{plain(backend)} validation",
+                edgecolor="white",
+            )
             _speed_series(speed_ax, history, base, plain(backend))
         time_ax.set(title="time per epoch (hatched: warm-up)", xlabel="epoch", ylabel="seconds")
         speed_ax.set(title="training throughput (steady state, 95 % of windows)", xlabel="epoch", ylabel="images/s")
@@ -217,8 +251,16 @@ def _shade_phases(ax, times: np.ndarray, phases: list[str], label: bool) -> None
     for start, end, phase in _phase_spans(times, phases):
         ax.axvspan(start, end, color=_PHASE_COLOURS.get(phase, "#f4f4f4"), lw=0)
         if label and (end - start) >= 0.08 * total:
-            ax.text((start + end) / 2, 1.0, plain(phase), ha="center", va="bottom", fontsize=7, color="#666666",
-                    transform=ax.get_xaxis_transform())
+            ax.text(
+                (start + end) / 2,
+                1.0,
+                plain(phase),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="#666666",
+                transform=ax.get_xaxis_transform(),
+            )
 
 
 def utilisation_chart(samples: dict[str, list[dict]]) -> str | None:
@@ -227,7 +269,11 @@ def utilisation_chart(samples: dict[str, list[dict]]) -> str | None:
     samples = {k: sorted(v, key=lambda s: s["t"]) for k, v in samples.items() if v}
     if not samples:
         return None
-    kinds = [True, False] if any(str(s.get("device", "")).startswith("gpu") for v in samples.values() for s in v) else [False]
+    kinds = (
+        [True, False]
+        if any(str(s.get("device", "")).startswith("gpu") for v in samples.values() for s in v)
+        else [False]
+    )
     with matplotlib.rc_context(_RC):
         fig = _figure(5 * len(samples), 2.4 * len(kinds))
         grid = fig.subplots(len(kinds), len(samples), sharex="col", squeeze=False)
@@ -264,8 +310,13 @@ def scaling_chart(scaling: dict[str, list[dict]], colours: dict[str, str]) -> st
         for backend, points in scaling.items():
             points = sorted(points, key=lambda p: p["gpus"])
             gpus = [p["gpus"] for p in points]
-            ax.plot(gpus, [p["images_per_s"] for p in points], marker="o", color=colours.get(backend, "#333333"),
-                    label=plain(backend))
+            ax.plot(
+                gpus,
+                [p["images_per_s"] for p in points],
+                marker="o",
+                color=colours.get(backend, "#333333"),
+                label=plain(backend),
+            )
             one = next((p["images_per_s"] for p in points if p["gpus"] == 1), None)
             if one:
                 ax.plot(gpus, [one * g for g in gpus], ls=":", color=colours.get(backend, "#333333"), lw=0.8)

@@ -31,12 +31,27 @@ def add_parser(commands) -> None:
         "compared with the first: what changed and how every headline figure moved.",
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders; the first is the reference")
-    report.add_argument("--out", metavar="FILE", help="HTML file to write (default: RUN_DIR/index.html of the first run)")
-    report.add_argument("--baseline", metavar="NAME", help="backend that speed ratios are stated against "
-                        "(default: the run's baseline, else its first backend)")
-    report.add_argument("--benchmark-json", action="append", default=[], metavar="FILE",
-                        help="a pytest-benchmark JSON file to include as a table (repeatable)")
-    report.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_PCT, metavar="PCT",
-                        help="judge a run-to-run change by this relative change in percent, only for figures "
-                             f"with neither intervals nor a paired test (default {DEFAULT_THRESHOLD_PCT:g})")
+    report.add_argument(
+        "--out", metavar="FILE", help="HTML file to write (default: RUN_DIR/index.html of the first run)"
+    )
+    report.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="backend that speed ratios are stated against (default: the run's baseline, else its first backend)",
+    )
+    report.add_argument(
+        "--benchmark-json",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a pytest-benchmark JSON file to include as a table (repeatable)",
+    )
+    report.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD_PCT,
+        metavar="PCT",
+        help="judge a run-to-run change by this relative change in percent, only for figures "
+        f"with neither intervals nor a paired test (default {DEFAULT_THRESHOLD_PCT:g})",
+    )
     report.set_defaults(func=_cmd_report)

@@ -41,7 +41,9 @@ HEADLINE_BY_KEY = {f.key: f for f in HEADLINES}
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) else None
+    return (
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) else None
+    )
 
 
 def gpu_train_utilisation(backend: BackendRun) -> dict[str, float] | None:
@@ -52,7 +54,9 @@ def gpu_train_utilisation(backend: BackendRun) -> dict[str, float] | None:
     utils = [
         float(s["util"])
         for s in backend.monitor_samples
-        if s.get("phase") == "train" and str(s.get("device", "")).startswith("gpu") and _number(s.get("util")) is not None
+        if s.get("phase") == "train"
+        and str(s.get("device", "")).startswith("gpu")
+        and _number(s.get("util")) is not None
     ]
     if not utils:
         return None
@@ -86,8 +90,10 @@ def headline_values(run: Run, backend: BackendRun) -> dict[str, float | None]:
     }
 
 
-def speed_ratio(name: str, baseline: str, value: float | None, base: float | None, figure: Headline, what: str) -> str | None:
-    """"keras is 1.6x slower than pytorch in training (18.3 vs 29.9 img/s)"; None if not comparable."""
+def speed_ratio(
+    name: str, baseline: str, value: float | None, base: float | None, figure: Headline, what: str
+) -> str | None:
+    """ "keras is 1.6x slower than pytorch in training (18.3 vs 29.9 img/s)"; None if not comparable."""
     if value is None or base is None or value <= 0 or base <= 0:
         return None
     better = value > base if figure.higher_is_better else value < base
@@ -103,7 +109,7 @@ STEADY_RATIOS = (("train", "train_images_per_s", "in training"), ("predict", "pr
 
 
 def disturbed_note(throughput: dict[str, Any], phase: str) -> str:
-    """" (disturbed: others used 42% of the CPU)" when the noise guard flagged ``phase``, else ""."""
+    """ " (disturbed: others used 42% of the CPU)" when the noise guard flagged ``phase``, else ""."""
     verdict = (throughput.get("disturbance") or {}).get(phase) or {}
     return f" (disturbed: {noise.describe(verdict, limit=False)})" if verdict.get("disturbed") else ""
 
@@ -115,9 +121,10 @@ def _no_steady(name: str, throughput: dict[str, Any], phase: str, what: str) -> 
     return f"{name} {what}: no steady state ({windows} timing window(s), {timing.MIN_WINDOWS} needed)"
 
 
-def steady_ratio(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any], phase: str, key: str,
-                 what: str) -> str | None:
-    """"keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none
+def steady_ratio(
+    name: str, baseline: str, value: dict[str, Any], base: dict[str, Any], phase: str, key: str, what: str
+) -> str | None:
+    """ "keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none
     (no steady state; a measurement the noise guard marked disturbed).
 
     The interval is a seeded bootstrap over both backends' window rates (:func:`cxrbench.timing.ratio_interval`).
@@ -127,20 +134,27 @@ def steady_ratio(name: str, baseline: str, value: dict[str, Any], base: dict[str
     if value.get(key) is None or base.get(key) is None:
         missing = [(n, t) for n, t in ((name, value), (baseline, base)) if t.get(key) is None]
         return "; ".join(_no_steady(n, t, phase, what) for n, t in missing)
-    busy = [f"{n} {note.strip(' ()')}" for n, t in ((name, value), (baseline, base)) if (note := disturbed_note(t, phase))]
+    busy = [
+        f"{n} {note.strip(' ()')}" for n, t in ((name, value), (baseline, base)) if (note := disturbed_note(t, phase))
+    ]
     if busy:  # a busy machine decides a ratio as much as the frameworks do: no verdict from it
-        return (f"no speed verdict {what}: the machine was busy while it was timed ({'; '.join(busy)}); "
-                f"{name} {format_number(value[key])} vs {baseline} {format_number(base[key])} img/s, rerun on a quiet "
-                "machine")
-    interval = timing.ratio_interval((value.get("window_rates") or {}).get(phase) or [],
-                                     (base.get("window_rates") or {}).get(phase) or [])
+        return (
+            f"no speed verdict {what}: the machine was busy while it was timed ({'; '.join(busy)}); "
+            f"{name} {format_number(value[key])} vs {baseline} {format_number(base[key])} img/s, rerun on a quiet "
+            "machine"
+        )
+    interval = timing.ratio_interval(
+        (value.get("window_rates") or {}).get(phase) or [], (base.get("window_rates") or {}).get(phase) or []
+    )
     spread = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
-    return (f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, "
-            f"{format_number(value[key])} vs {format_number(base[key])} img/s)")
+    return (
+        f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, "
+        f"{format_number(value[key])} vs {format_number(base[key])} img/s)"
+    )
 
 
 def first_step_sentence(name: str, baseline: str, value: dict[str, Any], base: dict[str, Any]) -> str | None:
-    """"keras spends 104 s before its first step, pytorch 1.2 s" (tracing, compilation, loader start)."""
+    """ "keras spends 104 s before its first step, pytorch 1.2 s" (tracing, compilation, loader start)."""
     mine, theirs = _number(value.get("first_step_s")), _number(base.get("first_step_s"))
     if mine is None or theirs is None:
         return None
@@ -187,9 +201,11 @@ def repeat_sentences(section: dict[str, Any] | None) -> list[str]:
     for name, result in (section.get("backends") or {}).items():
         auroc, speed = result["summary"]["mean_auroc"], result["summary"]["train_images_per_s"]
         span = speed.get("interval")
-        lines.append(f"{name} over {auroc['n']} seed(s): mean AUROC {_fixed(auroc['mean'], 4)} (SD "
-                     f"{_fixed(auroc['sd'], 4)}), steady img/s median {_fixed(speed.get('median'), 1)}"
-                     + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else ""))
+        lines.append(
+            f"{name} over {auroc['n']} seed(s): mean AUROC {_fixed(auroc['mean'], 4)} (SD "
+            f"{_fixed(auroc['sd'], 4)}), steady img/s median {_fixed(speed.get('median'), 1)}"
+            + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else "")
+        )
     for pair in section.get("comparisons") or []:
         lines.append(f"mean AUROC {pair['b']} - {pair['a']}: {pair['mean_auroc']['text']}")
     return lines
@@ -202,4 +218,4 @@ def format_number(value: Any, digits: int = 3) -> str:
         return "–"
     if number != 0 and (abs(number) >= 1e5 or abs(number) < 1e-3):
         return f"{number:.{max(digits - 1, 0)}e}"
-    return f"{number:.{digits}g}" if abs(number) < 10 ** digits else f"{number:.0f}"
+    return f"{number:.{digits}g}" if abs(number) < 10**digits else f"{number:.0f}"

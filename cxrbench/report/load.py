@@ -20,8 +20,20 @@ import numpy as np
 from cxrbench.classes import CLASSES
 from cxrbench.errors import CxrError
 from cxrbench.files import load_npz, read_json, read_jsonl
-from cxrbench.run_folder import (BACKEND_FEEDS, COMPARISON_JSON, LOCK_FILE, LOG_TXT, MONITOR_JSONL, PREDICTIONS_NPZ,
-                                 RUN_JSON, SCHEMA_VERSION, STATUS_JSON, backend_results, current_status, run_is_active)
+from cxrbench.run_folder import (
+    BACKEND_FEEDS,
+    COMPARISON_JSON,
+    LOCK_FILE,
+    LOG_TXT,
+    MONITOR_JSONL,
+    PREDICTIONS_NPZ,
+    RUN_JSON,
+    SCHEMA_VERSION,
+    STATUS_JSON,
+    backend_results,
+    current_status,
+    run_is_active,
+)
 
 LOG_TAIL_LINES = 40
 
@@ -117,7 +129,9 @@ def load_run(run_dir: Path) -> Run:
         notes.append(f"{run_json}: says running, but no cxrbench run holds {run_dir / LOCK_FILE}: interrupted")
     comparison = read_optional_json(run_dir / COMPARISON_JSON, notes) or {}
     merged = meta.get("backends") or {}
-    backends = {name: _load_backend(run_dir, name, merged.get(name) or {}, notes) for name in _backend_names(run_dir, meta)}
+    backends = {
+        name: _load_backend(run_dir, name, merged.get(name) or {}, notes) for name in _backend_names(run_dir, meta)
+    }
     return Run(run_dir, meta, comparison, backends, notes)
 
 

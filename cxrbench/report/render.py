@@ -73,9 +73,16 @@ def _svg(text: str | None) -> Markup | None:
 
 
 def environment() -> Environment:
-    env = Environment(loader=PackageLoader("cxrbench.report", "templates"), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=format_number, fixed=_fixed, sci=_sci, pvalue=_p_value, interval=_interval, show=_show, svg=_svg)
+    env = Environment(
+        loader=PackageLoader("cxrbench.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        num=format_number, fixed=_fixed, sci=_sci, pvalue=_p_value, interval=_interval, show=_show, svg=_svg
+    )
     return env
 
 
@@ -96,14 +103,27 @@ def load_benchmarks(path: Path) -> dict[str, Any]:
     rows = []
     for bench in data["benchmarks"]:
         stats = bench.get("stats") or {}
-        rows.append({"name": bench.get("fullname") or bench.get("name"), "group": bench.get("group"),
-                     **{k: stats.get(k) for k in ("median", "mean", "stddev", "ops", "rounds")},
-                     "extra": flatten(bench.get("extra_info") or {})})
+        rows.append(
+            {
+                "name": bench.get("fullname") or bench.get("name"),
+                "group": bench.get("group"),
+                **{k: stats.get(k) for k in ("median", "mean", "stddev", "ops", "rounds")},
+                "extra": flatten(bench.get("extra_info") or {}),
+            }
+        )
     machine = data.get("machine_info") or {}
-    return {"file": path.name, "rows": rows, "datetime": data.get("datetime"),
-            "machine": {"node": machine.get("node"), "cpu": (machine.get("cpu") or {}).get("brand_raw"),
-                        "python": machine.get("python_version"), "system": machine.get("system")},
-            "commit": (data.get("commit_info") or {}).get("id")}
+    return {
+        "file": path.name,
+        "rows": rows,
+        "datetime": data.get("datetime"),
+        "machine": {
+            "node": machine.get("node"),
+            "cpu": (machine.get("cpu") or {}).get("brand_raw"),
+            "python": machine.get("python_version"),
+            "system": machine.get("system"),
+        },
+        "commit": (data.get("commit_info") or {}).get("id"),
+    }
 
 
 def plugin_sections(run: Run) -> list[tuple[str, Markup]]:

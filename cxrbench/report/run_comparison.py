@@ -120,7 +120,7 @@ class HeadlineChange:
         return "better" if up == self.figure.higher_is_better else "worse"
 
     def verdict(self, threshold_pct: float) -> str:
-        """"better", "worse", "changed" (no better direction), "within" (no evidence of a change), "disturbed"
+        """ "better", "worse", "changed" (no better direction), "within" (no evidence of a change), "disturbed"
         (a busy machine: not judged), "missing" in one run, or "n/a" (a zero reference, no interval)."""
         basis = self.basis
         if basis in ("missing", "disturbed"):
@@ -185,10 +185,16 @@ def paired_mean_difference(reference: Run, before: BackendRun, after: BackendRun
         return None
     evaluation = (reference.meta.get("settings") or {}).get("eval") or {}
     try:
-        result = compare_aurocs(a["labels"], a["logits"], b["logits"], CLASSES, groups=a.get("patients"),
-                                rounds=int(evaluation.get("bootstrap_rounds", 1000)),
-                                confidence=float(evaluation.get("confidence", 0.95)),
-                                min_positives=int(evaluation.get("min_positives", 5)))
+        result = compare_aurocs(
+            a["labels"],
+            a["logits"],
+            b["logits"],
+            CLASSES,
+            groups=a.get("patients"),
+            rounds=int(evaluation.get("bootstrap_rounds", 1000)),
+            confidence=float(evaluation.get("confidence", 0.95)),
+            min_positives=int(evaluation.get("min_positives", 5)),
+        )
     except MetricsError:
         return None
     return result["mean"]
@@ -204,7 +210,17 @@ def compare_runs(reference: Run, other: Run, threshold_pct: float = DEFAULT_THRE
         after = headline_values(other, new) if new else {}
         paired = paired_mean_difference(reference, old, new) if old and new else None
         disturbed = _disturbed(old) or _disturbed(new)
-        figures += [HeadlineChange(name, f, before.get(f.key), after.get(f.key), _interval(old, f.key),
-                                   _interval(new, f.key), disturbed, paired if f.key == "mean_auroc" else None)
-                    for f in HEADLINES]
+        figures += [
+            HeadlineChange(
+                name,
+                f,
+                before.get(f.key),
+                after.get(f.key),
+                _interval(old, f.key),
+                _interval(new, f.key),
+                disturbed,
+                paired if f.key == "mean_auroc" else None,
+            )
+            for f in HEADLINES
+        ]
     return RunComparison(reference.name, other.name, changes, figures, threshold_pct)

@@ -16,8 +16,14 @@ import numpy as np
 from cxrbench.errors import CxrError
 from cxrbench.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.report import charts
-from cxrbench.report.figures import (disturbed_note, gpu_train_utilisation, headline_values, no_gpu_reason,
-                                     ratio_sentences, repeat_sentences)
+from cxrbench.report.figures import (
+    disturbed_note,
+    gpu_train_utilisation,
+    headline_values,
+    no_gpu_reason,
+    ratio_sentences,
+    repeat_sentences,
+)
 from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
@@ -36,7 +42,9 @@ def resolve_baseline(run: Run, requested: str | None) -> str | None:
     """--baseline, else run.json's baseline, else the first backend; a one-line error for an unknown name."""
     if requested is not None:
         if requested not in run.backends:
-            raise CxrError(f"--baseline {requested!r}: no such backend in {run.path} (has: {', '.join(run.backends) or 'none'})")
+            raise CxrError(
+                f"--baseline {requested!r}: no such backend in {run.path} (has: {', '.join(run.backends) or 'none'})"
+            )
         return requested
     stated = run.meta.get("baseline")
     if stated in run.backends:
@@ -54,7 +62,9 @@ def _equivalence_of(run: Run, name: str) -> dict[str, Any] | None:
     if not matrix or name not in labels:
         return None
     mine = [i for i, label in enumerate(labels) if label in (name, f"{name}/onnx")]
-    worst = max((matrix[i][j] for i in mine for j in range(len(labels)) if j != i and matrix[i][j] is not None), default=None)
+    worst = max(
+        (matrix[i][j] for i in mine for j in range(len(labels)) if j != i and matrix[i][j] is not None), default=None
+    )
     if worst is None:
         return None
     return {"max_abs": worst, "atol": eq.get("atol"), "passed": eq.get("atol") is not None and worst <= eq["atol"]}
@@ -70,30 +80,36 @@ def summary_rows(run: Run) -> list[dict[str, Any]]:
         auroc = backend.get("auroc") or {}
         throughput = backend.get("throughput") or {}
         info = backend.get("info") or {}
-        rows.append({
-            "name": name,
-            "status": backend.status,
-            "framework": " ".join(str(info[k]) for k in ("framework", "version") if info.get(k)),
-            "mean_auroc": auroc.get("mean"),
-            "ci": (auroc.get("ci") or {}).get("mean"),
-            "values": headline_values(run, backend),
-            "warmup_epoch_time_s": throughput.get("warmup_epoch_time_s"),
-            "warmup_only": bool(throughput.get("warmup_only")),
-            "train_interval": throughput.get("train_images_per_s_interval"),
-            "predict_interval": throughput.get("predict_images_per_s_interval"),
-            "no_steady_state": throughput.get("no_steady_state"),
-            "disturbed": {phase: disturbed_note(throughput, phase) for phase in ("train", "validate", "predict")},
-            "gpu": gpu_train_utilisation(backend),
-            "no_gpu": no_gpu_reason(backend),
-            "parity": _parity_of(run, backend),
-            "equivalence": _equivalence_of(run, name),
-        })
+        rows.append(
+            {
+                "name": name,
+                "status": backend.status,
+                "framework": " ".join(str(info[k]) for k in ("framework", "version") if info.get(k)),
+                "mean_auroc": auroc.get("mean"),
+                "ci": (auroc.get("ci") or {}).get("mean"),
+                "values": headline_values(run, backend),
+                "warmup_epoch_time_s": throughput.get("warmup_epoch_time_s"),
+                "warmup_only": bool(throughput.get("warmup_only")),
+                "train_interval": throughput.get("train_images_per_s_interval"),
+                "predict_interval": throughput.get("predict_images_per_s_interval"),
+                "no_steady_state": throughput.get("no_steady_state"),
+                "disturbed": {phase: disturbed_note(throughput, phase) for phase in ("train", "validate", "predict")},
+                "gpu": gpu_train_utilisation(backend),
+                "no_gpu": no_gpu_reason(backend),
+                "parity": _parity_of(run, backend),
+                "equivalence": _equivalence_of(run, name),
+            }
+        )
     return rows
 
 
 def summary(run: Run, baseline: str | None) -> dict[str, Any]:
     ratios = ratio_sentences(run, baseline) if baseline else []
-    return {"rows": summary_rows(run), "baseline": baseline, "ratios": ratios + repeat_sentences(run.meta.get("repeats"))}
+    return {
+        "rows": summary_rows(run),
+        "baseline": baseline,
+        "ratios": ratios + repeat_sentences(run.meta.get("repeats")),
+    }
 
 
 # -- accuracy -------------------------------------------------------------------------------------
@@ -109,16 +125,27 @@ def _interval_cell(report: dict, name: str | None) -> dict[str, Any]:
     ci, rounds = report.get("ci") or {}, report.get("valid_rounds") or {}
     if name is None:
         return {"value": report.get("mean"), "ci": ci.get("mean"), "rounds": rounds.get("mean"), "note": None}
-    return {"value": per_class.get(name), "ci": (ci.get("per_class") or {}).get(name),
-            "rounds": (rounds.get("per_class") or {}).get(name), "note": (report.get("no_interval") or {}).get(name)}
+    return {
+        "value": per_class.get(name),
+        "ci": (ci.get("per_class") or {}).get(name),
+        "rounds": (rounds.get("per_class") or {}).get(name),
+        "note": (report.get("no_interval") or {}).get(name),
+    }
 
 
 def _pair_cell(test: dict | None) -> dict[str, Any]:
     """One backend pair's comparison cell (older comparison.json files hold DeLong's p only)."""
     test = test or {}
-    return {"difference": test.get("difference"), "interval": test.get("interval"), "rounds": test.get("valid_rounds"),
-            "p": test.get("p_value"), "p_holm": test.get("p_holm"), "significant": test.get("significant"),
-            "delong": (test.get("delong") or {}).get("p_value"), "note": test.get("note")}
+    return {
+        "difference": test.get("difference"),
+        "interval": test.get("interval"),
+        "rounds": test.get("valid_rounds"),
+        "p": test.get("p_value"),
+        "p_holm": test.get("p_holm"),
+        "significant": test.get("significant"),
+        "delong": (test.get("delong") or {}).get("p_value"),
+        "note": test.get("note"),
+    }
 
 
 def _pair_verdict(pair: dict) -> str:
@@ -141,13 +168,15 @@ def auroc_table(run: Run) -> dict[str, Any]:
     reports = {name: b.get("auroc") or {} for name, b in run.backends.items()}
     rows = []
     for name in run.classes:
-        rows.append({
-            "class": name,
-            "backends": {b: _interval_cell(r, name) for b, r in reports.items()},
-            "pairs": [_pair_cell((p.get("per_class") or {}).get(name)) for p in pairs],
-            "references": [ref.per_class.get(name) for ref in AUROC_REFERENCES],
-            "positives": next((r["positives"].get(name) for r in reports.values() if r.get("positives")), None),
-        })
+        rows.append(
+            {
+                "class": name,
+                "backends": {b: _interval_cell(r, name) for b, r in reports.items()},
+                "pairs": [_pair_cell((p.get("per_class") or {}).get(name)) for p in pairs],
+                "references": [ref.per_class.get(name) for ref in AUROC_REFERENCES],
+                "positives": next((r["positives"].get(name) for r in reports.values() if r.get("positives")), None),
+            }
+        )
     first = next((r for r in reports.values() if r), {})
     return {
         "rows": rows,
@@ -157,7 +186,8 @@ def auroc_table(run: Run) -> dict[str, Any]:
         "pairs": [f"{p['a']} vs {p['b']}" for p in pairs],
         "verdicts": [(f"{p['a']} vs {p['b']}", _pair_verdict(p)) for p in pairs],
         "pair_method": "paired image bootstrap (no patient ids: images taken as independent)"
-                       if any(p.get("resampling") == "images" for p in pairs) else "paired patient bootstrap",
+        if any(p.get("resampling") == "images" for p in pairs)
+        else "paired patient bootstrap",
         "correlations": [(f"{p['a']} vs {p['b']}", p.get("score_correlation") or {}) for p in pairs],
         "references": AUROC_REFERENCES,
         "confidence": first.get("confidence"),
@@ -165,8 +195,9 @@ def auroc_table(run: Run) -> dict[str, Any]:
         "patients": first.get("patients"),
         "resampling": first.get("resampling"),
         "min_positives": first.get("min_positives"),
-        "independence_notes": sorted({note for b in run.backends.values()
-                                      for note in ((b.get("metrics") or {}).get("independence_notes") or [])}),
+        "independence_notes": sorted(
+            {note for b in run.backends.values() for note in ((b.get("metrics") or {}).get("independence_notes") or [])}
+        ),
     }
 
 
@@ -186,7 +217,10 @@ def roc_svg(run: Run) -> str | None:
 
 
 def histories(run: Run) -> dict[str, list[dict]]:
-    return {name: [r for r in (b.get("history") or []) if isinstance(r, dict) and "epoch" in r] for name, b in run.backends.items()}
+    return {
+        name: [r for r in (b.get("history") or []) if isinstance(r, dict) and "epoch" in r]
+        for name, b in run.backends.items()
+    }
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -203,8 +237,10 @@ def utilisation_table(run: Run, samples: dict[str, list[dict]]) -> list[dict[str
             field = "util" if device.startswith("gpu") else "cpu_percent"
             if isinstance(s.get(field), (int, float)):
                 groups.setdefault((str(s.get("phase", "")), device), []).append(float(s[field]))
-        rows += [{"backend": name, "phase": phase, "device": device, **_stats(values)}
-                 for (phase, device), values in sorted(groups.items())]
+        rows += [
+            {"backend": name, "phase": phase, "device": device, **_stats(values)}
+            for (phase, device), values in sorted(groups.items())
+        ]
     return rows
 
 
@@ -239,8 +275,13 @@ def repeats(run: Run) -> dict[str, Any] | None:
     def row(label: str, spreads: dict[str, dict], verdicts: list[dict]) -> dict[str, Any]:
         return {"label": label, "backends": spreads, "verdicts": verdicts}
 
-    rows = [row("mean", {b: (v.get("summary") or {}).get("mean_auroc") or {} for b, v in backends.items()},
-                [p.get("mean_auroc") or {} for p in pairs])]
+    rows = [
+        row(
+            "mean",
+            {b: (v.get("summary") or {}).get("mean_auroc") or {} for b, v in backends.items()},
+            [p.get("mean_auroc") or {} for p in pairs],
+        )
+    ]
     for name in run.classes:
         spreads = {b: ((v.get("summary") or {}).get("per_class") or {}).get(name) or {} for b, v in backends.items()}
         rows.append(row(name, spreads, [(p.get("per_class") or {}).get(name) or {} for p in pairs]))
@@ -262,8 +303,11 @@ def sweep(run: Run) -> dict[str, Any] | None:
     section = run.meta.get("sweep") or None
     if not section or section.get("cells") is None:
         return None
-    return {"columns": section.get("keys") or [], "cells": section["cells"],
-            "svg": sweep_chart(section, backend_colours(run))}
+    return {
+        "columns": section.get("keys") or [],
+        "cells": section["cells"],
+        "svg": sweep_chart(section, backend_colours(run)),
+    }
 
 
 # -- localisation ---------------------------------------------------------------------------------
@@ -292,35 +336,66 @@ def localisation(run: Run) -> dict[str, Any] | None:
 
     def row(label: str, result: dict | None, kind: str) -> dict[str, Any]:
         per_class = (result or {}).get("per_class") or {}
-        return {"label": label, "kind": kind,
-                "cells": [((per_class.get(c) or {}).get("accuracy") or {}).get(at) for c in classes],
-                "overall": (((result or {}).get("overall") or {}).get("accuracy") or {}).get(at)}
+        return {
+            "label": label,
+            "kind": kind,
+            "cells": [((per_class.get(c) or {}).get("accuracy") or {}).get(at) for c in classes],
+            "overall": (((result or {}).get("overall") or {}).get("accuracy") or {}).get(at),
+        }
 
     rows = [row(name, _iobb(loc), "backend") for name, loc in found.items()]
     rows.append(row("centred box", _centred(first), "baseline"))
-    rows.append({"label": CHESTXRAY8_IOBB_05.name, "kind": "reference",
-                 "cells": [CHESTXRAY8_IOBB_05.per_class.get(c) for c in classes], "overall": None})
+    rows.append(
+        {
+            "label": CHESTXRAY8_IOBB_05.name,
+            "kind": "reference",
+            "cells": [CHESTXRAY8_IOBB_05.per_class.get(c) for c in classes],
+            "overall": None,
+        }
+    )
     thresholds = [f"{t:g}" for t in _iobb(first).get("thresholds") or []]
     by_threshold = []
     for name, loc in found.items():
         for metric in _METRIC_NAMES:
             overall = (loc.get(metric) or {}).get("overall") or {}
             if overall:
-                by_threshold.append({"label": f"{name} ({_METRIC_NAMES[metric]})", "accuracy": overall.get("accuracy") or {},
-                                     "avg_fp": overall.get("avg_fp") or {}, "boxes": overall.get("boxes")})
+                by_threshold.append(
+                    {
+                        "label": f"{name} ({_METRIC_NAMES[metric]})",
+                        "accuracy": overall.get("accuracy") or {},
+                        "avg_fp": overall.get("avg_fp") or {},
+                        "boxes": overall.get("boxes"),
+                    }
+                )
     centred = (_centred(first) or {}).get("overall") or {}
     if centred:
-        by_threshold.append({"label": "centred box (IoBB)", "accuracy": centred.get("accuracy") or {},
-                             "avg_fp": centred.get("avg_fp") or {}, "boxes": centred.get("boxes")})
-    return {"classes": classes, "rows": rows, "thresholds": thresholds, "by_threshold": by_threshold,
-            "threshold": first.get("threshold"), "at": at, "method": first.get("method"),
-            "method_description": first.get("method_description")}
+        by_threshold.append(
+            {
+                "label": "centred box (IoBB)",
+                "accuracy": centred.get("accuracy") or {},
+                "avg_fp": centred.get("avg_fp") or {},
+                "boxes": centred.get("boxes"),
+            }
+        )
+    return {
+        "classes": classes,
+        "rows": rows,
+        "thresholds": thresholds,
+        "by_threshold": by_threshold,
+        "threshold": first.get("threshold"),
+        "at": at,
+        "method": first.get("method"),
+        "method_description": first.get("method_description"),
+    }
 
 
 def localisation_skipped(run: Run) -> dict[str, str]:
     """Backends whose CAM stage ran but had nothing to score, with the reason it gave."""
-    return {name: str(b.get("localisation")["skipped"]) for name, b in run.backends.items()
-            if isinstance(b.get("localisation"), dict) and b.get("localisation").get("skipped")}
+    return {
+        name: str(b.get("localisation")["skipped"])
+        for name, b in run.backends.items()
+        if isinstance(b.get("localisation"), dict) and b.get("localisation").get("skipped")
+    }
 
 
 def gallery(run: Run) -> dict[str, Any]:
@@ -351,24 +426,34 @@ def equivalence(run: Run) -> dict[str, Any] | None:
     def mean_at(i: int, j: int) -> float | None:
         return means[i][j] if i < len(means) and j < len(means[i]) else None
 
-    cells = [[{"value": v, "colour": heat_colour(v), "mean": mean_at(i, j)} for j, v in enumerate(row)]
-             for i, row in enumerate(eq.get("max_abs") or [])]
+    cells = [
+        [{"value": v, "colour": heat_colour(v), "mean": mean_at(i, j)} for j, v in enumerate(row)]
+        for i, row in enumerate(eq.get("max_abs") or [])
+    ]
     labels = eq.get("labels") or []
-    return {"labels": labels, "cells": cells, "atol": eq.get("atol"), "passed": eq.get("passed"),
-            "failures": eq.get("failures") or [], "skipped": eq.get("skipped")}
+    return {
+        "labels": labels,
+        "cells": cells,
+        "atol": eq.get("atol"),
+        "passed": eq.get("passed"),
+        "failures": eq.get("failures") or [],
+        "skipped": eq.get("skipped"),
+    }
 
 
 def onnx(run: Run) -> dict[str, Any]:
     rows = []
     for name, backend in run.backends.items():
         info = backend.get("onnx") or {}
-        rows.append({
-            "name": name,
-            "export": info.get("export"),
-            "parity_images": _parity_of(run, backend),
-            "parity_random": info.get("parity_random"),
-            "ort": (run.comparison.get("onnxruntime") or {}).get(name),
-        })
+        rows.append(
+            {
+                "name": name,
+                "export": info.get("export"),
+                "parity_images": _parity_of(run, backend),
+                "parity_random": info.get("parity_random"),
+                "ort": (run.comparison.get("onnxruntime") or {}).get(name),
+            }
+        )
     options = next((r["ort"]["session_options"] for r in rows if (r["ort"] or {}).get("session_options")), None)
     return {"equivalence": equivalence(run), "backends": rows, "session_options": options}
 
@@ -397,11 +482,18 @@ def numerics_table(records: dict[str, Any]) -> dict[str, Any] | None:
     if not flat:
         return None
     order = list(NUMERICS_FIELDS)
-    keys = sorted(dict.fromkeys(key for record in flat.values() for key in record),
-                  key=lambda key: order.index(key.split(".")[0]) if key.split(".")[0] in order else len(order))
-    rows = [{"key": key, "values": [record.get(key, NOT_RECORDED) for record in flat.values()],
-             "same": len({json.dumps(record.get(key, NOT_RECORDED), default=str) for record in flat.values()}) == 1}
-            for key in keys]
+    keys = sorted(
+        dict.fromkeys(key for record in flat.values() for key in record),
+        key=lambda key: order.index(key.split(".")[0]) if key.split(".")[0] in order else len(order),
+    )
+    rows = [
+        {
+            "key": key,
+            "values": [record.get(key, NOT_RECORDED) for record in flat.values()],
+            "same": len({json.dumps(record.get(key, NOT_RECORDED), default=str) for record in flat.values()}) == 1,
+        }
+        for key in keys
+    ]
     return {"backends": list(flat), "rows": rows}
 
 
@@ -422,8 +514,11 @@ def environment(run: Run) -> dict[str, Any]:
 
 def failures(run: Run) -> list[dict[str, Any]]:
     """Backends that failed or were interrupted, with their error and the tail of their log."""
-    return [{"name": name, "status": b.status, "error": b.error, "log": log_tail(b)}
-            for name, b in run.backends.items() if b.status in FAILED]
+    return [
+        {"name": name, "status": b.status, "error": b.error, "log": log_tail(b)}
+        for name, b in run.backends.items()
+        if b.status in FAILED
+    ]
 
 
 def kept(run: Run) -> str | None:
@@ -441,4 +536,3 @@ def kept(run: Run) -> str | None:
 
 def pending(run: Run) -> list[str]:
     return [name for name, b in run.backends.items() if b.status not in FAILED + ("completed",)]
-

@@ -35,8 +35,15 @@ def sweep_chart(section: dict[str, Any] | None, colours: dict[str, str]) -> str 
             mine = {c["point"]: c for c in cells if c["backend"] == backend}
             xs = [points.index(p) + (i - (len(backends) - 1) / 2) * width for p in mine]
             errors = np.array([_error_bar(c) for c in mine.values()]).T.reshape(2, -1)
-            ax.bar(xs, [c["train_images_per_s"] for c in mine.values()], width, yerr=errors, capsize=3,
-                   color=colours.get(backend, "#333333"), label=plain(backend))
+            ax.bar(
+                xs,
+                [c["train_images_per_s"] for c in mine.values()],
+                width,
+                yerr=errors,
+                capsize=3,
+                color=colours.get(backend, "#333333"),
+                label=plain(backend),
+            )
         ax.set_xticks(range(len(points)), [plain(p.replace("__", "\n")) for p in points], fontsize=7)
         ax.set(title="sweep: steady training images/s (bars: interval over windows)", ylabel="training images/s")
         ax.legend(fontsize=7, frameon=False)

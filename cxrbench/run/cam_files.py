@@ -17,8 +17,9 @@ from cxrbench.files import save_npz, write_json, write_with
 from cxrbench.run_folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
 
 
-def write(folder: Path, images, maps, positions, class_indices, truth_local, threshold, files,
-          method: str = "relative") -> None:
+def write(
+    folder: Path, images, maps, positions, class_indices, truth_local, threshold, files, method: str = "relative"
+) -> None:
     """One PNG per (shown image, class of one of its boxes)."""
     from cxrbench.metrics.localisation import heatmap_to_boxes
 
@@ -35,13 +36,24 @@ def write(folder: Path, images, maps, positions, class_indices, truth_local, thr
             predicted = heatmap_to_boxes(maps[i, column[c]], threshold, method)
             png = f"{i:03d}_{label}.png"
             write_with(out / png, partial(overlay(images[i], heat, true_boxes, predicted).save, format="PNG"))
-            entries.append({"file": png, "image": name, "position": int(position), "class": label,
-                            "true_boxes": true_boxes, "predicted_boxes": predicted})
+            entries.append(
+                {
+                    "file": png,
+                    "image": name,
+                    "position": int(position),
+                    "class": label,
+                    "true_boxes": true_boxes,
+                    "predicted_boxes": predicted,
+                }
+            )
             kept_positions.append(position)
             kept_classes.append(c)
             kept_maps.append(heat)
     write_json(Path(folder) / CAMS_INDEX, entries)
     size = images.shape[1] if len(images) else 0
-    save_npz(Path(folder) / CAMS_NPZ, positions=np.asarray(kept_positions, dtype=np.int64),
-             classes=np.asarray(kept_classes, dtype=np.int64),
-             maps=np.asarray(kept_maps, dtype=np.uint8).reshape(-1, size, size))
+    save_npz(
+        Path(folder) / CAMS_NPZ,
+        positions=np.asarray(kept_positions, dtype=np.int64),
+        classes=np.asarray(kept_classes, dtype=np.int64),
+        maps=np.asarray(kept_maps, dtype=np.uint8).reshape(-1, size, size),
+    )

@@ -9,8 +9,17 @@ from pathlib import Path
 from cxrbench.errors import SuiteError
 
 #: Option spelling and type of each of the suite's common overrides (cxrbench.suite.COMMON_OVERRIDES).
-_OVERRIDE_TYPES = {"epochs": int, "image_size": int, "batch_size": int, "seed": int, "data": str,
-                   "max_steps": int, "arch": str, "init": str, "precision": str}
+_OVERRIDE_TYPES = {
+    "epochs": int,
+    "image_size": int,
+    "batch_size": int,
+    "seed": int,
+    "data": str,
+    "max_steps": int,
+    "arch": str,
+    "init": str,
+    "precision": str,
+}
 
 
 def add_parser(commands) -> None:
@@ -18,22 +27,43 @@ def add_parser(commands) -> None:
 
     run = commands.add_parser("run", help="compare backends on a suite: train, evaluate, CAM, ONNX, checks, report")
     run.add_argument("--suite", help="suite name or TOML path (default: smoke)")
-    run.add_argument("--backend", action="append", default=[], metavar="NAME", help="repeatable (default: every installed backend)")
+    run.add_argument(
+        "--backend", action="append", default=[], metavar="NAME", help="repeatable (default: every installed backend)"
+    )
     run.add_argument("--out", type=Path, help="run folder (default: reports/<timestamp>-<suite>)")
     run.add_argument("--gpus", help="GPU count, or a sweep such as 1,2,4 (default: the suite's run.gpus)")
-    run.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)")
-    run.add_argument("--python", action="append", default=[], metavar="BACKEND=PATH",
-                     help="run this backend's worker with that interpreter (its own environment; repeatable)")
-    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted or failed run with its own settings")
+    run.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)"
+    )
+    run.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="BACKEND=PATH",
+        help="run this backend's worker with that interpreter (its own environment; repeatable)",
+    )
+    run.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted or failed run with its own settings"
+    )
     run.add_argument("--baseline", metavar="NAME", help="the backend others are compared with (default: the first)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any suite setting")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any suite setting"
+    )
     run.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between GPU/CPU samples")
-    run.add_argument("--repeats", type=int, metavar="N",
-                     help="train every backend N times, repeat i with seed run.seed + i - 1")
-    run.add_argument("--sweep", action="append", default=[], metavar="SECTION.KEY=V1,V2",
-                     help="also time every backend at each value (repeatable: a grid over all given keys)")
+    run.add_argument(
+        "--repeats", type=int, metavar="N", help="train every backend N times, repeat i with seed run.seed + i - 1"
+    )
+    run.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2",
+        help="also time every backend at each value (repeatable: a grid over all given keys)",
+    )
     for option, dotted in COMMON_OVERRIDES.items():
-        help_text = "data set folder (default: the embedded phantom data set)" if option == "data" else f"override {dotted}"
+        help_text = (
+            "data set folder (default: the embedded phantom data set)" if option == "data" else f"override {dotted}"
+        )
         run.add_argument(f"--{option.replace('_', '-')}", type=_OVERRIDE_TYPES[option], help=help_text)
     run.set_defaults(func=_cmd_run)
 
@@ -57,15 +87,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     argv = sys.argv[1:]
     overrides = _overrides(args)
     if args.resume:
-        changed = [name for name, value in (("--suite", args.suite), ("--backend", args.backend), ("--out", args.out),
-                                            ("--gpus", args.gpus), ("--plugin", args.plugin), ("--python", args.python),
-                                            ("--baseline", args.baseline), ("--sweep", args.sweep)) if value]
+        changed = [
+            name
+            for name, value in (
+                ("--suite", args.suite),
+                ("--backend", args.backend),
+                ("--out", args.out),
+                ("--gpus", args.gpus),
+                ("--plugin", args.plugin),
+                ("--python", args.python),
+                ("--baseline", args.baseline),
+                ("--sweep", args.sweep),
+            )
+            if value
+        ]
         if overrides or changed:
             raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
         return resume_run(args.resume, argv, args.monitor_interval).execute()
     from cxrbench.run.environments import parse_python_options
 
     settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
-    request = RunRequest(settings, args.backend, args.plugin, args.out, args.gpus, args.baseline, argv,
-                         args.monitor_interval, args.sweep, parse_python_options(args.python))
+    request = RunRequest(
+        settings,
+        args.backend,
+        args.plugin,
+        args.out,
+        args.gpus,
+        args.baseline,
+        argv,
+        args.monitor_interval,
+        args.sweep,
+        parse_python_options(args.python),
+    )
     return new_run(request).execute()

@@ -18,16 +18,27 @@ from cxrbench.checks.onnx import run_onnx
 from cxrbench.checks.ort_benchmark import benchmark
 from cxrbench.files import load_npz, read_json, write_json
 from cxrbench.initial_weights import same_start
-from cxrbench.run_folder import (COMPARISON_JSON, EQUIVALENCE_BATCH, EQUIVALENCE_NPZ, INIT_ONNX, INIT_ONNX_JSON,
-                                 MODEL_ONNX, ONNX_JSON, PREDICTIONS_NPZ, SCHEMA_VERSION)
+from cxrbench.run_folder import (
+    COMPARISON_JSON,
+    EQUIVALENCE_BATCH,
+    EQUIVALENCE_NPZ,
+    INIT_ONNX,
+    INIT_ONNX_JSON,
+    MODEL_ONNX,
+    ONNX_JSON,
+    PREDICTIONS_NPZ,
+    SCHEMA_VERSION,
+)
 from cxrbench.suite import Settings
 
 
 def equivalence_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
     if not same_start(settings.model.init):
-        return {"skipped": f"model.init = {settings.model.init!r}: the backends start from different weights, "
-                           "so equal functions are not expected (use init = 'shared' or a weights file to check)",
-                "passed": None}
+        return {
+            "skipped": f"model.init = {settings.model.init!r}: the backends start from different weights, "
+            "so equal functions are not expected (use init = 'shared' or a weights file to check)",
+            "passed": None,
+        }
     batch = np.load(run_dir / EQUIVALENCE_BATCH, allow_pickle=False)
     outputs, missing = {}, []
     for name in backends:
@@ -56,11 +67,16 @@ def parity_section(run_dir: Path, backends: list[str]) -> dict[str, Any]:
 def agreement_section(run_dir: Path, backends: list[str], settings: Settings) -> dict[str, Any]:
     """Every pair of backends compared on the same test images: a paired patient bootstrap per class and
     for the mean, Holm-adjusted across classes (image-level DeLong as a secondary figure)."""
-    predictions = {n: load_npz(run_dir / n / PREDICTIONS_NPZ) for n in backends
-                   if (run_dir / n / PREDICTIONS_NPZ).is_file()}
+    predictions = {
+        n: load_npz(run_dir / n / PREDICTIONS_NPZ) for n in backends if (run_dir / n / PREDICTIONS_NPZ).is_file()
+    }
     evaluation = settings.eval
-    inference = {"rounds": evaluation.bootstrap_rounds, "confidence": evaluation.confidence, "seed": settings.run.seed,
-                 "min_positives": evaluation.min_positives}
+    inference = {
+        "rounds": evaluation.bootstrap_rounds,
+        "confidence": evaluation.confidence,
+        "seed": settings.run.seed,
+        "min_positives": evaluation.min_positives,
+    }
     pairs = []
     for a, b in itertools.combinations(predictions, 2):
         pa, pb = predictions[a], predictions[b]
@@ -76,8 +92,13 @@ def onnxruntime_section(run_dir: Path, backends: list[str], settings: Settings, 
     for name in backends:
         onnx_json = read_json(run_dir / name / ONNX_JSON)
         if onnx_json:
-            results[name] = benchmark(run_dir / name / MODEL_ONNX, onnx_json["export"]["layout"],
-                                      settings.data.image_size, threads, seed=settings.run.seed)
+            results[name] = benchmark(
+                run_dir / name / MODEL_ONNX,
+                onnx_json["export"]["layout"],
+                settings.data.image_size,
+                threads,
+                seed=settings.run.seed,
+            )
     return results
 
 

@@ -49,14 +49,21 @@ def parse_python_options(texts: list[str]) -> dict[str, str]:
 def probe(python: str) -> dict[str, Any]:
     """The core version and the backends an interpreter's environment has (the parent's view of that worker)."""
     try:
-        done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(
+            [python, "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise CxrError(f"--python {python}: cannot run it ({first_line(exc)})") from None
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CxrError(f"--python {python}: cannot import cxrbench there ({error}); install the core in that "
-                       f"environment too: {python} -m pip install -e <cxrbench checkout>")
+        raise CxrError(
+            f"--python {python}: cannot import cxrbench there ({error}); install the core in that "
+            f"environment too: {python} -m pip install -e <cxrbench checkout>"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -66,9 +73,13 @@ def backend_info(name: str, python: str) -> BackendInfo:
     if found["backends"].get(name) is None:
         installed = ", ".join(found["backends"]) or "none"
         broken = "".join(f"; {failure}" for failure in found["failures"])
-        raise BackendError(f"--python {name}={python}: backend {name!r} is not installed in that environment "
-                           f"(installed there: {installed}){broken}")
+        raise BackendError(
+            f"--python {name}={python}: backend {name!r} is not installed in that environment "
+            f"(installed there: {installed}){broken}"
+        )
     if found["cxrbench"] != __version__:
-        raise BackendError(f"--python {name}={python}: that environment has cxrbench {found['cxrbench']}, this one "
-                           f"{__version__}: install the same checkout in both")
+        raise BackendError(
+            f"--python {name}={python}: that environment has cxrbench {found['cxrbench']}, this one "
+            f"{__version__}: install the same checkout in both"
+        )
     return BackendInfo(**found["backends"][name])

@@ -16,7 +16,9 @@ def minimal_page(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     """A self-contained page: the summary table, the equivalence failures, links to the files."""
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(run, comparison))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(run, comparison)
+    )
     failures = comparison.get("equivalence", {}).get("failures") or []
     errors = [f"{name}: {b['error']}" for name, b in run["backends"].items() if b.get("error")]
     items = "".join(f"<li>{esc(text)}</li>" for text in failures + errors)
@@ -45,5 +47,8 @@ def write_index(run_dir: Path, run: dict[str, Any], comparison: dict[str, Any], 
         if exc.name != "cxrbench.report.render":
             raise
     except Exception as exc:  # the run's results are on disk already; keep the page minimal instead
-        print(f"cxrbench: warning: the report failed ({type(exc).__name__}: {exc}); wrote a minimal {out}", file=sys.stderr)
+        print(
+            f"cxrbench: warning: the report failed ({type(exc).__name__}: {exc}); wrote a minimal {out}",
+            file=sys.stderr,
+        )
     return write_text(out, minimal_page(run, comparison))

@@ -41,5 +41,10 @@ def prune(run_dir: Path, keep: str, complete: bool) -> dict[str, Any]:
                     path.unlink()
                     removed.append(path.relative_to(run_dir).as_posix())
     note = None if complete else "nothing removed: the run is not complete, so it keeps everything --resume needs"
-    return {"keep": keep, "removed": removed, "removed_bytes": removed_bytes, "kept_bytes": folder_bytes(run_dir),
-            "note": note}
+    return {
+        "keep": keep,
+        "removed": removed,
+        "removed_bytes": removed_bytes,
+        "kept_bytes": folder_bytes(run_dir),
+        "note": note,
+    }

@@ -35,9 +35,22 @@ from cxrbench.run.cross_checks import write_comparison
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
 from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
-from cxrbench.run_folder import (EQUIVALENCE_BATCH, IMPORTED_INIT, LOG_TXT, RUN_JSON, SCHEMA_VERSION, STATUS_JSON,
-                                 backend_results, current_status, gpus_folder, log_of, now_iso, repeat_folder,
-                                 shared_init_path, sweep_folder)
+from cxrbench.run_folder import (
+    EQUIVALENCE_BATCH,
+    IMPORTED_INIT,
+    LOG_TXT,
+    RUN_JSON,
+    SCHEMA_VERSION,
+    STATUS_JSON,
+    backend_results,
+    current_status,
+    gpus_folder,
+    log_of,
+    now_iso,
+    repeat_folder,
+    shared_init_path,
+    sweep_folder,
+)
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -145,7 +158,8 @@ def new_run(request: RunRequest) -> "Orchestrator":
         "repeats": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
         "init_checkpoint": checkpoints.record(Path(request.settings.model.init), IMPORTED_INIT, imported)
-        if imported is not None else None,
+        if imported is not None
+        else None,
     }
     orchestrator = Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
     orchestrator.imported_init = imported
@@ -170,8 +184,10 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
     if run is None:
         raise CxrError(f"--resume {run_dir}: no {RUN_JSON} there")
     if (run.get("kept") or {}).get("removed"):
-        raise CxrError(f"--resume {run_dir}: the run completed and its large files were removed (run.keep = "
-                       f"{run['kept']['keep']}): nothing to resume")
+        raise CxrError(
+            f"--resume {run_dir}: the run completed and its large files were removed (run.keep = "
+            f"{run['kept']['keep']}): nothing to resume"
+        )
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
     _check_gpus(run["gpu_counts"])
@@ -182,8 +198,15 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
 
 
 class Orchestrator:
-    def __init__(self, run_dir: Path, run: dict[str, Any], plugins: Plugins, monitor_interval: float, index=None,
-                 new: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        run: dict[str, Any],
+        plugins: Plugins,
+        monitor_interval: float,
+        index=None,
+        new: bool = False,
+    ):
         self.run_dir, self.run, self.plugins = Path(run_dir), run, plugins
         self.settings = Settings.from_dict(run["settings"], str(self.run_dir / RUN_JSON))
         self.backends = list(run["backends"])
@@ -235,18 +258,36 @@ class Orchestrator:
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _worker_command(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
-                        extra: list[str]) -> list[str]:
+    def _worker_command(
+        self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]
+    ) -> list[str]:
         python = (self.run.get("pythons") or {}).get(name, sys.executable)
-        command = [python, "-u", "-m", "cxrbench.run.worker", "--run-dir", str(self.run_dir), "--backend", name,
-                   "--folder", str(folder), "--gpus", str(gpus), "--stages", ",".join(stages),
-                   "--monitor-interval", str(self.monitor_interval), *extra]
+        command = [
+            python,
+            "-u",
+            "-m",
+            "cxrbench.run.worker",
+            "--run-dir",
+            str(self.run_dir),
+            "--backend",
+            name,
+            "--folder",
+            str(folder),
+            "--gpus",
+            str(gpus),
+            "--stages",
+            ",".join(stages),
+            "--monitor-interval",
+            str(self.monitor_interval),
+            *extra,
+        ]
         for module in self.run.get("plugins", []):
             command += ["--plugin", module]
         return command
 
-    def run_worker(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...],
-                   extra: list[str] | None = None) -> None:
+    def run_worker(
+        self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None
+    ) -> None:
         """Start the worker, show its progress until it exits, and record how it ended."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
@@ -258,9 +299,14 @@ class Orchestrator:
             log.flush()
             command = self._worker_command(name, gpus, folder, stages, extra or [])
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"},
-                                       pass_fds=(self.lock.fd,) if self.lock.fd is not None else ())
+            process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"},
+                pass_fds=(self.lock.fd,) if self.lock.fd is not None else (),
+            )
             try:
                 returncode = self._wait(name, process, folder)
             except KeyboardInterrupt:
@@ -295,10 +341,13 @@ class Orchestrator:
             if interrupted:
                 status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
             elif returncode is not None and returncode < 0:
-                status.finish("failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}")
+                status.finish(
+                    "failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}"
+                )
             else:
-                status.finish("failed",
-                              f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}")
+                status.finish(
+                    "failed", f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}"
+                )
         self.progress.update(name, status.data)
 
     def run_workers(self) -> None:
@@ -315,15 +364,21 @@ class Orchestrator:
         """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
         for i, seed in enumerate(self.seeds()[1:], start=2):
             for name in self.backends:
-                self.run_worker(name, gpus, repeat_folder(self.run_dir, name, i), repeats.REPEAT_STAGES,
-                                ["--seed", str(seed)])
+                self.run_worker(
+                    name, gpus, repeat_folder(self.run_dir, name, i), repeats.REPEAT_STAGES, ["--seed", str(seed)]
+                )
 
     def run_sweep(self, gpus: int) -> None:
         """The speed stages of every backend at every grid point of ``--sweep``."""
         for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
             for name in self.backends:
-                self.run_worker(name, gpus, sweep_folder(self.run_dir, point["name"], name), SWEEP_STAGES,
-                                sweep.set_options(point["overrides"]))
+                self.run_worker(
+                    name,
+                    gpus,
+                    sweep_folder(self.run_dir, point["name"], name),
+                    SWEEP_STAGES,
+                    sweep.set_options(point["overrides"]),
+                )
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -348,12 +403,17 @@ class Orchestrator:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
-        self.run["repeats"] = repeats.collect(self.run_dir, self.backends, self.settings.run.repeats,
-                                              self.settings.run.seed, list(CLASSES))
+        self.run["repeats"] = repeats.collect(
+            self.run_dir, self.backends, self.settings.run.repeats, self.settings.run.seed, list(CLASSES)
+        )
         if self.run.get("sweep"):
             self.run["sweep"] = sweep.table(self.run_dir, self.backends, self.run["sweep"]["grid"])
             sweep.write_csv(self.run_dir, self.run["sweep"])
-        comparison = write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads()) if self.run["data"] else {}
+        comparison = (
+            write_comparison(self.run_dir, self.backends, self.settings, self._ort_threads())
+            if self.run["data"]
+            else {}
+        )
         complete = all(b["status"] == "completed" for b in self.run["backends"].values())
         self.run["kept"] = keep.prune(self.run_dir, self.settings.run.keep, complete and outcome == "completed")
         self.run.update(status=outcome, finished=now_iso())
@@ -412,10 +472,15 @@ class Orchestrator:
             status = BackendStatus(self.run_dir / name, name)
             if status.data["status"] == "running" and current_status(status.data) == "interrupted":
                 stage = status.data.get("stage") or "start-up"
-                status.finish("interrupted", f"its process (pid {status.data.get('pid')}) ended without recording an "
-                                             f"outcome during stage {stage}")
-                self.progress.message(f"note: {name} was interrupted during stage {stage} (process "
-                                      f"{status.data.get('pid')} is gone); resuming it from its last completed stage")
+                status.finish(
+                    "interrupted",
+                    f"its process (pid {status.data.get('pid')}) ended without recording an "
+                    f"outcome during stage {stage}",
+                )
+                self.progress.message(
+                    f"note: {name} was interrupted during stage {stage} (process "
+                    f"{status.data.get('pid')} is gone); resuming it from its last completed stage"
+                )
 
     def _record_failure(self, exc: Exception) -> None:
         """run.json says ``failed`` with the error; files already written stay, and ``--resume`` goes on from them."""

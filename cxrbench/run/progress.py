@@ -61,8 +61,10 @@ class StepRate:
         per_step = (t - self.first) / (step - 1)
         if per_step <= 0:
             return {}
-        return {"images_per_s": round(self.images_per_step / per_step, 2),
-                "eta_s": round(per_step * (steps - step), 1) if steps else None}
+        return {
+            "images_per_s": round(self.images_per_step / per_step, 2),
+            "eta_s": round(per_step * (steps - step), 1) if steps else None,
+        }
 
 
 def _coarse(line: str) -> str:
@@ -121,22 +123,33 @@ def summary_rows(run: dict[str, Any], comparison: dict[str, Any]) -> list[tuple[
         parity = comparison.get("parity", {}).get(name)
         equivalent = "skipped" if "skipped" in matrix else _verdict(model_passes(matrix, name))
         interval = throughput.get("train_images_per_s_interval")
-        rows.append((
-            name,
-            result["status"],
-            _number(auroc, ".4f"),
-            _number(throughput.get("train_images_per_s"), ".1f") + ("*" if throughput.get("disturbed") else ""),
-            f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "-",
-            _number(throughput.get("first_step_s"), ".1f"),
-            _number(throughput.get("epoch_time_s"), ".1f"),
-            _verdict(parity["passed"]) if parity else "-",
-            equivalent,
-        ))
+        rows.append(
+            (
+                name,
+                result["status"],
+                _number(auroc, ".4f"),
+                _number(throughput.get("train_images_per_s"), ".1f") + ("*" if throughput.get("disturbed") else ""),
+                f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "-",
+                _number(throughput.get("first_step_s"), ".1f"),
+                _number(throughput.get("epoch_time_s"), ".1f"),
+                _verdict(parity["passed"]) if parity else "-",
+                equivalent,
+            )
+        )
     return rows
 
 
-HEADER = ("backend", "status", "mean AUROC", "steady img/s", "[95 %]", "first step s", "epoch s", "ONNX parity",
-          "equivalence")
+HEADER = (
+    "backend",
+    "status",
+    "mean AUROC",
+    "steady img/s",
+    "[95 %]",
+    "first step s",
+    "epoch s",
+    "ONNX parity",
+    "equivalence",
+)
 
 
 def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:

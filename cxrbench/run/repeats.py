@@ -27,8 +27,10 @@ from cxrbench.run_folder import METRICS_JSON, STATUS_JSON, THROUGHPUT_JSON, repe
 MIN_REPEATS = 3
 #: Significance level of the Welch t-test between two backends' repeat values.
 ALPHA = 0.05
-RULE = (f"two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed variation "
-        f"when p < {ALPHA}; no verdict with fewer than {MIN_REPEATS} repeats per backend")
+RULE = (
+    f"two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed variation "
+    f"when p < {ALPHA}; no verdict with fewer than {MIN_REPEATS} repeats per backend"
+)
 #: Worker stages of repeats 2..N (no equivalence, CAM or export: those do not depend on the seed's spread).
 REPEAT_STAGES = ("prepare-check", "train", "evaluate")
 
@@ -65,7 +67,8 @@ def repeat_figures(folder: Path, repeat: int, seed: int) -> dict[str, Any]:
         "mean_auroc": _number(auroc.get("mean")),
         "per_class": {name: _number(value) for name, value in (auroc.get("per_class") or {}).items()},
         "train_images_per_s": _number(throughput.get("train_images_per_s")),
-        "train_images_per_s_interval": list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2
+        "train_images_per_s_interval": list(interval)
+        if isinstance(interval, (list, tuple)) and len(interval) == 2
         else None,
         "first_step_s": _number(throughput.get("first_step_s")),
         "disturbed": throughput.get("disturbed"),
@@ -80,8 +83,13 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     if not known:
         return {"n": 0, "mean": None, "sd": None, "min": None, "max": None}
-    return {"n": len(known), "mean": statistics.fmean(known), "sd": statistics.stdev(known) if len(known) > 1 else None,
-            "min": min(known), "max": max(known)}
+    return {
+        "n": len(known),
+        "mean": statistics.fmean(known),
+        "sd": statistics.stdev(known) if len(known) > 1 else None,
+        "min": min(known),
+        "max": max(known),
+    }
 
 
 def speed_spread(values: list[float | None]) -> dict[str, Any]:
@@ -107,14 +115,21 @@ def verdict(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
         return {"difference": None, "sd": None, "p_value": None, "verdict": None, "text": "no values to compare"}
     difference = statistics.fmean(b) - statistics.fmean(a)
     if min(len(a), len(b)) < MIN_REPEATS:
-        return {"difference": difference, "sd": None, "p_value": None, "verdict": None,
-                "text": f"the difference ({difference:+.4f}) has too few repeats for a verdict "
-                        f"({min(len(a), len(b))} per backend, need {MIN_REPEATS})"}
+        return {
+            "difference": difference,
+            "sd": None,
+            "p_value": None,
+            "verdict": None,
+            "text": f"the difference ({difference:+.4f}) has too few repeats for a verdict "
+            f"({min(len(a), len(b))} per backend, need {MIN_REPEATS})",
+        }
     sd = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
     p_value = welch(a, b)
     word = "exceeds" if p_value < ALPHA else "within"
-    text = (f"the difference ({difference:+.4f}) {'exceeds' if word == 'exceeds' else 'is within'} "
-            f"seed-to-seed variation (SD {sd:.4f}; Welch p = {p_value:.3g})")
+    text = (
+        f"the difference ({difference:+.4f}) {'exceeds' if word == 'exceeds' else 'is within'} "
+        f"seed-to-seed variation (SD {sd:.4f}; Welch p = {p_value:.3g})"
+    )
     return {"difference": difference, "sd": sd, "p_value": p_value, "verdict": word, "text": text}
 
 
@@ -135,16 +150,19 @@ def backend_summary(repeats: list[dict[str, Any]], classes: list[str]) -> dict[s
     }
 
 
-def comparison(name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]],
-               classes: list[str]) -> dict[str, Any]:
+def comparison(
+    name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]], classes: list[str]
+) -> dict[str, Any]:
     """Between two backends: per class and for the mean, the difference (b - a) and its verdict."""
     a, b = _completed(a), _completed(b)
     return {
         "a": name_a,
         "b": name_b,
         "mean_auroc": verdict([r["mean_auroc"] for r in a], [r["mean_auroc"] for r in b]),
-        "per_class": {name: verdict([r["per_class"].get(name) for r in a], [r["per_class"].get(name) for r in b])
-                      for name in classes},
+        "per_class": {
+            name: verdict([r["per_class"].get(name) for r in a], [r["per_class"].get(name) for r in b])
+            for name in classes
+        },
     }
 
 
@@ -156,18 +174,24 @@ def summarise(per_backend: dict[str, list[dict[str, Any]]], classes: list[str]) 
         "rule": RULE,
         "min_repeats": MIN_REPEATS,
         "alpha": ALPHA,
-        "backends": {name: {"repeats": repeats, "summary": backend_summary(repeats, classes)}
-                     for name, repeats in per_backend.items()},
-        "comparisons": [comparison(a, per_backend[a], b, per_backend[b], classes)
-                        for a, b in combinations(per_backend, 2)],
+        "backends": {
+            name: {"repeats": repeats, "summary": backend_summary(repeats, classes)}
+            for name, repeats in per_backend.items()
+        },
+        "comparisons": [
+            comparison(a, per_backend[a], b, per_backend[b], classes) for a, b in combinations(per_backend, 2)
+        ],
     }
 
 
-def collect(run_dir: Path, backends: list[str], count: int, base_seed: int,
-            classes: list[str]) -> dict[str, Any] | None:
+def collect(
+    run_dir: Path, backends: list[str], count: int, base_seed: int, classes: list[str]
+) -> dict[str, Any] | None:
     """The ``repeats`` section of a run with ``count`` repeats (None for a single run)."""
     if count < 2:
         return None
-    per_backend = {name: [repeat_figures(repeat_folder(run_dir, name, i), i, seed_of(base_seed, i))
-                          for i in range(1, count + 1)] for name in backends}
+    per_backend = {
+        name: [repeat_figures(repeat_folder(run_dir, name, i), i, seed_of(base_seed, i)) for i in range(1, count + 1)]
+        for name in backends
+    }
     return summarise(per_backend, classes)

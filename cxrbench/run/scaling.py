@@ -70,7 +70,9 @@ def size_for_counts(settings: Settings, train_images: int, total_images: int, co
 
 def _train_gpu_util(monitor: dict[str, Any] | None) -> dict[str, Any]:
     devices = ((monitor or {}).get("phases") or {}).get("train", {})
-    return {device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields}
+    return {
+        device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields
+    }
 
 
 def scaling_table(run_dir: Path, backends: list[str], counts: list[int]) -> dict[str, list[dict[str, Any]]] | None:

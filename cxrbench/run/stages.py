@@ -22,9 +22,20 @@ from cxrbench.files import atomic_output, read_json, require_space, save_npz, wr
 from cxrbench.plugins import require_answer
 from cxrbench.recorder import Recorder
 from cxrbench.run import cam_files
-from cxrbench.run_folder import (EQUIVALENCE_NPZ, HISTORY_JSON, INIT_ONNX, INIT_ONNX_JSON, LOCALISATION_JSON,
-                                 METRICS_JSON, MODEL_ONNX, ONNX_JSON, PREDICTIONS_NPZ, THROUGHPUT_JSON, TRAIN_JSON,
-                                 WEIGHTS_NPZ)
+from cxrbench.run_folder import (
+    EQUIVALENCE_NPZ,
+    HISTORY_JSON,
+    INIT_ONNX,
+    INIT_ONNX_JSON,
+    LOCALISATION_JSON,
+    METRICS_JSON,
+    MODEL_ONNX,
+    ONNX_JSON,
+    PREDICTIONS_NPZ,
+    THROUGHPUT_JSON,
+    TRAIN_JSON,
+    WEIGHTS_NPZ,
+)
 from cxrbench.suite import Settings
 
 #: Random (uint8 noise) images compared between the native model and its ONNX export.
@@ -47,9 +58,13 @@ class StageContext:
 
     def logits(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
         settings = self.settings if tta is None else self.settings.replace(**{"eval.tta_hflip": tta})
-        logits = np.asarray(self.call("cxrbench_predict", model=self.model, images=images, settings=settings), dtype=np.float32)
+        logits = np.asarray(
+            self.call("cxrbench_predict", model=self.model, images=images, settings=settings), dtype=np.float32
+        )
         if logits.shape != (len(images), len(CLASSES)):
-            raise CxrError(f"backend {self.backend!r}: cxrbench_predict returned shape {logits.shape}, expected {(len(images), len(CLASSES))}")
+            raise CxrError(
+                f"backend {self.backend!r}: cxrbench_predict returned shape {logits.shape}, expected {(len(images), len(CLASSES))}"
+            )
         return logits
 
 
@@ -82,8 +97,10 @@ def train(ctx: StageContext) -> None:
     canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
     canonical.save(weights, ctx.folder / WEIGHTS_NPZ)
     history = [r.to_dict() for r in ctx.recorder.history]
-    write_json(ctx.folder / THROUGHPUT_JSON, {**training_throughput(history, ctx.settings),
-                                              **framework_peak_memory(result.get("peak_memory"))})
+    write_json(
+        ctx.folder / THROUGHPUT_JSON,
+        {**training_throughput(history, ctx.settings), **framework_peak_memory(result.get("peak_memory"))},
+    )
     # Checked last, so a backend with a broken record still leaves its trained weights and timings behind.
     numerics_record.check(ctx.backend, result.get("numerics"))
 
@@ -106,8 +123,10 @@ def training_throughput(history: list[dict], settings: Settings) -> dict[str, An
         return {"gpus": gpus, "steady": False, "disturbed": False, "disturbance": {}}
     later = [r for r in history if not r["warmup"]]
     measured = later or history
-    windows = {phase: [w for r in history for w in r.get(key) or []]
-               for phase, key in (("train", "train_window_list"), ("validate", "val_window_list"))}
+    windows = {
+        phase: [w for r in history for w in r.get(key) or []]
+        for phase, key in (("train", "train_window_list"), ("validate", "val_window_list"))
+    }
     figures = {phase: timing.summarise(found) for phase, found in windows.items()}
     steps_after = sum(r.get("steps_after_warmup") or 0 for r in history)
     return {
@@ -117,9 +136,15 @@ def training_throughput(history: list[dict], settings: Settings) -> dict[str, An
         "validate_images_per_s": figures["validate"]["images_per_s"],
         "validate_images_per_s_interval": figures["validate"]["interval"],
         "steady": figures["train"]["steady"],
-        "no_steady_state": None if figures["train"]["steady"] else timing.no_steady_reason(
-            steps_after, figures["train"]["windows"], train.warmup_steps, train.window_steps,
-            timed=any(r.get("first_step_s") is not None for r in history)),
+        "no_steady_state": None
+        if figures["train"]["steady"]
+        else timing.no_steady_reason(
+            steps_after,
+            figures["train"]["windows"],
+            train.warmup_steps,
+            train.window_steps,
+            timed=any(r.get("first_step_s") is not None for r in history),
+        ),
         "epoch_time_s": statistics.median(r["train_time_s"] for r in measured),
         "warmup_epoch_time_s": next((r["train_time_s"] for r in history if r["warmup"]), None),
         "warmup_only": not later,
@@ -161,8 +186,9 @@ def evaluate(ctx: StageContext) -> None:
     files = np.asarray([ctx.data.index.files[r] for r in rows])
     patients = np.asarray(ctx.data.index.patients)[rows]
     save_npz(ctx.folder / PREDICTIONS_NPZ, logits=logits, labels=labels, files=files, patients=patients)
-    answers = ctx.hook.cxrbench_evaluate(labels=labels, scores=sigmoid(logits), classes=list(CLASSES), groups=patients,
-                                         settings=ctx.settings)
+    answers = ctx.hook.cxrbench_evaluate(
+        labels=labels, scores=sigmoid(logits), classes=list(CLASSES), groups=patients, settings=ctx.settings
+    )
     metrics = merge_metrics(answers)
     notes = independence_notes(ctx.hook.cxrbench_evaluate)
     if notes:
@@ -175,9 +201,12 @@ def evaluate(ctx: StageContext) -> None:
 def independence_notes(caller) -> list[str]:
     """One note per ``cxrbench_evaluate`` implementation that does not take ``groups``: pluggy calls it
     without the patients, so any interval or test it reports treats images as independent."""
-    return [f"plugin {impl.plugin_name!r}: cxrbench_evaluate does not accept groups (patient ids), so its "
-            "intervals and tests treat images as independent (too narrow when patients have several images)"
-            for impl in caller.get_hookimpls() if "groups" not in impl.argnames]
+    return [
+        f"plugin {impl.plugin_name!r}: cxrbench_evaluate does not accept groups (patient ids), so its "
+        "intervals and tests treat images as independent (too narrow when patients have several images)"
+        for impl in caller.get_hookimpls()
+        if "groups" not in impl.argnames
+    ]
 
 
 def merge_metrics(answers: list[dict | None]) -> dict[str, Any]:
@@ -200,8 +229,10 @@ def cam(ctx: StageContext) -> None:
     truth = ctx.data.boxes("test")
     threshold, method = ctx.settings.eval.cam_threshold, ctx.settings.eval.cam_method
     if not truth:
-        write_json(ctx.folder / LOCALISATION_JSON,
-                   {"skipped": "no test image has a box", "threshold": threshold, "method": method})
+        write_json(
+            ctx.folder / LOCALISATION_JSON,
+            {"skipped": "no test image has a box", "threshold": threshold, "method": method},
+        )
         return
     positions = sorted({pos for pos, _ in truth})
     local = {pos: i for i, pos in enumerate(positions)}
@@ -226,8 +257,17 @@ def cam(ctx: StageContext) -> None:
         },
     )
     shown = positions[: ctx.settings.eval.cam_images]
-    cam_files.write(ctx.folder, images[: len(shown)], maps[: len(shown)], shown, class_indices, truth_local, threshold,
-                  [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown], method)
+    cam_files.write(
+        ctx.folder,
+        images[: len(shown)],
+        maps[: len(shown)],
+        shown,
+        class_indices,
+        truth_local,
+        threshold,
+        [ctx.data.index.files[ctx.data.rows("test")[p]] for p in shown],
+        method,
+    )
 
 
 # -- export --------------------------------------------------------------------------------------
@@ -257,11 +297,15 @@ def export(ctx: StageContext) -> None:
     settings, path = ctx.settings, ctx.folder / MODEL_ONNX
     info = export_onnx(ctx, path)
     images = ctx.data.split_images("test")
-    noise = np.random.default_rng(settings.run.seed).integers(0, 256, (RANDOM_PARITY_IMAGES, ctx.data.size, ctx.data.size), dtype=np.uint8)
+    noise = np.random.default_rng(settings.run.seed).integers(
+        0, 256, (RANDOM_PARITY_IMAGES, ctx.data.size, ctx.data.size), dtype=np.uint8
+    )
 
     def parity(batch: np.ndarray) -> dict[str, Any]:
         native = ctx.logits(batch, tta=False)
-        return onnx_checks.diff_stats(native, onnx_checks.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol)
+        return onnx_checks.diff_stats(
+            native, onnx_checks.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol
+        )
 
     write_json(
         ctx.folder / ONNX_JSON,

@@ -49,8 +49,9 @@ class BackendStatus:
         return self.data["stages"].get(stage) == DONE
 
     def start(self, pid: int) -> None:
-        self.data.update(status="running", pid=pid, host=socket.gethostname(), started=now_iso(), finished=None,
-                         error=None)
+        self.data.update(
+            status="running", pid=pid, host=socket.gethostname(), started=now_iso(), finished=None, error=None
+        )
         self.save()
 
     def set_stage(self, stage: str, state: str, seconds: float | None = None) -> None:
@@ -118,8 +119,10 @@ class RunLock:
         previous = _read_lock(fd)
         _write_lock(fd)
         if previous.get("pid") and previous.get("pid") != os.getpid():
-            return (f"took over the lock {self.path} left by pid {previous.get('pid')} on {previous.get('host')} "
-                    f"(started {previous.get('started')}), which is no longer running")
+            return (
+                f"took over the lock {self.path} left by pid {previous.get('pid')} on {previous.get('host')} "
+                f"(started {previous.get('started')}), which is no longer running"
+            )
         return None
 
     def _open(self) -> int:
@@ -142,10 +145,14 @@ class RunLock:
 def _held_message(path: Path, owner: dict[str, Any], gone: bool) -> str:
     who = f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}"
     if gone:
-        return (f"{path.parent}: a worker of the run that held it ({who}, now gone) is still writing; "
-                f"stop it or try again when it has ended")
-    return (f"{path.parent}: another cxrbench run is writing into this folder ({who}); "
-            "wait for it to end or use another --out")
+        return (
+            f"{path.parent}: a worker of the run that held it ({who}, now gone) is still writing; "
+            f"stop it or try again when it has ended"
+        )
+    return (
+        f"{path.parent}: another cxrbench run is writing into this folder ({who}); "
+        "wait for it to end or use another --out"
+    )
 
 
 def _inode(path: Path) -> int | None:

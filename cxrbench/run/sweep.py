@@ -29,8 +29,21 @@ FIXED_SECTIONS = {
     "run": "use --repeats for seeds and --gpus for GPU counts",
 }
 SWEEP_STAGES = ("prepare-check", "train")
-CSV_COLUMNS = ("point", "backend", "status", "train_images_per_s", "interval_low", "interval_high", "first_step_s",
-               "peak_memory_mib", "memory_source", "framework_peak_memory_mib", "disturbed", "no_steady_state", "error")
+CSV_COLUMNS = (
+    "point",
+    "backend",
+    "status",
+    "train_images_per_s",
+    "interval_low",
+    "interval_high",
+    "first_step_s",
+    "peak_memory_mib",
+    "memory_source",
+    "framework_peak_memory_mib",
+    "disturbed",
+    "no_steady_state",
+    "error",
+)
 
 
 def _parse_one(text: str, settings: Settings) -> tuple[str, list[Any]]:
@@ -94,8 +107,11 @@ def set_options(overrides: dict[str, Any]) -> list[str]:
 def peak_memory(folder: Path) -> tuple[float | None, str | None]:
     """The largest memory sample while training: the GPUs' memory when sampled, else the worker's RSS."""
     rows = [r for r in read_jsonl(folder / MONITOR_JSONL) if r.get("phase") in ("train", "validate")]
-    gpu = [r["mem_mib"] for r in rows
-           if str(r.get("device", "")).startswith("gpu") and isinstance(r.get("mem_mib"), (int, float))]
+    gpu = [
+        r["mem_mib"]
+        for r in rows
+        if str(r.get("device", "")).startswith("gpu") and isinstance(r.get("mem_mib"), (int, float))
+    ]
     if gpu:
         return float(max(gpu)), "gpu"
     rss = [r["rss_mib"] for r in rows if r.get("device") == "cpu" and isinstance(r.get("rss_mib"), (int, float))]

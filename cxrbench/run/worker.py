@@ -34,7 +34,14 @@ from cxrbench.run_folder import shared_init_path
 from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: The recorder phase (monitor tag) of each stage; training sets its own train/validate phases.
-PHASES = {"prepare-check": "prepare", "equivalence": "equivalence", "train": "train", "evaluate": "predict", "cam": "cam", "export": "export"}
+PHASES = {
+    "prepare-check": "prepare",
+    "equivalence": "equivalence",
+    "train": "train",
+    "evaluate": "predict",
+    "cam": "cam",
+    "export": "export",
+}
 
 
 class Interrupted(Exception):
@@ -49,23 +56,40 @@ def one_line(exc: BaseException) -> str:
 
 
 class Worker:
-    def __init__(self, run_dir: Path, folder: Path, backend: str, plugins: Plugins, settings: Settings,
-                 status: BackendStatus, data_settings: Settings | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        folder: Path,
+        backend: str,
+        plugins: Plugins,
+        settings: Settings,
+        status: BackendStatus,
+        data_settings: Settings | None = None,
+    ):
         self.run_dir, self.folder, self.backend = run_dir, folder, backend
         self.hook, self.settings, self.status = plugins.hook, settings, status
         #: The run's own settings open the data set: a repeat's seed changes the data order, never the data.
         self.data_settings = data_settings or settings
         self.recorder = Recorder([self._on_event])
         self.rate = StepRate(settings.train.batch_size * max(1, settings.run.gpus))
-        self.ctx = stages.StageContext(folder=folder, backend=backend, hook=self.hook, settings=settings, recorder=self.recorder)
+        self.ctx = stages.StageContext(
+            folder=folder, backend=backend, hook=self.hook, settings=settings, recorder=self.recorder
+        )
 
     # -- progress ------------------------------------------------------------------------------
 
     def _on_event(self, event: str, payload: dict[str, Any]) -> None:
         if event == "epoch_started":
             self.rate.start_epoch()
-            self.status.progress(throttle_s=0, epoch=payload["epoch"], epochs=self.settings.train.epochs, step=0,
-                                 steps=payload["steps"], images_per_s=None, eta_s=None)
+            self.status.progress(
+                throttle_s=0,
+                epoch=payload["epoch"],
+                epochs=self.settings.train.epochs,
+                step=0,
+                steps=payload["steps"],
+                images_per_s=None,
+                eta_s=None,
+            )
         elif event == "step":
             rate = self.rate.update(payload["step"], payload["steps"], payload.get("t", time.time()))
             self.status.progress(epoch=payload["epoch"], step=payload["step"], steps=payload["steps"], **rate)
@@ -100,9 +124,17 @@ class Worker:
             ctx.model = build_model(self.hook, self.settings, self.run_dir, self.backend, self.data_settings.run.seed)
             if self.status.is_done("train"):
                 trained = canonical.load(self.folder / "weights_best.npz")
-                require_answer(self.hook.cxrbench_set_weights(model=ctx.model, weights=trained), "cxrbench_set_weights", self.backend)
+                require_answer(
+                    self.hook.cxrbench_set_weights(model=ctx.model, weights=trained),
+                    "cxrbench_set_weights",
+                    self.backend,
+                )
         shared = initial_weights.same_start(self.settings.model.init)
-        self._stage("equivalence", "equivalence" in selected and shared, lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"))
+        self._stage(
+            "equivalence",
+            "equivalence" in selected and shared,
+            lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"),
+        )
         for name in ("train", "evaluate", "cam", "export"):
             enabled = name in selected and name in suite_stages and (name != "export" or self.settings.export.onnx)
             self._stage(name, enabled, lambda name=name: getattr(stages, name)(ctx))
@@ -115,7 +147,9 @@ def open_prepared(hook, settings: Settings, key: str):
     index = require_answer(hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
     data = cache.prepare(index, settings.data.image_size)
     if data.key != key:
-        raise DataError(f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: the data set changed since the run started")
+        raise DataError(
+            f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: the data set changed since the run started"
+        )
     return data
 
 
@@ -125,7 +159,9 @@ def build_model(hook, settings: Settings, run_dir: Path, backend: str, run_seed:
     otherwise as the backend resolves ``model.init`` through that function."""
     path = shared_init_path(run_dir, settings.run.seed, settings.run.seed if run_seed is None else run_seed)
     weights = canonical.load(path) if settings.model.init == "shared" else None
-    return require_answer(hook.cxrbench_build_model(settings=settings, weights=weights), "cxrbench_build_model", backend)
+    return require_answer(
+        hook.cxrbench_build_model(settings=settings, weights=weights), "cxrbench_build_model", backend
+    )
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -138,8 +174,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(WORKER_STAGES[1:]), help="comma-separated worker stages to run")
     parser.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between monitor samples")
     parser.add_argument("--seed", type=int, help="override run.seed for the model and data order (seed repeats)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a setting (sweep points)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting (sweep points)"
+    )
     return parser.parse_args(argv)
 
 
@@ -166,6 +203,7 @@ def _raise_interrupted(signum, frame):
 
 def _watch_parent(parent: int) -> None:
     """Stop (as on SIGTERM) when the orchestrator dies: an orphan would race a resumed run for the folder."""
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(PARENT_POLL_S)
@@ -190,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(run_settings, args.gpus, args.seed, args.set)
         plugins = load_plugins(args.plugin, backend=args.backend)
         worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status, run_settings)
-        sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval,
-                          watch=run_gpu_indices(settings.run.gpus)).start()
+        sampler = Sampler(
+            folder, args.backend, worker.recorder, args.monitor_interval, watch=run_gpu_indices(settings.run.gpus)
+        ).start()
         worker.run(tuple(args.stages.split(",")))
     except (Interrupted, KeyboardInterrupt) as exc:
         outcome, error = "interrupted", str(exc) or "interrupted"

@@ -89,7 +89,9 @@ def synthetic_data(size: int, train: int = 8, val: int = 8, seed: int = 0) -> Pr
     n = train + val
     labels = np.random.default_rng([seed, 3]).random((n, NUM_CLASSES)) < 0.3
     split = np.array(["train"] * train + ["val"] * val)
-    return PreparedData.in_memory(random_images(n, size, seed), labels, split, f"conformance-kit-{size}-{seed}", "conformance-kit")
+    return PreparedData.in_memory(
+        random_images(n, size, seed), labels, split, f"conformance-kit-{size}-{seed}", "conformance-kit"
+    )
 
 
 def bce_with_logits(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -160,7 +162,9 @@ def logits_in_child_process(name: str, extra_modules: list[str], out: Path) -> d
     command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out), arch]
     done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
     if done.returncode != 0:
-        pytest.fail(f"reference backend {name!r} failed in its process (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        pytest.fail(
+            f"reference backend {name!r} failed in its process (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
     with np.load(out) as npz:
         return {int(size): npz[size] for size in npz.files}
 
@@ -182,7 +186,9 @@ def backend(pytestconfig: pytest.Config) -> Backend:
 
 
 @pytest.fixture(scope="session")
-def reference_logits(pytestconfig: pytest.Config, backend: Backend, tmp_path_factory) -> tuple[str, dict[int, np.ndarray]]:
+def reference_logits(
+    pytestconfig: pytest.Config, backend: Backend, tmp_path_factory
+) -> tuple[str, dict[int, np.ndarray]]:
     """The reference backend's logits on :func:`equivalence_inputs`, computed in a child process.
 
     The reference is ``--cxrbench-reference``, or pytorch when installed. It runs in its own
@@ -192,7 +198,9 @@ def reference_logits(pytestconfig: pytest.Config, backend: Backend, tmp_path_fac
     extras = pytestconfig.getoption("cxrbench_plugin")
     name = pytestconfig.getoption("cxrbench_reference") or "pytorch"
     if name == backend.name:
-        pytest.skip(f"the reference backend {name!r} is the backend under test (choose another with --cxrbench-reference)")
+        pytest.skip(
+            f"the reference backend {name!r} is the backend under test (choose another with --cxrbench-reference)"
+        )
     if name not in load_plugins(extras).backends:
         pytest.skip(f"no reference backend: {name!r} is not installed")
     return name, logits_in_child_process(name, extras, tmp_path_factory.mktemp("reference") / "logits.npz")
@@ -221,8 +229,13 @@ def test_metric_plugins_take_patient_groups(backend: Backend):
     labels = (rng.random((40, NUM_CLASSES)) < 0.5).astype(np.uint8)
     scores, groups = rng.random((40, NUM_CLASSES)), np.repeat(np.arange(10), 4)
     caller = backend.plugins.hook.cxrbench_evaluate
-    answers = caller(labels=labels, scores=scores, classes=[f"c{i}" for i in range(NUM_CLASSES)], groups=groups,
-                     settings=kit_settings(**{"eval.bootstrap_rounds": 20, "eval.min_positives": 2}))
+    answers = caller(
+        labels=labels,
+        scores=scores,
+        classes=[f"c{i}" for i in range(NUM_CLASSES)],
+        groups=groups,
+        settings=kit_settings(**{"eval.bootstrap_rounds": 20, "eval.min_positives": 2}),
+    )
     for answer in answers:
         assert answer is None or isinstance(answer, dict), f"cxrbench_evaluate must return a dict or None: {answer!r}"
         json.dumps(answer, allow_nan=False)
@@ -230,7 +243,6 @@ def test_metric_plugins_take_patient_groups(backend: Backend):
     assert core["resampling"] == "patients" and core["patients"] == 10
     for note in independence_notes(caller):
         warnings.warn(note, stacklevel=1)
-
 
 
 def test_dataset_is_the_cores(backend: Backend, tmp_path: Path):
@@ -241,8 +253,13 @@ def test_dataset_is_the_cores(backend: Backend, tmp_path: Path):
     root = phantom.synthesize(tmp_path / "phantom", images=phantom.MIN_IMAGES, size=phantom.MIN_SIZE, seed=0)
     settings = kit_settings(**{"data.source": "phantom", "data.path": str(root)})
     index = require_answer(backend.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", backend.name)
-    expected = nih.read_index(root, split=settings.data.split, val_fraction=settings.data.val_fraction,
-                              seed=settings.run.seed, source="phantom")
+    expected = nih.read_index(
+        root,
+        split=settings.data.split,
+        val_fraction=settings.data.val_fraction,
+        seed=settings.run.seed,
+        source="phantom",
+    )
     assert index.files == expected.files and index.source == "phantom"
     np.testing.assert_array_equal(index.labels, expected.labels)
     np.testing.assert_array_equal(index.split, expected.split)
@@ -262,7 +279,9 @@ def test_report_sections_are_title_html_pairs(backend: Backend, tmp_path: Path):
 def test_backend_info_describes_the_backend(backend: Backend):
     info = backend.info
     assert info.name == backend.name
-    assert info.version == importlib.metadata.version(info.framework), "version must come from the framework's package metadata"
+    assert info.version == importlib.metadata.version(info.framework), (
+        "version must come from the framework's package metadata"
+    )
     assert info.onnx_layout in ("NCHW", "NHWC")
 
 
@@ -275,10 +294,18 @@ def test_backend_info_imports_no_framework(backend: Backend):
         "importlib.import_module(sys.argv[1]).cxrbench_backend_info()\n"
         "print(json.dumps(sorted(set(sys.modules) - before)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, backend.info.plugin], capture_output=True, text=True, env=child_env(), timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, backend.info.plugin],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     new_roots = {name.partition(".")[0] for name in json.loads(done.stdout)}
-    framework_roots = {m for m, dists in importlib.metadata.packages_distributions().items() if backend.info.framework in dists}
+    framework_roots = {
+        m for m, dists in importlib.metadata.packages_distributions().items() if backend.info.framework in dists
+    }
     assert not new_roots & (HEAVY_MODULES | framework_roots)
 
 
@@ -341,7 +368,9 @@ def test_same_seed_gives_same_weights_and_logits(backend: Backend):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     images = random_images(2, 32)
-    np.testing.assert_allclose(backend.predict(first, images, settings), backend.predict(second, images, settings), rtol=0, atol=REPEAT_ATOL)
+    np.testing.assert_allclose(
+        backend.predict(first, images, settings), backend.predict(second, images, settings), rtol=0, atol=REPEAT_ATOL
+    )
 
 
 def test_different_seed_gives_different_weights(backend: Backend):
@@ -411,7 +440,9 @@ def test_cam_identity(backend: Backend, size: int):
     np.testing.assert_allclose(cam.maps.mean(axis=(2, 3)) + cam.bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
     np.testing.assert_allclose(cam.logits, logits[:, classes], rtol=0, atol=CAM_ATOL)
     every = backend.cam(model, images, list(range(NUM_CLASSES)), settings)
-    np.testing.assert_allclose(cam.maps, every.maps[:, classes], rtol=0, atol=CAM_ATOL, err_msg="maps follow `classes` order")
+    np.testing.assert_allclose(
+        cam.maps, every.maps[:, classes], rtol=0, atol=CAM_ATOL, err_msg="maps follow `classes` order"
+    )
 
 
 def test_tta_hflip_averages_the_mirror(backend: Backend):
@@ -635,7 +666,8 @@ def test_empty_validation_split_is_the_cores_data_error(backend: Backend):
     settings = kit_settings(**{"train.max_steps": 1})
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=14))
     with pytest.raises(DataError) as caught:
-        backend.call("cxrbench_train", model=model, data=synthetic_data(32, val=0), settings=settings,
-                     recorder=Recorder())
+        backend.call(
+            "cxrbench_train", model=model, data=synthetic_data(32, val=0), settings=settings, recorder=Recorder()
+        )
     assert "data.val_fraction" in str(caught.value)
     assert_one_line(caught.value)

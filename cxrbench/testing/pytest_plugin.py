@@ -26,19 +26,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     group = parser.getgroup("cxrbench", "cxrbench backend conformance kit")
     group.addoption(
-        "--cxrbench-backend", metavar="NAME", default=None,
+        "--cxrbench-backend",
+        metavar="NAME",
+        default=None,
         help="run the conformance kit against this cxrbench backend (only the kit, unless paths are given)",
     )
     group.addoption(
-        "--cxrbench-reference", metavar="NAME", default=None,
+        "--cxrbench-reference",
+        metavar="NAME",
+        default=None,
         help="backend the kit compares logits with on shared weights (default: pytorch when installed)",
     )
     group.addoption(
-        "--cxrbench-arch", metavar="ARCH", default=None, choices=sorted(ARCHITECTURES),
+        "--cxrbench-arch",
+        metavar="ARCH",
+        default=None,
+        choices=sorted(ARCHITECTURES),
         help="model.arch of every kit model (default densenet-tiny; densenet121 is the full network, much slower)",
     )
     group.addoption(
-        "--cxrbench-plugin", metavar="MODULE", action="append", default=[],
+        "--cxrbench-plugin",
+        metavar="MODULE",
+        action="append",
+        default=[],
         help="also load this module as a cxrbench plugin (like `cxrbench --plugin`); repeatable",
     )
 

@@ -48,8 +48,16 @@ def weights():
 
 
 def settings_for(**dotted):
-    return kit_settings(SIZE, **{"model.arch": "densenet121", "train.batch_size": BATCH, "train.max_steps": STEPS,
-                                 "train.hflip": True, **dotted})
+    return kit_settings(
+        SIZE,
+        **{
+            "model.arch": "densenet121",
+            "train.batch_size": BATCH,
+            "train.max_steps": STEPS,
+            "train.hflip": True,
+            **dotted,
+        },
+    )
 
 
 def backend_loop(weights) -> loop.JaxEpochLoop:
@@ -67,8 +75,9 @@ def bare_epoch(weights):
 
     def step(params, batch_stats, opt_state, x, y):
         def loss_fn(params):
-            logits, updated = network.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                            mutable=["batch_stats"])
+            logits, updated = network.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
             return optax.sigmoid_binary_cross_entropy(logits, y).mean(), updated["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -76,9 +85,13 @@ def bare_epoch(weights):
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     jitted = jax.jit(step, donate_argnums=(0, 1, 2))
-    batches = [(jnp.asarray(normalise(random_images(BATCH, SIZE, seed=s), "NHWC")),
-                jax.random.bernoulli(jax.random.PRNGKey(s), 0.3, (BATCH, NUM_CLASSES)).astype(jnp.float32))
-               for s in range(STEPS)]
+    batches = [
+        (
+            jnp.asarray(normalise(random_images(BATCH, SIZE, seed=s), "NHWC")),
+            jax.random.bernoulli(jax.random.PRNGKey(s), 0.3, (BATCH, NUM_CLASSES)).astype(jnp.float32),
+        )
+        for s in range(STEPS)
+    ]
     params, batch_stats = jax.tree.map(jnp.copy, (variables["params"], variables["batch_stats"]))
     state = [params, batch_stats, optimizer.init(params)]
     compiled = jitted.lower(*state, *batches[0]).compile()
@@ -108,14 +121,14 @@ def test_bench_compile(benchmark, weights):
 
     def compile_fresh():
         epoch_loop.compiled = None
-        epoch_loop.step_fn = jax.jit(loop.make_train_step(epoch_loop.model.network, epoch_loop.optimizer),
-                                     donate_argnums=0)
+        epoch_loop.step_fn = jax.jit(
+            loop.make_train_step(epoch_loop.model.network, epoch_loop.optimizer), donate_argnums=0
+        )
         epoch_loop.compile(images, labels, jnp.float32(1e-3))
         return epoch_loop.compile_s
 
     compile_s = benchmark.pedantic(compile_fresh, rounds=2, warmup_rounds=0)
-    benchmark.extra_info.update(size_px=SIZE, batch=BATCH, compile_s=round(compile_s, 2),
-                                device=str(jax.devices()[0]))
+    benchmark.extra_info.update(size_px=SIZE, batch=BATCH, compile_s=round(compile_s, 2), device=str(jax.devices()[0]))
 
 
 def test_bench_train_step(benchmark, weights):
@@ -129,20 +142,28 @@ def test_bench_train_step(benchmark, weights):
         loss.block_until_ready()
 
     benchmark.pedantic(one_step, rounds=ROUNDS * STEPS, warmup_rounds=1)
-    benchmark.extra_info.update(size_px=SIZE, batch=BATCH, compile_s=round(epoch_loop.compile_s, 2),
-                                images_per_s=round(BATCH / benchmark.stats.stats.mean, 1))
+    benchmark.extra_info.update(
+        size_px=SIZE,
+        batch=BATCH,
+        compile_s=round(epoch_loop.compile_s, 2),
+        images_per_s=round(BATCH / benchmark.stats.stats.mean, 1),
+    )
 
 
 def test_bench_inference(benchmark, weights):
     settings = settings_for()
     model = backend.cxrbench_build_model(settings=settings, weights=weights)
     images = random_images(4 * BATCH, SIZE)
-    logits = benchmark.pedantic(backend.cxrbench_predict, kwargs={"model": model, "images": images,
-                                                                   "settings": settings},
-                                rounds=ROUNDS, warmup_rounds=1)
+    logits = benchmark.pedantic(
+        backend.cxrbench_predict,
+        kwargs={"model": model, "images": images, "settings": settings},
+        rounds=ROUNDS,
+        warmup_rounds=1,
+    )
     assert logits.shape == (len(images), NUM_CLASSES)
-    benchmark.extra_info.update(size_px=SIZE, batch=BATCH,
-                                images_per_s=round(len(images) / benchmark.stats.stats.mean, 1))
+    benchmark.extra_info.update(
+        size_px=SIZE, batch=BATCH, images_per_s=round(len(images) / benchmark.stats.stats.mean, 1)
+    )
 
 
 def test_bench_epoch_against_a_bare_loop(benchmark, weights):
@@ -158,7 +179,10 @@ def test_bench_epoch_against_a_bare_loop(benchmark, weights):
         [min(t[i] for t in timings[side]) for i in (0, 1)] for side in ("backend", "bare")
     )
     benchmark.extra_info.update(
-        size_px=SIZE, batch=BATCH, steps=STEPS, compile_s=round(epoch_loop.compile_s, 2),
+        size_px=SIZE,
+        batch=BATCH,
+        steps=STEPS,
+        compile_s=round(epoch_loop.compile_s, 2),
         backend_images_per_s=round(BATCH * STEPS / backend_wall, 1),
         bare_images_per_s=round(BATCH * STEPS / bare_wall, 1),
         throughput_ratio_wall=round(bare_wall / backend_wall, 3),

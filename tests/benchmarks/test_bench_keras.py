@@ -40,7 +40,9 @@ BATCH, STEPS = 16, 6
 
 @pytest.fixture(scope="module")
 def bench():
-    settings = make_settings(**{"model.arch": ARCH, "train.batch_size": BATCH, "train.max_steps": STEPS, "train.hflip": True})
+    settings = make_settings(
+        **{"model.arch": ARCH, "train.batch_size": BATCH, "train.max_steps": STEPS, "train.hflip": True}
+    )
     data = make_data(n=BATCH * STEPS * 3 // 2 + 8)
     model = keras_model.build(settings)
     return settings, data, model, loop.KerasEpochLoop(model, data, settings, Recorder())

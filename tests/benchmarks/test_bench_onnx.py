@@ -67,8 +67,11 @@ def test_onnx_runtime_inference(benchmark, deployed):
     backend, settings, model, export, images = deployed
     sess = session(export.path, threads=ORT_THREADS)
     logits = benchmark.pedantic(
-        run_onnx, args=(export.path, images, export.layout), kwargs={"batch_size": BATCH, "sess": sess},
-        rounds=ROUNDS, warmup_rounds=1,
+        run_onnx,
+        args=(export.path, images, export.layout),
+        kwargs={"batch_size": BATCH, "sess": sess},
+        rounds=ROUNDS,
+        warmup_rounds=1,
     )
     _describe(benchmark, deployed, "onnxruntime CPUExecutionProvider")
     stats = diff_stats(backend.predict(model, images, settings), logits, settings.export.atol, settings.export.rtol)

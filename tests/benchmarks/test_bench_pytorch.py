@@ -49,8 +49,17 @@ def weights():
 
 
 def settings_for(**dotted):
-    return kit_settings(SIZE, **{"model.arch": "densenet121", "train.batch_size": BATCH, "train.max_steps": STEPS,
-                                 "train.hflip": True, "numerics.intra_op_threads": THREADS, **dotted})
+    return kit_settings(
+        SIZE,
+        **{
+            "model.arch": "densenet121",
+            "train.batch_size": BATCH,
+            "train.max_steps": STEPS,
+            "train.hflip": True,
+            "numerics.intra_op_threads": THREADS,
+            **dotted,
+        },
+    )
 
 
 def backend_loop(weights, loader_workers: int) -> loop.TorchEpochLoop:
@@ -66,8 +75,13 @@ def bare_epoch(weights):
     net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
     net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    batches = [(torch.from_numpy(normalise(random_images(BATCH, SIZE, seed=s), "NCHW")),
-                torch.randint(0, 2, (BATCH, NUM_CLASSES)).float()) for s in range(STEPS)]
+    batches = [
+        (
+            torch.from_numpy(normalise(random_images(BATCH, SIZE, seed=s), "NCHW")),
+            torch.randint(0, 2, (BATCH, NUM_CLASSES)).float(),
+        )
+        for s in range(STEPS)
+    ]
 
     def epoch():
         for x, y in batches:
@@ -92,19 +106,31 @@ def test_bench_train_step(benchmark, weights):
     images, labels = torch.from_numpy(batch.images), torch.from_numpy(batch.labels)
     epoch_loop.model.net.train()
     benchmark.pedantic(epoch_loop._step, args=(images, labels), rounds=ROUNDS * STEPS, warmup_rounds=1)
-    benchmark.extra_info.update(size_px=SIZE, batch=BATCH, threads=torch.get_num_threads(),
-                                images_per_s=round(BATCH / benchmark.stats.stats.mean, 1))
+    benchmark.extra_info.update(
+        size_px=SIZE,
+        batch=BATCH,
+        threads=torch.get_num_threads(),
+        images_per_s=round(BATCH / benchmark.stats.stats.mean, 1),
+    )
 
 
 def test_bench_inference(benchmark, weights):
     settings = settings_for()
     model = backend.cxrbench_build_model(settings=settings, weights=weights)
     images = random_images(4 * BATCH, SIZE)
-    logits = benchmark.pedantic(backend.cxrbench_predict, kwargs={"model": model, "images": images, "settings": settings},
-                                rounds=ROUNDS, warmup_rounds=1)
+    logits = benchmark.pedantic(
+        backend.cxrbench_predict,
+        kwargs={"model": model, "images": images, "settings": settings},
+        rounds=ROUNDS,
+        warmup_rounds=1,
+    )
     assert logits.shape == (len(images), NUM_CLASSES)
-    benchmark.extra_info.update(size_px=SIZE, batch=BATCH, threads=torch.get_num_threads(),
-                                images_per_s=round(len(images) / benchmark.stats.stats.mean, 1))
+    benchmark.extra_info.update(
+        size_px=SIZE,
+        batch=BATCH,
+        threads=torch.get_num_threads(),
+        images_per_s=round(len(images) / benchmark.stats.stats.mean, 1),
+    )
 
 
 @pytest.mark.parametrize("loader_workers", [0, 1], ids=["plain-iteration", "dataloader-1-worker"])
@@ -121,7 +147,13 @@ def test_bench_epoch_against_a_bare_loop(benchmark, weights, loader_workers):
         [min(t[i] for t in timings[side]) for i in (0, 1)] for side in ("backend", "bare")
     )
     benchmark.extra_info.update(
-        size_px=SIZE, batch=BATCH, steps=STEPS, threads=torch.get_num_threads(), loader_workers=loader_workers,
-        backend_images_per_s=round(BATCH * STEPS / backend_wall, 1), bare_images_per_s=round(BATCH * STEPS / bare_wall, 1),
-        throughput_ratio_wall=round(bare_wall / backend_wall, 3), throughput_ratio_cpu=round(bare_cpu / backend_cpu, 3),
+        size_px=SIZE,
+        batch=BATCH,
+        steps=STEPS,
+        threads=torch.get_num_threads(),
+        loader_workers=loader_workers,
+        backend_images_per_s=round(BATCH * STEPS / backend_wall, 1),
+        bare_images_per_s=round(BATCH * STEPS / bare_wall, 1),
+        throughput_ratio_wall=round(bare_wall / backend_wall, 3),
+        throughput_ratio_cpu=round(bare_cpu / backend_cpu, 3),
     )

@@ -49,8 +49,9 @@ def reference_probabilities(model_path: Path, files: list[Path], size: int = SIZ
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-def dicom_file(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", pixel_data: bool = True,
-               **tags) -> Path:
+def dicom_file(
+    path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", pixel_data: bool = True, **tags
+) -> Path:
     """A DICOM file (Secondary Capture, explicit VR little endian) written with pydicom, ``tags`` set as given."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

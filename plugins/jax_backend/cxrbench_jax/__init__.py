@@ -25,8 +25,10 @@ def _require_framework() -> None:
     """One line naming what to install, instead of an ImportError traceback from a worker."""
     missing = [name for name in FRAMEWORK_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        raise BackendError(f"the jax backend needs {', '.join(missing)}: pip install -e plugins/jax_backend "
-                           "(and jax[cuda12] for NVIDIA GPUs)")
+        raise BackendError(
+            f"the jax backend needs {', '.join(missing)}: pip install -e plugins/jax_backend "
+            "(and jax[cuda12] for NVIDIA GPUs)"
+        )
 
 
 def _version(package: str) -> str:
@@ -40,8 +42,13 @@ def _version(package: str) -> str:
 
 @hookimpl
 def cxrbench_backend_info():
-    return BackendInfo(name=NAME, framework="jax", version=_version("jax"), onnx_layout="NCHW",
-                       extra={name: _version(name) for name in ("jaxlib", "flax", "optax")})
+    return BackendInfo(
+        name=NAME,
+        framework="jax",
+        version=_version("jax"),
+        onnx_layout="NCHW",
+        extra={name: _version(name) for name in ("jaxlib", "flax", "optax")},
+    )
 
 
 @hookimpl

@@ -88,13 +88,18 @@ def cam(model: JaxModel, images: np.ndarray, classes: list[int], batch_size: int
             maps.append(np.asarray(batch_maps)[:real])
             logits.append(np.asarray(batch_logits)[:real])
     bias = np.asarray(model.variables["params"]["classifier"]["bias"])[classes]
-    return CamResult(maps=np.concatenate(maps).astype(np.float32), bias=bias.astype(np.float32),
-                     logits=np.concatenate(logits).astype(np.float32))
+    return CamResult(
+        maps=np.concatenate(maps).astype(np.float32),
+        bias=bias.astype(np.float32),
+        logits=np.concatenate(logits).astype(np.float32),
+    )
 
 
 @contextlib.contextmanager
 def _inference(model: JaxModel, batch_size: int, doing: str) -> Iterator[None]:
     """IEEE float32 matmuls and the core's out-of-memory message around an inference loop."""
-    with jax.default_matmul_precision(numerics.INFERENCE_PRECISION), \
-            numerics.out_of_memory_as_error(model.devices[0], batch_size, doing):
+    with (
+        jax.default_matmul_precision(numerics.INFERENCE_PRECISION),
+        numerics.out_of_memory_as_error(model.devices[0], batch_size, doing),
+    ):
         yield

@@ -134,8 +134,16 @@ class JaxEpochLoop:
             return loss
 
         with self.out_of_memory("training"):
-            return train_epoch(self.recorder, batches, step, epoch=epoch, sync=self.sync, images=self.global_batch,
-                               steps=steps_per_epoch(self.data, settings, self.world), fetch=fetch_stacked)
+            return train_epoch(
+                self.recorder,
+                batches,
+                step,
+                epoch=epoch,
+                sync=self.sync,
+                images=self.global_batch,
+                steps=steps_per_epoch(self.data, settings, self.world),
+                fetch=fetch_stacked,
+            )
 
     def validate(self) -> float:
         """The core's validation loss; every batch padded to one compiled shape that the devices divide."""
@@ -182,7 +190,12 @@ def train(model: JaxModel, data: PreparedData, settings: Settings, recorder: Rec
         finally:
             if not any(a.is_deleted() for a in jax.tree.leaves(loop.variables())):
                 model.variables = loop.variables()
-        in_force = numerics.describe(settings, model.devices, scaled_learning_rate(settings, loop.world),
-                                     model.variables, compile_s=loop.compile_s,
-                                     jit="jax.jit, AOT-compiled step, donated state")
+        in_force = numerics.describe(
+            settings,
+            model.devices,
+            scaled_learning_rate(settings, loop.world),
+            model.variables,
+            compile_s=loop.compile_s,
+            jit="jax.jit, AOT-compiled step, donated state",
+        )
     return {**result, "numerics": in_force}

@@ -63,8 +63,10 @@ def _initial_variables(settings: Settings, weights: dict[str, np.ndarray] | None
     if initial.start is Start.FRAMEWORK:
         return framework_init(network, settings.run.seed)
     if initial.start is Start.IMAGENET:
-        raise WeightsError("model.init = 'imagenet': the jax backend has no ImageNet weights "
-                           "(use 'shared', 'framework' or a weights file)")
+        raise WeightsError(
+            "model.init = 'imagenet': the jax backend has no ImageNet weights "
+            "(use 'shared', 'framework' or a weights file)"
+        )
     return flax_weights.to_variables(initial.weights, network.block_config, origin=initial.origin)
 
 

@@ -64,8 +64,14 @@ class TorchBatchNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, name: str, stride: int = 1, pad: int = 0) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=[(pad, pad), (pad, pad)],
-                   use_bias=False, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=[(pad, pad), (pad, pad)],
+        use_bias=False,
+        name=name,
+    )
 
 
 class DenseNet(nn.Module):

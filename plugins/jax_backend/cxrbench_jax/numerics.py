@@ -47,8 +47,10 @@ def configure(settings: Settings) -> None:
         raise BackendError(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
     for option in ("intra_op_threads", "inter_op_threads"):
         if getattr(numerics, option):  # 0: the core's budget, which XLA's own sizing matches on a dedicated machine
-            raise BackendError(f"numerics.{option} = {getattr(numerics, option)}: XLA sizes its CPU thread pools "
-                               "itself and jax offers no setting for them; leave it at 0")
+            raise BackendError(
+                f"numerics.{option} = {getattr(numerics, option)}: XLA sizes its CPU thread pools "
+                "itself and jax offers no setting for them; leave it at 0"
+            )
     if numerics.memory_growth:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     flags = os.environ.get("XLA_FLAGS", "")
@@ -114,8 +116,9 @@ def device_name(device: jax.Device) -> str:
     return f"{device.platform}:{device.id} ({device.device_kind})"
 
 
-def describe(settings: Settings, devices: list[jax.Device], learning_rate: float, variables: Any,
-             **framework: Any) -> dict[str, Any]:
+def describe(
+    settings: Settings, devices: list[jax.Device], learning_rate: float, variables: Any, **framework: Any
+) -> dict[str, Any]:
     """The core's numerics record of a training run (call it inside the training precision: it is read back).
 
     XLA sizes its CPU thread pools itself from the schedulable CPUs; it exposes no setting, so the record gives

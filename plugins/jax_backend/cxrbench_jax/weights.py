@@ -17,8 +17,12 @@ from cxrbench_jax.network import module_name
 Variables = dict[str, dict[str, dict[str, Any]]]  #: {"params": {...}, "batch_stats": {...}}
 
 #: canonical BatchNorm part -> (Flax collection, variable)
-BN_PARTS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-            "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+BN_PARTS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 
 
 def _place(name: str, shape: tuple[int, ...]) -> tuple[str, str, str, tuple[int, ...] | None]:

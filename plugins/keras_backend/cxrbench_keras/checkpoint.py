@@ -27,8 +27,11 @@ from cxrbench.errors import WeightsError, first_line
 from cxrbench_keras.weights import canonical_prefix, to_canonical
 
 #: Variable names of each kind of layer, in the order :func:`cxrbench_keras.weights.to_canonical` takes them.
-_VARIABLES = {"bn": ("gamma", "beta", "moving_mean", "moving_variance"), "conv": ("kernel",),
-              "dense": ("kernel", "bias")}
+_VARIABLES = {
+    "bn": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "conv": ("kernel",),
+    "dense": ("kernel", "bias"),
+}
 #: The legacy HDF5 root group of a whole saved model (a weights-only file has the layers at its root).
 _LEGACY_ROOT = "model_weights"
 
@@ -104,8 +107,10 @@ def _keras3_weights(path: Path, block_config: tuple[int, ...]) -> Layers:
             problems.append(first_line(exc))
             continue
         return _model_layers(candidate)
-    raise WeightsError(f"{path}: does not match a keras.applications DenseNet{tuple(block_config)} with a "
-                       f"Dense({NUM_CLASSES}) top ({problems[-1]})")
+    raise WeightsError(
+        f"{path}: does not match a keras.applications DenseNet{tuple(block_config)} with a "
+        f"Dense({NUM_CLASSES}) top ({problems[-1]})"
+    )
 
 
 def _candidate_networks(block_config: tuple[int, ...]) -> Iterator:
@@ -136,8 +141,9 @@ def _mapped(layers: Layers, path: Path) -> Iterator[tuple[str, str, dict[str, np
     others = [name for name in unmapped if name not in dense]
     if others or len(dense) > 1:
         names = others or dense
-        raise WeightsError(f"{path}: unknown layer {names[0]!r} ({len(names)} not in a keras.applications DenseNet "
-                           f"with one Dense top)")
+        raise WeightsError(
+            f"{path}: unknown layer {names[0]!r} ({len(names)} not in a keras.applications DenseNet with one Dense top)"
+        )
     for name, variables in layers.items():
         prefix, kind = canonical_prefix(name) or ("classifier", "dense")
         yield prefix, kind, variables

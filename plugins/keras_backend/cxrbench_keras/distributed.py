@@ -28,11 +28,15 @@ def check_replicated_numerics(numerics, replicas: int) -> None:
     if replicas <= 1:
         return
     if numerics.precision == "fp16":
-        raise BackendError(f"numerics.precision = 'fp16' with {replicas} replicas: Keras' LossScaleOptimizer decides "
-                           "'finite' from replica 0 only (NaN weights or a hang); use bf16 or one GPU")
+        raise BackendError(
+            f"numerics.precision = 'fp16' with {replicas} replicas: Keras' LossScaleOptimizer decides "
+            "'finite' from replica 0 only (NaN weights or a hang); use bf16 or one GPU"
+        )
     if numerics.jit_compile:
-        raise BackendError(f"numerics.jit_compile = true with {replicas} replicas: Keras disables XLA for "
-                           "distribution strategies; set it to false or use one GPU")
+        raise BackendError(
+            f"numerics.jit_compile = true with {replicas} replicas: Keras disables XLA for "
+            "distribution strategies; set it to false or use one GPU"
+        )
 
 
 def make_strategy(settings) -> tf.distribute.Strategy:
@@ -68,8 +72,14 @@ def train_dataset(strategy, data, settings, epoch: int):
         local = context.num_replicas_in_sync // context.num_input_pipelines
 
         def replica_batches():
-            for batch in train_batches(data, settings, epoch, batch_size=batch_size * local,
-                                       rank=context.input_pipeline_id, world=context.num_input_pipelines):
+            for batch in train_batches(
+                data,
+                settings,
+                epoch,
+                batch_size=batch_size * local,
+                rank=context.input_pipeline_id,
+                world=context.num_input_pipelines,
+            ):
                 for j in range(local):
                     part = slice(j * batch_size, (j + 1) * batch_size)
                     yield batch.images[part], batch.labels[part]

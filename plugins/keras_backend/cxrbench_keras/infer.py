@@ -37,8 +37,9 @@ def float32_network(model: KerasDenseNet) -> keras.Model:
         return model.network
     if "float32_twin" not in model.functions:
         with float32_policy():
-            model.functions["float32_twin"] = build_network(model.block_config, model.image_size, None,
-                                                            synchronized=False)
+            model.functions["float32_twin"] = build_network(
+                model.block_config, model.image_size, None, synchronized=False
+            )
     twin = model.functions["float32_twin"]
     twin.set_weights(model.network.get_weights())
     return twin

@@ -57,7 +57,10 @@ class KerasEpochLoop:
         size = model.image_size
         self._val_loss_sum = tf.function(
             lambda images, labels: bce_sum(labels, model.network(preprocess(images), training=False)),
-            input_signature=[tf.TensorSpec((None, size, size), tf.uint8), tf.TensorSpec((None, NUM_CLASSES), tf.float32)],
+            input_signature=[
+                tf.TensorSpec((None, size, size), tf.uint8),
+                tf.TensorSpec((None, NUM_CLASSES), tf.float32),
+            ],
             jit_compile=jit,
         )
 
@@ -82,12 +85,26 @@ class KerasEpochLoop:
         self.optimizer.learning_rate.assign(lr)
         dataset = train_dataset(self.strategy, self.data, self.settings, epoch)
         steps = steps_per_epoch(self.data, self.settings, self.replicas)
-        return train_epoch(self.recorder, dataset, self.train_step, epoch=epoch, steps=steps, sync=self.sync,
-                           images=self.global_batch, fetch=lambda losses: tf.stack(losses).numpy())
+        return train_epoch(
+            self.recorder,
+            dataset,
+            self.train_step,
+            epoch=epoch,
+            steps=steps,
+            sync=self.sync,
+            images=self.global_batch,
+            fetch=lambda losses: tf.stack(losses).numpy(),
+        )
 
     def validate(self) -> float:
-        return validation_loss(self.recorder, self.data, self.settings,
-                               lambda batch: self._val_loss_sum(batch.images, batch.labels), self.sync, device_total)
+        return validation_loss(
+            self.recorder,
+            self.data,
+            self.settings,
+            lambda batch: self._val_loss_sum(batch.images, batch.labels),
+            self.sync,
+            device_total,
+        )
 
     def snapshot(self) -> list[np.ndarray]:
         return self.model.network.get_weights()
@@ -103,5 +120,8 @@ def train(model: KerasDenseNet, data, settings, recorder: Recorder) -> dict:
     with oom_as_backend_error(settings.train.batch_size, "training"), peak_memory() as peak:
         result = run_recipe(loop, settings, reporter, world=loop.replicas)
     learning_rate = scaled_learning_rate(settings, loop.replicas)
-    return {**result, "numerics": describe(settings, model.network, model.strategy, loop.optimizer, learning_rate),
-            "peak_memory": peak}
+    return {
+        **result,
+        "numerics": describe(settings, model.network, model.strategy, loop.optimizer, learning_rate),
+        "peak_memory": peak,
+    }

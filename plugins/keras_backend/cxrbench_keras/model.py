@@ -95,7 +95,9 @@ def build(settings, weights=None, strategy=None) -> KerasDenseNet:
     keras.utils.set_random_seed(settings.run.seed)
     backbone_file = imagenet_file(block_config) if initial.start is Start.IMAGENET else None
     with strategy.scope():
-        network = build_network(block_config, settings.data.image_size, backbone_file, strategy.num_replicas_in_sync > 1)
+        network = build_network(
+            block_config, settings.data.image_size, backbone_file, strategy.num_replicas_in_sync > 1
+        )
     model = KerasDenseNet(network, strategy, block_config, settings.data.image_size)
     if initial.start is Start.CANONICAL:
         keras_weights.set_weights(network, initial.weights, block_config, initial.origin)
@@ -125,7 +127,9 @@ def _backbone(block_config, image_size: int, weights_file: str | None) -> keras.
         try:
             backbone.load_weights(weights_file)  # what keras.applications does with weights="imagenet"
         except Exception as exc:  # h5py and Keras raise many types for corrupt or mismatched files
-            raise WeightsError(f"{weights_file}: cannot load into DenseNet{tuple(block_config)}: {first_line(exc)}") from None
+            raise WeightsError(
+                f"{weights_file}: cannot load into DenseNet{tuple(block_config)}: {first_line(exc)}"
+            ) from None
     return backbone
 
 
@@ -141,15 +145,21 @@ def _aligned_layer(layer, synchronized: bool):
 def imagenet_file(block_config) -> str:
     """Keras' cached ImageNet weights file (downloaded into the cache when missing and reachable)."""
     if tuple(block_config) != DENSENET121:
-        raise WeightsError(f"model.init = 'imagenet': Keras has ImageNet weights only for densenet121, not {tuple(block_config)}")
+        raise WeightsError(
+            f"model.init = 'imagenet': Keras has ImageNet weights only for densenet121, not {tuple(block_config)}"
+        )
     cache = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
     cached = cache / "models" / IMAGENET_FILE
     if cached.is_file():
         return str(cached)
     try:
-        return keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models", cache_dir=str(cache), file_hash=IMAGENET_MD5)
+        return keras.utils.get_file(
+            IMAGENET_FILE, IMAGENET_URL, cache_subdir="models", cache_dir=str(cache), file_hash=IMAGENET_MD5
+        )
     except Exception as exc:  # get_file raises bare Exception for network failures
-        raise WeightsError(f"model.init = 'imagenet': {cached} is not cached and cannot be downloaded ({first_line(exc)})") from None
+        raise WeightsError(
+            f"model.init = 'imagenet': {cached} is not cached and cannot be downloaded ({first_line(exc)})"
+        ) from None
 
 
 def load_native_file(model: KerasDenseNet, path: Path) -> None:

@@ -36,7 +36,9 @@ class TorchAdam(keras.optimizers.Adam):
 def make_optimizer(settings):
     """The recipe's optimizer (learning rate set per epoch); a loss-scaling wrapper for fp16."""
     train = settings.train
-    optimizer = TorchAdam(train.learning_rate, train.adam_beta1, train.adam_beta2, train.adam_epsilon, l2=train.weight_decay)
+    optimizer = TorchAdam(
+        train.learning_rate, train.adam_beta1, train.adam_beta2, train.adam_epsilon, l2=train.weight_decay
+    )
     if settings.numerics.precision == "fp16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -23,8 +23,10 @@ CUBLAS_WORKSPACE = ":4096:8"
 def apply(numerics: NumericsSettings) -> None:
     """Switch determinism on or off for this process (after numerics.apply, which sets cudnn.benchmark)."""
     if numerics.deterministic and numerics.cudnn_benchmark:
-        raise BackendError("numerics.deterministic = true and numerics.cudnn_benchmark = true exclude each other: "
-                           "autotuning picks kernels by timing; switch one off")
+        raise BackendError(
+            "numerics.deterministic = true and numerics.cudnn_benchmark = true exclude each other: "
+            "autotuning picks kernels by timing; switch one off"
+        )
     if numerics.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(numerics.deterministic)

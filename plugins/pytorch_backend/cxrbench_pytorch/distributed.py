@@ -83,8 +83,9 @@ def synchronise_batchnorm(net: nn.Module, device_type: str) -> str:
     return "AllReduceBatchNorm2d (gloo all-reduce of batch statistics)"
 
 
-def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder, world: int,
-          device_type: str = "cuda") -> dict[str, Any]:
+def train(
+    model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder, world: int, device_type: str = "cuda"
+) -> dict[str, Any]:
     """Train ``model`` with ``world`` processes on ``device_type`` ("cuda": one GPU each; "cpu": gloo)."""
     if device_type == "cuda" and torch.cuda.device_count() < world:
         raise BackendError(f"run.gpus = {world}, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
@@ -196,16 +197,33 @@ def _rank_main(rank: int, world: int, device_type: str, settings: Settings, data
     dist.destroy_process_group()
 
 
-def _train_rank(rank: int, world: int, device: torch.device, settings: Settings, data: PreparedData, folder: Path,
-                events, backend: str) -> dict[str, Any]:
+def _train_rank(
+    rank: int,
+    world: int,
+    device: torch.device,
+    settings: Settings,
+    data: PreparedData,
+    folder: Path,
+    events,
+    backend: str,
+) -> dict[str, Any]:
     model = build(settings, canonical.load(folder / INITIAL), device)
     batchnorm = synchronise_batchnorm(model.net, device.type)
     ddp = DistributedDataParallel(
         model.net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
     )
     forward = [lambda event, payload: events.put(("event", event, payload))] if rank == 0 else []
-    result = loop.train(model, data, settings, Recorder(forward), rank=rank, world=world, train_net=ddp,
-                        batchnorm=batchnorm, data_parallel=f"DistributedDataParallel ({backend})")
+    result = loop.train(
+        model,
+        data,
+        settings,
+        Recorder(forward),
+        rank=rank,
+        world=world,
+        train_net=ddp,
+        batchnorm=batchnorm,
+        data_parallel=f"DistributedDataParallel ({backend})",
+    )
     result["max_abs_weight_diff_between_ranks"] = _weight_spread(model.net)
     if rank == 0:
         canonical.save(tv_weights.get(model.net), folder / FINAL)

@@ -46,8 +46,13 @@ def export_onnx(model: TorchModel, path: str | Path, settings: Settings) -> Expo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is chosen deliberately
         torch.onnx.export(
-            LogitsAndFeatures(net), (example,), str(path), dynamo=False, opset_version=settings.export.opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, FEATURES_OUTPUT],
+            LogitsAndFeatures(net),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=settings.export.opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME, FEATURES_OUTPUT],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, FEATURES_OUTPUT: {0: "batch"}},
         )
     seconds = time.perf_counter() - start

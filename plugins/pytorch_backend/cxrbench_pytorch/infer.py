@@ -21,11 +21,17 @@ from cxrbench_pytorch.model import TorchModel, host_images
 T = TypeVar("T")
 
 
-def _batched(model: TorchModel, images: np.ndarray, batch_size: int, doing: str, fn: Callable[[torch.Tensor], T]) -> list[T]:
+def _batched(
+    model: TorchModel, images: np.ndarray, batch_size: int, doing: str, fn: Callable[[torch.Tensor], T]
+) -> list[T]:
     """``fn`` of each normalised device batch, in eval and inference mode, out-of-memory translated."""
     host = host_images(images)
     model.net.eval()
-    with torch.inference_mode(), numerics.ieee_float32(), numerics.out_of_memory_as_error(model.device, batch_size, doing):
+    with (
+        torch.inference_mode(),
+        numerics.ieee_float32(),
+        numerics.out_of_memory_as_error(model.device, batch_size, doing),
+    ):
         return [fn(model.inputs(host[start : start + batch_size])) for start in range(0, len(host), batch_size)]
 
 
@@ -58,4 +64,3 @@ def cam(model: TorchModel, images: np.ndarray, chosen: Sequence[int], batch_size
         bias=bias.detach().float().cpu().numpy(),
         logits=torch.cat(logits).numpy(),
     )
-

@@ -72,16 +72,28 @@ def input_pipeline(make_batches: Callable[..., Iterable[Batch]], workers: int, p
 class TorchEpochLoop:
     """One epoch of Adam on BCE-with-logits, validation, and weight snapshots, for ``run_recipe``."""
 
-    def __init__(self, model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder,
-                 train_net: nn.Module, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        model: TorchModel,
+        data: PreparedData,
+        settings: Settings,
+        recorder: Recorder,
+        train_net: nn.Module,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
         self.train_net, self.rank, self.world = train_net, rank, world
         train = settings.train
         # Fused on CUDA: one kernel per step, and with fp16 GradScaler's inf check stays on the device (the
         # unfused path calls .item() every step, a host sync that would understate fp16's speed).
         self.optimizer = torch.optim.Adam(
-            model.net.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-            eps=train.adam_epsilon, weight_decay=train.weight_decay, fused=model.device.type == "cuda" or None,
+            model.net.parameters(),
+            lr=train.learning_rate,
+            betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_epsilon,
+            weight_decay=train.weight_decay,
+            fused=model.device.type == "cuda" or None,
         )
         self.scaler = numerics.grad_scaler(model.device, settings.numerics.precision)
         self.autocast = functools.partial(numerics.autocast, model.device, settings.numerics.precision)
@@ -100,9 +112,16 @@ class TorchEpochLoop:
         make = functools.partial(train_batches, self.data, self.settings, epoch, rank=self.rank, world=self.world)
         batches = input_pipeline(make, self.settings.numerics.loader_workers, self.pin)
         with numerics.out_of_memory_as_error(self.model.device, batch_size, "training"):
-            return train_epoch(self.recorder, batches, lambda pair: self._step(*pair), epoch=epoch,
-                               steps=steps_per_epoch(self.data, self.settings, self.world), sync=self.sync,
-                               images=batch_size * self.world, fetch=self._mean_over_ranks)
+            return train_epoch(
+                self.recorder,
+                batches,
+                lambda pair: self._step(*pair),
+                epoch=epoch,
+                steps=steps_per_epoch(self.data, self.settings, self.world),
+                sync=self.sync,
+                images=batch_size * self.world,
+                fetch=self._mean_over_ranks,
+            )
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.model.inputs(images)
@@ -127,11 +146,20 @@ class TorchEpochLoop:
         """The core's validation loss over this rank's shard, summed over the ranks."""
         net = self.model.net  # never the DDP wrapper: ranks may run different numbers of batches here
         net.eval()
-        with torch.inference_mode(), numerics.out_of_memory_as_error(
-            self.model.device, self.settings.train.batch_size, "validating"
+        with (
+            torch.inference_mode(),
+            numerics.out_of_memory_as_error(self.model.device, self.settings.train.batch_size, "validating"),
         ):
-            return validation_loss(self.recorder, self.data, self.settings, self._summed_loss, self.sync,
-                                   self._total_over_ranks, rank=self.rank, world=self.world)
+            return validation_loss(
+                self.recorder,
+                self.data,
+                self.settings,
+                self._summed_loss,
+                self.sync,
+                self._total_over_ranks,
+                rank=self.rank,
+                world=self.world,
+            )
 
     def _summed_loss(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
@@ -155,8 +183,17 @@ class TorchEpochLoop:
         self.model.net.load_state_dict(snapshot)
 
 
-def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: Recorder, *, rank: int = 0,
-          world: int = 1, train_net: nn.Module | None = None, **record: str) -> dict[str, Any]:
+def train(
+    model: TorchModel,
+    data: PreparedData,
+    settings: Settings,
+    recorder: Recorder,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    train_net: nn.Module | None = None,
+    **record: str,
+) -> dict[str, Any]:
     """Run the core's recipe; return its result plus the core's numerics record (``record``: DDP's part of it)."""
     net = train_net if train_net is not None else model.net
     if settings.numerics.compile:
@@ -164,7 +201,16 @@ def train(model: TorchModel, data: PreparedData, settings: Settings, recorder: R
     loop = TorchEpochLoop(model, data, settings, recorder, net, rank, world)
     with numerics.peak_memory(model.device) as peak:
         result = run_recipe(loop, settings, recorder, world=world)
-    in_force = numerics.describe(settings, model.net, model.device, world, scaled_learning_rate(settings, world),
-                                 scaler=loop.scaler, compiled=settings.numerics.compile, loader=loop.loader_name,
-                                 optimizer=loop.optimizer, **record)
+    in_force = numerics.describe(
+        settings,
+        model.net,
+        model.device,
+        world,
+        scaled_learning_rate(settings, world),
+        scaler=loop.scaler,
+        compiled=settings.numerics.compile,
+        loader=loop.loader_name,
+        optimizer=loop.optimizer,
+        **record,
+    )
     return {**result, "numerics": in_force, "peak_memory": peak}

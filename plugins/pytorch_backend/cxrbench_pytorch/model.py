@@ -63,7 +63,9 @@ def new_densenet(block_config: tuple[int, ...], seed: int) -> DenseNet:
     """torchvision's DenseNet-BC with its own initialiser, seeded without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DenseNet(growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4, num_classes=NUM_CLASSES)
+        return DenseNet(
+            growth_rate=32, block_config=block_config, num_init_features=64, bn_size=4, num_classes=NUM_CLASSES
+        )
 
 
 def build(settings: Settings, weights: dict[str, np.ndarray] | None, device: torch.device | None = None) -> TorchModel:
@@ -85,8 +87,9 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None, device: tor
     return model
 
 
-def _weights_to_load(initial: InitialWeights, net: DenseNet,
-                     block_config: tuple[int, ...]) -> Mapping[str, np.ndarray] | None:
+def _weights_to_load(
+    initial: InitialWeights, net: DenseNet, block_config: tuple[int, ...]
+) -> Mapping[str, np.ndarray] | None:
     """The canonical weights to load into ``net`` (None: keep torchvision's seeded initialiser)."""
     if initial.start is Start.IMAGENET:
         fresh = {k: v for k, v in tv_weights.get(net).items() if k.startswith("classifier.")}

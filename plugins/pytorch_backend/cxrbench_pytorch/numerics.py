@@ -119,17 +119,30 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def describe(settings: Settings, net: nn.Module, device: torch.device, world: int, learning_rate: float, *,
-             scaler: torch.amp.GradScaler, compiled: bool, loader: str, optimizer: torch.optim.Optimizer,
-             data_parallel: str = "none",
-             batchnorm: str = "torch.nn.BatchNorm2d") -> dict[str, Any]:
+def describe(
+    settings: Settings,
+    net: nn.Module,
+    device: torch.device,
+    world: int,
+    learning_rate: float,
+    *,
+    scaler: torch.amp.GradScaler,
+    compiled: bool,
+    loader: str,
+    optimizer: torch.optim.Optimizer,
+    data_parallel: str = "none",
+    batchnorm: str = "torch.nn.BatchNorm2d",
+) -> dict[str, Any]:
     """The core's numerics record of a training run, read back from torch where torch holds it."""
     numerics = settings.numerics
     dtype = AUTOCAST_DTYPES[numerics.precision]
     cudnn = torch.backends.cudnn
     synchronized = not any(type(module) is nn.BatchNorm2d for module in net.modules())
-    devices = [device_name(torch.device(device.type, rank)) for rank in range(world)] if device.type == "cuda" \
+    devices = (
+        [device_name(torch.device(device.type, rank)) for rank in range(world)]
+        if device.type == "cuda"
         else [device_name(device)] * world
+    )
     return numerics_record.build(
         "pytorch",
         device=device_name(device),
@@ -152,8 +165,11 @@ def describe(settings: Settings, net: nn.Module, device: torch.device, world: in
         thread_budget=thread_budget(numerics, world),
         deterministic=torch.are_deterministic_algorithms_enabled(),
         input_pipeline=loader,
-        versions={"torch": torch.__version__, "cuda": torch.version.cuda,
-                  "cudnn": cudnn.version() if cudnn.is_available() else None},
+        versions={
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": cudnn.version() if cudnn.is_available() else None,
+        },
         framework={
             "autocast_dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,

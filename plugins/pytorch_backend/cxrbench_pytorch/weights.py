@@ -21,7 +21,9 @@ from cxrbench.suite import ARCHITECTURES
 
 #: torchvision's released DenseNet checkpoints still use the old names ``denselayer1.norm.1``
 #: (dots are no longer allowed in module names); the same pattern torchvision itself rewrites.
-_OLD_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 _NOT_A_WEIGHT = "num_batches_tracked"
 #: Weight files this backend reads itself (``model.init``): torch state_dicts. The core reads ``.npz``.
 NATIVE_SUFFIXES = (".pt", ".pth")
@@ -43,7 +45,9 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.array(tensor.detach().cpu().float().numpy(), dtype=np.float32, order="C")
 
 
-def put(net: nn.Module, weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str = "weights") -> None:
+def put(
+    net: nn.Module, weights: Mapping[str, np.ndarray], block_config: tuple[int, ...], origin: str = "weights"
+) -> None:
     """Copy canonical weights into ``net`` in place (keeping its device and memory format)."""
     canonical.validate(weights, block_config, origin)
     state = net.state_dict()
@@ -74,8 +78,10 @@ def _load(path: Path, what: str) -> object:
     except pickle.UnpicklingError as exc:
         refused = _REFUSED_GLOBAL.search(str(exc))
         if refused:
-            raise WeightsError(f"{path}: refused: it pickles {refused.group(1)}, not only tensors and plain containers "
-                               f"(if you trust it, load it in PyTorch and torch.save its state_dict)") from None
+            raise WeightsError(
+                f"{path}: refused: it pickles {refused.group(1)}, not only tensors and plain containers "
+                f"(if you trust it, load it in PyTorch and torch.save its state_dict)"
+            ) from None
         raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
     except Exception as exc:  # the unpickler fails on garbage in many ways (IndexError, KeyError, EOFError, ...)
         raise WeightsError(f"{path}: not a readable {what} ({first_line(exc, with_type=True)})") from None
@@ -97,8 +103,9 @@ def import_checkpoint(path: Path, block_config: tuple[int, ...]) -> dict[str, np
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
         content = content["state_dict"]
     state = {_CHECKPOINT_PREFIX.sub("", key): value for key, value in _tensors(content, path).items()}
-    weights = {_CLASSIFIER_IN_SEQUENTIAL.sub("classifier.", key): value
-               for key, value in from_state_dict(state).items()}
+    weights = {
+        _CLASSIFIER_IN_SEQUENTIAL.sub("classifier.", key): value for key, value in from_state_dict(state).items()
+    }
     check_densenet(weights, block_config, str(path))
     return weights
 
@@ -110,7 +117,9 @@ def imagenet(block_config: tuple[int, ...], classifier: Mapping[str, np.ndarray]
     checks the file's hash when it downloads it, not when it finds it in the cache.
     """
     if tuple(block_config) != ARCHITECTURES["densenet121"]:
-        raise WeightsError("model.init = 'imagenet': torchvision has ImageNet weights only for model.arch = 'densenet121'")
+        raise WeightsError(
+            "model.init = 'imagenet': torchvision has ImageNet weights only for model.arch = 'densenet121'"
+        )
     from torchvision.models import DenseNet121_Weights
 
     source = DenseNet121_Weights.IMAGENET1K_V1

@@ -66,14 +66,18 @@ def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
         seed = int(np.random.SeedSequence([settings.run.seed, FRAMEWORK_INIT_STREAM]).generate_state(1)[0])
         return canonical.init_canonical(settings.model.block_config, seed), initial.origin
     if initial.start is Start.IMAGENET:
-        raise WeightsError("model.init = 'imagenet': the numpy backend has no ImageNet weights (use 'shared', 'framework' or a weights file)")
+        raise WeightsError(
+            "model.init = 'imagenet': the numpy backend has no ImageNet weights (use 'shared', 'framework' or a weights file)"
+        )
     return initial.weights, initial.origin
 
 
 @hookimpl
 def cxrbench_build_model(settings, weights):
     if settings.numerics.precision != "fp32":
-        raise BackendError(f"numerics.precision = {settings.numerics.precision!r}: the numpy backend computes in fp32 only")
+        raise BackendError(
+            f"numerics.precision = {settings.numerics.precision!r}: the numpy backend computes in fp32 only"
+        )
     canonical.check_image_size(settings.data.image_size)
     model = NumpyDenseNet(settings.model.block_config, {})
     _load(model, *_initial_weights(settings, weights))
@@ -82,7 +86,9 @@ def cxrbench_build_model(settings, weights):
 
 def _load(model: NumpyDenseNet, weights, origin: str) -> None:
     canonical.validate(weights, model.block_config, origin)
-    model.weights = {name: np.array(weights[name], dtype=np.float32) for name in canonical.densenet_spec(model.block_config)}
+    model.weights = {
+        name: np.array(weights[name], dtype=np.float32) for name in canonical.densenet_spec(model.block_config)
+    }
 
 
 @hookimpl
@@ -159,6 +165,11 @@ def cxrbench_export_onnx(model, path, settings):
     write_onnx(model.weights, model.block_config, size, opset, Path(path), producer="cxrbench_numpy_example")
     stamp_metadata(path, model_metadata(LAYOUT, size, NAME))
     return ExportInfo(
-        path=str(path), layout=LAYOUT, opset=opset, input_name=INPUT, output_name=OUTPUT,
-        seconds=time.perf_counter() - start, exporter="onnx.helper graph from canonical weights (cxrbench.onnx_graph)",
+        path=str(path),
+        layout=LAYOUT,
+        opset=opset,
+        input_name=INPUT,
+        output_name=OUTPUT,
+        seconds=time.perf_counter() - start,
+        exporter="onnx.helper graph from canonical weights (cxrbench.onnx_graph)",
     )

@@ -91,8 +91,15 @@ class LinearProbeLoop:
             self.adam.step(self.model.weights, grads, lr)
             return loss
 
-        return train_epoch(self.recorder, train_batches(self.data, self.settings, epoch), step, epoch=epoch,
-                           steps=steps_per_epoch(self.data, self.settings), sync=self.sync, images=batch_images)
+        return train_epoch(
+            self.recorder,
+            train_batches(self.data, self.settings, epoch),
+            step,
+            epoch=epoch,
+            steps=steps_per_epoch(self.data, self.settings),
+            sync=self.sync,
+            images=batch_images,
+        )
 
     def validate(self) -> float:
         """The core's validation loss: every image once, no shuffle, no flip; this loop supplies each batch's sum."""
