@@ -171,10 +171,10 @@ class Settings:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], origin: str = "<settings>") -> "Settings":
+    def from_dict(cls, raw: dict[str, Any], origin: str = "<settings>") -> Settings:
         return _build(raw, origin)
 
-    def replace(self, **dotted: Any) -> "Settings":
+    def replace(self, **dotted: Any) -> Settings:
         """Return a copy with ``section.key`` values changed (validated like a suite file)."""
         raw = self.to_dict()
         for key, value in dotted.items():

@@ -9,10 +9,9 @@ seed, validate what a backend returns, and store weights without importing any f
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-
-import zipfile
 
 import numpy as np
 

@@ -7,14 +7,14 @@ skipped, naming what to install, in an environment without that backend, such as
 import os
 import tempfile
 
-import pytest
-from helpers import backends
-
 # Extension modules that register protobuf descriptors abort the interpreter when imported twice.
 # pytester's in-process runs (the conformance kit's tests) drop every module first imported inside
 # them, so anything such a run may import is imported here, once, for the whole session.
 import onnx  # noqa: E402,F401
 import onnxruntime  # noqa: E402,F401
+import pytest
+
+from helpers import backends
 
 try:
     # torch must be imported before tensorflow in a process that holds both (the cross-backend tests,

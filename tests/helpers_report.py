@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from cxrbench.cam_overlay import overlay
+from cxrbench.checks.equivalence import agreement
 from cxrbench.checks.onnx import diff_stats
 from cxrbench.classes import CLASSES
 from cxrbench.data.index import Box
-from cxrbench.checks.equivalence import agreement
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
 from cxrbench.numerics_record import build as numerics_record

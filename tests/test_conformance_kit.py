@@ -184,7 +184,8 @@ BROKEN = {
         """
         @hookimpl
         def cxrbench_export_onnx(model, path, settings):
-            shifted = dataclasses.replace(model, weights={**model.weights, "classifier.bias": model.weights["classifier.bias"] + 0.01})
+            bias = model.weights["classifier.bias"] + 0.01
+            shifted = dataclasses.replace(model, weights={**model.weights, "classifier.bias": bias})
             return good.cxrbench_export_onnx(shifted, path, settings)
         """,
         "onnx",

@@ -72,7 +72,8 @@ def test_worker_manager_holds_exactly_one_backend():
 def test_unknown_backend_lists_installed_and_broken():
     with pytest.raises(
         BackendError,
-        match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: tests.core_plugins.broken_at_import",
+        match=r"unknown backend 'mxnet' \(installed: .*pytorch.*\); plugins that failed to load: "
+        r"tests.core_plugins.broken_at_import",
     ):
         plugins.load_plugins(["tests.core_plugins.broken_at_import"], backend="mxnet")
 
@@ -178,9 +179,9 @@ def test_evaluate_stage_passes_patients_and_notes_a_plugin_without_groups(tmp_pa
     """The evaluate stage hands every metric plugin the test rows' patients; the built-in AUROC resamples them,
     and a plugin whose cxrbench_evaluate takes no ``groups`` is named in metrics.json."""
     from cxrbench.data.prepared import PreparedData
+    from cxrbench.files import load_npz, read_json
     from cxrbench.recorder import Recorder
     from cxrbench.run import stages
-    from cxrbench.files import load_npz, read_json
 
     rng = np.random.default_rng(0)
     labels = (rng.random((60, 14)) < 0.5).astype(np.uint8)

@@ -10,11 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers.nih_files import Entry, entries, image_path, truncate, write_dataset
 from PIL import Image
 
 from cxrbench.data import cache, images, nih
 from cxrbench.errors import DataError
+from helpers.nih_files import Entry, entries, image_path, truncate, write_dataset
 
 LABELS = ("No Finding", "Effusion", "Mass|Nodule", "Atelectasis")
 
@@ -108,7 +108,8 @@ def test_two_processes_preparing_the_same_key(tmp_path):
         f"""
         from pathlib import Path
         from cxrbench.data import cache, nih
-        p = cache.prepare(nih.read_index(Path({str(root)!r})), 32, cache_dir=Path({str(tmp_path / "cache")!r}), workers=1)
+        p = cache.prepare(nih.read_index(Path({str(root)!r})), 32, cache_dir=Path({str(tmp_path / "cache")!r}),
+                          workers=1)
         print(p.key, int(p.images.astype('int64').sum()))
         """
     )

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers.nih_files import Entry, entries, truncate, write_dataset
 
 from cxrbench.classes import CLASSES
 from cxrbench.data import check, nih
+from helpers.nih_files import Entry, entries, truncate, write_dataset
 
 LABELS = ("No Finding", "Effusion|Atelectasis", "Hernia", "No Finding", "Infiltration|Mass|Nodule")
 TEST_PATIENTS = (2, 6, 9)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.nih_files import Entry, entries, gray_pattern, image_path, truncate, write_dataset, write_png
 
 from cxrbench.classes import CLASSES
 from cxrbench.data import images, nih
 from cxrbench.errors import DataError
+from helpers.nih_files import Entry, entries, gray_pattern, image_path, truncate, write_dataset, write_png
 
 LABELS = (
     "No Finding",

@@ -6,10 +6,10 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-from helpers.nih_files import entries, write_dataset
 
 from cxrbench.classes import CLASSES
 from cxrbench.data import nih, splits
+from helpers.nih_files import entries, write_dataset
 
 
 def synthetic_rows(patients: int, seed: int = 0, rare_patients: int = 12):

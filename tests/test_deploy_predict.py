@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 from PIL import Image
 
 from cxrbench.checks import onnx as onnx_checks
@@ -23,6 +22,7 @@ from cxrbench.classes import CLASSES
 from cxrbench.cli import main
 from cxrbench.deploy import images
 from cxrbench.deploy.model import ScoringModel
+from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 
 needs_pydicom = pytest.mark.skipif(
     importlib.util.find_spec("pydicom") is None, reason='DICOM tests need pydicom: pip install -e ".[dicom]"'

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 from PIL import Image
 
 from cxrbench.classes import CLASSES
+from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")

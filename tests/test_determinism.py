@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers.backends import require
 
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
+from helpers.backends import require
 
 require("pytorch")
 import torch  # noqa: E402

@@ -191,9 +191,9 @@ def test_no_gpu_given_means_the_cpu_is_fine(monkeypatch):
 
 @pytest.mark.backends("pytorch", "keras")
 def test_both_backends_refuse_a_gpu_given_but_unseen(monkeypatch):
+    from cxrbench.suite import Settings
     from cxrbench_keras.numerics import configure_runtime
     from cxrbench_pytorch.numerics import select_device
-    from cxrbench.suite import Settings
 
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # NVML shows this process one GPU; neither framework sees it

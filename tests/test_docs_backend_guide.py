@@ -125,7 +125,10 @@ def test_documented_fields_exist_in_order(guide: str, type_name: str):
 
 
 def test_names_used_sees_calls_not_prose():
-    code = 'call("cxrbench_predict")\nx.cxrbench_cam\nrun("import m\\nm.cxrbench_train()\\n")\n"""cxrbench_dataset is prose\n"""\n'
+    code = (
+        'call("cxrbench_predict")\nx.cxrbench_cam\nrun("import m\\nm.cxrbench_train()\\n")\n'
+        '"""cxrbench_dataset is prose\n"""\n'
+    )
     assert names_used(ast.parse(code)) & set(HOOKS) == {"cxrbench_predict", "cxrbench_cam", "cxrbench_train"}
 
 

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers.nih_files import Entry, entries, write_dataset
 
 from cxrbench import files, run_folder, weights
 from cxrbench.api import ExportInfo
@@ -27,6 +26,7 @@ from cxrbench.data import cache, nih
 from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.run import keep, stages, store
 from cxrbench.suite import Settings
+from helpers.nih_files import Entry, entries, write_dataset
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 NO_SPACE = "no space left on the device: free space there or choose a folder on another disk"

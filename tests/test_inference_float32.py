@@ -8,7 +8,7 @@ check the switches are off inside inference and restored after, nor that a bf16 
 from __future__ import annotations
 
 import numpy as np
-import pytest
+
 from helpers.backends import require
 
 require("pytorch", "keras")

@@ -12,19 +12,17 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from helpers.backends import require
 
 require("jax", "pytorch", "numpy")
 
-import cxrbench_jax
 import jax
 import jax.numpy as jnp
 import torch
 import torchvision
-from cxrbench_jax import infer, loop, network
-from cxrbench_jax import model as jax_model
-from cxrbench_numpy_example.network import classify, pooled_features
 
+import cxrbench_jax
 from cxrbench import weights as canonical
 from cxrbench.checks.onnx import normalise as host_normalise
 from cxrbench.classes import NUM_CLASSES
@@ -36,6 +34,9 @@ from cxrbench.testing.conformance import (
     random_images,
     synthetic_data,
 )
+from cxrbench_jax import infer, loop, network
+from cxrbench_jax import model as jax_model
+from cxrbench_numpy_example.network import classify, pooled_features
 
 SIZE = 64
 TINY = (1, 1, 1, 1)

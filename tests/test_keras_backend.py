@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+
 from helpers.backends import require
 
 require("pytorch", "keras")
@@ -33,8 +34,10 @@ torchvision = pytest.importorskip("torchvision")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from cxrbench_keras import infer, loop, model as keras_model, optim, weights as keras_weights  # noqa: E402
+from cxrbench_keras import infer, loop, optim  # noqa: E402
+from cxrbench_keras import model as keras_model
 from cxrbench_keras import numerics as keras_numerics  # noqa: E402
+from cxrbench_keras import weights as keras_weights
 
 SIZE = 64
 TINY = (1, 1, 1, 1)

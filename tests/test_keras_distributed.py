@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from helpers.backends import require
 
 require("keras")
@@ -43,7 +44,8 @@ BODY = textwrap.dedent(
     # The replicas receive the core's rank slices of the global batch, in rank order.
     first = next(iter(distributed.train_dataset(strategy, data, settings, epoch=1)))
     for rank, images in enumerate(strategy.experimental_local_results(first[0])):
-        expected = next(data.batches("train", per_replica, epoch=1, seed=0, shuffle=True, hflip=True, rank=rank, world=2))
+        expected = next(data.batches("train", per_replica, epoch=1, seed=0, shuffle=True, hflip=True,
+                                     rank=rank, world=2))
         assert np.array_equal(images.numpy(), expected.images), rank
 
     two = keras_model.build(settings, weights, strategy=strategy)

@@ -53,8 +53,8 @@ GPUTIL_QUERY = (
     "gpu_serial,display_active,display_mode,temperature.gpu"
 )
 GPUTIL_CSV = (
-    "0, GPU-8a3e7c1d-0000-1111-2222-333344445555, 37, 16160, 5021, 11139, 535.104.05, Tesla V100-SXM2-16GB, 0323717000001, Disabled, Enabled, 45\n"
-    "1, GPU-8a3e7c1d-0000-1111-2222-333344446666, 91, 16160, 15800, 360, 535.104.05, Tesla V100-SXM2-16GB, 0323717000002, Disabled, Enabled, 71\n"
+    "0, GPU-8a3e7c1d-0000-1111-2222-333344445555, 37, 16160, 5021, 11139, 535.104.05, Tesla V100-SXM2-16GB, 0323717000001, Disabled, Enabled, 45\n"  # noqa: E501 (nvidia-smi's line as it prints it)
+    "1, GPU-8a3e7c1d-0000-1111-2222-333344446666, 91, 16160, 15800, 360, 535.104.05, Tesla V100-SXM2-16GB, 0323717000002, Disabled, Enabled, 71\n"  # noqa: E501
 )
 
 
@@ -191,7 +191,7 @@ def test_sampler_tags_rows_with_phase_and_epoch_and_writes_the_summary(tmp_path)
     ).start()
     for phase, epoch in (("train", 1), ("validate", 1)):
         tags.phase_name, tags.epoch = phase, epoch
-        _wait_for(lambda: any(r["phase"] == phase for r in sampler.samples))
+        _wait_for(lambda phase=phase: any(r["phase"] == phase for r in sampler.samples))
     summary = sampler.stop()
 
     rows = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ import urllib.error
 
 import numpy as np
 import pytest
+
 from helpers.backends import require
 
 require("pytorch")

@@ -10,6 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
+
 from helpers.backends import require
 
 require("pytorch")

@@ -12,6 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from helpers_report import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
@@ -20,7 +21,6 @@ from cxrbench.report.load import load_run
 from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
 from cxrbench.timing import ratio_interval
-from helpers_report import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
 
 class Elements(HTMLParser):
@@ -61,7 +61,7 @@ def test_default_output_is_index_html_of_the_first_run(fake_run, report):
 
 def test_summary_shows_each_backends_mean_auroc_and_ci(fake_run, report):
     run = load_run(fake_run)
-    for name, backend in run.backends.items():
+    for backend in run.backends.values():
         auroc = backend.get("auroc")
         assert f"{auroc['mean']:.4f}" in report
         low, high = auroc["ci"]["mean"]

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_report import make_fake_run
 
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
-from helpers_report import make_fake_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -105,7 +105,8 @@ def test_hostile_report_runs_no_script_in_chromium(browser, tmp_path):
         scripts: document.querySelectorAll('script').length,
         iframes: document.querySelectorAll('iframe').length,
         injected: document.querySelectorAll('#injected').length,
-        handlers: [...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
+        handlers: [...document.querySelectorAll('*')]
+            .filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
     })""")
     assert dom == {"scripts": 0, "iframes": 0, "injected": 0, "handlers": 0}
     assert "<script>alert('error')</script>" in page.page.inner_text("#failures")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from helpers_report import make_fake_run
 
-from cxrbench.report.run_comparison import compare_runs
 from cxrbench.report.load import load_run
+from cxrbench.report.run_comparison import compare_runs
 
 
 def _edit_run_json(run: Path, edit) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.deploy import chest_like, png_bytes
 
 from cxrbench.cli import main
+from helpers.deploy import chest_like, png_bytes
 
 pandas = pytest.importorskip("pandas")
 pytestmark = pytest.mark.backends("numpy")

@@ -10,11 +10,11 @@ from cxrbench.checks.equivalence import agreement, equivalence_matrix, model_pas
 from cxrbench.cli import main
 from cxrbench.env import gpu_inventory
 from cxrbench.errors import CxrError
+from cxrbench.files import write_json
 from cxrbench.run import scaling
 from cxrbench.run.index_page import write_index
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.progress import Progress, status_line, summary_table
-from cxrbench.files import write_json
 from cxrbench.run_folder import gpus_folder
 from cxrbench.suite import load_suite
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_report import make_fake_run
 
 from cxrbench import run_folder
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
 from cxrbench.run.schema import load_schema
-
-from helpers_report import make_fake_run
 
 PACKAGE = Path(run_folder.__file__).resolve().parent
 ROOT = PACKAGE.parent

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
@@ -17,9 +18,6 @@ from cxrbench.run import sweep
 from cxrbench.run.schema import validate
 from cxrbench.run_folder import sweep_folder
 from cxrbench.suite import Settings, parse_set_option
-
-from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
-
 
 # -- grid ------------------------------------------------------------------------------------------
 

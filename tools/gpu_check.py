@@ -197,7 +197,8 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
 
     from cxrbench.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
-    from cxrbench_keras import loop, model as keras_model
+    from cxrbench_keras import loop
+    from cxrbench_keras import model as keras_model
 
     devices = _split_logical(tf, "GPU" if gpu else "CPU")
     strategy = tf.distribute.MirroredStrategy(devices)

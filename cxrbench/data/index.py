@@ -29,7 +29,7 @@ class Box:
     frame_w: int  #: width of the image file the box refers to
     frame_h: int
 
-    def resized(self, size: int) -> "Box":
+    def resized(self, size: int) -> Box:
         """The same box on the image resized to ``size x size`` (the prepared cache)."""
         fx, fy = size / self.frame_w, size / self.frame_h
         return Box(self.image, self.label, self.x * fx, self.y * fy, self.w * fx, self.h * fy, size, size)

@@ -198,7 +198,8 @@ def _note_patient_prefixes(entries: _Entries, notes: list[str]) -> None:
     if mismatched:
         _note(
             notes,
-            f"{len(mismatched)} images have a file-name prefix other than their Patient ID (e.g. {mismatched[0]}); the Patient ID column is used",
+            f"{len(mismatched)} images have a file-name prefix other than their Patient ID (e.g. {mismatched[0]}); "
+            "the Patient ID column is used",
         )
 
 
@@ -290,7 +291,8 @@ def read_box_file(path: Path) -> list[tuple[str, str, float, float, float, float
         header = [h.strip() for h in next(rows, [])]
         if header[:2] != ["Image Index", "Finding Label"] or len(header) < 3 or not header[2].startswith("Bbox"):
             raise DataError(
-                f"{path}: unexpected header {','.join(header)!r}, expected 'Image Index,Finding Label,Bbox [x,y,w,h],,,'"
+                f"{path}: unexpected header {','.join(header)!r}, "
+                "expected 'Image Index,Finding Label,Bbox [x,y,w,h],,,'"
             )
         out = []
         for line, row in enumerate(rows, start=2):

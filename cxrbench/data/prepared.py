@@ -56,7 +56,7 @@ class PreparedData:
     @classmethod
     def in_memory(
         cls, images: np.ndarray, labels: np.ndarray, split: np.ndarray, key: str, source: str = "in-memory"
-    ) -> "PreparedData":
+    ) -> PreparedData:
         """Prepared data from arrays (one patient per image): for tests and for plugins' own checks."""
         n = len(images)
         files = [f"{i + 1:08d}_000.png" for i in range(n)]

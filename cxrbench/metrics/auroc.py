@@ -14,7 +14,7 @@ of positives is not one), and p-values are computed in log space so they never u
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import norm, rankdata

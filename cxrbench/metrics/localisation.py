@@ -11,7 +11,8 @@ corner, pixel i covering [i, i + 1).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage

@@ -104,7 +104,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxrbench-monitor", daemon=True)
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self.tree.read()  # the first cpu_percent of a process (and of the machine) is always 0: prime it
         self.machine.read()
         self._thread.start()

@@ -101,7 +101,8 @@ def speed_ratio(
     if ratio < 1.005:
         return f"{name} is as fast as {baseline} {what} ({format_number(value)} vs {format_number(base)} {figure.unit})"
     word = "faster" if better else "slower"
-    return f"{name} is {ratio:.2f}x {word} than {baseline} {what} ({format_number(value)} vs {format_number(base)} {figure.unit})"
+    figures = f"{format_number(value)} vs {format_number(base)} {figure.unit}"
+    return f"{name} is {ratio:.2f}x {word} than {baseline} {what} ({figures})"
 
 
 #: Steady-state figures compared between backends: (phase, throughput.json key, words).

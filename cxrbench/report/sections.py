@@ -16,6 +16,7 @@ import numpy as np
 from cxrbench.errors import CxrError
 from cxrbench.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.report import charts
+from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.figures import (
     disturbed_note,
     gpu_train_utilisation,
@@ -24,7 +25,6 @@ from cxrbench.report.figures import (
     ratio_sentences,
     repeat_sentences,
 )
-from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.load import BackendRun, Run, load_predictions, log_tail
 from cxrbench.report.references import AUROC_REFERENCES, CHESTXRAY8_IOBB_05, CHESTXRAY8_THRESHOLD
 

@@ -69,9 +69,8 @@ def add_parser(commands) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from cxrbench.suite import COMMON_OVERRIDES, parse_set_option
-
     from cxrbench.run.repeats import check_count
+    from cxrbench.suite import COMMON_OVERRIDES, parse_set_option
 
     given = {dotted: getattr(args, option) for option, dotted in COMMON_OVERRIDES.items()}
     given.update(parse_set_option(text) for text in args.set)

@@ -115,7 +115,7 @@ def _check_warmup(settings: Settings, index, gpu_counts: list[int], grid: dict[s
         timing.check_warmup(train.warmup_steps, steps)
 
 
-def new_run(request: RunRequest) -> "Orchestrator":
+def new_run(request: RunRequest) -> Orchestrator:
     """Check everything that can be refused (backends, GPUs, data, folder) before the run folder exists."""
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
     _check_gpus(counts)
@@ -178,7 +178,7 @@ def _refuse_existing(run_dir: Path) -> None:
         raise CxrError(f"{run_dir}: already holds a run (use --resume {run_dir} to finish it, or another --out)")
 
 
-def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) -> "Orchestrator":
+def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) -> Orchestrator:
     """Reuse a run's settings, backends and plugins; completed backends and stages are skipped."""
     run = read_json(run_dir / RUN_JSON)
     if run is None:

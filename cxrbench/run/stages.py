@@ -63,7 +63,8 @@ class StageContext:
         )
         if logits.shape != (len(images), len(CLASSES)):
             raise CxrError(
-                f"backend {self.backend!r}: cxrbench_predict returned shape {logits.shape}, expected {(len(images), len(CLASSES))}"
+                f"backend {self.backend!r}: cxrbench_predict returned shape {logits.shape}, "
+                f"expected {(len(images), len(CLASSES))}"
             )
         return logits
 

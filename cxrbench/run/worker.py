@@ -18,8 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from cxrbench import __version__
-from cxrbench import initial_weights
+from cxrbench import __version__, initial_weights
 from cxrbench import weights as canonical
 from cxrbench.env import run_gpu_indices
 from cxrbench.errors import CxrError, DataError, StorageError
@@ -148,7 +147,8 @@ def open_prepared(hook, settings: Settings, key: str):
     data = cache.prepare(index, settings.data.image_size)
     if data.key != key:
         raise DataError(
-            f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: the data set changed since the run started"
+            f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: "
+            "the data set changed since the run started"
         )
     return data
 

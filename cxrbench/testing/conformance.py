@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cxrbench import numerics_record
 from cxrbench.api import BackendInfo, CamResult, EpochRecord, ExportInfo
 from cxrbench.checks import onnx as onnx_checks
-from cxrbench import numerics_record
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
 from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
@@ -593,11 +593,15 @@ def test_images_outside_the_contract_are_a_backend_error(backend: Backend):
     one = random_images(1, 32)
     for kind, images in BAD_IMAGES.items():
         for hook, call in (("predict", backend.predict), ("cam", lambda m, i, s: backend.cam(m, i, [0], s))):
-            message = _refused(lambda: call(model, images, settings), f"{hook} of {kind} images")
+            message = _refused(
+                lambda call=call, images=images: call(model, images, settings), f"{hook} of {kind} images"
+            )
             assert message.startswith("images must be uint8 (N, S, S), got ") and message.endswith("= 32)"), message
     assert "at least one image" in _refused(lambda: backend.cam(model, one[:0], [0], settings), "CAM of no images")
     for classes in ([NUM_CLASSES], [-1], []):
-        message = _refused(lambda: backend.cam(model, one, classes, settings), f"CAM of classes {classes}")
+        message = _refused(
+            lambda classes=classes: backend.cam(model, one, classes, settings), f"CAM of classes {classes}"
+        )
         assert message.startswith("CAM classes must be indices"), message
     empty = backend.predict(model, one[:0], settings)
     assert empty.dtype == np.float32 and empty.shape == (0, NUM_CLASSES)

@@ -19,22 +19,23 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from helpers.backends import require
 
 require("jax")
 
-import cxrbench_jax as backend
 import jax
 import jax.numpy as jnp
 import optax
-from cxrbench_jax import loop
-from cxrbench_jax.network import DenseNet
 
+import cxrbench_jax as backend
 from cxrbench.checks.onnx import normalise
 from cxrbench.classes import NUM_CLASSES
 from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import kit_settings, random_images, synthetic_data
 from cxrbench.weights import init_canonical
+from cxrbench_jax import loop
+from cxrbench_jax.network import DenseNet
 
 SIZE, BATCH, STEPS, ROUNDS = 64, 16, 2, 3
 DENSENET121 = (6, 12, 24, 16)

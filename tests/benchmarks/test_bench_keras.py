@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+
 from helpers.backends import require
 
 require("pytorch", "keras")  # the reference loop is torch's
@@ -32,7 +33,8 @@ from test_keras_backend import make_data, make_settings  # noqa: E402
 
 from cxrbench.classes import NUM_CLASSES  # noqa: E402
 from cxrbench.recorder import Recorder  # noqa: E402
-from cxrbench_keras import infer, loop, model as keras_model  # noqa: E402
+from cxrbench_keras import infer, loop  # noqa: E402
+from cxrbench_keras import model as keras_model
 
 ARCH = os.environ.get("CXRBENCH_BENCH_ARCH", "densenet-small")
 BATCH, STEPS = 16, 6

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from helpers.backends import require
 
 require("pytorch")

@@ -22,7 +22,6 @@ from cxrbench.training import (
     train_epoch,
     validation_loss,
 )
-
 from cxrbench_keras.distributed import check_replicated_numerics, is_chief, train_dataset
 from cxrbench_keras.model import KerasDenseNet, preprocess
 from cxrbench_keras.numerics import describe, oom_as_backend_error, peak_memory

@@ -21,7 +21,6 @@ from cxrbench import weights as canonical
 from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from cxrbench.errors import WeightsError, first_line
 from cxrbench.initial_weights import Start
-
 from cxrbench_keras import weights as keras_weights
 from cxrbench_keras.numerics import configure_runtime
 

@@ -67,7 +67,8 @@ def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
         return canonical.init_canonical(settings.model.block_config, seed), initial.origin
     if initial.start is Start.IMAGENET:
         raise WeightsError(
-            "model.init = 'imagenet': the numpy backend has no ImageNet weights (use 'shared', 'framework' or a weights file)"
+            "model.init = 'imagenet': the numpy backend has no ImageNet weights "
+            "(use 'shared', 'framework' or a weights file)"
         )
     return initial.weights, initial.origin
 
@@ -108,7 +109,6 @@ def cxrbench_train(model, data, settings, recorder):
 
     from cxrbench.budget import thread_budget
     from cxrbench.training import run_recipe
-
     from cxrbench_numpy_example.probe import LinearProbeLoop, describe
 
     if settings.run.gpus:
@@ -157,7 +157,6 @@ def cxrbench_cam(model, images, classes, settings):
 @hookimpl
 def cxrbench_export_onnx(model, path, settings):
     from cxrbench.checks.onnx import model_metadata, stamp_metadata
-
     from cxrbench.onnx_graph import INPUT, OUTPUT, write_onnx
 
     start = time.perf_counter()

@@ -15,7 +15,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from cxrbench.checks.onnx import normalise
 from cxrbench.weights import BN_EPSILON, check_image_size
 
-
 Weights = Mapping[str, np.ndarray]
 
 

@@ -28,7 +28,6 @@ from cxrbench.training import (
     train_epoch,
     validation_loss,
 )
-
 from cxrbench_numpy_example.network import classify, pooled_features
 
 TRAINED = ("classifier.weight", "classifier.bias")
