@@ -25,28 +25,10 @@ import pytest
 from cxrbench.checks.onnx import check_model
 from cxrbench.run import keep
 from cxrbench.run.schema import validate
+from helpers.tiny_run import TINY_RUN
 
 TESTS = Path(__file__).resolve().parent
-TINY = [
-    "--backend",
-    "numpy",
-    "--arch",
-    "densenet-tiny",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--monitor-interval",
-    "0.2",
-    "--set",
-    "data.phantom_images=120",
-    "--set",
-    "data.phantom_size=64",
-    "--set",
-    "eval.bootstrap_rounds=10",
-    "--set",
-    "eval.cam_images=2",
-]
+TINY = ["--backend", "numpy", *TINY_RUN, "--monitor-interval", "0.2"]
 
 pytestmark = pytest.mark.slow
 

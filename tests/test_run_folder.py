@@ -19,6 +19,7 @@ from cxrbench import run_folder
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
 from cxrbench.run.schema import load_schema
+from helpers.tiny_run import TINY_RUN
 
 PACKAGE = Path(run_folder.__file__).resolve().parent
 ROOT = PACKAGE.parent
@@ -151,26 +152,7 @@ def test_paths_of_repeats_gpu_counts_sweeps_and_shared_weights(tmp_path):
     assert run_folder.log_of("keras") == "keras/log.txt"
 
 
-TINY = [
-    "--backend",
-    "numpy",
-    "--arch",
-    "densenet-tiny",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-    "--set",
-    "data.phantom_images=120",
-    "--set",
-    "data.phantom_size=64",
-    "--set",
-    "eval.bootstrap_rounds=10",
-    "--set",
-    "eval.cam_images=2",
-]
+TINY = ["--backend", "numpy", *TINY_RUN, "--epochs", "1"]
 
 
 @pytest.mark.slow
