@@ -11,7 +11,11 @@ Steps (each in fresh processes, each with its own time limit, a failing step nev
                the equivalence and ONNX parity must pass
   oversized    an oversized batch per backend: must end as a one-line out-of-memory error, not a crash
   ddp-torch    two DDP ranks: one per GPU over NCCL with >= 2 GPUs; with one GPU the backend's CUDA path
-               cannot run (one rank per device), so the gloo path runs its two ranks on the CPU
+               cannot run (one rank per device), so the gloo path runs its two ranks on the CPU; on GPUs also
+               with torch.compile (DDP + SyncBatchNorm compiled)
+  syncs-torch  host synchronisations per training step in bf16 and fp16 (torch's sync debug mode): the fused
+               Adam keeps GradScaler's inf check on the device, so fp16 must not sync every step
+  ddp-sigterm  SIGTERM to a `cxrbench run --gpus 2` while its DDP ranks train: every rank must be gone after
   mirrored-keras  MirroredStrategy over two logical devices split from GPU 0: fp32 and bf16 must train with identical
                replicas; fp16 and XLA must be refused in one line (Keras gets them wrong under replication)
   visible-device  a run with CUDA_VISIBLE_DEVICES set to a non-first GPU (needs >= 2 GPUs)
@@ -92,6 +96,8 @@ LIMITS = {
     "ddp-torch": 180,
     "mirrored-keras": 180,
     "visible-device": 180,
+    "syncs-torch": 180,
+    "ddp-sigterm": 240,
 }
 
 
@@ -154,6 +160,7 @@ def probe_ddp_torch(size: int) -> dict[str, Any]:
     from cxrbench_pytorch import distributed
 
     cuda = torch.cuda.device_count() >= 2
+    compiled = _ddp_compiled(size) if cuda else "skipped: the CPU (gloo) path is checked without compile"
     settings = kit_settings(size, **{"train.max_steps": 1, "train.batch_size": 2, "run.gpus": 2 if cuda else 0})
     model = backend.cxrbench_build_model(
         settings=settings.replace(**{"run.gpus": 0}), weights=random_canonical(settings.model.block_config, 0)
@@ -179,6 +186,81 @@ def probe_ddp_torch(size: int) -> dict[str, Any]:
         "ranks": 2,
         "note": note,
         "max_abs_weight_diff_between_ranks": result.get("max_abs_weight_diff_between_ranks"),
+        "with_compile": compiled,
+    }
+
+
+def _ddp_compiled(size: int) -> dict[str, Any] | str:
+    """Two NCCL ranks with ``numerics.compile``: DDP around a compiled DenseNet with SyncBatchNorm layers."""
+    import numpy as np
+
+    import cxrbench_pytorch as backend
+    from cxrbench.recorder import Recorder
+    from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
+    from cxrbench_pytorch import distributed
+
+    sets = {"train.max_steps": 2, "train.batch_size": 2, "run.gpus": 2, "numerics.compile": True}
+    settings = kit_settings(size, **sets)
+    model = backend.cxrbench_build_model(
+        settings=settings.replace(**{"run.gpus": 0}), weights=random_canonical(settings.model.block_config, 0)
+    )
+    try:
+        result = distributed.train(model, synthetic_data(size, train=8, val=4), settings, Recorder(), world=2)
+    except Exception as exc:  # recorded: the step fails on it
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    finite = bool(np.isfinite(result["best_val_loss"]))
+    spread = result.get("max_abs_weight_diff_between_ranks")
+    return {
+        "status": "passed" if finite and spread == 0 else "failed",
+        "best_val_loss": result["best_val_loss"],
+        "max_abs_weight_diff_between_ranks": spread,
+    }
+
+
+def probe_syncs_torch(size: int) -> dict[str, Any]:
+    """Host synchronisations per training step in bf16 and fp16, counted by torch's sync debug mode.
+
+    The window timer's own edges synchronise explicitly (``torch.cuda.synchronize``, not counted); what is counted
+    is every implicit sync (``.item()``, a device-to-host copy). The epoch's one loss fetch is one; GradScaler with an
+    unfused Adam would add one per step.
+    """
+    import warnings
+
+    import torch
+
+    import cxrbench_pytorch as backend
+    from cxrbench.recorder import Recorder
+    from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
+    from cxrbench_pytorch import loop
+
+    steps, variants = 8, {}
+    for precision in ("bf16", "fp16"):
+        settings = kit_settings(
+            size, **{"train.max_steps": steps, "train.batch_size": 4, "numerics.precision": precision}
+        )
+        model = backend.cxrbench_build_model(
+            settings=settings, weights=random_canonical(settings.model.block_config, 0)
+        )
+        epoch_loop = loop.TorchEpochLoop(model, synthetic_data(size, train=40, val=4), settings, Recorder(), model.net)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                outcome = epoch_loop.train_epoch(1, 1e-3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchronizing" in str(w.message) for w in caught)
+        variants[precision] = {
+            "steps": len(outcome.losses),
+            "syncs": syncs,
+            "syncs_per_step": round(syncs / max(len(outcome.losses), 1), 3),
+            "finite_losses": bool(torch.isfinite(torch.as_tensor(outcome.losses)).all()),
+        }
+    too_many = [p for p, v in variants.items() if v["syncs_per_step"] >= 1 or not v["finite_losses"]]
+    return {
+        "status": "failed" if too_many else "passed",
+        "variants": variants,
+        **({"error": f"{', '.join(too_many)}: a host sync every step, or a non-finite loss"} if too_many else {}),
     }
 
 
@@ -261,6 +343,7 @@ PROBES = {
     "torch": lambda args: probe_torch(),
     "tensorflow": lambda args: probe_tensorflow(),
     "jax": lambda args: probe_jax(),
+    "syncs-torch": lambda args: probe_syncs_torch(args.size),
     "ddp-torch": lambda args: probe_ddp_torch(args.size),
     "mirrored-keras": lambda args: probe_mirrored_keras(args.size, args.gpu),
 }
@@ -446,6 +529,41 @@ class Check:
         )
         return _backend_results(run)
 
+    def ddp_sigterm(self) -> dict[str, Any]:
+        """SIGTERM to a 2-GPU run while its DDP ranks train; the run must end interrupted with no rank left."""
+        import signal
+
+        import psutil
+
+        folder = self.out / "ddp-sigterm"
+        sets = [*self.sizes["smoke"], "train.epochs=20", 'run.stages=["train"]']
+        args = [sys.executable, "-m", "cxrbench", "run", "--backend", "pytorch", "--gpus", "2", "--out", str(folder)]
+        for text in sets:
+            args += ["--set", text]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        status, deadline = folder / "pytorch" / "status.json", time.monotonic() + LIMITS["ddp-sigterm"] / 2
+        tree: list[psutil.Process] = []
+        while time.monotonic() < deadline and process.poll() is None:
+            stages = (_read(status) or {}).get("stages", {})
+            tree = psutil.Process(process.pid).children(recursive=True)
+            if stages.get("train") == "running" and len(tree) >= 3:  # the worker and its two ranks
+                break
+            time.sleep(1.0)
+        else:
+            process.kill()
+            return {"status": "failed", "error": "the DDP ranks did not start training in time"}
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=STOP_GRACE_S * 2)
+        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        outcome = (_read(folder / "run.json") or {}).get("backends", {}).get("pytorch", {}).get("status")
+        return {
+            "status": "passed" if not alive else "failed",
+            "processes_before": len(tree),
+            "left_alive": [p.pid for p in alive],
+            "backend_status": outcome,
+            **({"error": f"{len(alive)} process(es) outlived the run"} if alive else {}),
+        }
+
     def execute(self, gpu_count: int) -> dict[str, Any]:
         size, gpu_flag = str(self.sizes["probe_size"]), [] if self.dry else ["--gpu"]
         keras = "keras" in self.backends
@@ -469,6 +587,22 @@ class Check:
             "oversized",
             self.oversized,
             "dry run: an oversized batch would exhaust this machine's memory" if self.dry else None,
+        )
+        self.step(
+            "syncs-torch",
+            lambda: self._probe("syncs-torch", "syncs-torch", "--size", size),
+            "dry run: counting host syncs needs CUDA"
+            if self.dry
+            else None
+            if "pytorch" in self.backends
+            else "pytorch is not among --backend",
+        )
+        self.step(
+            "ddp-sigterm",
+            self.ddp_sigterm,
+            None
+            if gpu_count >= 2 and "pytorch" in self.backends
+            else f"needs 2 GPUs and the pytorch backend ({gpu_count} GPU(s))",
         )
         self.step(
             "visible-device",
