@@ -58,5 +58,5 @@ def test_dry_run_runs_every_step_on_the_cpu_and_writes_one_summary(tmp_path):
     assert steps["ddp-torch"]["with_compile"].startswith("skipped")
     assert len(steps["sweep"]["cells"]) == 4 and all(c["train_images_per_s"] for c in steps["sweep"]["cells"])
     assert steps["smoke"]["equivalence_tf32_off"]["passed"] is True
-    assert steps["compile"]["backends"]["pytorch"]["numerics"]["compile"] is True
+    assert steps["compile"]["backends"]["pytorch"]["numerics"]["compile"] == "torch.compile"
     assert steps["ddp-torch"]["device"] == "cpu" and steps["ddp-torch"]["max_abs_weight_diff_between_ranks"] == 0
