@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+def distribution_version(name: str) -> str:
+    """An installed distribution's version for :class:`BackendInfo`, read from package metadata (no import), or
+    ``"not installed"``: discovery still lists a backend whose framework is missing, and building a model then
+    says what to install."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 @dataclass(frozen=True, kw_only=True)

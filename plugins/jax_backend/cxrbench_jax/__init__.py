@@ -8,10 +8,9 @@ it raises a one-line error naming the package to install.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 
-from cxrbench.api import BackendInfo
+from cxrbench.api import BackendInfo, distribution_version
 from cxrbench.errors import BackendError
 from cxrbench.hookspecs import hookimpl
 from cxrbench.model_inputs import check_cam_inputs, check_images
@@ -31,23 +30,14 @@ def _require_framework() -> None:
         )
 
 
-def _version(package: str) -> str:
-    """The installed version, or "not installed": discovery must list the backend even then, and building a
-    model says what to install (:func:`_require_framework`)."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 @hookimpl
 def cxrbench_backend_info():
     return BackendInfo(
         name=NAME,
         framework="jax",
-        version=_version("jax"),
+        version=distribution_version("jax"),
         onnx_layout="NCHW",
-        extra={name: _version(name) for name in ("jaxlib", "flax", "optax")},
+        extra={name: distribution_version(name) for name in ("jaxlib", "flax", "optax")},
     )
 
 

@@ -8,9 +8,8 @@ the sibling modules), never at plugin import, so discovery stays cheap; KERAS_BA
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 
-from cxrbench.api import BackendInfo
+from cxrbench.api import BackendInfo, distribution_version
 from cxrbench.hookspecs import hookimpl
 from cxrbench.model_inputs import check_cam_inputs, check_images
 
@@ -21,21 +20,14 @@ NAME = "keras"
 CHECKPOINT_SUFFIXES = (".h5", ".keras")
 
 
-def _version(distribution: str) -> str:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 @hookimpl
 def cxrbench_backend_info():
     return BackendInfo(
         name=NAME,
         framework="keras",
-        version=_version("keras"),
+        version=distribution_version("keras"),
         onnx_layout="NHWC",
-        extra={"tensorflow": _version("tensorflow"), "tf2onnx": _version("tf2onnx")},
+        extra={"tensorflow": distribution_version("tensorflow"), "tf2onnx": distribution_version("tf2onnx")},
     )
 
 
