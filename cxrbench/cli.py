@@ -18,7 +18,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
-    from cxrbench.env import gpu_inventory
+    from cxrbench.machine.env import gpu_inventory
     from cxrbench.plugins import load_plugins, no_backend_message
 
     plugins = load_plugins(args.plugin)
@@ -48,7 +48,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _check_backends(names: list[str], args: argparse.Namespace) -> int:
-    from cxrbench.device_check import check_all
+    from cxrbench.machine.framework_devices import check_all
     from cxrbench.run.environments import parse_python_options
 
     rows = check_all(names, parse_python_options(args.python))
@@ -69,7 +69,7 @@ def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from cxrbench.env import capture
+    from cxrbench.machine.env import capture
 
     print(json.dumps(capture(), indent=2))
     return 0
@@ -131,7 +131,8 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_import(args: argparse.Namespace) -> int:
-    from cxrbench import checkpoints, weights
+    from cxrbench.backend import canonical as weights
+    from cxrbench.backend import checkpoints
     from cxrbench.files import sha256_of
     from cxrbench.plugins import load_plugins
 

@@ -9,10 +9,10 @@ Two kinds of plugin answer these hooks:
 * any plugin may contribute to the **all-plugins** hooks (evaluation metrics, report sections,
   data sets).
 
-Data crosses the boundary as numpy arrays and the plain types of :mod:`cxrbench.api`. Images are
+Data crosses the boundary as numpy arrays and the plain types of :mod:`cxrbench.backend.api`. Images are
 always ``uint8`` gray arrays ``(N, S, S)`` from the prepared cache; the backend replicates them to
 three channels and normalises them with ImageNet mean/std *on its device*. Weights cross as
-canonical dicts (:mod:`cxrbench.weights`). Classes are always in :data:`cxrbench.classes.CLASSES`.
+canonical dicts (:mod:`cxrbench.backend.canonical`). Classes are always in :data:`cxrbench.data.classes.CLASSES`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def cxrbench_backend_info():
     parent process, for every registered plugin. Must be cheap and must **not** import the
     framework (read versions with :func:`importlib.metadata.version`).
 
-    :return: a :class:`cxrbench.api.BackendInfo`, or ``None`` for plugins that are not backends.
+    :return: a :class:`cxrbench.backend.api.BackendInfo`, or ``None`` for plugins that are not backends.
         All answers are collected.
     """
 
@@ -85,12 +85,12 @@ def cxrbench_build_model(settings, weights):
 
     :param settings: the run's :class:`cxrbench.suite.Settings` (numerics options apply here too,
         e.g. channels_last or a precision policy).
-    :param weights: canonical weights (:mod:`cxrbench.weights`) to load, or ``None`` to initialise
-        by ``settings.model.init``. Either way, call :func:`cxrbench.initial_weights.resolve` with
+    :param weights: canonical weights (:mod:`cxrbench.backend.canonical`) to load, or ``None`` to initialise
+        by ``settings.model.init``. Either way, call :func:`cxrbench.backend.initial_weights.resolve` with
         the file suffixes your framework reads itself: the core owns the policy and answers with a
-        :class:`~cxrbench.initial_weights.Start`. ``CANONICAL``: load its ``weights``, already
+        :class:`~cxrbench.backend.initial_weights.Start`. ``CANONICAL``: load its ``weights``, already
         checked against the architecture (the given weights, ``"shared"`` = the seeded
-        :func:`cxrbench.weights.init_canonical` the worker also passes, or a ``.npz`` file).
+        :func:`cxrbench.backend.canonical.init_canonical` the worker also passes, or a ``.npz`` file).
         ``FRAMEWORK``: the framework's own initialiser, seeded from ``settings.run.seed``.
         ``IMAGENET``: the framework's ImageNet weights, from its local cache or the network, with
         the classifier re-initialised; a one-line :class:`~cxrbench.errors.WeightsError` when
@@ -100,7 +100,7 @@ def cxrbench_build_model(settings, weights):
         every backend.
     :return: the backend's model object; the core treats it as opaque. Raise
         :class:`~cxrbench.errors.BackendError` for an image size the network cannot take
-        (:func:`cxrbench.weights.check_image_size`).
+        (:func:`cxrbench.backend.canonical.check_image_size`).
     """
 
 
@@ -109,7 +109,7 @@ def cxrbench_get_weights(model):
     """Return the model's current weights in the canonical layout.
 
     :return: ``dict[str, numpy.ndarray]`` (float32) with exactly the names and shapes of
-        :func:`cxrbench.weights.densenet_spec`; a get/set round trip must be exact.
+        :func:`cxrbench.backend.canonical.densenet_spec`; a get/set round trip must be exact.
     """
 
 
@@ -117,7 +117,7 @@ def cxrbench_get_weights(model):
 def cxrbench_set_weights(model, weights):
     """Load canonical weights into ``model`` in place.
 
-    :param weights: a canonical dict; validate it with :func:`cxrbench.weights.validate` so a
+    :param weights: a canonical dict; validate it with :func:`cxrbench.backend.canonical.validate` so a
         missing or misshapen tensor raises :class:`~cxrbench.errors.WeightsError` naming it.
     :return: ``True`` (so the call is known to have been answered).
     """
@@ -130,12 +130,12 @@ def cxrbench_import_checkpoint(path, block_config):
 
     Decide by the file's suffix (and content) whether it is your kind, *before* importing the framework, so
     other kinds cost nothing. Never unpickle arbitrary objects. Check what you read with
-    :func:`cxrbench.checkpoints.check_densenet`, which names a wrong architecture, a head of another class
+    :func:`cxrbench.backend.checkpoints.check_densenet`, which names a wrong architecture, a head of another class
     count or unknown tensors in one line.
 
     :param path: a :class:`pathlib.Path` to an existing file that is not ``.npz`` (the core reads those).
     :param block_config: the DenseNet the weights are for (``settings.model.block_config``).
-    :return: canonical weights (float32, exactly :func:`cxrbench.weights.densenet_spec`), or ``None`` when the
+    :return: canonical weights (float32, exactly :func:`cxrbench.backend.canonical.densenet_spec`), or ``None`` when the
         file is not your kind. A file of your kind that is wrong (truncated, unknown keys, another architecture,
         a pickle you refuse) is a one-line :class:`~cxrbench.errors.WeightsError` naming the file.
     """
@@ -153,13 +153,13 @@ def cxrbench_train(model, data, settings, recorder):
     ``settings.train.lr_scaling``; ReduceLROnPlateau on the validation loss; after training the
     model holds the weights of the epoch with the lowest validation loss.
 
-    How: implement a :class:`cxrbench.training.EpochLoop` and call :func:`cxrbench.training.run_recipe`,
+    How: implement a :class:`cxrbench.backend.training.EpochLoop` and call :func:`cxrbench.backend.training.run_recipe`,
     which owns the schedule, the best weights, NaN detection (:class:`~cxrbench.errors.TrainingDiverged`),
     timing and the per-epoch records. The loop's ``train_epoch`` runs
-    :func:`cxrbench.training.train_epoch` over :func:`cxrbench.training.train_batches` (wrapped in the
+    :func:`cxrbench.backend.training.train_epoch` over :func:`cxrbench.backend.training.train_batches` (wrapped in the
     framework's own pipeline), with a step that returns the loss on the device: the helper times the
     batches (``recorder.timed``), reports progress without a host synchronisation and fetches the losses
-    once per epoch. Its ``validate`` returns :func:`cxrbench.training.validation_loss` (every validation
+    once per epoch. Its ``validate`` returns :func:`cxrbench.backend.training.validation_loss` (every validation
     image once, summed per batch on the device, one reduction; an empty split is the core's
     :class:`~cxrbench.errors.DataError`). Input: batches from ``data.batches(...)``
     (:class:`cxrbench.data.prepared.PreparedData`), which fixes the sample order and the (already
@@ -172,7 +172,7 @@ def cxrbench_train(model, data, settings, recorder):
     message (:func:`cxrbench.errors.out_of_memory_as_error` around the framework's exception).
 
     :return: a dict with at least ``best_epoch`` and ``best_val_loss`` (``run_recipe``'s result), and
-        ``"numerics"``: the record of what was in force, made with :func:`cxrbench.numerics_record.build`
+        ``"numerics"``: the record of what was in force, made with :func:`cxrbench.backend.numerics_record.build`
         (exactly its keys, read back from the framework; framework-specific values under ``"framework"``).
         The core refuses a record with a missing or unknown key. Optionally ``"peak_memory"``:
         ``{"mib": ..., "source": ...}``, the framework's own peak device allocation while training (empty or
@@ -185,7 +185,7 @@ def cxrbench_predict(model, images, settings):
     """Logits for ``images`` in eval mode, without gradients, batched by the backend.
 
     :param images: ``uint8`` array ``(N, S, S)`` with ``S = settings.data.image_size``; N may be 0.
-        Check it first with :func:`cxrbench.model_inputs.check_images` (one-line
+        Check it first with :func:`cxrbench.backend.model_inputs.check_images` (one-line
         :class:`~cxrbench.errors.BackendError` for anything else), then never cast or reshape it.
     :param settings: ``settings.eval.tta_hflip`` averages the logits of each image and its
         horizontal mirror; ``settings.train.batch_size`` bounds the inference batch.
@@ -197,13 +197,13 @@ def cxrbench_predict(model, images, settings):
 def cxrbench_cam(model, images, classes, settings):
     """Class activation maps for the given classes, at the final feature map's resolution.
 
-    Check the inputs first with :func:`cxrbench.model_inputs.check_cam_inputs`: images as for
+    Check the inputs first with :func:`cxrbench.backend.model_inputs.check_cam_inputs`: images as for
     :func:`cxrbench_predict` and at least one of them, at least one class index, each in range.
 
     :param images: ``uint8`` array ``(N, S, S)`` with ``S = settings.data.image_size``, N >= 1.
-    :param classes: indices into :data:`cxrbench.classes.CLASSES`; the maps follow their order.
+    :param classes: indices into :data:`cxrbench.data.classes.CLASSES`; the maps follow their order.
     :param settings: ``settings.train.batch_size`` bounds the inference batch, as in prediction.
-    :return: a :class:`cxrbench.api.CamResult`; its identity ``maps.mean((2, 3)) + bias == logits``
+    :return: a :class:`cxrbench.backend.api.CamResult`; its identity ``maps.mean((2, 3)) + bias == logits``
         is checked by the conformance kit.
     """
 
@@ -214,14 +214,14 @@ def cxrbench_export_onnx(model, path, settings):
 
     Input: float32, ImageNet-normalised, three channels, dynamic batch axis, in the backend's
     layout (NCHW or NHWC, stated in the result); outputs: logits first, then ``features``
-    (:data:`cxrbench.checks.onnx.FEATURES_OUTPUT`), the final feature map after the last BatchNorm
+    (:data:`cxrbench.deploy.onnx_file.FEATURES_OUTPUT`), the final feature map after the last BatchNorm
     and ReLU in the same layout. Opset ``settings.export.opset``. The backend stamps the metadata of
-    :func:`cxrbench.checks.onnx.model_metadata` and :func:`cxrbench.checks.onnx.cam_metadata` (the
-    classifier weight ``(classes, K)`` and bias) with :func:`cxrbench.checks.onnx.stamp_metadata`, so
+    :func:`cxrbench.deploy.onnx_file.model_metadata` and :func:`cxrbench.deploy.onnx_file.cam_metadata` (the
+    classifier weight ``(classes, K)`` and bias) with :func:`cxrbench.deploy.onnx_file.stamp_metadata`, so
     a CAM needs only onnxruntime and numpy; the core checks it with ``onnx.checker``, compares
     onnxruntime with :func:`cxrbench_predict` and checks the CAM identity on the export.
 
-    :return: a :class:`cxrbench.api.ExportInfo`.
+    :return: a :class:`cxrbench.backend.api.ExportInfo`.
     """
 
 

@@ -20,7 +20,7 @@ import pluggy
 from pluggy import PluginValidationError
 
 from cxrbench import hookspecs
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.errors import BackendError, CxrError
 
 ENTRY_POINT_GROUP = "cxrbench"

@@ -1,4 +1,4 @@
-"""A run's results as pandas tables: ``cxrbench.results.load(RUN_DIR)``.
+"""A run's results as pandas tables: ``cxrbench.results.load(RUN_DIR)``, and the ``cxrbench results`` command.
 
 The run folder is read through the report's reader (:func:`cxrbench.report.load.load_run`), so the tables
 and the HTML report always agree and no file name is known here. Every table is long ("tidy"): one row
@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,28 @@ def stack(results: list[Results], table: str):
     """One table of several runs, one under the other (the ``run`` column tells them apart)."""
     pandas = _pandas()
     return pandas.concat([r.table(table) for r in results], ignore_index=True)
+
+
+# -- cxrbench results RUN_DIR...: one table of one or several runs (stacked, a run column) as CSV, Markdown or JSON
+def render(frame, fmt: str) -> str:
+    """The table as text; Markdown is written here (pandas' ``to_markdown`` needs the tabulate package)."""
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2, double_precision=15) + "\n"  # pandas' default: 10 digits
+    cells = [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
+
+
+def run(args) -> int:
+    frame = stack([load(path) for path in args.run_dirs], args.table)
+    sys.stdout.write(render(frame, args.format))
+    return 0

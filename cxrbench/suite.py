@@ -91,7 +91,7 @@ class NumericsSettings:
     cudnn_benchmark: bool = False
     memory_growth: bool = True
     #: CPU thread budget of every framework; 0: the core's default, the usable cores of this process
-    #: (os.sched_getaffinity), the same for every backend (cxrbench.budget).
+    #: (os.sched_getaffinity), the same for every backend (cxrbench.machine.budget).
     intra_op_threads: int = field(default=0, metadata={"min": 0})
     inter_op_threads: int = field(default=0, metadata={"min": 0})
     loader_workers: int = field(default=0, metadata={"min": 0})

@@ -1,4 +1,4 @@
-"""A realistic FAKE run folder (the format of cxrbench/run_folder.py) so report tests never train anything.
+"""A realistic FAKE run folder (the format of cxrbench/run/folder.py) so report tests never train anything.
 
 Numbers are plausible and internally consistent: AUROC, DeLong, localisation and parity figures are
 computed with the project's real metric functions from synthetic predictions, heat maps and boxes;
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.cam_overlay import overlay
-from cxrbench.checks.equivalence import agreement
-from cxrbench.checks.onnx import diff_stats
-from cxrbench.classes import CLASSES
+from cxrbench.backend.numerics_record import build as numerics_record
+from cxrbench.cam.overlay import overlay
+from cxrbench.data.classes import CLASSES
 from cxrbench.data.index import Box
+from cxrbench.deploy.onnx_file import diff_stats
 from cxrbench.metrics.auroc import auroc_report
+from cxrbench.metrics.equivalence import agreement
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
-from cxrbench.numerics_record import build as numerics_record
-from cxrbench.run_folder import SCHEMA_VERSION
+from cxrbench.run.folder import SCHEMA_VERSION
 from cxrbench.suite import Settings
 
 BOX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")

@@ -10,13 +10,13 @@
 import numpy as np
 import pytest
 
-from cxrbench import weights
-from cxrbench.classes import CLASSES
+from cxrbench.backend import canonical as weights
+from cxrbench.backend.recorder import Recorder
 from cxrbench.data import cache, nih, phantom
+from cxrbench.data.classes import CLASSES
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy, upsample
 from cxrbench.plugins import load_plugins
-from cxrbench.recorder import Recorder
 from cxrbench.suite import load_suite
 
 BACKENDS = ("pytorch", "keras")

@@ -9,14 +9,14 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-from cxrbench import run_folder
-from cxrbench.cam_overlay import HEAT_WEIGHT, MIN_SIDE, PREDICTED_BOX, TRUE_BOX, jet, overlay
-from cxrbench.classes import CLASSES
+from cxrbench.cam import files as cam_files
+from cxrbench.cam.overlay import HEAT_WEIGHT, MIN_SIDE, PREDICTED_BOX, TRUE_BOX, jet, overlay
+from cxrbench.data.classes import CLASSES
 from cxrbench.data.index import Box
 from cxrbench.files import load_npz, read_json, save_npz
 from cxrbench.report.cam_gallery import backend_tiles
 from cxrbench.report.load import BackendRun
-from cxrbench.run import cam_files
+from cxrbench.run import folder as run_folder
 
 SIZE = 64
 

@@ -18,17 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrbench import checkpoints
-from cxrbench import weights as canonical
-from cxrbench.checks.onnx import normalise
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical, checkpoints
+from cxrbench.backend.initial_weights import same_start
 from cxrbench.cli import main
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy.onnx_file import normalise
 from cxrbench.errors import WeightsError
 from cxrbench.files import sha256_of
-from cxrbench.initial_weights import same_start
 from cxrbench.plugins import load_plugins
+from cxrbench.run.folder import IMPORTED_INIT
 from cxrbench.run.orchestrator import RunRequest, new_run
-from cxrbench.run_folder import IMPORTED_INIT
 from cxrbench.suite import ARCHITECTURES
 from cxrbench.testing.conformance import assert_one_line, kit_settings, open_backend, random_canonical, random_images
 

@@ -193,7 +193,7 @@ BROKEN = {
     ),
     "onnx_classifier_rows_swapped": (
         """
-        from cxrbench.checks.onnx import cam_metadata, stamp_metadata
+        from cxrbench.deploy.onnx_file import cam_metadata, stamp_metadata
 
         @hookimpl
         def cxrbench_export_onnx(model, path, settings):
@@ -290,7 +290,7 @@ def test_numpy_network_matches_torchvision(numpy_backend, arch, size):
         model=hook.cxrbench_build_model(settings=settings, weights=weights), images=images, settings=settings
     )
     with torch.no_grad():
-        from cxrbench.checks.onnx import normalise
+        from cxrbench.deploy.onnx_file import normalise
 
         theirs = reference(torch.from_numpy(normalise(images, "NCHW"))).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
@@ -299,7 +299,7 @@ def test_numpy_network_matches_torchvision(numpy_backend, arch, size):
 def test_probe_training_steps_match_torch_adam(numpy_backend):
     """Two probe steps equal torch's BCEWithLogits + Adam on the same pooled features and batches."""
     torch = pytest.importorskip("torch")
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench_numpy_example.network import pooled_features
 
     settings = kit_settings(32, **{"train.max_steps": 2, "train.learning_rate": 0.01, "train.weight_decay": 1e-3})

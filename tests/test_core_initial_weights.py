@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxrbench import weights as canonical
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical
+from cxrbench.backend.initial_weights import InitialWeights, Start, resolve
+from cxrbench.backend.model_inputs import check_cam_inputs, check_images
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.errors import BackendError, WeightsError
-from cxrbench.initial_weights import InitialWeights, Start, resolve
-from cxrbench.model_inputs import check_cam_inputs, check_images
 from cxrbench.run import worker
 from cxrbench.run.orchestrator import RunRequest, new_run
 from cxrbench.suite import Settings

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cxrbench import numerics_record
+from cxrbench.backend import numerics_record
+from cxrbench.backend.canonical import init_canonical
+from cxrbench.backend.recorder import Recorder
 from cxrbench.errors import BackendError, out_of_memory, out_of_memory_as_error
-from cxrbench.recorder import Recorder
 from cxrbench.run.stages import StageContext, train
 from cxrbench.suite import NumericsSettings, Settings
 from cxrbench.testing.conformance import assert_one_line
-from cxrbench.weights import init_canonical
 
 TINY = (1, 1, 1, 1)
 

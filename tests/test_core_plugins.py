@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cxrbench import plugins
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.cli import main
 from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
@@ -178,9 +178,9 @@ def test_no_backend_installed_says_how_to_install_one(monkeypatch, tmp_path, cap
 def test_evaluate_stage_passes_patients_and_notes_a_plugin_without_groups(tmp_path):
     """The evaluate stage hands every metric plugin the test rows' patients; the built-in AUROC resamples them,
     and a plugin whose cxrbench_evaluate takes no ``groups`` is named in metrics.json."""
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.data.prepared import PreparedData
     from cxrbench.files import load_npz, read_json
-    from cxrbench.recorder import Recorder
     from cxrbench.run import stages
 
     rng = np.random.default_rng(0)

@@ -5,12 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.data.prepared import PreparedData
-from cxrbench.errors import DataError, TrainingDiverged
-from cxrbench.recorder import Recorder, WaitTimer
-from cxrbench.suite import Settings
-from cxrbench.training import (
+from cxrbench.backend.recorder import Recorder
+from cxrbench.backend.timing import WaitTimer
+from cxrbench.backend.training import (
     EMPTY_VALIDATION,
     EpochOutcome,
     Plateau,
@@ -22,6 +19,10 @@ from cxrbench.training import (
     train_epoch,
     validation_loss,
 )
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.data.prepared import PreparedData
+from cxrbench.errors import DataError, TrainingDiverged
+from cxrbench.suite import Settings
 
 
 class ScriptedLoop:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxrbench import weights
+from cxrbench.backend import canonical as weights
 from cxrbench.errors import BackendError, WeightsError
 
 DENSENET121 = (6, 12, 24, 16)

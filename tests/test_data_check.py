@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
 from cxrbench.data import check, nih
+from cxrbench.data.classes import CLASSES
 from helpers.nih_files import Entry, entries, truncate, write_dataset
 
 LABELS = ("No Finding", "Effusion|Atelectasis", "Hernia", "No Finding", "Infiltration|Mass|Nodule")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
 from cxrbench.data import images, nih
+from cxrbench.data.classes import CLASSES
 from cxrbench.errors import DataError
 from helpers.nih_files import Entry, entries, gray_pattern, image_path, truncate, write_dataset, write_png
 

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
 from cxrbench.data import nih, phantom
+from cxrbench.data.classes import CLASSES
 from cxrbench.data.images import decode_gray
 from cxrbench.errors import DataError
 

@@ -7,8 +7,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
 from cxrbench.data import nih, splits
+from cxrbench.data.classes import CLASSES
 from helpers.nih_files import entries, write_dataset
 
 

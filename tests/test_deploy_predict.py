@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrbench.checks import onnx as onnx_checks
-from cxrbench.classes import CLASSES
 from cxrbench.cli import main
-from cxrbench.deploy import images
+from cxrbench.data.classes import CLASSES
+from cxrbench.deploy import images, onnx_file
 from cxrbench.deploy.model import ScoringModel
 from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 
@@ -104,7 +103,7 @@ def test_cam_of_the_scoring_model_obeys_the_cam_identity(model_path, pictures):
 
     pixels = np.stack([resize_gray(decode_gray(p), SIZE) for p in pictures])
     scores = model.score(pixels, list(range(len(CLASSES))))
-    bias = onnx_checks.decode_array(model.metadata, onnx_checks.BIAS_KEY, "model")
+    bias = onnx_file.decode_array(model.metadata, onnx_file.BIAS_KEY, "model")
     np.testing.assert_allclose(scores.maps.mean(axis=(2, 3)) + bias, scores.logits, rtol=0, atol=1e-4)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 from helpers.deploy import SIZE, chest_like, dicom_file, png_bytes, reference_probabilities, tiny_export
 
 pytest.importorskip("fastapi")

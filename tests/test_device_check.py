@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cxrbench.cli import main
-from cxrbench.device_check import check_backend
+from cxrbench.machine.framework_devices import check_backend
 
 #: A stand-in for nvidia-ml-py in the checked process: NVML shows it one GPU.
 FAKE_PYNVML = """

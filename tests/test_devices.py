@@ -10,11 +10,11 @@ import types
 
 import pytest
 
-from cxrbench import devices, env
 from cxrbench.errors import BackendError, CxrError
-from cxrbench.monitor.gpu import open_gpu_reader
-from cxrbench.monitor.sampler import Sampler
-from cxrbench.monitor.summary import summarise
+from cxrbench.machine import devices, env
+from cxrbench.machine.monitor.gpu import open_gpu_reader
+from cxrbench.machine.monitor.sampler import Sampler
+from cxrbench.machine.monitor.summary import summarise
 from cxrbench.run.scaling import check_available
 
 EIGHT = [devices.Gpu(i, "NVIDIA H100", f"GPU-{i}aaa{i}-uuid", 81559) for i in range(8)]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrbench import api, hookspecs, training
+from cxrbench import hookspecs
+from cxrbench.backend import api, training
 from cxrbench.data import prepared
 from cxrbench.testing import conformance
 

@@ -19,11 +19,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cxrbench import files, run_folder, weights
-from cxrbench.api import ExportInfo
-from cxrbench.checks import onnx as onnx_checks
+from cxrbench import files
+from cxrbench.backend import canonical as weights
+from cxrbench.backend.api import ExportInfo
 from cxrbench.data import cache, nih
+from cxrbench.deploy import onnx_file as onnx_checks
 from cxrbench.errors import CxrError, DataError, StorageError
+from cxrbench.run import folder as run_folder
 from cxrbench.run import keep, stages, store
 from cxrbench.suite import Settings
 from helpers.nih_files import Entry, entries, write_dataset

@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from cxrbench.checks.onnx import check_model
+from cxrbench.deploy.onnx_file import check_model
 from cxrbench.run import keep
 from cxrbench.run.schema import validate
 from helpers.tiny_run import TINY_RUN

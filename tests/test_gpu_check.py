@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrbench.env import gpu_inventory
+from cxrbench.machine.env import gpu_inventory
 
 SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "gpu-check.sh"
 

@@ -23,11 +23,11 @@ import torch
 import torchvision
 
 import cxrbench_jax
-from cxrbench import weights as canonical
-from cxrbench.checks.onnx import normalise as host_normalise
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical
+from cxrbench.backend.recorder import Recorder
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy.onnx_file import normalise as host_normalise
 from cxrbench.errors import BackendError, TrainingDiverged
-from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import (
     kit_settings,
     random_canonical,
@@ -254,7 +254,7 @@ TWO_DEVICES = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     import cxrbench_jax
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
     from cxrbench_jax import loop
 

@@ -18,14 +18,13 @@ from helpers.backends import require
 require("pytorch", "keras")
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND before keras is imported below)
-from cxrbench import numerics_record
-from cxrbench import weights as canonical
-from cxrbench.checks import onnx as onnx_checks
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical, numerics_record
+from cxrbench.backend.recorder import Recorder
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
+from cxrbench.deploy import onnx_file
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError, out_of_memory
 from cxrbench.plugins import load_plugins
-from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
 
 # torchvision segfaults when imported after tensorflow in this environment: torch goes first.
@@ -167,7 +166,7 @@ def test_eval_logits_match_torchvision(tiny, shared_weights):
     images = np.random.default_rng(5).integers(0, 256, (6, SIZE, SIZE), dtype=np.uint8)
     net = torch_densenet(shared_weights).eval()
     with torch.no_grad():
-        expected = net(torch.from_numpy(onnx_checks.normalise(images, "NCHW"))).numpy()
+        expected = net(torch.from_numpy(onnx_file.normalise(images, "NCHW"))).numpy()
     got = infer.predict(tiny, images, make_settings())
     assert np.abs(got - expected).max() < 1e-4
 
@@ -182,7 +181,7 @@ def test_first_training_step_matches_torch(shared_weights):
 
     net = torch_densenet(shared_weights).train()
     adam = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    logits = net(torch.from_numpy(onnx_checks.normalise(images, "NCHW")))
+    logits = net(torch.from_numpy(onnx_file.normalise(images, "NCHW")))
     expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels))
     expected_loss.backward()
     adam.step()
@@ -344,16 +343,16 @@ def test_cam_identity(tiny):
 def test_onnx_export_matches_keras(tmp_path, tiny):
     settings = make_settings()
     info = cxrbench_keras.cxrbench_export_onnx(model=tiny, path=tmp_path / "m.onnx", settings=settings)
-    onnx_checks.check_model(info.path)
-    meta = onnx_checks.read_metadata(info.path)
+    onnx_file.check_model(info.path)
+    meta = onnx_file.read_metadata(info.path)
     assert (info.layout, meta["cxrbench.input_layout"], info.opset, info.output_name) == ("NHWC", "NHWC", 17, "logits")
-    session = onnx_checks.session(info.path)
+    session = onnx_file.session(info.path)
     assert [i.name for i in session.get_inputs()] == [info.input_name]
-    assert [o.name for o in session.get_outputs()] == [info.output_name, onnx_checks.FEATURES_OUTPUT]
+    assert [o.name for o in session.get_outputs()] == [info.output_name, onnx_file.FEATURES_OUTPUT]
     noise = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE), dtype=np.uint8)
     for images in (noise, structured_images(5), noise[:1], structured_images(1)):
-        got = onnx_checks.run_onnx(info.path, images, info.layout, batch_size=len(images), sess=session)
-        stats = onnx_checks.diff_stats(infer.predict(tiny, images, settings), got, atol=1e-4, rtol=1e-3)
+        got = onnx_file.run_onnx(info.path, images, info.layout, batch_size=len(images), sess=session)
+        stats = onnx_file.diff_stats(infer.predict(tiny, images, settings), got, atol=1e-4, rtol=1e-3)
         assert stats["passed"], stats
 
 

@@ -30,7 +30,7 @@ BODY = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench_keras import distributed, loop, model as keras_model, weights as keras_weights
 
     data, weights = make_data(n=48), random_weights()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 from cxrbench.data.index import Box
 from cxrbench.errors import MetricsError
 from cxrbench.metrics.localisation import (

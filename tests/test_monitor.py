@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from cxrbench.monitor.gpu import GpuStatus, open_gpu_reader
-from cxrbench.monitor.sampler import Sampler
-from cxrbench.monitor.summary import summarise
+from cxrbench.machine.monitor.gpu import GpuStatus, open_gpu_reader
+from cxrbench.machine.monitor.sampler import Sampler
+from cxrbench.machine.monitor.summary import summarise
 
 NO_GPU = GpuStatus(False, "none", "no GPU: test")
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from cxrbench.budget import thread_budget, usable_cores
 from cxrbench.files import write_json
-from cxrbench.monitor import noise
-from cxrbench.monitor.gpu import GpuStatus
-from cxrbench.monitor.sampler import Sampler
+from cxrbench.machine.budget import thread_budget, usable_cores
+from cxrbench.machine.monitor import noise
+from cxrbench.machine.monitor.gpu import GpuStatus
+from cxrbench.machine.monitor.sampler import Sampler
 from cxrbench.run.progress import summary_table
 from cxrbench.suite import Settings
 

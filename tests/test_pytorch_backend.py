@@ -24,13 +24,12 @@ import torch.nn.functional as F
 import torchvision
 
 import cxrbench_pytorch as backend
-from cxrbench import numerics_record
-from cxrbench import weights as canonical
-from cxrbench.checks import onnx as onnx_checks
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical, numerics_record
+from cxrbench.backend.recorder import Recorder
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy import onnx_file
 from cxrbench.errors import BackendError, TrainingDiverged, WeightsError
 from cxrbench.errors import out_of_memory as core_out_of_memory
-from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import (
     assert_one_line,
     bce_with_logits,
@@ -263,7 +262,7 @@ def test_on_device_normalisation_equals_the_cores_reference():
     images = random_images(5, 32, seed=4)
     model = build(kit_settings())
     got = model.inputs(torch.from_numpy(images)).cpu().numpy()
-    np.testing.assert_array_equal(got, onnx_checks.normalise(images, "NCHW"))
+    np.testing.assert_array_equal(got, onnx_file.normalise(images, "NCHW"))
 
 
 class CountingReads(np.ndarray):
@@ -317,7 +316,7 @@ def reference_training(settings, data, weights):
         "train", t.batch_size, epoch=1, seed=settings.run.seed, shuffle=True, hflip=t.hflip, max_steps=t.max_steps
     ):
         loss = F.binary_cross_entropy_with_logits(
-            net(torch.from_numpy(onnx_checks.normalise(batch.images, "NCHW"))), torch.from_numpy(batch.labels)
+            net(torch.from_numpy(onnx_file.normalise(batch.images, "NCHW"))), torch.from_numpy(batch.labels)
         )
         optimizer.zero_grad()
         loss.backward()
@@ -325,7 +324,7 @@ def reference_training(settings, data, weights):
         losses.append(loss.item())
     net.eval()
     with torch.no_grad():
-        val_logits = net(torch.from_numpy(onnx_checks.normalise(data.split_images("val"), "NCHW"))).numpy()
+        val_logits = net(torch.from_numpy(onnx_file.normalise(data.split_images("val"), "NCHW"))).numpy()
     return tv_weights.get(net), losses, bce_with_logits(val_logits, data.split_labels("val"))
 
 
@@ -476,7 +475,7 @@ def test_thread_and_tf32_switches_are_applied_and_read_back(restore_torch_global
 
 def eager_logits(model, images):
     with torch.no_grad():
-        return model.net.eval()(torch.from_numpy(onnx_checks.normalise(images, "NCHW"))).numpy()
+        return model.net.eval()(torch.from_numpy(onnx_file.normalise(images, "NCHW"))).numpy()
 
 
 def test_predict_batches_and_tta_match_eager_references():
@@ -545,18 +544,18 @@ def test_onnx_export_matches_eager_torch(tmp_path, record_property):
     info = backend.cxrbench_export_onnx(model=model, path=str(tmp_path / "out" / "model.onnx"), settings=settings)
     assert (info.layout, info.opset, info.input_name, info.output_name) == ("NCHW", 18, "input", "logits")
     assert info.exporter == "torch.onnx (dynamo=False)" and info.seconds > 0
-    onnx_checks.check_model(info.path)
-    classifier = onnx_checks.cam_metadata(
+    onnx_file.check_model(info.path)
+    classifier = onnx_file.cam_metadata(
         model.net.classifier.weight.detach().numpy(), model.net.classifier.bias.detach().numpy(), "NCHW"
     )
-    assert onnx_checks.read_metadata(info.path) == {**onnx_checks.model_metadata("NCHW", 64, "pytorch"), **classifier}
-    session = onnx_checks.session(info.path, threads=1)
+    assert onnx_file.read_metadata(info.path) == {**onnx_file.model_metadata("NCHW", 64, "pytorch"), **classifier}
+    session = onnx_file.session(info.path, threads=1)
     atol, rtol = settings.export.atol, settings.export.rtol
     for batch in (1, 5):  # the batch axis is dynamic
         images = random_images(batch, 64, seed=batch)
-        stats = onnx_checks.diff_stats(
+        stats = onnx_file.diff_stats(
             backend.cxrbench_predict(model=model, images=images, settings=settings),
-            onnx_checks.run_onnx(info.path, images, "NCHW", sess=session),
+            onnx_file.run_onnx(info.path, images, "NCHW", sess=session),
             atol,
             rtol,
         )
@@ -565,6 +564,6 @@ def test_onnx_export_matches_eager_torch(tmp_path, record_property):
         noise = np.random.default_rng(batch).normal(size=(batch, 3, 64, 64)).astype(np.float32)
         with torch.no_grad():
             eager = model.net.eval()(torch.from_numpy(noise)).numpy()
-        stats = onnx_checks.diff_stats(eager, session.run(None, {"input": noise})[0], atol, rtol)
+        stats = onnx_file.diff_stats(eager, session.run(None, {"input": noise})[0], atol, rtol)
         record_property(f"onnx_vs_eager_random_batch{batch}", stats)
         assert stats["passed"], stats

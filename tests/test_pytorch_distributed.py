@@ -19,8 +19,8 @@ import torch  # noqa: E402
 import torch.distributed as dist
 
 import cxrbench_pytorch as backend
+from cxrbench.backend.recorder import Recorder
 from cxrbench.errors import TrainingDiverged
-from cxrbench.recorder import Recorder
 from cxrbench.testing.conformance import assert_one_line, kit_settings, random_canonical, synthetic_data
 from cxrbench_pytorch import distributed
 

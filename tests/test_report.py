@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from helpers_report import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
+from cxrbench.backend.timing import ratio_interval
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
 from cxrbench.report.figures import format_number
 from cxrbench.report.load import load_run
 from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
-from cxrbench.timing import ratio_interval
 
 
 class Elements(HTMLParser):

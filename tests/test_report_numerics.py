@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers_report import make_fake_run
 
-from cxrbench.numerics_record import FIELDS
+from cxrbench.backend.numerics_record import FIELDS
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.report.sections import NOT_RECORDED, environment, numerics_table

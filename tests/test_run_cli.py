@@ -6,16 +6,16 @@ import sys
 import numpy as np
 import pytest
 
-from cxrbench.checks.equivalence import agreement, equivalence_matrix, model_passes
 from cxrbench.cli import main
-from cxrbench.env import gpu_inventory
 from cxrbench.errors import CxrError
 from cxrbench.files import write_json
+from cxrbench.machine.env import gpu_inventory
+from cxrbench.metrics.equivalence import agreement, equivalence_matrix, model_passes
 from cxrbench.run import scaling
+from cxrbench.run.folder import gpus_folder
 from cxrbench.run.index_page import write_index
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.progress import Progress, status_line, summary_table
-from cxrbench.run_folder import gpus_folder
 from cxrbench.suite import load_suite
 
 

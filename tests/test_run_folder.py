@@ -1,4 +1,4 @@
-"""The run folder's one definition (cxrbench/run_folder.py), the import rule that keeps it below run/, and a real
+"""The run folder's one definition (cxrbench/run/folder.py), the import rule that keeps it below run/, and a real
 run's files against it."""
 
 from __future__ import annotations
@@ -15,21 +15,23 @@ import numpy as np
 import pytest
 from helpers_report import make_fake_run
 
-from cxrbench import run_folder
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
+from cxrbench.run import folder as run_folder
 from cxrbench.run.schema import load_schema
 from helpers.tiny_run import TINY_RUN
 
-PACKAGE = Path(run_folder.__file__).resolve().parent
+PACKAGE = Path(run_folder.__file__).resolve().parents[1]  # cxrbench/
 ROOT = PACKAGE.parent
 #: Modules outside cxrbench/run/ that may import it, and why.
 MAY_IMPORT_RUN = {
     "cxrbench/cli.py": "the command line dispatches `cxrbench run` to it",
     "cxrbench/testing/conformance.py": "the kit checks a backend against the evaluate stage's own helper",
 }
+#: The one module of run/ the rest may import: the run folder's format, which report/ and cam/ read and write by.
+FORMAT = "cxrbench.run.folder"
 #: The modules everything else writes and reads files through: they import no other part of cxrbench but errors.
-LOW_LEVEL = ("cxrbench/files.py", "cxrbench/run_folder.py", "cxrbench/cam_overlay.py")
+LOW_LEVEL = ("cxrbench/files.py", "cxrbench/run/folder.py", "cxrbench/cam/overlay.py")
 
 
 def imported_modules(source: str, module: str) -> set[str]:
@@ -65,7 +67,7 @@ def test_the_import_check_sees_every_form_of_import():
     absolute = (
         "import cxrbench.run.store\nfrom cxrbench import run\ndef f():\n    from cxrbench.run.store import RunLock\n"
     )
-    assert _imports_run(imported_modules(absolute, "cxrbench.monitor.noise")) == [
+    assert _imports_run(imported_modules(absolute, "cxrbench.machine.monitor.noise")) == [
         "cxrbench.run",
         "cxrbench.run.store",
         "cxrbench.run.store.RunLock",
@@ -80,18 +82,37 @@ def test_the_import_check_sees_every_form_of_import():
     assert _imports_run(imported_modules("from cxrbench import run_folder\nimport cxrbench.runner\n", "m")) == []
 
 
+def _beyond_the_format(run_imports: list[str]) -> list[str]:
+    """What of run/ an import list reaches besides the folder format (``from cxrbench.run import folder`` is fine)."""
+    beyond = [m for m in run_imports if not (m == FORMAT or m.startswith(f"{FORMAT}."))]
+    return [] if beyond == ["cxrbench.run"] and len(beyond) < len(run_imports) else beyond
+
+
+def test_the_format_is_the_only_part_of_run_the_rest_may_import():
+    assert _beyond_the_format(["cxrbench.run", "cxrbench.run.folder"]) == []
+    assert _beyond_the_format(["cxrbench.run.folder", "cxrbench.run.folder.RUN_JSON"]) == []
+    assert _beyond_the_format(["cxrbench.run", "cxrbench.run.folder", "cxrbench.run.stages"]) == [
+        "cxrbench.run",
+        "cxrbench.run.stages",
+    ]
+    assert _beyond_the_format(["cxrbench.run"]) == ["cxrbench.run"]
+
+
 def test_nothing_below_run_imports_it_monitor_and_report_included():
-    """run/ sits on top: monitor/, report/, the data, metrics and I/O modules never import it (no upward import)."""
+    """run/ sits on top: monitor/, report/, the data, metrics and I/O modules never import it (no upward import),
+    except its folder format (run/folder.py), which the report reads by."""
     offenders = {}
     for relative, path in _package_files().items():
         if relative.startswith("cxrbench/run/") or relative in MAY_IMPORT_RUN:
             continue
-        upward = _imports_run(imported_modules(path.read_text(encoding="utf-8"), _module_name(relative)))
+        upward = _beyond_the_format(
+            _imports_run(imported_modules(path.read_text(encoding="utf-8"), _module_name(relative)))
+        )
         if upward:
             offenders[relative] = upward
     assert not offenders
     checked = _package_files()
-    for package in ("cxrbench/monitor/", "cxrbench/report/"):
+    for package in ("cxrbench/machine/monitor/", "cxrbench/report/"):
         assert any(r.startswith(package) for r in checked)
 
 

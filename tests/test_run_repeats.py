@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 from helpers_report import HOSTILE_BACKEND, make_fake_run
 
-from cxrbench import weights as canonical
-from cxrbench.classes import CLASSES
+from cxrbench.backend import canonical
 from cxrbench.cli import main
+from cxrbench.data.classes import CLASSES
 from cxrbench.errors import CxrError
 from cxrbench.files import write_json
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.run import repeats
+from cxrbench.run.folder import repeat_folder, shared_init_path
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.schema import validate
 from cxrbench.run.worker import _settings
-from cxrbench.run_folder import repeat_folder, shared_init_path
 from cxrbench.suite import ARCHITECTURES, Settings
 
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
+from cxrbench.run.folder import BACKEND_FILES, RUN_FILES
 from cxrbench.run.schema import validate
-from cxrbench.run_folder import BACKEND_FILES, RUN_FILES
 
 BACKENDS = ("pytorch", "keras")
 pytestmark = pytest.mark.backends(*BACKENDS)

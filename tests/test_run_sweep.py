@@ -15,8 +15,8 @@ from cxrbench.errors import CxrError
 from cxrbench.files import write_json
 from cxrbench.report.render import write_report
 from cxrbench.run import sweep
+from cxrbench.run.folder import sweep_folder
 from cxrbench.run.schema import validate
-from cxrbench.run_folder import sweep_folder
 from cxrbench.suite import Settings, parse_set_option
 
 # -- grid ------------------------------------------------------------------------------------------

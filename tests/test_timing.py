@@ -10,12 +10,8 @@ import types
 import numpy as np
 import pytest
 
-from cxrbench.errors import SuiteError
-from cxrbench.recorder import Recorder
-from cxrbench.run.progress import StepRate, status_line
-from cxrbench.run.stages import training_throughput
-from cxrbench.suite import Settings
-from cxrbench.timing import (
+from cxrbench.backend.recorder import Recorder
+from cxrbench.backend.timing import (
     MIN_WINDOWS,
     Window,
     WindowTimer,
@@ -25,7 +21,11 @@ from cxrbench.timing import (
     summarise,
     timed_calls,
 )
-from cxrbench.training import EpochOutcome, run_recipe
+from cxrbench.backend.training import EpochOutcome, run_recipe
+from cxrbench.errors import SuiteError
+from cxrbench.run.progress import StepRate, status_line
+from cxrbench.run.stages import training_throughput
+from cxrbench.suite import Settings
 
 
 class Clock:

@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-from cxrbench.budget import thread_budget
-from cxrbench.recorder import Recorder
+from cxrbench.backend.recorder import Recorder
+from cxrbench.machine.budget import thread_budget
 from cxrbench.run.stages import training_throughput
 from cxrbench.testing.conformance import kit_settings, synthetic_data
 

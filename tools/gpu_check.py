@@ -155,7 +155,7 @@ def probe_ddp_torch(size: int) -> dict[str, Any]:
     import torch
 
     import cxrbench_pytorch as backend
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
     from cxrbench_pytorch import distributed
 
@@ -195,7 +195,7 @@ def _ddp_compiled(size: int) -> dict[str, Any] | str:
     import numpy as np
 
     import cxrbench_pytorch as backend
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
     from cxrbench_pytorch import distributed
 
@@ -229,7 +229,7 @@ def probe_syncs_torch(size: int) -> dict[str, Any]:
     import torch
 
     import cxrbench_pytorch as backend
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
     from cxrbench_pytorch import loop
 
@@ -277,7 +277,7 @@ def probe_mirrored_keras(size: int, gpu: bool) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
-    from cxrbench.recorder import Recorder
+    from cxrbench.backend.recorder import Recorder
     from cxrbench.testing.conformance import kit_settings, random_canonical, synthetic_data
     from cxrbench_keras import loop
     from cxrbench_keras import model as keras_model
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         print(json.dumps(PROBES[args.probe](args)), flush=True)
         return 0
-    from cxrbench.env import gpu_inventory
+    from cxrbench.machine.env import gpu_inventory
 
     inventory = gpu_inventory()
     if not args.dry_run and inventory["count"] == 0:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 
 SPLITS = ("train", "val", "test")
 

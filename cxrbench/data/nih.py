@@ -6,7 +6,7 @@ Decisions:
   corrected revision. Columns are found by name, so the 2017 file's trailing comma (a 12th, empty
   column) and its absence in v2020 read the same.
 * ``Finding Labels`` is split on ``|`` and every part must equal a name of
-  :data:`~cxrbench.classes.CLASSES` or ``No Finding`` exactly (``Pleural Thickening`` with a space
+  :data:`~cxrbench.data.classes.CLASSES` or ``No Finding`` exactly (``Pleural Thickening`` with a space
   is an error, not a silently zeroed label).
 * Images listed but found in no images folder are dropped with a warning and a note (``cxrbench
   data check`` lists them); the index records them in ``DataIndex.missing``.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.classes import CLASSES, NO_FINDING
 from cxrbench.data import splits
+from cxrbench.data.classes import CLASSES, NO_FINDING
 from cxrbench.data.images import png_size
 from cxrbench.data.index import Box, DataIndex
 from cxrbench.errors import DataError

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrbench.classes import CLASSES, NO_FINDING
 from cxrbench.data import splits
 from cxrbench.data.cache import ProgressReport, cache_root
+from cxrbench.data.classes import CLASSES, NO_FINDING
 from cxrbench.data.nih import BOX_FILE, BOX_FRAME, BOX_LABEL_ALIASES, TEST_LIST, TRAIN_VAL_LIST
 from cxrbench.errors import DataError
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from cxrbench.results import TABLES  # light: pandas is imported only when a table is made
+
 #: Default limits: pixels of one picture (a 6000 x 6000 radiograph is 36 M; NIH's are 1024 x 1024), upload bytes.
 MAX_PIXELS, MAX_BYTES = 50_000_000, 32 * 1024 * 1024
-TABLES = ("auroc", "history", "throughput", "utilisation", "localisation")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -23,9 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from cxrbench.deploy import tables
+    from cxrbench import results
 
-    return tables.run(args)
+    return results.run(args)
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:

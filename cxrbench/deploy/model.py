@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.checks import onnx as onnx_checks
+from cxrbench.deploy import onnx_file
 from cxrbench.errors import CxrError, first_line
 
 #: Metadata every cxrbench export carries and scoring cannot do without.
 REQUIRED_KEYS = ("cxrbench.input_size", "cxrbench.input_layout", "cxrbench.mean", "cxrbench.std", "cxrbench.classes")
 #: Metadata too large or too internal to show as the model's description.
-HIDDEN_KEYS = (onnx_checks.WEIGHT_KEY, onnx_checks.BIAS_KEY)
+HIDDEN_KEYS = (onnx_file.WEIGHT_KEY, onnx_file.BIAS_KEY)
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ class ScoringModel:
         if not self.path.is_file():
             raise CxrError(f"{self.path}: model file not found")
         try:
-            self.session = onnx_checks.session(self.path, threads)
+            self.session = onnx_file.session(self.path, threads)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
             raise CxrError(f"{self.path}: not a loadable ONNX model ({first_line(exc)})") from None
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -62,12 +62,12 @@ class ScoringModel:
         self.classes: list[str] = json.loads(self.metadata["cxrbench.classes"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
-        weight = onnx_checks.WEIGHT_KEY
-        self.cam_weight = onnx_checks.decode_array(self.metadata, weight, str(self.path)) if self.has_cam else None
+        weight = onnx_file.WEIGHT_KEY
+        self.cam_weight = onnx_file.decode_array(self.metadata, weight, str(self.path)) if self.has_cam else None
 
     @property
     def has_cam(self) -> bool:
-        return onnx_checks.FEATURES_OUTPUT in self.output_names and onnx_checks.WEIGHT_KEY in self.metadata
+        return onnx_file.FEATURES_OUTPUT in self.output_names and onnx_file.WEIGHT_KEY in self.metadata
 
     def class_indices(self, names: list[str]) -> list[int]:
         unknown = [n for n in names if n not in self.classes]
@@ -79,17 +79,17 @@ class ScoringModel:
         """Logits of uint8 gray ``(N, S, S)`` images and, with ``cam_classes``, their CAMs (one onnxruntime call)."""
         if cam_classes is not None and not self.has_cam:
             raise CxrError(
-                f"{self.path}: this export has no '{onnx_checks.FEATURES_OUTPUT}' output for CAMs "
+                f"{self.path}: this export has no '{onnx_file.FEATURES_OUTPUT}' output for CAMs "
                 "(exported by an older cxrbench); export it again"
             )
-        x = onnx_checks.normalise(images, self.layout, self.mean, self.std)
-        wanted = self.output_names[:1] + ([onnx_checks.FEATURES_OUTPUT] if cam_classes is not None else [])
+        x = onnx_file.normalise(images, self.layout, self.mean, self.std)
+        wanted = self.output_names[:1] + ([onnx_file.FEATURES_OUTPUT] if cam_classes is not None else [])
         outputs = self.session.run(wanted, {self.input_name: x})
         logits = np.asarray(outputs[0], dtype=np.float32)
         if cam_classes is None:
             return Scores(logits)
         layout = self.metadata.get("cxrbench.features_layout", self.layout)
-        return Scores(logits, onnx_checks.cam_from_features(outputs[1], layout, self.cam_weight, cam_classes))
+        return Scores(logits, onnx_file.cam_from_features(outputs[1], layout, self.cam_weight, cam_classes))
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` answers: the metadata (without the classifier arrays), inputs and outputs."""
@@ -123,3 +123,8 @@ def resolve_model(source: str | Path, backend: str | None) -> Path:
     if not export.get("path"):
         raise CxrError(f"{source}: backend {backend!r} has no ONNX export (its export stage did not finish)")
     return run.backends[backend].folder / Path(export["path"]).name
+
+
+def top_classes(probabilities: np.ndarray, k: int) -> list[int]:
+    """The ``k`` most probable classes of one picture, most probable first (ties by class order)."""
+    return [int(c) for c in np.argsort(-probabilities, kind="stable")[:k]]

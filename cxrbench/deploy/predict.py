@@ -18,10 +18,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from cxrbench.cam.files import overlay_png
 from cxrbench.data.images import resize_gray
-from cxrbench.deploy import cam, images
-from cxrbench.deploy.model import ScoringModel
+from cxrbench.deploy import images
+from cxrbench.deploy.model import ScoringModel, top_classes
 from cxrbench.errors import CxrError
+from cxrbench.suite import EvalSettings
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 PROGRESS_AFTER = 2  #: batches before a progress line is worth printing
@@ -107,7 +109,7 @@ def score_files(
         for i, (path, probabilities) in enumerate(zip(names, scores.probabilities)):
             row = Row(str(path), probabilities)
             if cam_dir is not None:
-                chosen = cam_classes if cam_classes is not None else cam.top_classes(probabilities, top_k)
+                chosen = cam_classes if cam_classes is not None else top_classes(probabilities, top_k)
                 row.cams = [
                     _write_cam(cam_dir, len(rows), path, pixels[i], scores.maps[i, c], model.classes[c]) for c in chosen
                 ]
@@ -118,7 +120,7 @@ def score_files(
 
 
 def _write_cam(folder: Path, position: int, path: Path, image: np.ndarray, cam_map: np.ndarray, label: str) -> dict:
-    png, boxes = cam.overlay(image, cam_map)
+    png, boxes = overlay_png(image, cam_map, EvalSettings.cam_method, EvalSettings.cam_threshold)
     out = folder / f"{position:05d}_{path.stem}_{label}.png"
     out.write_bytes(png)
     return {"class": label, "file": str(out), "boxes": boxes}

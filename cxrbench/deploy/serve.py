@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from cxrbench.cam.files import overlay_png
 from cxrbench.data.images import resize_gray
-from cxrbench.deploy import cam, images
+from cxrbench.deploy import images
 from cxrbench.deploy.cli import MAX_BYTES, MAX_PIXELS
-from cxrbench.deploy.model import ScoringModel
+from cxrbench.deploy.model import ScoringModel, top_classes
 from cxrbench.errors import CxrError
+from cxrbench.suite import EvalSettings
 
 #: Room for the multipart envelope (boundaries, part headers) around the file's own bytes.
 MULTIPART_SLACK = 16 * 1024
@@ -57,8 +59,8 @@ def score_upload(
     answer: dict[str, Any] = {"file": name, "probabilities": dict(zip(model.classes, map(float, probabilities)))}
     if cam_format is None:
         return answer
-    chosen = model.classes.index(cam_class) if cam_class else cam.top_classes(probabilities, 1)[0]
-    png, boxes = cam.overlay(pixels, scores.maps[0, chosen])
+    chosen = model.classes.index(cam_class) if cam_class else top_classes(probabilities, 1)[0]
+    png, boxes = overlay_png(pixels, scores.maps[0, chosen], EvalSettings.cam_method, EvalSettings.cam_threshold)
     if cam_format == "png":
         return png
     answer["cam"] = {"class": model.classes[chosen], "boxes": boxes, "png_base64": base64.b64encode(png).decode()}

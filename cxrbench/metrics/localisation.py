@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 from cxrbench.errors import MetricsError
 
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)

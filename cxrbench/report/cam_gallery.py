@@ -4,7 +4,7 @@ A backend's worker normally writes annotated PNGs (``cams/`` + ``cams/index.json
 ``{"file", "image", "position", "class"}``). When it wrote only ``cams.npz`` (``positions``,
 ``classes`` (indices into CLASSES), ``maps`` uint8 0-255; optional ``images`` uint8 gray and ``true_boxes`` rows of
 ``(k, x, y, w, h)``), the gallery draws the picture itself with the run's own overlay
-(:func:`cxrbench.cam_overlay.overlay`) and the boxes the run's ``eval.cam_method`` predicts.
+(:func:`cxrbench.cam.overlay.overlay`) and the boxes the run's ``eval.cam_method`` predicts.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrbench.cam_overlay import overlay
-from cxrbench.classes import CLASSES
+from cxrbench.cam.overlay import overlay
+from cxrbench.data.classes import CLASSES
 from cxrbench.files import load_npz
 from cxrbench.report.load import BackendRun
-from cxrbench.run_folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
+from cxrbench.run.folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
 
 #: Larger PNGs are shrunk before embedding, so the report stays small whatever the image size.
 MAX_SIDE = 256

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import timing
-from cxrbench.monitor import noise
+from cxrbench.backend import timing
+from cxrbench.machine.monitor import noise
 from cxrbench.report.load import BackendRun, Run
 
 
@@ -128,7 +128,8 @@ def steady_ratio(
     """ "keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none
     (no steady state; a measurement the noise guard marked disturbed).
 
-    The interval is a seeded bootstrap over both backends' window rates (:func:`cxrbench.timing.ratio_interval`).
+    The interval is a seeded bootstrap over both backends' window rates
+    (:func:`cxrbench.backend.timing.ratio_interval`).
     """
     if key not in value or key not in base:  # not measured (stage not run): nothing to say
         return None

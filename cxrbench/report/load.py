@@ -1,4 +1,4 @@
-"""Read a run folder (its files and run.json keys as :mod:`cxrbench.run_folder` defines them) into one tolerant
+"""Read a run folder (its files and run.json keys as :mod:`cxrbench.run.folder` defines them) into one tolerant
 structure.
 
 ``run.json`` is required; everything else is optional. A missing or unreadable optional file
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 from cxrbench.errors import CxrError
 from cxrbench.files import load_npz, read_json, read_jsonl
-from cxrbench.run_folder import (
+from cxrbench.run.folder import (
     BACKEND_FEEDS,
     COMPARISON_JSON,
     LOCK_FILE,

@@ -1,7 +1,7 @@
 """Published numbers the report sets beside every run, each with its source.
 
 They are quoted, never computed: a reader sees at a glance how far a run is from the study it
-reproduces. Classes are named exactly as in :data:`cxrbench.classes.CLASSES`.
+reproduces. Classes are named exactly as in :data:`cxrbench.data.classes.CLASSES`.
 """
 
 from __future__ import annotations

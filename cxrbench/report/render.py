@@ -24,7 +24,7 @@ from cxrbench.report import sections
 from cxrbench.report.figures import HEADLINES, format_number
 from cxrbench.report.load import Run, load_run
 from cxrbench.report.run_comparison import DEFAULT_THRESHOLD_PCT, compare_runs, flatten
-from cxrbench.run_folder import INDEX_HTML
+from cxrbench.run.folder import INDEX_HTML
 
 TEMPLATE = "report.html.j2"
 

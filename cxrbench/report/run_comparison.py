@@ -23,7 +23,7 @@ import numpy as np
 from cxrbench.files import load_npz
 from cxrbench.report.figures import HEADLINES, Headline, headline_values
 from cxrbench.report.load import BackendRun, Run
-from cxrbench.run_folder import PREDICTIONS_NPZ
+from cxrbench.run.folder import PREDICTIONS_NPZ
 
 DEFAULT_THRESHOLD_PCT = 5.0
 
@@ -174,7 +174,7 @@ def _test_predictions(backend: BackendRun) -> dict[str, np.ndarray] | None:
 def paired_mean_difference(reference: Run, before: BackendRun, after: BackendRun) -> dict | None:
     """Mean AUROC difference (after - before) by a paired patient bootstrap on the test images both runs
     predicted, with the reference run's bootstrap settings; None when the runs did not predict the same images."""
-    from cxrbench.classes import CLASSES
+    from cxrbench.data.classes import CLASSES
     from cxrbench.errors import MetricsError
     from cxrbench.metrics.inference import compare_aurocs
 

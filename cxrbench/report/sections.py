@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrbench.backend.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.errors import CxrError
-from cxrbench.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.report import charts
 from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.figures import (
@@ -473,7 +473,7 @@ def _grouped_settings(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def numerics_table(records: dict[str, Any]) -> dict[str, Any] | None:
     """The backends' numerics records side by side: a row per key in the core's schema order, a column per backend.
 
-    Every backend fills the same keys (:mod:`cxrbench.numerics_record`); only the ``framework`` extras and
+    Every backend fills the same keys (:mod:`cxrbench.backend.numerics_record`); only the ``framework`` extras and
     ``versions`` differ, and a key a backend lacks says so (older runs recorded other keys).
     """
     from cxrbench.report.run_comparison import flatten

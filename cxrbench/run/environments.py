@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench import __version__
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.errors import BackendError, CxrError, first_line
 
 #: What the parent runs in a backend's interpreter: the core's version and the backends that load there.

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench.files import write_text
+from cxrbench.run.folder import COMPARISON_JSON, INDEX_HTML, RUN_JSON, log_of
 from cxrbench.run.progress import HEADER, summary_rows
-from cxrbench.run_folder import COMPARISON_JSON, INDEX_HTML, RUN_JSON, log_of
 
 
 def minimal_page(run: dict[str, Any], comparison: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxrbench.run_folder import EQUIVALENCE_BATCH, INIT_ONNX, SHARED_INIT_FILES, WEIGHTS_NPZ
+from cxrbench.run.folder import EQUIVALENCE_BATCH, INIT_ONNX, SHARED_INIT_FILES, WEIGHTS_NPZ
 
 #: Glob patterns (relative to the run folder) each value removes.
 REMOVED = {

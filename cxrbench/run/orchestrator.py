@@ -22,20 +22,18 @@ from typing import Any
 import numpy as np
 import psutil
 
-from cxrbench import __version__, checkpoints, devices, timing
-from cxrbench import weights as canonical
-from cxrbench.classes import CLASS_ORDER_NAME, CLASSES
+from cxrbench import __version__
+from cxrbench.backend import canonical, checkpoints, timing
+from cxrbench.data.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
-from cxrbench.env import capture, gpu_inventory
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.files import read_json, save_npy, write_json
+from cxrbench.machine import devices
+from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.run import environments, keep, repeats, scaling, sweep
-from cxrbench.run.cross_checks import write_comparison
-from cxrbench.run.index_page import write_index
-from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
-from cxrbench.run_folder import (
+from cxrbench.run.comparison import write_comparison
+from cxrbench.run.folder import (
     EQUIVALENCE_BATCH,
     IMPORTED_INIT,
     LOG_TXT,
@@ -51,6 +49,9 @@ from cxrbench.run_folder import (
     shared_init_path,
     sweep_folder,
 )
+from cxrbench.run.index_page import write_index
+from cxrbench.run.progress import Progress, summary_table
+from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).

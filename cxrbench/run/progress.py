@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from cxrbench.checks.equivalence import model_passes
-from cxrbench.monitor.noise import warnings
+from cxrbench.machine.monitor.noise import warnings
+from cxrbench.metrics.equivalence import model_passes
 from cxrbench.report.figures import repeat_sentences, speed_sentences
 
 

@@ -21,7 +21,7 @@ from scipy import stats as scipy_stats
 
 from cxrbench.errors import CxrError
 from cxrbench.files import read_json
-from cxrbench.run_folder import METRICS_JSON, STATUS_JSON, THROUGHPUT_JSON, repeat_folder
+from cxrbench.run.folder import METRICS_JSON, STATUS_JSON, THROUGHPUT_JSON, repeat_folder
 
 #: Repeats per backend below which no verdict is given (a standard deviation from two values is a guess).
 MIN_REPEATS = 3

@@ -10,7 +10,7 @@ from typing import Any
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import CxrError
 from cxrbench.files import read_json
-from cxrbench.run_folder import MONITOR_JSON, THROUGHPUT_JSON, gpus_folder
+from cxrbench.run.folder import MONITOR_JSON, THROUGHPUT_JSON, gpus_folder
 from cxrbench.suite import Settings
 
 

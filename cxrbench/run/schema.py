@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbench.errors import CxrError
-from cxrbench.run_folder import RUN_JSON
+from cxrbench.run.folder import RUN_JSON
 
 
 @cache

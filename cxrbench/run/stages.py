@@ -14,15 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import numerics_record, timing
-from cxrbench import weights as canonical
-from cxrbench.classes import CLASSES
+from cxrbench.backend import canonical, numerics_record, timing
+from cxrbench.backend.recorder import Recorder
+from cxrbench.cam import files as cam_files
+from cxrbench.data.classes import CLASSES
 from cxrbench.errors import CxrError
 from cxrbench.files import atomic_output, read_json, require_space, save_npz, write_json
 from cxrbench.plugins import require_answer
-from cxrbench.recorder import Recorder
-from cxrbench.run import cam_files
-from cxrbench.run_folder import (
+from cxrbench.run.folder import (
     EQUIVALENCE_NPZ,
     HISTORY_JSON,
     INIT_ONNX,
@@ -277,12 +276,12 @@ def cam(ctx: StageContext) -> None:
 def export_onnx(ctx: StageContext, path: Path):
     """The backend exports to a temporary name beside ``path``; checked by ``onnx.checker``, it is renamed into
     place. A crash, a full disk or a rejected model never leaves a file (whole or partial) under ``path``."""
-    from cxrbench.checks import onnx as onnx_checks
+    from cxrbench.deploy import onnx_file
 
     require_space(path.parent, canonical.nbytes(ctx.settings.model.block_config), f"the ONNX export {path.name}")
     tmp: Path | None = None
     try:
-        with atomic_output(path, check=onnx_checks.check_model) as tmp:
+        with atomic_output(path, check=onnx_file.check_model) as tmp:
             info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(tmp), settings=ctx.settings)
     except CxrError as exc:
         if tmp is None or str(tmp) not in str(exc):
@@ -293,7 +292,7 @@ def export_onnx(ctx: StageContext, path: Path):
 
 def export(ctx: StageContext) -> None:
     """The trained model in ONNX, checked, and compared with the native model."""
-    from cxrbench.checks import onnx as onnx_checks
+    from cxrbench.deploy import onnx_file
 
     settings, path = ctx.settings, ctx.folder / MODEL_ONNX
     info = export_onnx(ctx, path)
@@ -304,8 +303,8 @@ def export(ctx: StageContext) -> None:
 
     def parity(batch: np.ndarray) -> dict[str, Any]:
         native = ctx.logits(batch, tta=False)
-        return onnx_checks.diff_stats(
-            native, onnx_checks.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol
+        return onnx_file.diff_stats(
+            native, onnx_file.run_onnx(path, batch, info.layout), settings.export.atol, settings.export.rtol
         )
 
     write_json(
@@ -315,9 +314,9 @@ def export(ctx: StageContext) -> None:
             "checker": "passed",
             "parity_images": parity(images),
             "parity_random": parity(noise),
-            "cam_identity": onnx_checks.cam_identity(
+            "cam_identity": onnx_file.cam_identity(
                 path, noise, info.layout, settings.export.atol, settings.export.rtol
             ),
-            "metadata": onnx_checks.read_metadata(path),
+            "metadata": onnx_file.read_metadata(path),
         },
     )

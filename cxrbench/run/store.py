@@ -1,6 +1,6 @@
 """The run's live state on disk: each backend's ``status.json`` and the run folder's lock.
 
-Both are written through :mod:`cxrbench.files` (atomically) under the names :mod:`cxrbench.run_folder`
+Both are written through :mod:`cxrbench.files` (atomically) under the names :mod:`cxrbench.run.folder`
 defines; the readers of this state (is a process gone, is the folder locked) live there too, for the report.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from cxrbench.errors import CxrError, is_storage_fault, storage_error
 from cxrbench.files import FILE_MODE, read_json, write_json
-from cxrbench.run_folder import LOCK_FILE, STATUS_JSON, now_iso, process_gone
+from cxrbench.run.folder import LOCK_FILE, STATUS_JSON, now_iso, process_gone
 
 #: Worker stages in the order they run; ``prepare-check`` reopens the parent's prepared cache.
 WORKER_STAGES = ("prepare-check", "equivalence", "train", "evaluate", "cam", "export")

@@ -19,7 +19,7 @@ from typing import Any
 
 from cxrbench.errors import CxrError, SuiteError
 from cxrbench.files import read_json, read_jsonl, write_text
-from cxrbench.run_folder import MONITOR_JSONL, STATUS_JSON, SWEEP_CSV, THROUGHPUT_JSON, sweep_folder
+from cxrbench.run.folder import MONITOR_JSONL, STATUS_JSON, SWEEP_CSV, THROUGHPUT_JSON, sweep_folder
 from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: Sections a sweep may not vary: they change the data set, the initial weights or the run itself.

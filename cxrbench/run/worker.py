@@ -18,18 +18,18 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from cxrbench import __version__, initial_weights
-from cxrbench import weights as canonical
-from cxrbench.env import run_gpu_indices
+from cxrbench import __version__
+from cxrbench.backend import canonical, initial_weights
+from cxrbench.backend.recorder import Recorder
 from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.files import read_json, write_json
-from cxrbench.monitor.sampler import Sampler
+from cxrbench.machine.env import run_gpu_indices
+from cxrbench.machine.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.recorder import Recorder
 from cxrbench.run import stages
+from cxrbench.run.folder import shared_init_path
 from cxrbench.run.progress import StepRate
 from cxrbench.run.store import DONE, WORKER_STAGES, BackendStatus
-from cxrbench.run_folder import shared_init_path
 from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: The recorder phase (monitor tag) of each stage; training sets its own train/validate phases.
@@ -155,8 +155,8 @@ def open_prepared(hook, settings: Settings, key: str):
 
 def build_model(hook, settings: Settings, run_dir: Path, backend: str, run_seed: int | None = None):
     """The model, started from the run folder's shared_init*.npz of its seed when ``model.init = "shared"`` (the
-    record of what every backend got; equal to what :func:`cxrbench.initial_weights.resolve` makes from the seed),
-    otherwise as the backend resolves ``model.init`` through that function."""
+    record of what every backend got; equal to what :func:`cxrbench.backend.initial_weights.resolve` makes from the
+    seed), otherwise as the backend resolves ``model.init`` through that function."""
     path = shared_init_path(run_dir, settings.run.seed, settings.run.seed if run_seed is None else run_seed)
     weights = canonical.load(path) if settings.model.init == "shared" else None
     return require_answer(

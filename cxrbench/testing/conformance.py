@@ -36,16 +36,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cxrbench import numerics_record
-from cxrbench.api import BackendInfo, CamResult, EpochRecord, ExportInfo
-from cxrbench.checks import onnx as onnx_checks
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import numerics_record
+from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo
+from cxrbench.backend.canonical import densenet_spec, init_canonical
+from cxrbench.backend.recorder import Recorder
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
+from cxrbench.deploy import onnx_file
 from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
 from cxrbench.plugins import Plugins, load_plugins, require_answer
-from cxrbench.recorder import Recorder
 from cxrbench.suite import Settings
-from cxrbench.weights import densenet_spec, init_canonical
 
 SIZES = (32, 64)
 DEFAULT_ARCH = "densenet-tiny"
@@ -460,7 +460,7 @@ def test_tta_hflip_averages_the_mirror(backend: Backend):
 
 def test_onnx_export_passes_the_checker(exported):
     settings, _, info = exported
-    onnx_checks.check_model(info.path)
+    onnx_file.check_model(info.path)
     assert info.opset == settings.export.opset
     assert info.seconds >= 0 and info.exporter
 
@@ -468,11 +468,11 @@ def test_onnx_export_passes_the_checker(exported):
 def test_onnx_metadata_says_what_the_model_expects(backend: Backend, exported):
     settings, _, info = exported
     assert info.layout == backend.info.onnx_layout
-    expected = onnx_checks.model_metadata(info.layout, settings.data.image_size, backend.name)
-    stamped = onnx_checks.read_metadata(info.path)
+    expected = onnx_file.model_metadata(info.layout, settings.data.image_size, backend.name)
+    stamped = onnx_file.read_metadata(info.path)
     for key, value in expected.items():
         assert stamped.get(key) == value, f"metadata {key}"
-    sess = onnx_checks.session(info.path)
+    sess = onnx_file.session(info.path)
     [model_input], [model_output, *_] = sess.get_inputs(), sess.get_outputs()
     assert (model_input.name, model_output.name) == (info.input_name, info.output_name)
     assert not isinstance(model_input.shape[0], int), f"batch axis must be dynamic, got {model_input.shape}"
@@ -483,8 +483,8 @@ def test_onnx_runtime_matches_predict(backend: Backend, exported, batch: int):
     settings, model, info = exported
     images = random_images(batch, settings.data.image_size, seed=batch)
     native = backend.predict(model, images, settings)
-    onnx_logits = onnx_checks.run_onnx(info.path, images, info.layout)
-    stats = onnx_checks.diff_stats(native, onnx_logits, settings.export.atol, settings.export.rtol)
+    onnx_logits = onnx_file.run_onnx(info.path, images, info.layout)
+    stats = onnx_file.diff_stats(native, onnx_logits, settings.export.atol, settings.export.rtol)
     assert stats["passed"], stats
 
 
@@ -493,16 +493,16 @@ def test_onnx_cam_matches_the_native_cam(backend: Backend, exported):
     numpy only) obeys the CAM identity against the export's own logits (within CAM_ATOL) and equals the backend's
     ``cxrbench_cam`` maps within the export gate (``export.atol`` / ``export.rtol``)."""
     settings, model, info = exported
-    sess = onnx_checks.session(info.path)
-    assert [o.name for o in sess.get_outputs()] == [info.output_name, onnx_checks.FEATURES_OUTPUT]
+    sess = onnx_file.session(info.path)
+    assert [o.name for o in sess.get_outputs()] == [info.output_name, onnx_file.FEATURES_OUTPUT]
     images, classes = random_images(3, settings.data.image_size, seed=5), [13, 2, 7]
-    logits, maps, bias = onnx_checks.onnx_cam(info.path, images, info.layout, classes, sess=sess)
+    logits, maps, bias = onnx_file.onnx_cam(info.path, images, info.layout, classes, sess=sess)
     np.testing.assert_allclose(maps.mean(axis=(2, 3)) + bias, logits[:, classes], rtol=0, atol=CAM_ATOL)
-    identity = onnx_checks.cam_identity(info.path, images, info.layout, CAM_ATOL, 0.0)
+    identity = onnx_file.cam_identity(info.path, images, info.layout, CAM_ATOL, 0.0)
     assert identity["passed"], identity
     native = backend.cam(model, images, classes, settings)
     np.testing.assert_allclose(bias, native.bias, rtol=0, atol=0, err_msg="the bias travels bit-exact")
-    stats = onnx_checks.diff_stats(native.maps, maps, settings.export.atol, settings.export.rtol)
+    stats = onnx_file.diff_stats(native.maps, maps, settings.export.atol, settings.export.rtol)
     assert stats["passed"], stats
 
 
@@ -514,7 +514,7 @@ def test_same_logits_as_the_reference_backend(backend: Backend, reference_logits
     reference, logits = reference_logits
     settings, weights, images = equivalence_inputs(size)
     ours = backend.predict(backend.build(settings, weights), images, settings)
-    stats = onnx_checks.diff_stats(logits[size], ours, settings.run.equivalence_atol, 0.0)
+    stats = onnx_file.diff_stats(logits[size], ours, settings.run.equivalence_atol, 0.0)
     assert stats["passed"], f"{backend.name} vs {reference}: {stats}"
 
 
@@ -637,7 +637,7 @@ def test_bad_weights_file_is_a_weights_error(backend: Backend, tmp_path: Path, k
     assert_one_line(caught.value)
 
 
-#: Every suffix a backend might import (``cxrbench.checkpoints.READERS``) and the core's own.
+#: Every suffix a backend might import (``cxrbench.backend.checkpoints.READERS``) and the core's own.
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar", ".h5", ".keras", ".weights.h5", ".ckpt", ".msgpack", ".bin")
 
 

@@ -1,6 +1,6 @@
 """Benchmarks record what they ran on: framework versions and GPUs join pytest-benchmark's machine info."""
 
-from cxrbench.env import gpu_inventory, package_versions
+from cxrbench.machine.env import gpu_inventory, package_versions
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import optax
 
 import cxrbench_jax as backend
-from cxrbench.checks.onnx import normalise
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.recorder import Recorder
+from cxrbench.backend.canonical import init_canonical
+from cxrbench.backend.recorder import Recorder
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy.onnx_file import normalise
 from cxrbench.testing.conformance import kit_settings, random_images, synthetic_data
-from cxrbench.weights import init_canonical
 from cxrbench_jax import loop
 from cxrbench_jax.network import DenseNet
 

@@ -31,8 +31,8 @@ keras = pytest.importorskip("keras")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_keras_backend import make_data, make_settings  # noqa: E402
 
-from cxrbench.classes import NUM_CLASSES  # noqa: E402
-from cxrbench.recorder import Recorder  # noqa: E402
+from cxrbench.backend.recorder import Recorder  # noqa: E402
+from cxrbench.data.classes import NUM_CLASSES  # noqa: E402
 from cxrbench_keras import infer, loop  # noqa: E402
 from cxrbench_keras import model as keras_model
 

@@ -9,10 +9,10 @@ Numbers go to ``benchmark.extra_info``; the only assertion is that both sides ag
 import psutil
 import pytest
 
-from cxrbench.checks.onnx import diff_stats, run_onnx, session
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.env import gpu_inventory
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy.onnx_file import diff_stats, run_onnx, session
 from cxrbench.errors import BackendError
+from cxrbench.machine.env import gpu_inventory
 from cxrbench.plugins import load_plugins
 from cxrbench.testing.conformance import Backend, kit_settings, random_images
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrbench.monitor import noise
-from cxrbench.timing import RATIO_ROUNDS, WindowTimer, ratio_interval, summarise
+from cxrbench.backend.timing import RATIO_ROUNDS, WindowTimer, ratio_interval, summarise
+from cxrbench.machine.monitor import noise
 
 STEPS = 10_000
 #: A ChestX-ray14 epoch at batch 16 (78,468 training images) in windows of 5 steps.

@@ -1,6 +1,6 @@
 """A minimal backend used to test selection: it answers discovery and one firstresult hook."""
 
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.hookspecs import hookimpl
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.hookspecs import hookimpl
 
 

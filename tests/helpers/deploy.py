@@ -1,6 +1,6 @@
 """A tiny real export (the core's ONNX graph on seeded canonical weights) and pictures to score, for the deploy tests.
 
-No backend is needed: :mod:`cxrbench.onnx_graph` writes the canonical network, stamped like every export.
+No backend is needed: :mod:`cxrbench.backend.onnx_graph` writes the canonical network, stamped like every export.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrbench.checks import onnx as onnx_checks
+from cxrbench.backend.onnx_graph import write_onnx
 from cxrbench.data.images import decode_gray, resize_gray
-from cxrbench.onnx_graph import write_onnx
+from cxrbench.deploy import onnx_file
 from cxrbench.testing.conformance import kit_settings, random_canonical
 
 SIZE = 64  #: densenet-tiny gives a 2 x 2 feature map here, so CAMs have boxes
@@ -23,7 +23,7 @@ def tiny_export(path: Path, size: int = SIZE, seed: int = 3) -> Path:
     settings = kit_settings(size)
     weights = random_canonical(settings.model.block_config, seed)
     write_onnx(weights, settings.model.block_config, size, settings.export.opset, path)
-    onnx_checks.stamp_metadata(path, onnx_checks.model_metadata("NCHW", size, "numpy"))
+    onnx_file.stamp_metadata(path, onnx_file.model_metadata("NCHW", size, "numpy"))
     return path
 
 
@@ -44,8 +44,8 @@ def chest_like(seed: int, height: int = 80, width: int = 64) -> np.ndarray:
 def reference_probabilities(model_path: Path, files: list[Path], size: int = SIZE) -> np.ndarray:
     """Sigmoid of onnxruntime called directly on the shared decoder's pixels: the independent reference."""
     pixels = np.stack([resize_gray(decode_gray(f), size) for f in files])
-    sess = onnx_checks.session(model_path)
-    logits = sess.run(["logits"], {"input": onnx_checks.normalise(pixels, "NCHW")})[0].astype(np.float64)
+    sess = onnx_file.session(model_path)
+    logits = sess.run(["logits"], {"input": onnx_file.normalise(pixels, "NCHW")})[0].astype(np.float64)
     return 1.0 / (1.0 + np.exp(-logits))
 
 

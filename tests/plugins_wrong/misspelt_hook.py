@@ -1,7 +1,7 @@
 """A backend whose prediction hook is misspelt (``cxrbench_predcit``). pluggy alone would register it and
 never call it; the plugin manager must refuse the plugin at discovery, naming it and the hook."""
 
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.hookspecs import hookimpl
 
 

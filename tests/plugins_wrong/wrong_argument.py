@@ -1,6 +1,6 @@
 """A backend whose prediction hook takes an argument the hookspec does not pass (``imgs`` for ``images``)."""
 
-from cxrbench.api import BackendInfo
+from cxrbench.backend.api import BackendInfo
 from cxrbench.hookspecs import hookimpl
 
 

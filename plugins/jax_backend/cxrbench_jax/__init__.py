@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from cxrbench.api import BackendInfo, distribution_version
-from cxrbench.errors import BackendError
-from cxrbench.hookspecs import hookimpl
-from cxrbench.model_inputs import check_cam_inputs, check_images
+from cxrbench.backend import BackendError, BackendInfo, check_cam_inputs, check_images, distribution_version, hookimpl
 
 NAME = "jax"
 #: What the backend needs at run time, beside the core.

@@ -1,4 +1,5 @@
-"""ONNX export: the canonical network written by the core's :mod:`cxrbench.onnx_graph` from this model's weights.
+"""ONNX export: the canonical network written by the core's ONNX graph writer (``write_onnx``) from this model's
+weights.
 
 JAX has no ONNX exporter of its own. The route through TensorFlow (``jax2tf`` then ``tf2onnx``) would make the
 JAX backend depend on TensorFlow and tf2onnx, whose releases trail both frameworks, and would export whatever
@@ -12,15 +13,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cxrbench.api import ExportInfo
-from cxrbench.checks.onnx import model_metadata, stamp_metadata
-from cxrbench.onnx_graph import INPUT, OUTPUT, write_onnx
-from cxrbench.suite import Settings
+from cxrbench.backend import INPUT, OUTPUT, ExportInfo, Settings, model_metadata, stamp_metadata, write_onnx
 from cxrbench_jax import weights as flax_weights
 from cxrbench_jax.model import JaxModel
 
 LAYOUT = "NCHW"
-EXPORTER = "onnx.helper graph from canonical weights (cxrbench.onnx_graph)"
+EXPORTER = "onnx.helper graph from canonical weights (cxrbench.backend.onnx_graph)"
 
 
 def export_onnx(model: JaxModel, path: str | Path, settings: Settings, name: str) -> ExportInfo:

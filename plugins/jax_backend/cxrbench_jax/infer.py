@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrbench.api import CamResult
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import NUM_CLASSES, CamResult
 from cxrbench_jax import numerics
 from cxrbench_jax.model import JaxModel
 from cxrbench_jax.network import normalise
@@ -100,6 +99,6 @@ def _inference(model: JaxModel, batch_size: int, doing: str) -> Iterator[None]:
     """IEEE float32 matmuls and the core's out-of-memory message around an inference loop."""
     with (
         jax.default_matmul_precision(numerics.INFERENCE_PRECISION),
-        numerics.out_of_memory_as_error(model.devices[0], batch_size, doing),
+        numerics.oom_as_backend_error(model.devices[0], batch_size, doing),
     ):
         yield

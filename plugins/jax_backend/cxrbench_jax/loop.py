@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cxrbench.data.prepared import Batch, PreparedData
-from cxrbench.recorder import Recorder
-from cxrbench.suite import Settings
-from cxrbench.training import (
+from cxrbench.backend import (
+    Batch,
     EpochOutcome,
+    PreparedData,
+    Recorder,
+    Settings,
     run_recipe,
     scaled_learning_rate,
     steps_per_epoch,
@@ -159,7 +160,7 @@ class JaxEpochLoop:
             return validation_loss(self.recorder, self.data, self.settings, summed_loss, self.sync, device_total)
 
     def out_of_memory(self, doing: str) -> AbstractContextManager[None]:
-        return numerics.out_of_memory_as_error(self.model.devices[0], self.settings.train.batch_size, doing)
+        return numerics.oom_as_backend_error(self.model.devices[0], self.settings.train.batch_size, doing)
 
     def snapshot(self) -> dict[str, Any]:
         """Host copies: the device buffers are donated to the next step."""

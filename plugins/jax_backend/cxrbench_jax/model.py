@@ -9,10 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrbench import weights as canonical
-from cxrbench.errors import WeightsError
-from cxrbench.initial_weights import Start, resolve
-from cxrbench.suite import Settings
+from cxrbench.backend import Settings, Start, WeightsError, canonical, initial_weights
 from cxrbench_jax import numerics
 from cxrbench_jax import weights as flax_weights
 from cxrbench_jax.network import DenseNet
@@ -57,9 +54,9 @@ def build(settings: Settings, weights: dict[str, np.ndarray] | None) -> JaxModel
 
 
 def _initial_variables(settings: Settings, weights: dict[str, np.ndarray] | None, network: DenseNet) -> Variables:
-    """What the core resolved (:func:`cxrbench.initial_weights.resolve`); JAX has no checkpoint format of its own,
-    so canonical ``.npz`` is the only file type."""
-    initial = resolve(settings, weights)
+    """What the core resolved (:func:`cxrbench.backend.initial_weights.resolve`); JAX has no checkpoint format of
+    its own, so canonical ``.npz`` is the only file type."""
+    initial = initial_weights.resolve(settings, weights)
     if initial.start is Start.FRAMEWORK:
         return framework_init(network, settings.run.seed)
     if initial.start is Start.IMAGENET:

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.weights import BN_EPSILON, BN_SIZE, GROWTH_RATE, INIT_FEATURES
+from cxrbench.backend import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, canonical
 
 #: PyTorch's BatchNorm momentum: running = (1 - 0.1) * running + 0.1 * batch.
 BN_MOMENTUM = 0.1
@@ -60,7 +59,7 @@ class TorchBatchNorm(nn.Module):
                 var_stat.value = (1 - BN_MOMENTUM) * var_stat.value + BN_MOMENTUM * unbiased
         else:
             mean, var = mean_stat.value, var_stat.value
-        return (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPSILON)) + bias
+        return (x - mean) * (scale * jax.lax.rsqrt(var + canonical.BN_EPSILON)) + bias
 
 
 def conv(features: int, kernel: int, name: str, stride: int = 1, pad: int = 0) -> nn.Conv:
@@ -84,19 +83,19 @@ class DenseNet(nn.Module):
 
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """The final feature map after the last BatchNorm *and* ReLU (what CAM multiplies)."""
-        x = conv(INIT_FEATURES, 7, "features_conv0", stride=2, pad=3)(x)
+        x = conv(canonical.INIT_FEATURES, 7, "features_conv0", stride=2, pad=3)(x)
         x = self.bn_relu(x, "features.norm0", train)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # -inf padding never wins
-        channels = INIT_FEATURES
+        channels = canonical.INIT_FEATURES
         for b, layers in enumerate(self.block_config, start=1):
             for k in range(1, layers + 1):
                 prefix = f"features.denseblock{b}.denselayer{k}"
                 y = self.bn_relu(x, f"{prefix}.norm1", train)
-                y = conv(BN_SIZE * GROWTH_RATE, 1, module_name(f"{prefix}.conv1"))(y)
+                y = conv(canonical.BN_SIZE * canonical.GROWTH_RATE, 1, module_name(f"{prefix}.conv1"))(y)
                 y = self.bn_relu(y, f"{prefix}.norm2", train)
-                y = conv(GROWTH_RATE, 3, module_name(f"{prefix}.conv2"), pad=1)(y)
+                y = conv(canonical.GROWTH_RATE, 3, module_name(f"{prefix}.conv2"), pad=1)(y)
                 x = jnp.concatenate([x, y], axis=-1)
-            channels += layers * GROWTH_RATE
+            channels += layers * canonical.GROWTH_RATE
             if b != len(self.block_config):
                 channels //= 2
                 y = self.bn_relu(x, f"features.transition{b}.norm", train)

@@ -17,11 +17,14 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cxrbench import errors, numerics_record
-from cxrbench.budget import thread_budget
-from cxrbench.env import require_framework_gpus
-from cxrbench.errors import BackendError
-from cxrbench.suite import Settings
+from cxrbench.backend import (
+    BackendError,
+    Settings,
+    numerics_record,
+    out_of_memory,
+    require_framework_gpus,
+    thread_budget,
+)
 
 AXIS = "data"
 #: XLA's switch for run-to-run identical GPU reductions (read when the GPU client starts).
@@ -101,15 +104,15 @@ def replicated(devices: list[jax.Device]) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def out_of_memory_as_error(device: jax.Device, batch_size: int, doing: str) -> Iterator[None]:
+def oom_as_backend_error(device: jax.Device, batch_size: int, doing: str) -> Iterator[None]:
     """XLA's RESOURCE_EXHAUSTED as the core's one-line out-of-memory error. JAX has no exception type of its own
-    for it (:func:`cxrbench.errors.out_of_memory_as_error` needs one), so the status code in the message decides."""
+    for it (:func:`cxrbench.backend.out_of_memory_as_error` needs one), so the status code in the message decides."""
     try:
         yield
     except jax.errors.JaxRuntimeError as exc:
         if "RESOURCE_EXHAUSTED" not in str(exc):
             raise
-        raise errors.out_of_memory(device_name(device), batch_size, doing) from None
+        raise out_of_memory(device_name(device), batch_size, doing) from None
 
 
 def device_name(device: jax.Device) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import weights as canonical
+from cxrbench.backend import canonical
 from cxrbench_jax.network import module_name
 
 Variables = dict[str, dict[str, dict[str, Any]]]  #: {"params": {...}, "batch_stats": {...}}

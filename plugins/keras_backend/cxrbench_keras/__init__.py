@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 
-from cxrbench.api import BackendInfo, distribution_version
-from cxrbench.hookspecs import hookimpl
-from cxrbench.model_inputs import check_cam_inputs, check_images
+from cxrbench.backend import BackendInfo, check_cam_inputs, check_images, distribution_version, hookimpl
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 

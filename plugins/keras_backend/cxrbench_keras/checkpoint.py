@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.checkpoints import check_densenet
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.errors import WeightsError, first_line
+from cxrbench.backend import NUM_CLASSES, WeightsError, check_densenet, first_line
 from cxrbench_keras.weights import canonical_prefix, to_canonical
 
 #: Variable names of each kind of layer, in the order :func:`cxrbench_keras.weights.to_canonical` takes them.

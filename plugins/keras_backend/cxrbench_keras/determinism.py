@@ -9,7 +9,7 @@ Two switches, in two moments, and thread counts that every run pins already:
 * op determinism (``enable_op_determinism``): every op either runs a deterministic kernel or raises
   instead of running a nondeterministic one; it also seeds nothing by itself (the model is seeded).
 * fixed thread counts: Keras' numbers on a CPU change with the thread count (the kernels split their
-  reductions by thread), so every run pins both pools to the core's thread budget (:mod:`cxrbench.budget`,
+  reductions by thread), so every run pins both pools to the core's thread budget (:mod:`cxrbench.machine.budget`,
   applied in :mod:`cxrbench_keras.numerics`) and the numerics record reads them back.
 
 None of this is a guarantee on a CPU: measured on 2 cores (smoke data, 20 steps), 4 of 5 default runs

@@ -13,9 +13,7 @@ import os
 
 import tensorflow as tf
 
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.errors import BackendError
-from cxrbench.training import train_batches
+from cxrbench.backend import NUM_CLASSES, BackendError, train_batches
 
 
 def check_replicated_numerics(numerics, replicas: int) -> None:

@@ -18,9 +18,15 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from cxrbench.api import ExportInfo
-from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata, model_metadata, stamp_metadata
-from cxrbench.errors import BackendError, first_line
+from cxrbench.backend import (
+    FEATURES_OUTPUT,
+    BackendError,
+    ExportInfo,
+    cam_metadata,
+    first_line,
+    model_metadata,
+    stamp_metadata,
+)
 from cxrbench_keras.infer import FEATURE_LAYER, float32_network
 from cxrbench_keras.model import KerasDenseNet
 

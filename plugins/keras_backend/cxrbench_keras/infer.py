@@ -11,8 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxrbench.api import CamResult
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import NUM_CLASSES, CamResult
 from cxrbench_keras.model import KerasDenseNet, build_network, preprocess
 from cxrbench_keras.numerics import float32_policy, ieee_float32, oom_as_backend_error
 

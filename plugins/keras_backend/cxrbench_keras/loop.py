@@ -1,4 +1,4 @@
-"""The Keras EpochLoop for cxrbench.training.run_recipe: a compiled custom train step over tf.data.
+"""The Keras EpochLoop for cxrbench.backend.training.run_recipe: a compiled custom train step over tf.data.
 
 Per-step losses stay on the device (the tensors each step returns are collected in a list) and are
 fetched in one transfer after the epoch, so NaN detection costs no per-step host synchronisation.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.recorder import Recorder
-from cxrbench.training import (
+from cxrbench.backend import (
+    NUM_CLASSES,
     EpochOutcome,
+    Recorder,
     run_recipe,
     scaled_learning_rate,
     steps_per_epoch,

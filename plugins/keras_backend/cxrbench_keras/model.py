@@ -16,11 +16,16 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from cxrbench import initial_weights
-from cxrbench import weights as canonical
-from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.errors import WeightsError, first_line
-from cxrbench.initial_weights import Start
+from cxrbench.backend import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_CLASSES,
+    Start,
+    WeightsError,
+    canonical,
+    first_line,
+    initial_weights,
+)
 from cxrbench_keras import weights as keras_weights
 from cxrbench_keras.numerics import configure_runtime
 

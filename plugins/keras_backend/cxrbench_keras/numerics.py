@@ -13,9 +13,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from cxrbench import errors, numerics_record
-from cxrbench.budget import thread_budget
-from cxrbench.env import require_framework_gpus
+from cxrbench.backend import numerics_record, out_of_memory_as_error, require_framework_gpus, thread_budget
 from cxrbench_keras import determinism
 
 #: settings.numerics.precision -> Keras dtype policy.
@@ -135,4 +133,4 @@ def float32_policy():
 
 def oom_as_backend_error(batch_size: int, doing: str):
     """TensorFlow's out-of-memory exception as the core's one-line error naming the batch size."""
-    return errors.out_of_memory_as_error(tf.errors.ResourceExhaustedError, device_name(), batch_size, doing)
+    return out_of_memory_as_error(tf.errors.ResourceExhaustedError, device_name(), batch_size, doing)

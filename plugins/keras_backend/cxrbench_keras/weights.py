@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from cxrbench import weights as canonical
+from cxrbench.backend import canonical
 
 #: Keras layer name pattern -> (canonical prefix template, kind); groups are Keras' 1-based numbers.
 _PATTERNS = (

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from cxrbench.api import BackendInfo
-from cxrbench.hookspecs import hookimpl
-from cxrbench.model_inputs import check_cam_inputs, check_images
+from cxrbench.backend import BackendInfo, check_cam_inputs, check_images, hookimpl
 
 NAME = "pytorch"
 #: Checkpoints this backend imports (``cxrbench weights import``): torch state_dicts and training checkpoints.

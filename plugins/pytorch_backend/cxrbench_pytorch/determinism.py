@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from cxrbench.errors import BackendError
-from cxrbench.suite import NumericsSettings
+from cxrbench.backend import BackendError, NumericsSettings
 
 #: cuBLAS' documented deterministic workspace setting.
 CUBLAS_WORKSPACE = ":4096:8"

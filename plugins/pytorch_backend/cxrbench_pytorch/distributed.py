@@ -27,12 +27,7 @@ from torch import nn
 from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
-from cxrbench import weights as canonical
-from cxrbench.api import EpochRecord
-from cxrbench.data.prepared import PreparedData
-from cxrbench.errors import BackendError, CxrError
-from cxrbench.recorder import Recorder
-from cxrbench.suite import Settings
+from cxrbench.backend import BackendError, CxrError, EpochRecord, PreparedData, Recorder, Settings, canonical
 from cxrbench_pytorch import loop
 from cxrbench_pytorch import weights as tv_weights
 from cxrbench_pytorch.model import TorchModel, build

@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cxrbench.api import ExportInfo
-from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata, model_metadata, stamp_metadata
-from cxrbench.suite import Settings
+from cxrbench.backend import FEATURES_OUTPUT, ExportInfo, Settings, cam_metadata, model_metadata, stamp_metadata
 from cxrbench_pytorch.model import TorchModel
 
 INPUT_NAME, OUTPUT_NAME, LAYOUT = "input", "logits", "NCHW"

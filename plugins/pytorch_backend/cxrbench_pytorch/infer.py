@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrbench.api import CamResult
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import NUM_CLASSES, CamResult
 from cxrbench_pytorch import numerics
 from cxrbench_pytorch.model import TorchModel, host_images
 
@@ -30,7 +29,7 @@ def _batched(
     with (
         torch.inference_mode(),
         numerics.ieee_float32(),
-        numerics.out_of_memory_as_error(model.device, batch_size, doing),
+        numerics.oom_as_backend_error(model.device, batch_size, doing),
     ):
         return [fn(model.inputs(host[start : start + batch_size])) for start in range(0, len(host), batch_size)]
 

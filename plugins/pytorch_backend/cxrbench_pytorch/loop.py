@@ -1,4 +1,4 @@
-"""Training: a torch :class:`~cxrbench.training.EpochLoop` under the core's ``run_recipe``.
+"""Training: a torch :class:`~cxrbench.backend.training.EpochLoop` under the core's ``run_recipe``.
 
 The same loop serves one process and each rank of several (:mod:`cxrbench_pytorch.distributed`):
 with ``world > 1`` it reads its shard of the core's batches and averages per-step losses and the
@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cxrbench.data.prepared import Batch, PreparedData
-from cxrbench.recorder import Recorder
-from cxrbench.suite import Settings
-from cxrbench.training import (
+from cxrbench.backend import (
+    Batch,
     EpochOutcome,
+    PreparedData,
+    Recorder,
+    Settings,
     run_recipe,
     scaled_learning_rate,
     steps_per_epoch,
@@ -111,7 +112,7 @@ class TorchEpochLoop:
         batch_size = self.settings.train.batch_size
         make = functools.partial(train_batches, self.data, self.settings, epoch, rank=self.rank, world=self.world)
         batches = input_pipeline(make, self.settings.numerics.loader_workers, self.pin)
-        with numerics.out_of_memory_as_error(self.model.device, batch_size, "training"):
+        with numerics.oom_as_backend_error(self.model.device, batch_size, "training"):
             return train_epoch(
                 self.recorder,
                 batches,
@@ -148,7 +149,7 @@ class TorchEpochLoop:
         net.eval()
         with (
             torch.inference_mode(),
-            numerics.out_of_memory_as_error(self.model.device, self.settings.train.batch_size, "validating"),
+            numerics.oom_as_backend_error(self.model.device, self.settings.train.batch_size, "validating"),
         ):
             return validation_loss(
                 self.recorder,

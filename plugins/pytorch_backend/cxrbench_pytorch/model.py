@@ -10,11 +10,16 @@ import torch
 from torch import nn
 from torchvision.models import DenseNet
 
-from cxrbench import initial_weights
-from cxrbench import weights as canonical
-from cxrbench.classes import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from cxrbench.initial_weights import InitialWeights, Start
-from cxrbench.suite import Settings
+from cxrbench.backend import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NUM_CLASSES,
+    InitialWeights,
+    Settings,
+    Start,
+    canonical,
+    initial_weights,
+)
 from cxrbench_pytorch import determinism, numerics
 from cxrbench_pytorch import weights as tv_weights
 
@@ -69,7 +74,7 @@ def new_densenet(block_config: tuple[int, ...], seed: int) -> DenseNet:
 
 
 def build(settings: Settings, weights: dict[str, np.ndarray] | None, device: torch.device | None = None) -> TorchModel:
-    """The model for ``settings``, started as :func:`cxrbench.initial_weights.resolve` says.
+    """The model for ``settings``, started as :func:`cxrbench.backend.initial_weights.resolve` says.
 
     ``device`` defaults to the one ``run.gpus`` selects; a distributed rank names its own.
     """
@@ -100,7 +105,7 @@ def _weights_to_load(
 
 
 def host_images(images: np.ndarray) -> torch.Tensor:
-    """Checked images (:mod:`cxrbench.model_inputs`) as a tensor, without copying when possible."""
+    """Checked images (:mod:`cxrbench.backend.model_inputs`) as a tensor, without copying when possible."""
     if not (images.flags.writeable and images.flags.c_contiguous):
         images = np.array(images)  # torch refuses read-only (memory-mapped) arrays
     return torch.from_numpy(images)

@@ -14,11 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cxrbench import errors, numerics_record
-from cxrbench.budget import thread_budget
-from cxrbench.env import require_framework_gpus
-from cxrbench.errors import BackendError
-from cxrbench.suite import NumericsSettings, Settings
+from cxrbench.backend import (
+    BackendError,
+    NumericsSettings,
+    Settings,
+    numerics_record,
+    out_of_memory_as_error,
+    require_framework_gpus,
+    thread_budget,
+)
 from cxrbench_pytorch import determinism
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,9 +100,9 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def out_of_memory_as_error(device: torch.device, batch_size: int, doing: str):
+def oom_as_backend_error(device: torch.device, batch_size: int, doing: str):
     """torch's out-of-memory exception as the core's one-line error naming the batch size."""
-    return errors.out_of_memory_as_error(torch.OutOfMemoryError, device_name(device), batch_size, doing)
+    return out_of_memory_as_error(torch.OutOfMemoryError, device_name(device), batch_size, doing)
 
 
 @contextlib.contextmanager

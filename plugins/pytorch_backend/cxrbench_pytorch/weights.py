@@ -1,7 +1,7 @@
 """Canonical weights <-> torchvision DenseNet, weight files, and torchvision's ImageNet weights.
 
 The canonical layout *is* torchvision's state_dict without ``num_batches_tracked``, so converting
-is copying tensors by name; all checking is the core's :func:`cxrbench.weights.validate`.
+is copying tensors by name; all checking is the core's :func:`cxrbench.backend.canonical.validate`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrbench import weights as canonical
-from cxrbench.errors import WeightsError, first_line
-from cxrbench.suite import ARCHITECTURES
+from cxrbench.backend import ARCHITECTURES, WeightsError, canonical, first_line
 
 #: torchvision's released DenseNet checkpoints still use the old names ``denselayer1.norm.1``
 #: (dots are no longer allowed in module names); the same pattern torchvision itself rewrites.
@@ -97,7 +95,7 @@ def import_checkpoint(path: Path, block_config: tuple[int, ...]) -> dict[str, np
     """A torchvision DenseNet state_dict, or a training checkpoint holding one under ``"state_dict"`` (CheXNet's
     ``model.pth.tar``: ``module.densenet121.`` prefixes, the released key names, ``classifier.0`` before a Sigmoid),
     as canonical weights checked against ``block_config``."""
-    from cxrbench.checkpoints import check_densenet
+    from cxrbench.backend import check_densenet
 
     content = _load(path, "torch checkpoint")
     if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):

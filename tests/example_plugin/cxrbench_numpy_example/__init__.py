@@ -19,12 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench import weights as canonical
-from cxrbench.api import BackendInfo, CamResult, ExportInfo
-from cxrbench.errors import BackendError, WeightsError
-from cxrbench.hookspecs import hookimpl
-from cxrbench.initial_weights import Start, resolve
-from cxrbench.model_inputs import check_cam_inputs, check_images
+from cxrbench.backend import (
+    BackendError,
+    BackendInfo,
+    CamResult,
+    ExportInfo,
+    Start,
+    WeightsError,
+    canonical,
+    check_cam_inputs,
+    check_images,
+    hookimpl,
+    initial_weights,
+)
 
 NAME = "numpy"
 LAYOUT = "NCHW"
@@ -60,8 +67,8 @@ def cxrbench_devices():
 
 
 def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
-    """What the core resolved (:func:`cxrbench.initial_weights.resolve`), plus this backend's own cases."""
-    initial = resolve(settings, weights)  # no file format of its own: canonical .npz only
+    """What the core resolved (:func:`cxrbench.backend.initial_weights.resolve`), plus this backend's own cases."""
+    initial = initial_weights.resolve(settings, weights)  # no file format of its own: canonical .npz only
     if initial.start is Start.FRAMEWORK:
         seed = int(np.random.SeedSequence([settings.run.seed, FRAMEWORK_INIT_STREAM]).generate_state(1)[0])
         return canonical.init_canonical(settings.model.block_config, seed), initial.origin
@@ -107,8 +114,7 @@ def cxrbench_set_weights(model, weights):
 def cxrbench_train(model, data, settings, recorder):
     from threadpoolctl import threadpool_limits
 
-    from cxrbench.budget import thread_budget
-    from cxrbench.training import run_recipe
+    from cxrbench.backend import run_recipe, thread_budget
     from cxrbench_numpy_example.probe import LinearProbeLoop, describe
 
     if settings.run.gpus:
@@ -156,8 +162,7 @@ def cxrbench_cam(model, images, classes, settings):
 
 @hookimpl
 def cxrbench_export_onnx(model, path, settings):
-    from cxrbench.checks.onnx import model_metadata, stamp_metadata
-    from cxrbench.onnx_graph import INPUT, OUTPUT, write_onnx
+    from cxrbench.backend import INPUT, OUTPUT, model_metadata, stamp_metadata, write_onnx
 
     start = time.perf_counter()
     size, opset = settings.data.image_size, settings.export.opset
@@ -170,5 +175,5 @@ def cxrbench_export_onnx(model, path, settings):
         input_name=INPUT,
         output_name=OUTPUT,
         seconds=time.perf_counter() - start,
-        exporter="onnx.helper graph from canonical weights (cxrbench.onnx_graph)",
+        exporter="onnx.helper graph from canonical weights (cxrbench.backend.onnx_graph)",
     )

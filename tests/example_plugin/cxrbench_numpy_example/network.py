@@ -12,8 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cxrbench.checks.onnx import normalise
-from cxrbench.weights import BN_EPSILON, check_image_size
+from cxrbench.backend import canonical, normalise
 
 Weights = Mapping[str, np.ndarray]
 
@@ -30,7 +29,7 @@ def conv2d(x: np.ndarray, kernel: np.ndarray, stride: int = 1, pad: int = 0) -> 
 
 def batch_norm(x: np.ndarray, weights: Weights, prefix: str) -> np.ndarray:
     """Eval-mode BatchNorm with the running statistics."""
-    scale = weights[f"{prefix}.weight"] / np.sqrt(weights[f"{prefix}.running_var"] + np.float32(BN_EPSILON))
+    scale = weights[f"{prefix}.weight"] / np.sqrt(weights[f"{prefix}.running_var"] + np.float32(canonical.BN_EPSILON))
     shift = weights[f"{prefix}.bias"] - weights[f"{prefix}.running_mean"] * scale
     return x * scale[:, None, None] + shift[:, None, None]
 
@@ -78,7 +77,7 @@ def feature_map(weights: Weights, block_config: tuple[int, ...], x: np.ndarray) 
 
 def prepare(images: np.ndarray) -> np.ndarray:
     """uint8 gray ``(N, S, S)`` -> normalised float32 NCHW, refusing sizes DenseNet cannot take."""
-    check_image_size(int(images.shape[-1]))
+    canonical.check_image_size(int(images.shape[-1]))
     return normalise(images, "NCHW")
 
 

@@ -3,7 +3,7 @@
 Back-propagating through a numpy DenseNet would be long and slow; the point of this backend is to
 show the hooks. So only the classifier learns (binary cross-entropy on logits, Adam written out
 below), while the features stay as initialised. The shared recipe
-(:func:`cxrbench.training.run_recipe`) still owns epochs, the plateau schedule, best weights, NaN
+(:func:`cxrbench.backend.training.run_recipe`) still owns epochs, the plateau schedule, best weights, NaN
 detection and timing, exactly as for a full backend.
 """
 
@@ -14,16 +14,17 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info
 
-from cxrbench import numerics_record
-from cxrbench.budget import thread_budget
-from cxrbench.data.prepared import Batch, PreparedData
-from cxrbench.recorder import Recorder
-from cxrbench.suite import Settings
-from cxrbench.timing import batch_images
-from cxrbench.training import (
+from cxrbench.backend import (
+    Batch,
     EpochOutcome,
+    PreparedData,
+    Recorder,
+    Settings,
+    batch_images,
+    numerics_record,
     scaled_learning_rate,
     steps_per_epoch,
+    thread_budget,
     train_batches,
     train_epoch,
     validation_loss,
@@ -65,7 +66,7 @@ class Adam:
 
 
 class LinearProbeLoop:
-    """The :class:`cxrbench.training.EpochLoop` of the numpy backend."""
+    """The :class:`cxrbench.backend.training.EpochLoop` of the numpy backend."""
 
     def __init__(self, model, data: PreparedData, settings: Settings, recorder: Recorder):
         self.model, self.data, self.settings, self.recorder = model, data, settings, recorder

@@ -16,7 +16,7 @@ from typing import Any
 #: Runs in the backend's interpreter: its devices, and the visible GPUs NVML shows that process.
 _PROBE = (
     "import json, sys\n"
-    "from cxrbench.env import gpu_inventory\n"
+    "from cxrbench.machine.env import gpu_inventory\n"
     "from cxrbench.plugins import load_plugins\n"
     "devices = load_plugins(backend=sys.argv[1]).hook.cxrbench_devices()\n"
     "print(json.dumps({'devices': devices, 'nvml_gpus': gpu_inventory()['count']}))\n"

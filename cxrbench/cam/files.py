@@ -1,20 +1,22 @@
-"""A backend's CAM files: one overlay PNG per (shown test image, class of one of its boxes) in ``cams/``,
-listed in ``cams/index.json``, and the normalised 0-255 maps in ``cams.npz``.
+"""CAM pictures with the boxes they predict: a backend's CAM files (one overlay PNG per (shown test image, class of
+one of its boxes) in ``cams/``, listed in ``cams/index.json``, and the normalised 0-255 maps in ``cams.npz``), and a
+scored picture's overlay as PNG bytes for ``cxrbench predict`` and ``serve``.
 
-The pictures come from :func:`cxrbench.cam_overlay.overlay`, the one the report uses too.
+The pictures come from :func:`cxrbench.cam.overlay.overlay`, the one the report uses too.
 """
 
 from __future__ import annotations
 
+import io
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from cxrbench.cam_overlay import overlay, to_uint8
-from cxrbench.classes import CLASSES
+from cxrbench.cam.overlay import overlay, to_uint8
+from cxrbench.data.classes import CLASSES
 from cxrbench.files import save_npz, write_json, write_with
-from cxrbench.run_folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
+from cxrbench.run.folder import CAMS_DIR, CAMS_INDEX, CAMS_NPZ
 
 
 def write(
@@ -57,3 +59,21 @@ def write(
         classes=np.asarray(kept_classes, dtype=np.int64),
         maps=np.asarray(kept_maps, dtype=np.uint8).reshape(-1, size, size),
     )
+
+
+def overlay_png(
+    image: np.ndarray, cam_map: np.ndarray, method: str, threshold: float
+) -> tuple[bytes, list[list[float]]]:
+    """A scored picture's overlay as PNG bytes, and the boxes ``[x, y, w, h]`` the run's recipe predicts.
+
+    ``image`` is uint8 ``(S, S)``, ``cam_map`` one class's map ``(h, w)``: upsampled to ``S`` (bilinear, like the
+    run's localisation stage) and turned into boxes by ``method``/``threshold`` (``eval.cam_method``/
+    ``eval.cam_threshold``), so a served CAM looks exactly like the benchmark's.
+    """
+    from cxrbench.metrics.localisation import heatmap_to_boxes, upsample
+
+    heat = upsample(cam_map[None, None].astype(np.float32), image.shape[0])[0, 0]
+    boxes = [list(map(float, box)) for box in heatmap_to_boxes(heat, threshold, method)]
+    buffer = io.BytesIO()
+    overlay(image, to_uint8(heat), [], boxes).save(buffer, format="PNG")
+    return buffer.getvalue(), boxes

@@ -1,7 +1,7 @@
 """``model.init``, resolved once for every backend: what ``cxrbench_build_model`` starts from.
 
 The core turns everything it can into canonical weights, checked against the architecture: weights
-passed to the hook, ``"shared"`` (the seeded :func:`cxrbench.weights.init_canonical`, exactly what the
+passed to the hook, ``"shared"`` (the seeded :func:`cxrbench.backend.canonical.init_canonical`, exactly what the
 orchestrator writes to ``shared_init*.npz``) and canonical ``.npz`` files. What only the framework can
 do comes back as a named case: ``"framework"`` (its own seeded initialiser), ``"imagenet"`` (its
 ImageNet weights) and a file in the framework's own format, whose suffix the backend declares and
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench import weights as canonical
+from cxrbench.backend import canonical
 from cxrbench.errors import WeightsError
 from cxrbench.suite import Settings
 
-#: The file type every backend reads: canonical weights (:func:`cxrbench.weights.save`).
+#: The file type every backend reads: canonical weights (:func:`cxrbench.backend.canonical.save`).
 CANONICAL_SUFFIX = ".npz"
 #: The ``model.init`` values that are not file paths.
 KEYWORDS = ("shared", "framework", "imagenet")

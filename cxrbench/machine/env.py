@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 
 import cxrbench
-from cxrbench import devices
 from cxrbench.errors import BackendError
+from cxrbench.machine import devices
 
 PACKAGES = (
     "cxrbench",
@@ -85,7 +85,7 @@ def gpu_inventory() -> dict[str, Any]:
     except Exception as exc:  # no driver, no library, no GPU
         return _inventory(devices.device_node_gpus(), spec, reason=f"NVML unavailable: {type(exc).__name__}")
     try:
-        driver = devices.guarded(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+        driver = devices.guarded(lambda: devices.text(pynvml.nvmlSystemGetDriverVersion()))
         cuda = devices.guarded(pynvml.nvmlSystemGetCudaDriverVersion)
         return _inventory(
             devices.nvml_gpus(pynvml),
@@ -132,10 +132,6 @@ def require_framework_gpus(framework: str, sees: int, requested: int) -> None:
             "or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU on purpose"
         )
     raise BackendError(f"run.gpus = {requested}, but {framework} sees {sees} GPU(s)")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _inventory(

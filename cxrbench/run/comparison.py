@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.checks import equivalence as eq
-from cxrbench.checks.onnx import run_onnx
-from cxrbench.checks.ort_benchmark import benchmark
+from cxrbench.backend.initial_weights import same_start
+from cxrbench.deploy.onnx_file import run_onnx
+from cxrbench.deploy.ort_benchmark import benchmark
 from cxrbench.files import load_npz, read_json, write_json
-from cxrbench.initial_weights import same_start
-from cxrbench.run_folder import (
+from cxrbench.metrics import equivalence as eq
+from cxrbench.run.folder import (
     COMPARISON_JSON,
     EQUIVALENCE_BATCH,
     EQUIVALENCE_NPZ,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cxrbench.files import read_json, write_json
-from cxrbench.run_folder import THROUGHPUT_JSON
+from cxrbench.run.folder import THROUGHPUT_JSON
 
 #: Share of the usable cores' CPU time others may use, on average over a timed phase, before the
 #: phase's figures are marked disturbed: 0.15 is 30 % of one core on a 2-core machine, more than

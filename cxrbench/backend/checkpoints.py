@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench import weights as canonical
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend import canonical
+from cxrbench.backend.initial_weights import CANONICAL_SUFFIX, KEYWORDS
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.errors import WeightsError
 from cxrbench.files import sha256_of
-from cxrbench.initial_weights import CANONICAL_SUFFIX, KEYWORDS
 from cxrbench.suite import ARCHITECTURES
 
 #: The distribution that reads each kind of file: the hint when no installed plugin knows one.
@@ -67,7 +67,7 @@ def import_in_child(path: str | Path, arch: str, plugin_modules: list[str]) -> d
     A run's parent holds no framework: TensorFlow would take every GPU's memory for the parent's whole life, and
     two frameworks in one process can crash. The child's one-line error is raised here as the same error.
     """
-    from cxrbench.devices import VISIBLE_VARIABLE
+    from cxrbench.machine.devices import VISIBLE_VARIABLE
 
     with tempfile.TemporaryDirectory(prefix="cxrbench-import-") as folder:
         out = Path(folder) / "imported.npz"
@@ -92,7 +92,8 @@ def check_densenet(weights: Mapping[str, Any], block_config: tuple[int, ...], or
     """Refuse, in one line, a checkpoint that is not the DenseNet ``block_config`` with the 14-class head.
 
     Checked in the order that names the cause rather than its first symptom: names that are no DenseNet tensor,
-    then the architecture the layer names reveal, then the head, then every shape (:func:`cxrbench.weights.validate`).
+    then the architecture the layer names reveal, then the head, then every shape
+    (:func:`cxrbench.backend.canonical.validate`).
     """
     unknown = sorted(name for name in weights if not _DENSENET_NAME.fullmatch(name))
     if unknown:

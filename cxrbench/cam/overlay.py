@@ -1,7 +1,8 @@
 """The CAM overlay: a class's heat map over its gray chest X-ray, true boxes green, predicted boxes yellow.
 
-One picture for the whole project: the PNGs a run writes into ``<backend>/cams/`` and the tiles the report
-draws from ``cams.npz`` come from :func:`overlay`, so they show the same pixels. Numpy and Pillow only: the
+One picture for the whole project: the PNGs a run writes into ``<backend>/cams/``, the tiles the report
+draws from ``cams.npz`` and the CAMs ``cxrbench predict``/``serve`` return (:func:`cxrbench.cam.files.overlay_png`)
+all come from :func:`overlay`, so they show the same pixels. Numpy and Pillow only: the
 worker that draws the PNGs loads no plotting library (the jet colour map is matplotlib's, written out here).
 """
 

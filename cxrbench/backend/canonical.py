@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.errors import WeightsError
 
 GROWTH_RATE = 32

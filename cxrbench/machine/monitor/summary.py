@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.monitor.gpu import GpuStatus
+from cxrbench.machine.monitor.gpu import GpuStatus
 
 FIELDS = (
     "util",

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from cxrbench.classes import CLASSES
+from cxrbench.data.classes import CLASSES
 
 
 def equivalence_matrix(outputs: dict[str, np.ndarray], atol: float) -> dict[str, Any]:

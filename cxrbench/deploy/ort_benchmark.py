@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.checks.onnx import normalise, session
+from cxrbench.deploy.onnx_file import normalise, session
 
 
 def session_options_dict(sess) -> dict[str, Any]:

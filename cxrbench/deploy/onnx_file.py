@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.classes import CLASS_ORDER_NAME, CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from cxrbench.data.classes import CLASS_ORDER_NAME, CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from cxrbench.errors import CxrError, first_line
 
 

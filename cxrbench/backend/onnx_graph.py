@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.checks.onnx import FEATURES_OUTPUT, cam_metadata
-from cxrbench.classes import NUM_CLASSES
-from cxrbench.weights import BN_EPSILON
+from cxrbench.backend.canonical import BN_EPSILON
+from cxrbench.data.classes import NUM_CLASSES
+from cxrbench.deploy.onnx_file import FEATURES_OUTPUT, cam_metadata
 
 INPUT, OUTPUT = "input", "logits"
 

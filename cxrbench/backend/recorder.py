@@ -2,7 +2,7 @@
 
 Backends report through a :class:`Recorder` so that every framework's numbers mean the same
 thing; :class:`Stopwatch` synchronises the device at both edges of a timed region, and
-:meth:`Recorder.timed` wraps a loop's batches in a :class:`~cxrbench.timing.WindowTimer` (warm-up,
+:meth:`Recorder.timed` wraps a loop's batches in a :class:`~cxrbench.backend.timing.WindowTimer` (warm-up,
 steady-state windows, data wait).
 """
 
@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
-from cxrbench.api import EpochRecord
-from cxrbench.timing import INFERENCE_WARMUP_STEPS, WaitTimer, WindowTimer, no_sync
-
-__all__ = ["Recorder", "Stopwatch", "WaitTimer", "WindowTimer"]
+from cxrbench.backend.api import EpochRecord
+from cxrbench.backend.timing import INFERENCE_WARMUP_STEPS, WindowTimer, no_sync
 
 Listener = Callable[[str, dict[str, Any]], None]
 

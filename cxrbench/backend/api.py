@@ -38,7 +38,7 @@ class BackendInfo:
 
 @dataclass
 class EpochRecord:
-    """One epoch as reported to the :class:`~cxrbench.recorder.Recorder`. Times are seconds."""
+    """One epoch as reported to the :class:`~cxrbench.backend.recorder.Recorder`. Times are seconds."""
 
     epoch: int  #: 1-based
     warmup: bool  #: the first epoch: includes compilation, cuDNN autotuning and cache warm-up
@@ -55,7 +55,7 @@ class EpochRecord:
     #: Seconds from the start of the epoch's training to the end of its first step (None: not timed).
     first_step_s: float | None = None
     #: Median images/s over the windows after train.warmup_steps, and the central 95 % of the window rates;
-    #: None unless the epoch has cxrbench.timing.MIN_WINDOWS windows (see ``windows``).
+    #: None unless the epoch has cxrbench.backend.timing.MIN_WINDOWS windows (see ``windows``).
     steady_images_per_s: float | None = None
     steady_images_per_s_interval: list[float] | None = None
     windows: int = 0

@@ -1,7 +1,7 @@
 """The input contract of ``cxrbench_predict`` and ``cxrbench_cam``, checked the same way by every backend.
 
 Images are ``uint8`` gray ``(N, S, S)`` with ``S = settings.data.image_size``, the size the model was
-built for; CAM also needs at least one image and class indices into :data:`cxrbench.classes.CLASSES`.
+built for; CAM also needs at least one image and class indices into :data:`cxrbench.data.classes.CLASSES`.
 Each backend calls these checks at the top of its hooks, so a caller that breaks the contract gets
 one line naming the problem rather than a framework's traceback (or, worse, a silent cast).
 """
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend.canonical import check_image_size
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.errors import BackendError
-from cxrbench.weights import check_image_size
 
 
 def check_images(images: np.ndarray, image_size: int) -> np.ndarray:

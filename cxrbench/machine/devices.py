@@ -62,7 +62,8 @@ def used_by_run(shown: Sequence[Gpu], requested: int) -> list[Gpu]:
     return list(shown[: max(requested, 1)])
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """An NVML string as ``str`` (older pynvml releases return bytes)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -85,8 +86,8 @@ def nvml_gpus(nvml) -> list[Gpu]:
         gpus.append(
             Gpu(
                 nvml_index=index,
-                name=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetName(handle)), "unknown GPU"),
-                uuid=guarded(lambda handle=handle: _text(nvml.nvmlDeviceGetUUID(handle))),
+                name=guarded(lambda handle=handle: text(nvml.nvmlDeviceGetName(handle)), "unknown GPU"),
+                uuid=guarded(lambda handle=handle: text(nvml.nvmlDeviceGetUUID(handle))),
                 memory_total_mib=memory,
             )
         )

@@ -38,7 +38,7 @@ FIELDS: dict[str, str] = {
     "synchronized_batchnorm": "whether BatchNorm statistics are computed over the global batch (several ranks)",
     "intra_op_threads": "threads one op may use on the CPU, read back from the framework",
     "inter_op_threads": "threads running independent ops at once on the CPU, read back from the framework",
-    "thread_budget": "the core's CPU thread budget for this process (cxrbench.budget): intra_op and inter_op",
+    "thread_budget": "the core's CPU thread budget for this process (cxrbench.machine.budget): intra_op and inter_op",
     "deterministic": "whether the framework's deterministic mode is in force, read back (numerics.deterministic)",
     "input_pipeline": "how the core's batches reach the device (plain iteration, DataLoader, tf.data)",
     "versions": "the framework's and its runtime libraries' versions",

@@ -1,6 +1,6 @@
 """The background sampler: every ``interval_s`` one CPU/memory row and one row per GPU the run uses.
 
-The CPU row also carries the whole machine's view for the noise guard (:mod:`cxrbench.monitor.noise`):
+The CPU row also carries the whole machine's view for the noise guard (:mod:`cxrbench.machine.monitor.noise`):
 the busy percent of the cores this process may use, the share of them other processes used, and the
 1-minute load average; GPU rows count other processes on the device (NVML).
 
@@ -21,18 +21,18 @@ from typing import Any, Protocol
 
 import psutil
 
-from cxrbench.budget import usable_cores
 from cxrbench.files import write_json
-from cxrbench.monitor import noise
-from cxrbench.monitor.gpu import GpuReader, GpuStatus, open_gpu_reader
-from cxrbench.monitor.summary import FIELDS, summarise
-from cxrbench.run_folder import MONITOR_JSON, MONITOR_JSONL
+from cxrbench.machine.budget import usable_cores
+from cxrbench.machine.monitor import noise
+from cxrbench.machine.monitor.gpu import GpuReader, GpuStatus, open_gpu_reader
+from cxrbench.machine.monitor.summary import FIELDS, summarise
+from cxrbench.run.folder import MONITOR_JSON, MONITOR_JSONL
 
 MIB = 2**20
 
 
 class PhaseSource(Protocol):
-    """What the sampler reads to tag a row: a :class:`cxrbench.recorder.Recorder` fits."""
+    """What the sampler reads to tag a row: a :class:`cxrbench.backend.recorder.Recorder` fits."""
 
     phase_name: str
     epoch: int

@@ -1,6 +1,6 @@
 """GPU readers: NVML (``nvidia-ml-py``) when it initialises, else GPUtil (which runs ``nvidia-smi``).
 
-A reader watches only the GPUs the run uses (NVML indices from :mod:`cxrbench.devices`) and returns one dict per
+A reader watches only the GPUs the run uses (NVML indices from :mod:`cxrbench.machine.devices`) and returns one dict per
 GPU with ``util`` (percent of time a kernel ran), ``mem_mib``, ``power_w``, ``temp_c`` and ``other_processes``
 (compute processes outside the worker's tree, for the noise guard); a value the source cannot give is ``None``,
 never 0. Every NVML call is guarded: a failed read (a MIG device refusing utilisation, a GPU fallen off the bus)
@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from cxrbench.machine.devices import text
 
 MIB = 2**20
 
@@ -51,10 +53,6 @@ def _optional(read):
         return None
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class NvmlReader:
     source = "nvml"
 
@@ -63,7 +61,7 @@ class NvmlReader:
         self.indices = list(indices)
         self.handles = [_optional(lambda i=i: pynvml.nvmlDeviceGetHandleByIndex(i)) for i in self.indices]
         self.names = [
-            _optional(lambda h=h: _text(pynvml.nvmlDeviceGetName(h))) or f"GPU {i} (name unreadable)"
+            _optional(lambda h=h: text(pynvml.nvmlDeviceGetName(h))) or f"GPU {i} (name unreadable)"
             for i, h in zip(self.indices, self.handles)
         ]
 

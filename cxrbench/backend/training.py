@@ -4,7 +4,7 @@ A backend supplies an :class:`EpochLoop` (how to run one epoch, validate, and co
 framework); :func:`run_recipe` owns everything the frameworks must do identically: the learning
 rate schedule (ReduceLROnPlateau on validation loss), keeping the best-validation-loss weights,
 NaN detection, timing with device synchronisation (whole phases, and the steady-state windows of
-:mod:`cxrbench.timing` when the loop wraps its batches with ``recorder.timed``), and the per-epoch record.
+:mod:`cxrbench.backend.timing` when the loop wraps its batches with ``recorder.timed``), and the per-epoch record.
 
 Two helpers carry the loop contract, so a loop writes only its framework's step:
 
@@ -24,13 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cxrbench.api import EpochRecord
-from cxrbench.classes import NUM_CLASSES
+from cxrbench.backend.api import EpochRecord
+from cxrbench.backend.recorder import Recorder, Stopwatch
+from cxrbench.backend.timing import WindowTimer, batch_images, summarise
+from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import Batch, PreparedData
 from cxrbench.errors import DataError, TrainingDiverged
-from cxrbench.recorder import Recorder, Stopwatch
 from cxrbench.suite import Settings
-from cxrbench.timing import WindowTimer, batch_images, summarise
 
 #: Every backend's error for a validation split without images (the recipe picks the best epoch by its loss).
 EMPTY_VALIDATION = "the validation split is empty: training needs validation images (raise data.val_fraction)"

@@ -1,1 +1,0 @@
-"""Framework-free checks: ONNX models in onnxruntime, cross-backend equivalence."""
