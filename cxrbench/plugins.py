@@ -29,21 +29,44 @@ BUILTIN_MODULES = ("cxrbench.builtin",)
 
 
 @dataclass(frozen=True)
-class KnownBackend:
-    """A backend cxrbench ships as a distribution of its own, so a missing one can be named for installing."""
+class FirstPartyBackend:
+    """A backend this repository ships as a distribution of its own, installed exactly like a third party's.
 
-    distribution: str  #: its name on an index, e.g. ``"cxrbench-keras"``
+    :data:`FIRST_PARTY_BACKENDS` is the one list of them: install hints, the environment capture's package list,
+    the framework-free checks (CI's core-only stage, the conformance kit, the tests' backend markers) derive from it.
+    """
+
+    name: str  #: its ``--backend`` name (the name of its entry point in the group ``cxrbench``)
+    module: str  #: the plugin module its entry point names
+    distribution: str  #: its distribution name, e.g. ``"cxrbench-keras"``
     folder: str  #: its source folder in a cxrbench checkout
+    frameworks: tuple[str, ...]  #: the framework distributions it brings (each imports under the same name)
+    example: bool = False  #: the example backend (plain numpy, for plugin authors and the core's own tests)
 
     def install_hint(self) -> str:
         return f"pip install -e {self.folder} (the distribution {self.distribution}) from a cxrbench checkout"
 
 
-#: The built-in backends by ``--backend`` name. Third-party backends are found by entry point alone.
-KNOWN_BACKENDS = {
-    "pytorch": KnownBackend("cxrbench-pytorch", "plugins/pytorch_backend"),
-    "keras": KnownBackend("cxrbench-keras", "plugins/keras_backend"),
+#: Every first-party backend by ``--backend`` name. Third-party backends are found by entry point alone.
+FIRST_PARTY_BACKENDS = {
+    backend.name: backend
+    for backend in (
+        FirstPartyBackend(
+            "pytorch", "cxrbench_pytorch", "cxrbench-pytorch", "plugins/pytorch_backend", ("torch", "torchvision")
+        ),
+        FirstPartyBackend(
+            "keras", "cxrbench_keras", "cxrbench-keras", "plugins/keras_backend", ("tensorflow", "keras", "tf2onnx")
+        ),
+        FirstPartyBackend(
+            "jax", "cxrbench_jax", "cxrbench-jax", "plugins/jax_backend", ("jax", "jaxlib", "flax", "optax")
+        ),
+        FirstPartyBackend(
+            "numpy", "cxrbench_numpy_example", "cxrbench-numpy-example", "tests/example_plugin", (), example=True
+        ),
+    )
 }
+#: The frameworks of the first-party backends: what ``import cxrbench`` (and backend discovery) must never load.
+FRAMEWORKS = tuple(name for backend in FIRST_PARTY_BACKENDS.values() for name in backend.frameworks)
 
 
 @dataclass
@@ -169,7 +192,7 @@ def missing_backend_message(backend: str, plugins: Plugins) -> str:
     """Why ``--backend NAME`` is not available: a built-in backend that is not installed names what to
     install; any other name gets the installed ones. Plugins that failed to load are named with their errors."""
     installed = ", ".join(plugins.backends) or "none"
-    known = KNOWN_BACKENDS.get(backend)
+    known = FIRST_PARTY_BACKENDS.get(backend)
     if known is None or backend in {failure.name for failure in plugins.failures}:
         message = f"unknown backend {backend!r} (installed: {installed})"
     else:
@@ -182,7 +205,7 @@ def missing_backend_message(backend: str, plugins: Plugins) -> str:
 
 def no_backend_message() -> str:
     """What to do when no backend is installed at all: the built-in ones to install, or a third party's."""
-    choices = " or ".join(f"pip install -e {known.folder}" for known in KNOWN_BACKENDS.values())
+    choices = " or ".join(f"pip install -e {b.folder}" for b in FIRST_PARTY_BACKENDS.values() if not b.example)
     return (
         f"no backend is installed: from a cxrbench checkout, {choices}; any distribution with a "
         f"{ENTRY_POINT_GROUP!r} entry point is a backend too, and --plugin MODULE loads one that is not installed"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-FRAMEWORKS = ("torch", "tensorflow", "keras", "jax")
+from cxrbench.plugins import FRAMEWORKS
 
 PROBE = """
 import json, sys, runpy

@@ -12,14 +12,12 @@ import pytest
 import cxrbench
 import cxrbench.backend as surface
 from cxrbench import _moved
+from cxrbench.plugins import FIRST_PARTY_BACKENDS, FRAMEWORKS
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_PACKAGES = [
-    ROOT / "plugins/pytorch_backend/cxrbench_pytorch",
-    ROOT / "plugins/keras_backend/cxrbench_keras",
-    ROOT / "plugins/jax_backend/cxrbench_jax",
-    ROOT / "tests/example_plugin/cxrbench_numpy_example",
-]
+    ROOT / backend.folder / backend.module for backend in FIRST_PARTY_BACKENDS.values()
+]  # the three backends and the numpy example
 ALLOWED_MODULES = ("cxrbench.backend", "cxrbench.testing")
 
 
@@ -89,6 +87,19 @@ def test_the_package_map_names_every_top_level_part():
     missing = sorted(part for part in parts if f"``{part}``" not in doc)
     assert missing == []
     assert len(parts) <= 18  # the grouped core: 25 flat modules and 8 folders before
+
+
+def test_first_party_backends_are_the_one_list():
+    from cxrbench.machine.env import PACKAGES
+    from cxrbench.testing.conformance import HEAVY_MODULES
+
+    for backend in FIRST_PARTY_BACKENDS.values():
+        pyproject = (ROOT / backend.folder / "pyproject.toml").read_text()
+        assert f'name = "{backend.distribution}"' in pyproject
+        assert f'{backend.name} = "{backend.module}"' in pyproject  # its entry point
+        assert (backend.distribution in PACKAGES) == (not backend.example)  # every real backend's version recorded
+        assert set(backend.frameworks) <= HEAVY_MODULES
+    assert set(FRAMEWORKS) <= set(PACKAGES)
 
 
 def test_the_old_paths_warn_only_when_used():

@@ -20,26 +20,15 @@ import psutil
 import cxrbench
 from cxrbench.errors import BackendError
 from cxrbench.machine import devices
+from cxrbench.plugins import FIRST_PARTY_BACKENDS, FRAMEWORKS
 
-PACKAGES = (
-    "cxrbench",
-    "cxrbench-pytorch",
-    "cxrbench-keras",
-    "cxrbench-jax",
+#: The libraries a measurement depends on, besides the first-party backends and their frameworks.
+_LIBRARIES = (
     "numpy",
     "scipy",
     "scikit-learn",
     "pillow",
     "pluggy",
-    "torch",
-    "torchvision",
-    "tensorflow",
-    "keras",
-    "tf2onnx",
-    "jax",
-    "jaxlib",
-    "flax",
-    "optax",
     "onnx",
     "onnxruntime",
     "onnxscript",
@@ -47,6 +36,13 @@ PACKAGES = (
     "gputil",
     "jinja2",
     "matplotlib",
+)
+#: Every distribution whose version the environment capture records.
+PACKAGES = (
+    "cxrbench",
+    *(b.distribution for b in FIRST_PARTY_BACKENDS.values() if not b.example),
+    *_LIBRARIES,
+    *FRAMEWORKS,
 )
 
 

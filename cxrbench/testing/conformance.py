@@ -44,7 +44,7 @@ from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
 from cxrbench.deploy import onnx_file
 from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
-from cxrbench.plugins import Plugins, load_plugins, require_answer
+from cxrbench.plugins import FRAMEWORKS, Plugins, load_plugins, require_answer
 from cxrbench.suite import Settings
 
 SIZES = (32, 64)
@@ -54,7 +54,7 @@ arch = DEFAULT_ARCH
 REPEAT_ATOL = 1e-6
 CAM_ATOL = 1e-4
 #: Frameworks whose import would make discovery slow (plus the backend's own framework).
-HEAVY_MODULES = frozenset({"torch", "tensorflow", "keras", "jax", "mxnet", "paddle"})
+HEAVY_MODULES = frozenset(FRAMEWORKS)
 
 
 # -- helpers any test of a backend can use --------------------------------------------------------
