@@ -23,7 +23,7 @@ from cxrbench import files
 from cxrbench.backend import canonical as weights
 from cxrbench.backend.api import ExportInfo
 from cxrbench.data import cache, nih
-from cxrbench.deploy import onnx_file as onnx_checks
+from cxrbench.deploy import onnx_file
 from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.run import folder as run_folder
 from cxrbench.run import keep, stages, store
@@ -135,7 +135,9 @@ def _write_tiny_onnx(path: Path) -> None:
 
 
 def _info(path: Path) -> ExportInfo:
-    return ExportInfo(str(path), "NCHW", 17, "x", "y", 0.1, "test")
+    return ExportInfo(
+        path=str(path), layout="NCHW", opset=17, input_name="x", output_name="y", seconds=0.1, exporter="test"
+    )
 
 
 def test_an_export_cut_by_a_full_disk_leaves_nothing_under_the_final_name(tmp_path):
@@ -165,7 +167,7 @@ def test_an_export_lands_under_its_final_name_only_once_checked(tmp_path):
 
     info = stages.export_onnx(_export_context(tmp_path, good), tmp_path / "model.onnx")
     assert info.path == str(tmp_path / "model.onnx") and os.listdir(tmp_path) == ["model.onnx"]
-    onnx_checks.check_model(tmp_path / "model.onnx")
+    onnx_file.check_model(tmp_path / "model.onnx")
     assert oct((tmp_path / "model.onnx").stat().st_mode & 0o777) == oct(0o666 & ~files._umask())
 
 

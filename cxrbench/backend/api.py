@@ -72,7 +72,7 @@ class EpochRecord:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CamResult:
     """Class activation maps at the feature map's resolution, before any upsampling.
 
@@ -86,7 +86,7 @@ class CamResult:
     logits: np.ndarray  #: float32 (N, len(classes)), computed in the same forward pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportInfo:
     """Where and how a backend wrote its ONNX model."""
 

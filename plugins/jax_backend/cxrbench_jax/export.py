@@ -29,4 +29,12 @@ def export_onnx(model: JaxModel, path: str | Path, settings: Settings, name: str
     size, opset = settings.data.image_size, settings.export.opset
     write_onnx(weights, model.block_config, size, opset, path, producer="cxrbench_jax")
     stamp_metadata(path, model_metadata(LAYOUT, size, name))
-    return ExportInfo(str(path), LAYOUT, opset, INPUT, OUTPUT, time.perf_counter() - start, EXPORTER)
+    return ExportInfo(
+        path=str(path),
+        layout=LAYOUT,
+        opset=opset,
+        input_name=INPUT,
+        output_name=OUTPUT,
+        seconds=time.perf_counter() - start,
+        exporter=EXPORTER,
+    )

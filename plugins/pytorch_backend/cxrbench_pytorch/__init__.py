@@ -6,9 +6,7 @@ Only the hook implementations live here, and they import torch lazily: importing
 
 from __future__ import annotations
 
-import importlib.metadata
-
-from cxrbench.backend import BackendInfo, check_cam_inputs, check_images, hookimpl
+from cxrbench.backend import BackendInfo, check_cam_inputs, check_images, distribution_version, hookimpl
 
 NAME = "pytorch"
 #: Checkpoints this backend imports (``cxrbench weights import``): torch state_dicts and training checkpoints.
@@ -20,9 +18,9 @@ def cxrbench_backend_info():
     return BackendInfo(
         name=NAME,
         framework="torch",
-        version=importlib.metadata.version("torch"),
+        version=distribution_version("torch"),
         onnx_layout="NCHW",
-        extra={"torchvision": importlib.metadata.version("torchvision")},
+        extra={"torchvision": distribution_version("torchvision")},
     )
 
 

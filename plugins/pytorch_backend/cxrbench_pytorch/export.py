@@ -56,4 +56,12 @@ def export_onnx(model: TorchModel, path: str | Path, settings: Settings) -> Expo
     seconds = time.perf_counter() - start
     classifier = cam_metadata(net.classifier.weight.detach().numpy(), net.classifier.bias.detach().numpy(), LAYOUT)
     stamp_metadata(path, {**model_metadata(LAYOUT, size, "pytorch"), **classifier})
-    return ExportInfo(str(path), LAYOUT, settings.export.opset, INPUT_NAME, OUTPUT_NAME, seconds, EXPORTER)
+    return ExportInfo(
+        path=str(path),
+        layout=LAYOUT,
+        opset=settings.export.opset,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+        seconds=seconds,
+        exporter=EXPORTER,
+    )
