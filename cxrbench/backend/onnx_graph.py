@@ -19,7 +19,10 @@ from cxrbench.backend.canonical import BN_EPSILON
 from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.deploy.onnx_file import FEATURES_OUTPUT, cam_metadata
 
-INPUT, OUTPUT = "input", "logits"
+#: The written graph's input: NCHW float32 images, ImageNet-normalised, three channels.
+INPUT = "input"
+#: The written graph's logits output (the other output is ``FEATURES_OUTPUT``, the final feature map).
+OUTPUT = "logits"
 
 
 class GraphBuilder:
