@@ -35,6 +35,8 @@ SHARED_INIT = "shared_init.npz"
 SHARED_INIT_FILES = "shared_init*.npz"
 #: ``model.init = FILE`` (a framework's checkpoint), converted once to canonical weights for every backend.
 IMPORTED_INIT = "imported_init.npz"
+#: ``data.crop = "lungs"``: every picture's crop box (copied from the prepared cache, :mod:`cxrbench.data.crop`).
+CROP_BOXES_CSV = "crop_boxes.csv"
 SWEEP_CSV = "sweep.csv"
 SWEEP_DIR = "sweep"
 
