@@ -32,7 +32,7 @@ from cxrbench.files import read_json, save_npy, write_json, write_text
 from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
-from cxrbench.run import environments, keep, repeats, scaling, sweep
+from cxrbench.run import environments, keep, repeats, scaling, sweep, tracking
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
     CROP_BOXES_CSV,
@@ -223,6 +223,7 @@ class Orchestrator:
         #: ``model.init``'s checkpoint as canonical weights, written to the run folder by :meth:`prepare`.
         self.imported_init: dict[str, np.ndarray] | None = None
         self.lock = RunLock(self.run_dir)
+        self.tracker_notes: set[str] = set()
 
     # -- before the workers ----------------------------------------------------------------------
 
@@ -312,12 +313,13 @@ class Orchestrator:
 
     def run_worker(
         self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None
-    ) -> None:
-        """Start the worker, show its progress until it exits, and record how it ended."""
+    ) -> bool:
+        """Start the worker, show its progress until it exits, and record how it ended; False when it had completed
+        before (a resumed run) and did not run."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
             self.progress.update(name, status.data)
-            return
+            return False
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
@@ -339,6 +341,14 @@ class Orchestrator:
                 self._record_end(name, folder, process.returncode, interrupted=True)
                 raise
         self._record_end(name, folder, returncode)
+        return True
+
+    def record_curves(self, name: str) -> None:
+        """The backend's training curves to every tracker (TensorBoard built in); each note is shown once per run."""
+        for line in tracking.record(self.plugins.hook, self.run_dir, name, self.run_dir / name):
+            if line not in self.tracker_notes:
+                self.tracker_notes.add(line)
+                self.progress.message(line)
 
     def _wait(self, name: str, process: subprocess.Popen, folder: Path) -> int:
         while True:
@@ -378,7 +388,8 @@ class Orchestrator:
     def run_workers(self) -> None:
         counts = self.run["gpu_counts"]
         for name in self.backends:
-            self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES)
+            if self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES):
+                self.record_curves(name)
         for gpus in counts[1:]:
             for name in self.backends:
                 self.run_worker(name, gpus, gpus_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
