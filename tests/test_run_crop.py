@@ -73,7 +73,8 @@ def test_localisation_is_scored_against_the_boxes_mapped_into_the_crops(crop_run
         kept += 1
         clipped += (x0, y0, x1, y1) != (box.x, box.y, box.x + box.w, box.y + box.h)
         fx, fy = size / w, size / h
-        expected.setdefault((box.image, box.label), []).append([(x0 - x) * fx, (y0 - y) * fy, (x1 - x0) * fx, (y1 - y0) * fy])
+        mapped = [(x0 - x) * fx, (y0 - y) * fy, (x1 - x0) * fx, (y1 - y0) * fy]
+        expected.setdefault((box.image, box.label), []).append(mapped)
     assert localisation["crop_boxes"] == {"boxes": kept, "clipped": clipped, "outside": outside}
     assert localisation["iobb"]["overall"]["boxes"] == kept == run["data"]["boxes_test"]
     gallery = json.loads((run_dir / "numpy" / "cams" / "index.json").read_text())
