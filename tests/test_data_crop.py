@@ -260,3 +260,40 @@ def test_the_phantom_keeps_every_finding_mostly_inside_the_crop(tmp_path):
     kept = [_overlap(prepared.crop_boxes[b.image], (b.x, b.y, b.w, b.h)) / (b.w * b.h) for b in index.boxes]
     assert min(kept) > 0.6 and np.mean(kept) > 0.85
     assert counts["clipped"] == sum(k < 1 - 1e-9 for k in kept)
+
+
+def test_a_network_crops_the_cache_and_its_method_is_recorded(tmp_path):
+    root = phantom.synthesize(tmp_path / "data", images=24, size=64, seed=4)
+    index = nih.read_index(root)
+    spec = crop.spec_from_settings(_data(crop="lungs", crop_model=str(_threshold_model(tmp_path / "seg.onnx"))))
+    prepared = cache.prepare(index, 32, crop_spec=spec, cache_dir=tmp_path / "cache", workers=2)
+    assert {box.method for box in prepared.crop_boxes.values()} == {"onnx"}
+    from cxrbench.data.images import decode_gray, resize_gray
+
+    box = prepared.crop_boxes[index.files[5]]
+    expected = resize_gray(decode_gray(index.paths[5])[box.y : box.y + box.h, box.x : box.x + box.w], 32)
+    assert np.array_equal(prepared.images[5], expected)
+
+
+def test_the_scoring_model_prepares_pictures_as_the_training_pictures_were(tmp_path):
+    """predict and serve share ScoringModel.prepare: an export stamped with a crop crops before resizing."""
+    from cxrbench.deploy import onnx_file
+    from cxrbench.deploy.model import ScoringModel
+    from helpers.deploy import SIZE, chest_like, tiny_export
+
+    picture = _phantom_images(1, seed=3)[0][0]
+    plain = ScoringModel(tiny_export(tmp_path / "plain.onnx"))
+    assert not plain.crop.active and np.array_equal(plain.prepare(picture), resize(picture, SIZE))
+    path = tiny_export(tmp_path / "cropped.onnx")
+    onnx_file.stamp_metadata(path, crop.crop_metadata(crop.CropSpec("lungs", 0.05)))
+    cropped = ScoringModel(path)
+    box = crop.find_lungs(picture, 0.05)
+    assert cropped.crop == crop.CropSpec("lungs", 0.05) and not box.fallback
+    assert np.array_equal(cropped.prepare(picture), resize(box.apply(picture), SIZE))
+    assert cropped.prepare(chest_like(1)).shape == (SIZE, SIZE)
+
+
+def resize(gray, size):
+    from cxrbench.data.images import resize_gray
+
+    return resize_gray(gray, size)
