@@ -105,7 +105,7 @@ def spec_from_settings(data) -> CropSpec:
     if data.crop == "none":
         if data.crop_model:
             raise SuiteError(f"data.crop_model = {data.crop_model!r} needs data.crop = 'lungs' (it is 'none')")
-        return CropSpec(margin=data.crop_margin)
+        return NO_CROP
     if not data.crop_model:
         return CropSpec(data.crop, data.crop_margin)
     path = Path(data.crop_model).expanduser().absolute()
