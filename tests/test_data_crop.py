@@ -43,7 +43,8 @@ def test_the_classical_finder_boxes_both_lung_fields_of_phantom_pictures():
 
     Measured here on 3 x 60 pictures without margin: no fallback, median coverage 0.95 (the ellipses' soft edges
     are lighter than the threshold), 0.1 % of the picture outside the lungs kept, two pictures in 180 below 90 %
-    coverage (one of them with one lung field only). The default margin (5 % per side) brings the coverage to about 1."""
+    coverage (one of them with one lung field only). The default margin (5 % per side) brings the coverage to
+    about 1."""
     bare, margined = [], []
     for pixels, truth in _phantom_images(60, seed=11):
         for margin, found in ((0.0, bare), (0.05, margined)):
