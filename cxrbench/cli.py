@@ -95,20 +95,41 @@ def _read_index(args: argparse.Namespace):
     )
 
 
-def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from cxrbench.data import cache
+def _crop_spec(args: argparse.Namespace):
+    """``--crop``, ``--crop-model``, ``--crop-margin`` checked as ``data.crop*`` are in a run."""
+    from cxrbench.data import crop
+    from cxrbench.suite import Settings
 
+    given = {"data.crop": args.crop, "data.crop_model": args.crop_model or "", "data.crop_margin": args.crop_margin}
+    spec = crop.spec_from_settings(Settings().replace(**given).data)
+    crop.check(spec)
+    return spec
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from cxrbench.data import cache, crop
+
+    spec = _crop_spec(args)
     index = _read_index(args)
     prepared = cache.prepare(
         index,
         args.size,
+        crop_spec=spec,
         cache_dir=Path(args.cache) if args.cache else None,
         workers=args.workers,
         progress=not args.quiet,
     )
     for note in index.notes:
         print(f"note: {note}", file=sys.stderr)
+    folder = Path(prepared.images.filename).parent
     print(f"prepared {len(index)} images at {args.size} px: key {prepared.key[:16]} ({prepared.images.filename})")
+    if spec.active:
+        fallbacks = sum(box.fallback for box in prepared.crop_boxes.values())
+        print(
+            f"cropped to the lungs ({spec.finder}, margin {spec.margin:g}): {fallbacks} of {len(index)} kept whole "
+            f"(no lungs found); boxes in {folder / crop.BOXES_FILE}"
+        )
+    print(folder)
     return 0
 
 
@@ -124,7 +145,11 @@ def _cmd_data_verify(args: argparse.Namespace) -> int:
     from cxrbench.data import cache
 
     result = cache.verify(
-        _read_index(args), args.size, cache_dir=Path(args.cache) if args.cache else None, rebuild=not args.no_rebuild
+        _read_index(args),
+        args.size,
+        crop_spec=_crop_spec(args),
+        cache_dir=Path(args.cache) if args.cache else None,
+        rebuild=not args.no_rebuild,
     )
     print(result.message)
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -151,6 +176,14 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation patients carved out of train_val")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", help="exclusion list: one image file name per line")
+
+
+def _add_crop_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crop", choices=("none", "lungs"), default="none", help="crop to the lung fields (data.crop)")
+    parser.add_argument(
+        "--crop-model", metavar="PATH", help="a lung-segmentation ONNX model (default: the classical lung finder)"
+    )
+    parser.add_argument("--crop-margin", type=float, default=0.05, help="box margin, a fraction per side (0.05)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--workers", type=int, help="decoding processes (default: all cores)")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_crop_options(prepare)
     prepare.set_defaults(func=_cmd_data_prepare)
 
     check = data_commands.add_parser("check", help="report counts, splits and problems; non-zero exit if unusable")
@@ -216,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--size", type=int, required=True, help="prepared image side in pixels")
     verify.add_argument("--cache", help="cache folder (default: as for data prepare)")
     verify.add_argument("--no-rebuild", action="store_true", help="only report a mismatch; remove the corrupt cache")
+    _add_crop_options(verify)
     verify.set_defaults(func=_cmd_data_verify)
 
     weights = commands.add_parser("weights", help="bring published checkpoints into the canonical weights")

@@ -256,3 +256,29 @@ def cxrbench_report_sections(run):
     :return: a list of ``(title, html)`` pairs, or ``None``. ``title`` is escaped by the report;
         ``html`` is inserted as given, so a plugin must escape its own data.
     """
+
+
+@hookspec
+def cxrbench_record_scalars(run_dir, backend, records):
+    """Record one backend's training curves and final figures in an experiment tracker. Every plugin may answer.
+
+    The core's built-in answer writes TensorBoard event files to ``RUN/tensorboard/<backend>/``
+    (:mod:`cxrbench.report.tensorboard`); an MLflow, Weights & Biases or other tracker is a plugin of a few lines
+    (``docs/tracking.md``). Called by the run's own process (which holds no framework) once a backend's worker has
+    ended, whether it completed or failed, with the curves read back from the files the worker wrote
+    (``history.json``, ``monitor.jsonl``, ``metrics.json``; :mod:`cxrbench.run.tracking`). A resumed run may call it
+    again for a backend whose worker ran again: the later call carries the whole record and should replace the
+    earlier one. A failing implementation is reported as a warning naming the plugin; it never fails the run.
+
+    :param run_dir: the run folder (:class:`pathlib.Path`).
+    :param backend: the backend's name.
+    :param records: a list of ``{"step": int, "wall_time": float | None, "scalars": {tag: float}}``, one per
+        epoch (``step`` is the 1-based epoch; ``wall_time`` the epoch's end in seconds since the epoch of Unix time,
+        when the monitor saw it). Tags: ``loss/train``, ``loss/validation``, ``learning_rate``,
+        ``throughput/images_per_s`` (whole epoch), ``throughput/steady_images_per_s`` (after the warm-up, when
+        steady), ``time/data_wait_share``, ``gpu/utilisation_percent`` and ``gpu/memory_mib`` (GPU runs),
+        ``host/cpu_percent`` and ``host/rss_mib`` (the worker's process tree); the last epoch's record also carries
+        the final ``auroc/<class>`` and ``auroc/mean`` of the kept model. A figure that was not measured is absent.
+    :return: ``None``, or one line for the user (such as what to install to get the curves); the run prints each
+        distinct line once.
+    """

@@ -24,8 +24,8 @@ from cxrbench.backend.api import BackendInfo
 from cxrbench.errors import BackendError, CxrError
 
 ENTRY_POINT_GROUP = "cxrbench"
-#: The core's own plugins: data sets and AUROC evaluation.
-BUILTIN_MODULES = ("cxrbench.builtin",)
+#: The core's own plugins: data sets and AUROC evaluation; the training curves for TensorBoard.
+BUILTIN_MODULES = ("cxrbench.builtin", "cxrbench.report.tensorboard")
 
 
 @dataclass(frozen=True)

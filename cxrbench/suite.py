@@ -42,6 +42,14 @@ class DataSettings:
     #: Phantom data set size and resolution (only for source = "phantom").
     phantom_images: int = field(default=720, metadata={"min": 20})
     phantom_size: int = field(default=128, metadata={"min": 32})
+    #: Crop every picture to its lung fields before resizing (docs/preprocessing.md): "none" or "lungs".
+    crop: str = field(default="none", metadata=_choice("none", "lungs"))
+    #: A lung-segmentation ONNX file for crop = "lungs"; empty: the built-in classical lung finder.
+    crop_model: str = ""
+    #: The crop box grows by this fraction of its width and height on each side.
+    crop_margin: float = field(default=0.05, metadata={"min": 0.0, "max": 0.5})
+    #: The segmentation network's input side when neither its input shape nor its metadata says (0: not given).
+    crop_model_size: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)

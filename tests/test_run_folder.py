@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import importlib.util
 import json
 import re
 import subprocess
@@ -133,10 +134,10 @@ def test_the_readme_describes_every_file_of_the_run_folder():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme[readme.index("reports/<timestamp>-<suite>/") :]
     block = block[: block.index("```")]
-    described = re.findall(r"[\w*/-]+\.(?:jsonl|json|npz|npy|onnx|txt|html|csv|lock)\b", block)
+    described = re.findall(r"[\w*/-]+\.(?:jsonl|json|npz|npy|onnx|txt|html|csv|lock|tfevents\.\*)", block)
     missing = [
         name
-        for name in run_folder.RUN_FILES + run_folder.BACKEND_FILES
+        for name in (*run_folder.RUN_FILES, *run_folder.BACKEND_FILES, run_folder.CROP_BOXES_CSV)
         if not any(fnmatch.fnmatch(name, pattern) for pattern in described)
     ]
     assert not missing
@@ -190,8 +191,10 @@ def test_a_real_run_writes_exactly_the_files_run_folder_lists(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     found = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     pngs = {f for f in found if re.fullmatch(rf"numpy/{run_folder.CAMS_DIR}/[^/]+\.png", f)}
+    events = {f for f in found if fnmatch.fnmatch(f, run_folder.TENSORBOARD_EVENTS)}
+    assert len(events) == (1 if importlib.util.find_spec("tensorboard") else 0)  # without the package: a note only
     expected = set(run_folder.RUN_FILES) | {f"numpy/{name}" for name in run_folder.BACKEND_FILES}
-    assert pngs and found - pngs == expected
+    assert pngs and found - pngs - events == expected
     index = read_json(run_dir / "numpy" / run_folder.CAMS_INDEX)
     assert {f"numpy/{run_folder.CAMS_DIR}/{entry['file']}" for entry in index} == pngs
     assert np.load(run_dir / "numpy" / run_folder.CAMS_NPZ)["maps"].shape[0] == len(index)

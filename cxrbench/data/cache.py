@@ -2,10 +2,12 @@
 
 Layout: ``<cache_dir>/<key>/images.npy`` plus ``manifest.json``. The key is a sha256 over
 everything the pixels and rows depend on: the file list with each image's size and mtime, the
-content of the metadata files, the exclusion list's effect, the image size and the preprocessing
-version. A build writes into a unique temporary folder (workers fill row chunks straight into
-the memmap), fsyncs, writes the manifest last, then renames the folder into place in one atomic
-step: an interrupted build or a concurrent one never leaves a folder that loads as valid.
+content of the metadata files, the exclusion list's effect, the image size, the preprocessing
+version and the crop (``data.crop``: method, margin, the finder's version or the network's sha256).
+With a crop, ``crop_boxes.csv`` beside the array holds every picture's box (:mod:`cxrbench.data.crop`). A build
+writes into a unique temporary folder (workers fill row chunks straight into the memmap), fsyncs, writes the
+manifest last, then renames the folder into place in one atomic step: an interrupted build or a concurrent one never
+leaves a folder that loads as valid.
 
 The manifest carries a sha256 of every 1 MiB block of ``images.npy``, computed at build time.
 Every open verifies a sample of blocks (all of them for a cache of up to ``SAMPLE_BLOCKS`` MiB,
@@ -33,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrbench.data import images
+from cxrbench.data import crop, images
+from cxrbench.data.crop import NO_CROP, CropBox, CropSpec
 from cxrbench.data.index import DataIndex
 from cxrbench.data.nih import METADATA_FILES
 from cxrbench.data.prepared import PreparedData
@@ -59,12 +62,14 @@ def prepare(
     index: DataIndex,
     size: int,
     *,
+    crop_spec: CropSpec = NO_CROP,
     cache_dir: Path | None = None,
     workers: int | None = None,
     progress: bool = False,
 ) -> PreparedData:
     """The index's images at ``size x size``, from the cache or built into it (in parallel) first.
 
+    ``crop_spec`` crops every picture before it is resized (its boxes land in ``crop_boxes.csv`` beside the array);
     ``workers`` defaults to :func:`default_workers`; ``progress`` draws a progress line on stderr.
     """
     if len(index) == 0:
@@ -72,7 +77,7 @@ def prepare(
     if size < 1:
         raise DataError(f"image size {size}: must be positive")
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "prepared"
-    key, newest = _key_and_newest(index, size)
+    key, newest = _key_and_newest(index, size, crop_spec)
     folder = cache_dir / key
     if is_valid(folder, key, len(index), size):
         try:
@@ -85,8 +90,9 @@ def prepare(
             print(f"note: prepared cache {folder}: {problem}{why}: rebuilding it from the images", file=sys.stderr)
             _discard(folder)
     if not is_valid(folder, key, len(index), size):
-        _build(index, size, folder, workers or default_workers(len(index)), progress)
-    return PreparedData(index, np.load(folder / IMAGES_FILE, mmap_mode="r"), key)
+        _build(index, size, crop_spec, folder, workers or default_workers(len(index)), progress)
+    boxes = crop.read_boxes_csv(folder / crop.BOXES_FILE) if crop_spec.active else None
+    return PreparedData(index, np.load(folder / IMAGES_FILE, mmap_mode="r"), key, boxes)
 
 
 @dataclass(frozen=True)
@@ -95,10 +101,17 @@ class Verified:
     message: str
 
 
-def verify(index: DataIndex, size: int, *, cache_dir: Path | None = None, rebuild: bool = True) -> Verified:
+def verify(
+    index: DataIndex,
+    size: int,
+    *,
+    crop_spec: CropSpec = NO_CROP,
+    cache_dir: Path | None = None,
+    rebuild: bool = True,
+) -> Verified:
     """Check every block of the index's prepared cache; a mismatch rebuilds it (or only removes it)."""
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "prepared"
-    key, _ = _key_and_newest(index, size)
+    key, _ = _key_and_newest(index, size, crop_spec)
     folder = cache_dir / key
     if not is_valid(folder, key, len(index), size):
         raise DataError(f"{folder}: no prepared cache of this data set at {size} px (cxrbench data prepare makes one)")
@@ -109,7 +122,7 @@ def verify(index: DataIndex, size: int, *, cache_dir: Path | None = None, rebuil
     _discard(folder)
     if not rebuild:
         return Verified(False, f"{folder}: {problem}: removed it (cxrbench data prepare or the next run rebuilds it)")
-    _build(index, size, folder, default_workers(len(index)), progress=False)
+    _build(index, size, crop_spec, folder, default_workers(len(index)), progress=False)
     return Verified(False, f"{folder}: {problem}: rebuilt it from the images")
 
 
@@ -171,16 +184,26 @@ def default_workers(images: int) -> int:
     return max(1, min(os.cpu_count() or 1, images // IMAGES_PER_WORKER))
 
 
-def cache_key(index: DataIndex, size: int) -> str:
+def cache_key(index: DataIndex, size: int, crop_spec: CropSpec = NO_CROP) -> str:
     """sha256 over every input of the prepared array; any change gives a new key."""
-    return _key_and_newest(index, size)[0]
+    return _key_and_newest(index, size, crop_spec)[0]
 
 
-def _key_and_newest(index: DataIndex, size: int) -> tuple[str, int]:
-    """The cache key, and the newest image modification time (ns) seen while computing it."""
+def _key_and_newest(index: DataIndex, size: int, crop_spec: CropSpec) -> tuple[str, int]:
+    """The cache key, and the newest image modification time (ns) seen while computing it.
+
+    No crop adds nothing to the key, so caches built before cropping existed keep theirs.
+    """
     digest = hashlib.sha256()
     _update(
-        digest, {"format": CACHE_FORMAT, "preprocessing": images.PREPROCESSING, "size": size, "source": index.source}
+        digest,
+        {
+            "format": CACHE_FORMAT,
+            "preprocessing": images.PREPROCESSING,
+            "size": size,
+            "source": index.source,
+            **crop_spec.key(),
+        },
     )
     newest = 0
     for name, path in zip(index.files, index.paths):
@@ -217,14 +240,14 @@ def is_valid(folder: Path, key: str, count: int, size: int) -> bool:
     return matches and array.shape == (count, size, size) and array.dtype == np.uint8
 
 
-def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
+def _build(index: DataIndex, size: int, crop_spec: CropSpec, folder: Path, workers: int, progress: bool) -> None:
     """Build, refusing early when the disk lacks the space; a full or read-only disk is one line naming the folder."""
     from cxrbench.files import require_space
 
     try:
         require_space(folder.parent, len(index) * size * size + CHECKSUM_BLOCK, "the prepared cache")
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _build_into(index, size, folder, workers, progress)
+        _build_into(index, size, crop_spec, folder, workers, progress)
     except StorageError as exc:
         raise StorageError(f"{exc} (the cache folder is $CXRBENCH_CACHE/prepared, or --cache)") from None
     except OSError as exc:
@@ -235,7 +258,7 @@ def _build(index: DataIndex, size: int, folder: Path, workers: int, progress: bo
         ) from None
 
 
-def _build_into(index: DataIndex, size: int, folder: Path, workers: int, progress: bool) -> None:
+def _build_into(index: DataIndex, size: int, crop_spec: CropSpec, folder: Path, workers: int, progress: bool) -> None:
     building = Path(tempfile.mkdtemp(prefix=f".{folder.name[:16]}.", dir=folder.parent))
     try:
         started = time.monotonic()
@@ -244,15 +267,29 @@ def _build_into(index: DataIndex, size: int, folder: Path, workers: int, progres
         )
         del array  # created at full size; every worker opens it itself
         _allocate(building / IMAGES_FILE)
-        report = ProgressReport(len(index), "preparing images") if progress else None
-        jobs = [(building / IMAGES_FILE, start, paths, size) for start, paths in _chunks(index.paths, workers)]
-        run_parallel(_fill_rows, jobs, workers, report.advance if report else _ignore)
+        report = ProgressReport(len(index), "preparing images" + (" (lung crop)" if crop_spec.active else ""))
+        boxes: dict[int, CropBox] = {}
+
+        def advance(done: tuple[int, dict[int, CropBox]]) -> None:
+            boxes.update(done[1])
+            if progress:
+                report.advance(done[0])
+
+        jobs = [
+            (building / IMAGES_FILE, start, paths, size, crop_spec) for start, paths in _chunks(index.paths, workers)
+        ]
+        run_parallel(_fill_rows, jobs, workers, advance)
         _fsync(building / IMAGES_FILE)
-        _write_manifest(building, index, size, folder.name, workers, time.monotonic() - started)
+        crop_record = None
+        if crop_spec.active:
+            ordered = [boxes[row] for row in range(len(index))]
+            (building / crop.BOXES_FILE).write_text(crop.boxes_csv(index.files, ordered), encoding="utf-8")
+            crop_record = {**crop_spec.describe(), "fallbacks": sum(box.fallback for box in ordered)}
+        _write_manifest(building, index, size, folder.name, workers, time.monotonic() - started, crop_record)
         _fsync(building)
         _publish(building, folder, lambda: is_valid(folder, folder.name, len(index), size))
         _fsync(folder.parent)
-        if report:
+        if progress:
             report.finish()
     finally:
         shutil.rmtree(building, ignore_errors=True)
@@ -267,23 +304,29 @@ def _allocate(npy: Path) -> None:
         os.close(fd)
 
 
-def _ignore(_done: int) -> None:
-    """Progress sink when nobody watches."""
-
-
 def _chunks(paths: list[Path], workers: int) -> list[tuple[int, list[Path]]]:
     """Row chunks small enough to balance the workers and report progress, large enough to be cheap."""
     step = max(8, min(256, len(paths) // (workers * 8) or 1))
     return [(start, paths[start : start + step]) for start in range(0, len(paths), step)]
 
 
-def _fill_rows(npy: Path, start: int, paths: list[Path], size: int) -> int:
-    """Decode a chunk of images straight into rows ``start...`` of the memmap (runs in a worker)."""
+def _fill_rows(
+    npy: Path, start: int, paths: list[Path], size: int, crop_spec: CropSpec
+) -> tuple[int, dict[int, CropBox]]:
+    """Decode (and crop) a chunk of images straight into rows ``start...`` of the memmap (runs in a worker).
+
+    Returns the number of rows and, with a crop, each row's box.
+    """
     array = np.load(npy, mmap_mode="r+")
+    boxes = {}
     for offset, path in enumerate(paths):
-        array[start + offset] = images.load_gray(path, size)
+        if crop_spec.active:
+            gray, boxes[start + offset] = crop.crop_gray(images.decode_gray(path), crop_spec)
+            array[start + offset] = images.resize_gray(gray, size)
+        else:
+            array[start + offset] = images.load_gray(path, size)
     array.flush()
-    return len(paths)
+    return len(paths), boxes
 
 
 def run_parallel(function: Callable[..., object], jobs: Iterable[tuple], workers: int, advance: Callable) -> None:
@@ -327,7 +370,9 @@ def _context():
     return context
 
 
-def _write_manifest(building: Path, index: DataIndex, size: int, key: str, workers: int, seconds: float) -> None:
+def _write_manifest(
+    building: Path, index: DataIndex, size: int, key: str, workers: int, seconds: float, crop_record: dict | None
+) -> None:
     manifest = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -336,6 +381,7 @@ def _write_manifest(building: Path, index: DataIndex, size: int, key: str, worke
         "dtype": "uint8",
         "preprocessing": images.PREPROCESSING,
         "source": index.source,
+        "crop": crop_record,
         "root": str(index.root),
         "files_sha256": hashlib.sha256("\n".join(index.files).encode()).hexdigest(),
         "workers": workers,

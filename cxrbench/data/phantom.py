@@ -2,6 +2,7 @@
 
 Every positive label draws a visible, localised finding at a class-specific place of a chest-like
 background (body, two darker lung fields with rib texture, mediastinum, heart, diaphragm, noise),
+every finding centred inside the box of the two lung fields (:data:`LUNG_FIELDS`, so a lung crop keeps it),
 so that a from-scratch DenseNet learns it in one short epoch at 64 px and CAM can find it; the
 true box of every finding of every test image goes into ``BBox_List_2017.csv``. To keep it from
 being trivial, the whole anatomy shifts and scales per image, findings jitter in place, size and
@@ -30,7 +31,7 @@ from cxrbench.data.nih import BOX_FILE, BOX_FRAME, BOX_LABEL_ALIASES, TEST_LIST,
 from cxrbench.errors import DataError
 
 #: Part of the default data set's folder name: bump it whenever the output changes.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 ENTRY_FILE = "Data_Entry_2017.csv"  #: the 2017 variant, with its trailing comma
 ENTRY_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -57,12 +58,15 @@ FINDINGS: dict[str, tuple[float, float, float, float, float]] = {
     "Pneumothorax": (0.20, 0.20, 0.090, 0.070, -0.30),  # left apex, dark
     "Consolidation": (0.22, 0.72, 0.080, 0.080, 0.42),  # left lower lung
     "Edema": (0.50, 0.44, 0.110, 0.060, 0.38),  # perihilar, wide
-    "Emphysema": (0.80, 0.15, 0.075, 0.050, -0.35),  # right apex, dark
+    "Emphysema": (0.28, 0.52, 0.075, 0.050, -0.35),  # left mid-lung, below the pneumothorax, dark
     "Fibrosis": (0.30, 0.20, 0.070, 0.080, 0.40),  # left upper zone, tall
-    "Pleural_Thickening": (0.10, 0.45, 0.025, 0.120, 0.40),  # left chest wall, thin
-    "Hernia": (0.50, 0.89, 0.080, 0.035, 0.40),  # below the diaphragm
+    "Pleural_Thickening": (0.13, 0.45, 0.025, 0.120, 0.40),  # left chest wall, thin
+    "Hernia": (0.50, 0.84, 0.080, 0.035, 0.40),  # at the diaphragm, behind the heart
 }
 #: Label counts of NIH's Data_Entry_2017_v2020.csv, the prevalence ranking the phantom follows.
+#: The two lung fields: centre x, y and radii (fractions of the chest frame), darker than the body around them,
+#: which separates them from the air outside the body.
+LUNG_FIELDS = ((0.29, 0.48, 0.20, 0.40), (0.71, 0.48, 0.20, 0.40))
 NIH_COUNTS = dict(zip(CLASSES, (11559, 2776, 13317, 19894, 5782, 6331, 1431, 5302, 4667, 2303, 2516, 1686, 3385, 227)))
 RARE_FLOOR = 0.035  #: minimum share of all findings per class
 NO_FINDING_SHARE = 0.5
@@ -199,18 +203,25 @@ def _persist(rng: np.random.Generator, labels: np.ndarray, follow_ups: np.ndarra
     return labels
 
 
-def render(rng: np.random.Generator, size: int, labels: np.ndarray, ap: bool) -> tuple[np.ndarray, list]:
-    """One image (uint8) and its findings' boxes ``[(label, (x, y, w, h) in the 1024 frame)]``."""
-    shift = rng.uniform(-0.03, 0.03, size=2)
-    scale = rng.uniform(0.94, 1.06)
+def render(
+    rng: np.random.Generator, size: int, labels: np.ndarray, ap: bool, frame: tuple | None = None
+) -> tuple[np.ndarray, list]:
+    """One image (uint8) and its findings' boxes ``[(label, (x, y, w, h) in the 1024 frame)]``.
+
+    ``frame``: the anatomy's ``(shift, scale)`` (drawn from ``rng`` when not given), e.g. to compare a lung finder
+    with :func:`lung_fields_box` of the same frame.
+    """
+    shift, scale = frame if frame is not None else (rng.uniform(-0.03, 0.03, size=2), rng.uniform(0.94, 1.06))
     grid = (np.arange(size) + 0.5) / size
     u = (grid[None, :] - 0.5 - shift[0]) / scale + 0.5  # chest-frame coordinates of each pixel
     v = (grid[:, None] - 0.5 - shift[1]) / scale + 0.5
     image = _anatomy(rng, u, v, ap)
+    lungs = np.clip(sum(_ellipse(u, v, *field) for field in LUNG_FIELDS), 0.0, 1.0)
     boxes = []
     for c in np.flatnonzero(labels):
         cx, cy, sx, sy, amplitude = _jittered(rng, FINDINGS[CLASSES[c]])
-        image += _blob(u, v, cx, cy, sx, sy, amplitude)
+        blob = _blob(u, v, cx, cy, sx, sy, amplitude)
+        image += blob * lungs if amplitude < 0 else blob  # air (dark) findings stay in the lungs, not the chest wall
         boxes.append((CLASSES[c], _box(cx, cy, sx, sy, shift, scale)))
     for _ in range(rng.integers(0, 3)):  # faint distractors anywhere: not every bright spot is a finding
         cx, cy = rng.uniform(0.1, 0.9, size=2)
@@ -239,14 +250,24 @@ def _ellipse(u, v, cx, cy, rx, ry, softness=0.08) -> np.ndarray:
 
 def _anatomy(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, ap: bool) -> np.ndarray:
     """Body, lungs with ribs, mediastinum, heart and diaphragm; AP views magnify the heart."""
-    body = 0.42 * _ellipse(u, v, 0.5, 0.56, 0.47, 0.52)
-    lungs = _ellipse(u, v, 0.30, 0.47, 0.17, 0.33) + _ellipse(u, v, 0.70, 0.47, 0.17, 0.33)
+    body = 0.42 * _ellipse(u, v, 0.5, 0.52, 0.52, 0.62)
+    lungs = sum(_ellipse(u, v, *field) for field in LUNG_FIELDS)
     ribs = 0.05 * np.sin(2 * np.pi * (7.5 * v + 2.5 * (u - 0.5) ** 2 + rng.uniform()))
     mediastinum = 0.14 * _ellipse(u, v, 0.5, 0.45, 0.07, 0.42)
     heart_size = 1.12 if ap else 1.0
     heart = 0.12 * _ellipse(u, v, 0.54, 0.66, 0.12 * heart_size, 0.10 * heart_size)
     diaphragm = 0.10 * _ellipse(u, v, 0.5, 0.95, 0.42, 0.12)
     return 0.06 + body + lungs * (ribs - 0.2) + mediastinum + heart + diaphragm
+
+
+def lung_fields_box(shift, scale) -> tuple[float, float, float, float]:
+    """The box around both lung fields of an image drawn in ``(shift, scale)``: ``(x, y, w, h)``, image fractions."""
+    to_image = lambda p, d: (p - 0.5) * scale + 0.5 + d  # noqa: E731
+    x0 = to_image(min(cx - rx for cx, _, rx, _ in LUNG_FIELDS), shift[0])
+    x1 = to_image(max(cx + rx for cx, _, rx, _ in LUNG_FIELDS), shift[0])
+    y0 = to_image(min(cy - ry for _, cy, _, ry in LUNG_FIELDS), shift[1])
+    y1 = to_image(max(cy + ry for _, cy, _, ry in LUNG_FIELDS), shift[1])
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def _box(cx, cy, sx, sy, shift, scale) -> tuple[float, float, float, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrbench.data.crop import CropBox, map_box
 from cxrbench.data.index import Box, DataIndex
 
 #: Streams of the seeded generator, so order and flips never share random numbers.
@@ -52,6 +53,8 @@ class PreparedData:
     index: DataIndex
     images: np.ndarray  #: uint8 (N, S, S), rows aligned with ``index``
     key: str  #: the cache key (changes when any input changes)
+    #: ``data.crop``: each picture's crop in its own pixels, by file name (None: the full pictures)
+    crop_boxes: dict[str, CropBox] | None = None
 
     @classmethod
     def in_memory(
@@ -136,13 +139,25 @@ class PreparedData:
 
     def boxes(self, split: str = "test") -> list[tuple[int, Box]]:
         """``(position within split, box in prepared-image pixels)`` for the split's boxed images."""
+        return self.mapped_boxes(split)[0]
+
+    def mapped_boxes(self, split: str = "test") -> tuple[list[tuple[int, Box]], dict[str, int]]:
+        """:meth:`boxes`, and how the crop treated them: ``{"boxes", "clipped", "outside"}`` (a box the crop cut is
+        clipped to it; one entirely outside the crop is left out)."""
         rows = self.rows(split)
         position = {int(r): i for i, r in enumerate(rows)}
         row_of = self.index.row_of()
-        out = []
+        out, clipped, outside = [], 0, 0
         for box in self.index.boxes:
             row = row_of.get(box.image)
             if row is None or row not in position:
                 continue
-            out.append((position[row], box.resized(self.size)))
-        return out
+            if self.crop_boxes is None:
+                out.append((position[row], box.resized(self.size)))
+                continue
+            mapped = map_box(box, self.crop_boxes[box.image], self.size)
+            clipped += mapped.clipped and mapped.box is not None
+            outside += mapped.box is None
+            if mapped.box is not None:
+                out.append((position[row], mapped.box))
+        return out, {"boxes": len(out), "clipped": int(clipped), "outside": int(outside)}

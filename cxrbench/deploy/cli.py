@@ -33,6 +33,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="an exported model.onnx, or a run folder (with --backend)")
     parser.add_argument("--backend", help="which backend's export, when MODEL is a run folder with several")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger pictures ({MAX_PIXELS})")
+    parser.add_argument(
+        "--crop-model",
+        metavar="PATH",
+        help="the lung-segmentation ONNX model the export was trained with (data.crop_model), if not where it was",
+    )
 
 
 def add_parsers(commands) -> None:

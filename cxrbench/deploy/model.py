@@ -1,8 +1,8 @@
 """A cxrbench ONNX export as a scoring model: onnxruntime and numpy only, no training framework.
 
-Everything the model needs to score a picture comes from the export's own metadata (input size,
-layout, normalisation, class names) and its two outputs (logits and the CAM feature map, with the
-classifier in the metadata), so an export scores the same way on a machine that never saw the backend.
+Everything the model needs to score a picture comes from the export's own metadata (input size, layout,
+normalisation, class names, the lung crop its training pictures had) and its two outputs (logits and the CAM feature
+map, with the classifier in the metadata), so an export scores the same way on a machine that never saw the backend.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrbench.data import crop
+from cxrbench.data.images import resize_gray
 from cxrbench.deploy import onnx_file
 from cxrbench.errors import CxrError, first_line
 
@@ -42,7 +44,7 @@ class Scores:
 class ScoringModel:
     """One ONNX session, loaded once and shared: onnxruntime's ``run`` may be called from several threads."""
 
-    def __init__(self, path: Path, threads: int = 0):
+    def __init__(self, path: Path, threads: int = 0, crop_model: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise CxrError(f"{self.path}: model file not found")
@@ -64,6 +66,15 @@ class ScoringModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = onnx_file.WEIGHT_KEY
         self.cam_weight = onnx_file.decode_array(self.metadata, weight, str(self.path)) if self.has_cam else None
+        #: The crop of the training pictures (``cxrbench.crop``; ``crop_model``: where its network is here).
+        self.crop = crop.spec_from_metadata(self.metadata, str(self.path), crop_model)
+        crop.check(self.crop)
+
+    def prepare(self, gray: np.ndarray) -> np.ndarray:
+        """A decoded picture as the training pictures were prepared: cropped as they were, resized to the input."""
+        if self.crop.active:
+            gray, _ = crop.crop_gray(gray, self.crop)
+        return resize_gray(gray, self.size)
 
     @property
     def has_cam(self) -> bool:
@@ -100,6 +111,11 @@ class ScoringModel:
             "classes": self.classes,
             "metadata": {k: v for k, v in self.metadata.items() if k not in HIDDEN_KEYS},
         }
+
+
+def load_model(args) -> ScoringModel:
+    """The model ``predict`` and ``serve`` name: an export or a run folder's (``--backend``), ``--crop-model``."""
+    return ScoringModel(resolve_model(args.model, args.backend), crop_model=args.crop_model)
 
 
 def resolve_model(source: str | Path, backend: str | None) -> Path:

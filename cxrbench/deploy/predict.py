@@ -19,7 +19,6 @@ from typing import Any, TextIO
 import numpy as np
 
 from cxrbench.cam.files import overlay_png
-from cxrbench.data.images import resize_gray
 from cxrbench.deploy import images
 from cxrbench.deploy.model import ScoringModel, top_classes
 from cxrbench.errors import CxrError
@@ -56,14 +55,15 @@ def expand(inputs: list[str]) -> list[Path]:
 
 
 def _batches(
-    files: list[Path], size: int, batch_size: int, max_pixels: int, skipped: list[str]
+    model: ScoringModel, files: list[Path], batch_size: int, max_pixels: int, skipped: list[str]
 ) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """Decoded, resized pictures ``batch_size`` at a time; unreadable ones recorded in ``skipped``."""
+    """Decoded pictures prepared for ``model`` (cropped as trained, resized) ``batch_size`` at a time; unreadable
+    ones recorded in ``skipped``."""
     for start in range(0, len(files), batch_size):
         names, pixels = [], []
         for path in files[start : start + batch_size]:
             try:
-                pixels.append(resize_gray(images.read(path, max_pixels), size))
+                pixels.append(model.prepare(images.read(path, max_pixels)))
                 names.append(path)
             except images.ImageError as exc:
                 skipped.append(str(exc))
@@ -104,7 +104,7 @@ def score_files(
     progress = Progress(len(files), enabled=len(files) > PROGRESS_AFTER * batch_size)
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    for names, pixels in _batches(files, model.size, batch_size, max_pixels, skipped):
+    for names, pixels in _batches(model, files, batch_size, max_pixels, skipped):
         scores = model.score(pixels, list(range(len(model.classes))) if cam_dir is not None else None)
         for i, (path, probabilities) in enumerate(zip(names, scores.probabilities)):
             row = Row(str(path), probabilities)
@@ -147,11 +147,11 @@ def _as_json(row: Row, classes: list[str]) -> dict[str, Any]:
 
 def run(args) -> int:
     """The ``predict`` command: table on stdout, skipped pictures on stderr; 2 when any was skipped."""
-    from cxrbench.deploy.model import resolve_model
+    from cxrbench.deploy.model import load_model
 
     if args.batch_size < 1 or args.top_k < 1:
         raise CxrError(f"--batch-size and --top-k must be at least 1, got {args.batch_size} and {args.top_k}")
-    model = ScoringModel(resolve_model(args.model, args.backend))
+    model = load_model(args)
     cam_classes = model.class_indices(args.classes) if args.classes else None
     files = expand(args.images)
     rows, skipped = score_files(

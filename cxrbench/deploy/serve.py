@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from cxrbench.cam.files import overlay_png
-from cxrbench.data.images import resize_gray
 from cxrbench.deploy import images
 from cxrbench.deploy.cli import MAX_BYTES, MAX_PIXELS
 from cxrbench.deploy.model import ScoringModel, top_classes
@@ -51,7 +50,7 @@ def score_upload(
 ) -> dict[str, Any] | bytes:
     """One picture's probabilities as JSON-able dict, or the overlay PNG bytes for ``cam=png`` (runs in a thread)."""
     try:
-        pixels = resize_gray(images.decode(data, name, max_pixels), model.size)
+        pixels = model.prepare(images.decode(data, name, max_pixels))
     except images.ImageError as exc:
         raise Refused(413 if isinstance(exc, images.TooManyPixels) else 422, str(exc)) from None
     scores = model.score(pixels[None], None if cam_format is None else list(range(len(model.classes))))
@@ -133,12 +132,12 @@ def create_app(
 
 def run(args) -> int:
     """The ``serve`` command: load the model once, then serve until interrupted."""
-    from cxrbench.deploy.model import resolve_model
+    from cxrbench.deploy.model import load_model
 
     _, uvicorn = _require_extra()
     if args.max_bytes < 1 or args.max_pixels < 1:
         raise CxrError(f"--max-bytes and --max-pixels must be at least 1, got {args.max_bytes} and {args.max_pixels}")
-    model = ScoringModel(resolve_model(args.model, args.backend))
+    model = load_model(args)
     app = create_app(model, args.max_bytes, args.max_pixels, args.workers)
     model.score(np.zeros((1, model.size, model.size), dtype=np.uint8))  # warm up before the first request
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -28,6 +28,7 @@ class Headline:
 
 HEADLINES = (
     Headline("mean_auroc", "mean AUROC", "", True),
+    Headline("localisation_iobb_05", "CAM localisation (IoBB > 0.5)", "", True),
     Headline("train_images_per_s", "train images/s", "img/s", True),
     Headline("first_step_s", "time to first step", "s", False),
     Headline("epoch_time_s", "epoch time", "s", False),
@@ -72,6 +73,12 @@ def no_gpu_reason(backend: BackendRun) -> str:
     return "no GPU samples recorded"
 
 
+def localisation_accuracy(backend: BackendRun, threshold: str = "0.5") -> Any:
+    """The share of boxes found by the CAM at IoBB > ``threshold`` over every class (localisation.json)."""
+    iobb = (backend.get("localisation") or {}).get("iobb") or {}
+    return ((iobb.get("overall") or {}).get("accuracy") or {}).get(threshold)
+
+
 def headline_values(run: Run, backend: BackendRun) -> dict[str, float | None]:
     """Every :data:`HEADLINES` figure of one backend (None where not measured)."""
     throughput = backend.get("throughput") or {}
@@ -79,6 +86,7 @@ def headline_values(run: Run, backend: BackendRun) -> dict[str, float | None]:
     gpu = gpu_train_utilisation(backend)
     return {
         "mean_auroc": _number((backend.get("auroc") or {}).get("mean")),
+        "localisation_iobb_05": _number(localisation_accuracy(backend)),
         "train_images_per_s": _number(throughput.get("train_images_per_s")),
         "first_step_s": _number(throughput.get("first_step_s")),
         "epoch_time_s": _number(throughput.get("epoch_time_s")),

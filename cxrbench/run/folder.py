@@ -35,6 +35,11 @@ SHARED_INIT = "shared_init.npz"
 SHARED_INIT_FILES = "shared_init*.npz"
 #: ``model.init = FILE`` (a framework's checkpoint), converted once to canonical weights for every backend.
 IMPORTED_INIT = "imported_init.npz"
+#: ``data.crop = "lungs"``: every picture's crop box (copied from the prepared cache, :mod:`cxrbench.data.crop`).
+CROP_BOXES_CSV = "crop_boxes.csv"
+#: Training curves for TensorBoard, one folder of event files per backend (``tensorboard --logdir RUN/tensorboard``).
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_EVENTS = f"{TENSORBOARD_DIR}/*/events.out.tfevents.*"
 SWEEP_CSV = "sweep.csv"
 SWEEP_DIR = "sweep"
 

@@ -24,16 +24,18 @@ import psutil
 
 from cxrbench import __version__
 from cxrbench.backend import canonical, checkpoints, timing
+from cxrbench.data import crop
 from cxrbench.data.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
-from cxrbench.files import read_json, save_npy, write_json
+from cxrbench.files import read_json, save_npy, write_json, write_text
 from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
-from cxrbench.run import environments, keep, repeats, scaling, sweep
+from cxrbench.run import environments, keep, repeats, scaling, sweep, tracking
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
+    CROP_BOXES_CSV,
     EQUIVALENCE_BATCH,
     IMPORTED_INIT,
     LOG_TXT,
@@ -131,6 +133,10 @@ def new_run(request: RunRequest) -> Orchestrator:
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
     grid = sweep.parse_grid(request.sweep, settings)
+    crop_spec = crop.spec_from_settings(settings.data)
+    crop.check(crop_spec)
+    if crop_spec.model:  # workers and --resume find the network wherever they start
+        settings = settings.replace(**{"data.crop_model": crop_spec.model})
     index = _dataset(plugins, settings)
     for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
         sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), counts)
@@ -217,6 +223,7 @@ class Orchestrator:
         #: ``model.init``'s checkpoint as canonical weights, written to the run folder by :meth:`prepare`.
         self.imported_init: dict[str, np.ndarray] | None = None
         self.lock = RunLock(self.run_dir)
+        self.tracker_notes: set[str] = set()
 
     # -- before the workers ----------------------------------------------------------------------
 
@@ -229,7 +236,9 @@ class Orchestrator:
 
         settings = self.settings
         index = self.index if self.index is not None else _dataset(self.plugins, settings)
-        data = cache.prepare(index, settings.data.image_size)
+        crop_spec = crop.spec_from_settings(settings.data)
+        data = cache.prepare(index, settings.data.image_size, crop_spec=crop_spec)
+        test_boxes, mapping = data.mapped_boxes("test")
         self.run["data"] = {
             "source": index.source,
             "root": str(index.root),
@@ -238,8 +247,9 @@ class Orchestrator:
             "splits": {split: int(len(data.rows(split))) for split in ("train", "val", "test")},
             "classes": list(CLASSES),
             "class_order": CLASS_ORDER_NAME,
-            "boxes_test": len(data.boxes("test")),
+            "boxes_test": len(test_boxes),
             "notes": list(index.notes),
+            "crop": self._record_crop(crop_spec, data, mapping),
         }
         if settings.model.init == "shared":
             for seed in self.seeds():
@@ -252,6 +262,21 @@ class Orchestrator:
             batch = np.ascontiguousarray(data.split_images("test")[:EQUIVALENCE_IMAGES])
             save_npy(self.run_dir / EQUIVALENCE_BATCH, batch)
         self._save_run()
+
+    def _record_crop(self, crop_spec, data, mapping: dict[str, int]) -> dict[str, Any]:
+        """run.json's ``data.crop``; with a crop, its boxes are copied beside run.json (crop_boxes.csv)."""
+        record = crop_spec.describe()
+        if crop_spec.active:
+            boxes = [data.crop_boxes[name] for name in data.index.files]
+            write_text(self.run_dir / CROP_BOXES_CSV, crop.boxes_csv(data.index.files, boxes))
+            record.update(
+                boxes_file=CROP_BOXES_CSV,
+                images=len(boxes),
+                fallbacks=sum(box.fallback for box in boxes),
+                test_boxes_clipped=mapping["clipped"],
+                test_boxes_outside=mapping["outside"],
+            )
+        return record
 
     def seeds(self) -> list[int]:
         """The seed of every repeat, the run's own first."""
@@ -288,12 +313,13 @@ class Orchestrator:
 
     def run_worker(
         self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None
-    ) -> None:
-        """Start the worker, show its progress until it exits, and record how it ended."""
+    ) -> bool:
+        """Start the worker, show its progress until it exits, and record how it ended; False when it had completed
+        before (a resumed run) and did not run."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
             self.progress.update(name, status.data)
-            return
+            return False
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
@@ -315,6 +341,14 @@ class Orchestrator:
                 self._record_end(name, folder, process.returncode, interrupted=True)
                 raise
         self._record_end(name, folder, returncode)
+        return True
+
+    def record_curves(self, name: str) -> None:
+        """The backend's training curves to every tracker (TensorBoard built in); each note is shown once per run."""
+        for line in tracking.record(self.plugins.hook, self.run_dir, name, self.run_dir / name):
+            if line not in self.tracker_notes:
+                self.tracker_notes.add(line)
+                self.progress.message(line)
 
     def _wait(self, name: str, process: subprocess.Popen, folder: Path) -> int:
         while True:
@@ -354,7 +388,8 @@ class Orchestrator:
     def run_workers(self) -> None:
         counts = self.run["gpu_counts"]
         for name in self.backends:
-            self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES)
+            if self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES):
+                self.record_curves(name)
         for gpus in counts[1:]:
             for name in self.backends:
                 self.run_worker(name, gpus, gpus_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)

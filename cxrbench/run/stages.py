@@ -226,12 +226,13 @@ def cam(ctx: StageContext) -> None:
     """CAMs of every boxed test image for the classes of its boxes, scored against the boxes."""
     from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy, upsample
 
-    truth = ctx.data.boxes("test")
+    truth, mapping = ctx.data.mapped_boxes("test")
+    crop_note = {"crop_boxes": mapping} if ctx.data.crop_boxes is not None else {}
     threshold, method = ctx.settings.eval.cam_threshold, ctx.settings.eval.cam_method
     if not truth:
         write_json(
             ctx.folder / LOCALISATION_JSON,
-            {"skipped": "no test image has a box", "threshold": threshold, "method": method},
+            {"skipped": "no test image has a box", "threshold": threshold, "method": method, **crop_note},
         )
         return
     positions = sorted({pos for pos, _ in truth})
@@ -254,6 +255,7 @@ def cam(ctx: StageContext) -> None:
             "method_description": scores["method_description"],
             "images": len(positions),
             "classes": [CLASSES[c] for c in class_indices],
+            **crop_note,
         },
     )
     shown = positions[: ctx.settings.eval.cam_images]
@@ -274,14 +276,24 @@ def cam(ctx: StageContext) -> None:
 
 
 def export_onnx(ctx: StageContext, path: Path):
-    """The backend exports to a temporary name beside ``path``; checked by ``onnx.checker``, it is renamed into
-    place. A crash, a full disk or a rejected model never leaves a file (whole or partial) under ``path``."""
+    """The backend exports to a temporary name beside ``path``; checked by ``onnx.checker`` and given the core's
+    preprocessing metadata (the crop), it is renamed into place. A crash, a full disk or a rejected model never
+    leaves a file (whole or partial) under ``path``."""
+    from cxrbench.data import crop
     from cxrbench.deploy import onnx_file
 
     require_space(path.parent, canonical.nbytes(ctx.settings.model.block_config), f"the ONNX export {path.name}")
+    preprocessing = crop.crop_metadata(crop.spec_from_settings(ctx.settings.data))
+
+    def check_and_stamp(written: Path) -> None:
+        """The backend's file checked first; then the core's own preprocessing (the crop), alike on every backend's
+        export, so predict and serve prepare pictures as the training pictures were."""
+        onnx_file.check_model(written)
+        onnx_file.stamp_metadata(written, preprocessing)
+
     tmp: Path | None = None
     try:
-        with atomic_output(path, check=onnx_file.check_model) as tmp:
+        with atomic_output(path, check=check_and_stamp) as tmp:
             info = ctx.call("cxrbench_export_onnx", model=ctx.model, path=str(tmp), settings=ctx.settings)
     except CxrError as exc:
         if tmp is None or str(tmp) not in str(exc):

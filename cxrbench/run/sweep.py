@@ -24,7 +24,7 @@ from cxrbench.suite import Settings, apply_overrides, parse_set_option
 
 #: Sections a sweep may not vary: they change the data set, the initial weights or the run itself.
 FIXED_SECTIONS = {
-    "data": "it changes the prepared data set (run one suite per value)",
+    "data": "it changes the prepared data set (run one suite per value; data.crop: docs/preprocessing.md)",
     "model": "it changes the shared initial weights (run one suite per value)",
     "run": "use --repeats for seeds and --gpus for GPU counts",
 }

@@ -141,10 +141,10 @@ class Worker:
 
 def open_prepared(hook, settings: Settings, key: str):
     """Reopen the prepared cache the parent built, and make sure it is the same one."""
-    from cxrbench.data import cache
+    from cxrbench.data import cache, crop
 
     index = require_answer(hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
-    data = cache.prepare(index, settings.data.image_size)
+    data = cache.prepare(index, settings.data.image_size, crop_spec=crop.spec_from_settings(settings.data))
     if data.key != key:
         raise DataError(
             f"prepared cache key {data.key[:16]} differs from the run's {key[:16]}: "

@@ -276,6 +276,17 @@ def test_report_sections_are_title_html_pairs(backend: Backend, tmp_path: Path):
             assert all(isinstance(part, str) for part in section), section
 
 
+def test_record_scalars_answers_are_notes_or_none(backend: Backend, tmp_path: Path):
+    """Every ``cxrbench_record_scalars`` answer (the built-in TensorBoard writer's, the backend's and any
+    --cxrbench-plugin's) takes one backend's per-epoch records and returns None or one line for the user."""
+    records = [
+        {"step": 1, "wall_time": None, "scalars": {"loss/train": 0.7, "loss/validation": 0.69}},
+        {"step": 2, "wall_time": 1.0e9, "scalars": {"loss/train": 0.6, "auroc/mean": 0.5}},
+    ]
+    for answer in backend.plugins.hook.cxrbench_record_scalars(run_dir=tmp_path, backend=backend.name, records=records):
+        assert answer is None or (isinstance(answer, str) and "\n" not in answer), f"must be None or a line: {answer!r}"
+
+
 def test_backend_info_describes_the_backend(backend: Backend):
     info = backend.info
     assert info.name == backend.name
