@@ -16,7 +16,9 @@ depend on the weights. Clients and server share the machine, as they would on on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
+import io
 import itertools
 import json
 import os
@@ -146,15 +148,16 @@ def offline_images_per_s(model_path: Path, files: list[Path], settings: LoadSett
 
     model = ScoringModel(model_path)
     cycled = [files[i % len(files)] for i in range(settings.requests)]
-    score_files(model, cycled[: settings.max_batch], settings.max_batch, MAX_PIXELS, None, None, 1)  # warm-up
     watch, rates = CpuWatch(), []
-    watch.start()
-    for _ in range(settings.baseline_repeats):
-        start = time.perf_counter()
-        rows, skipped = score_files(model, cycled, settings.max_batch, MAX_PIXELS, None, None, 1)
-        rates.append(len(rows) / (time.perf_counter() - start))
-        if skipped:
-            raise CxrError(f"offline scoring skipped pictures: {skipped[0]}")
+    with contextlib.redirect_stderr(io.StringIO()):  # predict's progress line
+        score_files(model, cycled[: settings.max_batch], settings.max_batch, MAX_PIXELS, None, None, 1)  # warm-up
+        watch.start()
+        for _ in range(settings.baseline_repeats):
+            start = time.perf_counter()
+            rows, skipped = score_files(model, cycled, settings.max_batch, MAX_PIXELS, None, None, 1)
+            rates.append(len(rows) / (time.perf_counter() - start))
+            if skipped:
+                raise CxrError(f"offline scoring skipped pictures: {skipped[0]}")
     return rates, watch.others_share()
 
 
@@ -251,17 +254,21 @@ def run_cell(server: Server, mode: str, bodies: list[tuple[bytes, str]], clients
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=max(settings.time_limit_s, 60))
         try:
             _post(connection, server, bodies[k % len(bodies)])  # untimed: connection and first-call costs
-            barrier.wait()
-            while time.monotonic() < deadline[0] and (number := next(numbers)) < settings.requests:
+        except (OSError, http.client.HTTPException) as exc:
+            errors[k][type(exc).__name__] = errors[k].get(type(exc).__name__, 0) + 1
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # always: one client's failure must not stop the others
+        try:
+            while deadline and time.monotonic() < deadline[0] and (number := next(numbers)) < settings.requests:
                 start = time.perf_counter()
-                status = _post(connection, server, bodies[number % len(bodies)])
-                if status == 200:
+                try:
+                    status = str(_post(connection, server, bodies[number % len(bodies)]))
+                except (OSError, http.client.HTTPException) as exc:
+                    status = type(exc).__name__
+                if status == "200":
                     latencies[k].append(time.perf_counter() - start)
                 else:
-                    errors[k][str(status)] = errors[k].get(str(status), 0) + 1
-        except (OSError, threading.BrokenBarrierError) as exc:
-            errors[k][type(exc).__name__] = errors[k].get(type(exc).__name__, 0) + 1
-            barrier.abort()
+                    errors[k][status] = errors[k].get(status, 0) + 1
         finally:
             connection.close()
 
@@ -300,12 +307,22 @@ def run_cell(server: Server, mode: str, bodies: list[tuple[bytes, str]], clients
 
 
 def _post(connection: http.client.HTTPConnection, server: Server, body: tuple[bytes, str]) -> int:
+    """One upload's status. A kept-alive connection the server closed while idle (uvicorn closes them after 5 s)
+    is reopened once, as HTTP client libraries do."""
     content, content_type = body
     headers = {**server.headers, "Content-Type": content_type}
-    connection.request("POST", "/predict", body=content, headers=headers)
-    response = connection.getresponse()
-    response.read()
-    return response.status
+
+    def send() -> int:
+        connection.request("POST", "/predict", body=content, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+
+    try:
+        return send()
+    except (BrokenPipeError, ConnectionResetError):  # http.client.RemoteDisconnected is one
+        connection.close()
+        return send()
 
 
 def measure(model_path: Path, settings: LoadSettings, folder: Path) -> LoadResult:
