@@ -41,7 +41,7 @@ parser = pytest.importorskip("prometheus_client.parser")
 
 from cxrbench.deploy.auth import TOKEN_ENV, Tokens, check_exposure, load_tokens  # noqa: E402
 from cxrbench.deploy.model import ScoringModel  # noqa: E402
-from cxrbench.deploy.serve import ServiceSettings, create_app  # noqa: E402
+from cxrbench.deploy.serve import ServiceSettings, check_tls, create_app  # noqa: E402
 from cxrbench.deploy.telemetry import LOGGER_NAME  # noqa: E402
 
 OLD_TOKEN, NEW_TOKEN = "old-token-0123456789abcdef", "new-token-fedcba9876543210"
@@ -199,6 +199,28 @@ def test_the_serve_command_refuses_an_open_network_address_in_one_line(model_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cxrbench: error: --host 0.0.0.0 lets other machines in"), lines
     assert "--insecure-no-auth" in lines[0]
+
+
+def test_tls_and_batching_options_are_checked_before_the_model_loads(tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    assert check_tls(None, None) is False and check_tls(str(cert), str(key)) is True
+    with pytest.raises(CxrError, match="--ssl-certfile and --ssl-keyfile go together"):
+        check_tls(str(cert), None)
+    with pytest.raises(CxrError, match="missing.pem: no such file"):
+        check_tls(str(cert), str(tmp_path / "missing.pem"))
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = self_signed_certificate(other)
+    with pytest.raises(CxrError, match="not a usable certificate and key"):
+        check_tls(str(cert), str(other_key))
+    for wrong, message in [
+        ({"max_batch": 0}, "--max-batch must be at least 1, got 0"),
+        ({"max_queue": 0}, "--max-queue must be at least 1"),
+        ({"max_batch_delay_ms": -1}, "--max-batch-delay-ms must be at least 0"),
+        ({"workers": 0}, "--workers must be at least 1"),
+    ]:
+        with pytest.raises(CxrError, match=message):
+            ServiceSettings(**wrong).check()
 
 
 # ---- TLS, the log, patient data: the serve command itself -------------------------------------------------------

@@ -59,6 +59,20 @@ class LoadSettings:
 
 
 @dataclass
+class CpuUse:
+    """What else ran, and what scoring cost: others' share of the usable cores, CPU seconds per picture here."""
+
+    others_share: float
+    seconds_per_picture: float
+
+    @property
+    def disturbed(self) -> bool:
+        from cxrbench.machine.monitor.noise import OTHERS_CPU_SHARE_LIMIT
+
+        return self.others_share > OTHERS_CPU_SHARE_LIMIT
+
+
+@dataclass
 class Cell:
     mode: str
     clients: int
@@ -69,8 +83,7 @@ class Cell:
     p99_ms: float | None
     mean_batch: float | None
     errors: dict[str, int]
-    others_cpu_share: float
-    disturbed: bool
+    cpu: CpuUse  #: the server's and the clients' CPU
 
 
 @dataclass
@@ -78,7 +91,7 @@ class LoadResult:
     settings: LoadSettings
     model: str
     baseline_images_per_s: list[float]
-    baseline_others_cpu_share: float
+    baseline_cpu: CpuUse
     cells: list[Cell] = field(default_factory=list)
     conditions: dict[str, Any] = field(default_factory=dict)
 
@@ -123,26 +136,32 @@ def write_pictures(folder: Path, count: int, size: int, seed: int) -> list[Path]
 
 
 class CpuWatch:
-    """The share of the usable cores that processes other than this one and its children (the server) used."""
+    """Between :meth:`start` and :meth:`stop`: the share of the usable cores that processes other than this one and
+    its children (the server) used, and the CPU seconds this process tree used (a cost that, unlike a rate, a busy
+    machine barely changes)."""
 
     def __init__(self):
         from cxrbench.machine.monitor.sampler import MachineCpu, ProcessTree
 
-        self.tree, self.machine = ProcessTree(os.getpid()), MachineCpu()
+        self.tree, self.machine, self._start = ProcessTree(os.getpid()), MachineCpu(), 0.0
 
     def start(self) -> None:
         self.tree.read()  # psutil's percentages count from the previous call
         self.machine.read()
+        self._start = time.perf_counter()
 
-    def others_share(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(others' share of the usable cores, this process tree's CPU seconds)."""
         from cxrbench.machine.monitor import noise
 
         own, machine = self.tree.read(), self.machine.read()
-        return noise.others_cpu_share(machine["system_cpu_percent"], own["cpu_percent"], self.machine.cores)
+        seconds = time.perf_counter() - self._start
+        others = noise.others_cpu_share(machine["system_cpu_percent"], own["cpu_percent"], self.machine.cores)
+        return others, own["cpu_percent"] / 100 * seconds
 
 
-def offline_images_per_s(model_path: Path, files: list[Path], settings: LoadSettings) -> tuple[list[float], float]:
-    """Offline scoring's images/s over ``settings.requests`` pictures, ``baseline_repeats`` times; others' CPU."""
+def offline_images_per_s(model_path: Path, files: list[Path], settings: LoadSettings) -> tuple[list[float], CpuUse]:
+    """Offline scoring's images/s over ``settings.requests`` pictures, ``baseline_repeats`` times, and its CPU."""
     from cxrbench.deploy.model import ScoringModel
     from cxrbench.deploy.predict import score_files
 
@@ -158,7 +177,8 @@ def offline_images_per_s(model_path: Path, files: list[Path], settings: LoadSett
             rates.append(len(rows) / (time.perf_counter() - start))
             if skipped:
                 raise CxrError(f"offline scoring skipped pictures: {skipped[0]}")
-    return rates, watch.others_share()
+    others, cpu_seconds = watch.stop()
+    return rates, CpuUse(others, cpu_seconds / (len(cycled) * settings.baseline_repeats))
 
 
 def multipart(content: bytes) -> tuple[bytes, str]:
@@ -236,8 +256,6 @@ class Server:
 
 def run_cell(server: Server, mode: str, bodies: list[tuple[bytes, str]], clients: int, settings: LoadSettings) -> Cell:
     """``clients`` closed-loop clients until ``settings.requests`` answers or the time limit."""
-    from cxrbench.machine.monitor.noise import OTHERS_CPU_SHARE_LIMIT
-
     numbers = itertools.count()  # next() on it is atomic under the GIL: every request gets its own number
     deadline: list[float] = []
     watch = CpuWatch()
@@ -284,7 +302,7 @@ def run_cell(server: Server, mode: str, bodies: list[tuple[bytes, str]], clients
     for thread in threads:
         thread.join(settings.time_limit_s + START_TIMEOUT_S)
     seconds = time.perf_counter() - start
-    share = watch.others_share() if deadline else 1.0
+    others, cpu_seconds = watch.stop() if deadline else (1.0, 0.0)
     total, count = (after - before for after, before in zip(server.batches(), batches_before))
     done = np.concatenate([np.asarray(x) for x in latencies]) * 1000
     merged: dict[str, int] = {}
@@ -301,8 +319,7 @@ def run_cell(server: Server, mode: str, bodies: list[tuple[bytes, str]], clients
         p99_ms=float(np.percentile(done, 99)) if len(done) else None,
         mean_batch=total / count if count else None,  # the warm-up requests' batches included
         errors=merged,
-        others_cpu_share=round(share, 4),
-        disturbed=share > OTHERS_CPU_SHARE_LIMIT,
+        cpu=CpuUse(round(others, 4), cpu_seconds / max(len(done), 1)),
     )
 
 
@@ -328,8 +345,8 @@ def _post(connection: http.client.HTTPConnection, server: Server, body: tuple[by
 def measure(model_path: Path, settings: LoadSettings, folder: Path) -> LoadResult:
     """The offline baseline, then every (mode, clients) cell; pictures and server logs go to ``folder``."""
     files = write_pictures(folder, settings.pictures, settings.picture_size, settings.seed)
-    rates, baseline_share = offline_images_per_s(model_path, files, settings)
-    result = LoadResult(settings, str(model_path), [round(r, 3) for r in rates], round(baseline_share, 4))
+    rates, baseline_cpu = offline_images_per_s(model_path, files, settings)
+    result = LoadResult(settings, str(model_path), [round(r, 3) for r in rates], baseline_cpu)
     result.conditions = _conditions()
     bodies = [multipart(path.read_bytes()) for path in files]
     modes = {f"batching {settings.max_batch}/{settings.max_batch_delay_ms:g}ms": settings.max_batch, "none": 1}
@@ -360,20 +377,22 @@ def _conditions() -> dict[str, Any]:
 
 def format_table(result: LoadResult) -> str:
     """The result as text: conditions, the baseline, one row per cell, and the goal's verdict (or why none)."""
-    s, base = result.settings, result.baseline
+    s, base, cpu = result.settings, result.baseline, result.baseline_cpu
     lines = [
         f"model {result.model}; pictures {s.picture_size} px PNG x {s.pictures}; {result.conditions}",
         f"offline (cxrbench predict's scoring, batch {s.max_batch}, {s.requests} pictures x {s.baseline_repeats}): "
         f"{base:.2f} img/s median (range {min(result.baseline_images_per_s):.2f}-"
-        f"{max(result.baseline_images_per_s):.2f}; others used {result.baseline_others_cpu_share:.0%} of the CPU)",
+        f"{max(result.baseline_images_per_s):.2f}), {cpu.seconds_per_picture * 1000:.0f} CPU ms/picture; "
+        f"others used {cpu.others_share:.0%} of the CPU{' (disturbed)' if cpu.disturbed else ''}",
         f"{'mode':<20} {'clients':>7} {'answered':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} "
-        f"{'vs offline':>10} {'others CPU':>10}  errors",
+        f"{'vs offline':>10} {'CPU ms/pic':>10} {'others CPU':>10}  errors",
     ]
     for c in result.cells:
         lines.append(
             f"{c.mode:<20} {c.clients:>7} {c.answered:>8} {c.requests_per_s:>8.2f} {_ms(c.p50_ms):>8} "
             f"{_ms(c.p99_ms):>8} {_num(c.mean_batch):>6} {c.requests_per_s / base:>10.0%} "
-            f"{c.others_cpu_share:>9.0%}{'*' if c.disturbed else ' '}  {c.errors or '-'}"
+            f"{c.cpu.seconds_per_picture * 1000:>10.0f} {c.cpu.others_share:>9.0%}{'*' if c.cpu.disturbed else ' '}  "
+            f"{c.errors or '-'}"
         )
     lines.append(verdict(result))
     return "\n".join(lines)
@@ -386,7 +405,7 @@ def verdict(result: LoadResult) -> str:
     batching = next((c for c in result.cells if c.mode != "none" and c.clients == GOAL_CLIENTS), None)
     if batching is None:
         return f"no verdict: no batching cell with {GOAL_CLIENTS} clients"
-    if batching.disturbed or result.baseline_others_cpu_share > OTHERS_CPU_SHARE_LIMIT:
+    if batching.cpu.disturbed or result.baseline_cpu.disturbed:
         return (
             f"no verdict: other processes used more than {OTHERS_CPU_SHARE_LIMIT:.0%} of the CPU (* above, or during"
             " the baseline); rerun on a quiet machine"

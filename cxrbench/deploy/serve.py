@@ -306,7 +306,7 @@ def run(args) -> int:
     configure_logging()
     log_event(
         "start",
-        url=f"{'https' if tls else 'http'}://{args.host}:{args.port}",
+        url=f"{'https' if tls else 'http'}://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}",
         model=str(model.path),
         backend=model.metadata.get("cxrbench.backend"),
         tokens=len(tokens),
