@@ -39,6 +39,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 parser = pytest.importorskip("prometheus_client.parser")
 
+from cxrbench.deploy import auth  # noqa: E402
 from cxrbench.deploy.auth import TOKEN_ENV, Tokens, check_exposure, load_tokens  # noqa: E402
 from cxrbench.deploy.model import ScoringModel  # noqa: E402
 from cxrbench.deploy.serve import ServiceSettings, check_tls, create_app  # noqa: E402
@@ -171,6 +172,21 @@ def test_tokens_come_from_a_file_or_the_environment_never_both(tmp_path):
     tokens = Tokens([OLD_TOKEN, NEW_TOKEN])
     assert tokens.accepts(OLD_TOKEN) and tokens.accepts(NEW_TOKEN)
     assert not tokens.accepts(OLD_TOKEN + "x") and not tokens.accepts("") and not tokens.accepts(OLD_TOKEN.upper())
+
+
+def test_a_token_is_compared_with_every_accepted_one_in_constant_time(monkeypatch):
+    """hmac.compare_digest on equal-length digests, for every accepted token, even after a match."""
+    compared: list[tuple[int, int]] = []
+    real = auth.hmac.compare_digest
+
+    def counting(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    tokens = Tokens([OLD_TOKEN, NEW_TOKEN, "third-token-0123456789"])
+    assert tokens.accepts(OLD_TOKEN)  # the first one matches ...
+    assert compared == [(32, 32)] * 3  # ... and all three were compared, as SHA-256 digests
 
 
 def test_a_network_address_without_a_token_is_refused_unless_insecure_is_said():

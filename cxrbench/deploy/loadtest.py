@@ -7,8 +7,9 @@ none (``--max-batch 1``: one picture per onnxruntime call), it starts ``cxrbench
 token and, for each client count, runs that many client threads, each with its own keep-alive connection,
 uploading pictures one after another until ``--requests`` answers or ``--time-limit`` seconds (one untimed
 request per client first). Each cell reports requests/s, p50 and p99 latency, the mean batch the service formed
-(from its ``/metrics``), errors, the ratio to offline scoring, and the share of the CPU other processes used
-meanwhile (the run's noise guard: above its limit a cell is marked disturbed and no verdict is printed).
+(from its ``/metrics``), errors, the ratio to offline scoring, the CPU time per picture of server and clients
+together (offline: of the scoring process), and the share of the CPU other processes used meanwhile (the run's
+noise guard: above its limit a cell is marked disturbed and no verdict is printed).
 Without MODEL a DenseNet with seeded random weights is exported (``--arch``, ``--image-size``); speed does not
 depend on the weights. Clients and server share the machine, as they would on one host.
 """
@@ -137,8 +138,8 @@ def write_pictures(folder: Path, count: int, size: int, seed: int) -> list[Path]
 
 class CpuWatch:
     """Between :meth:`start` and :meth:`stop`: the share of the usable cores that processes other than this one and
-    its children (the server) used, and the CPU seconds this process tree used (a cost that, unlike a rate, a busy
-    machine barely changes)."""
+    its children (the server) used, and the CPU seconds this process tree used (a cost that other work on the
+    machine changes much less than it changes a rate)."""
 
     def __init__(self):
         from cxrbench.machine.monitor.sampler import MachineCpu, ProcessTree
