@@ -9,6 +9,9 @@ from cxrbench.results import TABLES  # light: pandas is imported only when a tab
 
 #: Default limits: pixels of one picture (a 6000 x 6000 radiograph is 36 M; NIH's are 1024 x 1024), upload bytes.
 MAX_PIXELS, MAX_BYTES = 50_000_000, 32 * 1024 * 1024
+#: The service's batching and queue defaults: ``predict``'s batch size, a wait short next to one DenseNet-121 call
+#: (tens of ms and more on a CPU), and room for four full batches.
+MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_QUEUE = 16, 5.0, 64
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -53,12 +56,40 @@ def add_parsers(commands) -> None:
     predict.add_argument("--batch-size", type=int, default=16, help="pictures per onnxruntime call (default 16)")
     predict.set_defaults(func=_predict)
 
-    serve = commands.add_parser("serve", help="serve an ONNX export over HTTP (POST /predict, GET /health, GET /model)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an ONNX export over HTTP (POST /predict; GET /health, /ready, /model, /metrics)",
+        description="Every path but /health needs 'Authorization: Bearer TOKEN' when tokens are set. "
+        "See docs/serving.md.",
+    )
     _add_model(serve)
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"largest accepted upload ({MAX_BYTES})")
-    serve.add_argument("--workers", type=int, help="pictures scored at once (default: the CPU count)")
+    serve.add_argument("--workers", type=int, help="threads decoding uploads (default: the usable cores)")
+    serve.add_argument("--token-file", metavar="PATH", help="accepted bearer tokens, one per line (or $CXRBENCH_TOKEN)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without any token (anyone who reaches the port may score)",
+    )
+    serve.add_argument("--ssl-certfile", metavar="PATH", help="TLS certificate chain (PEM); with --ssl-keyfile")
+    serve.add_argument("--ssl-keyfile", metavar="PATH", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--max-batch", type=int, default=MAX_BATCH, help=f"pictures per onnxruntime call at most ({MAX_BATCH})"
+    )
+    serve.add_argument(
+        "--max-batch-delay-ms",
+        type=float,
+        default=MAX_BATCH_DELAY_MS,
+        help=f"how long a picture may wait for others to join its batch ({MAX_BATCH_DELAY_MS:g} ms)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=MAX_QUEUE,
+        help=f"scoring requests in progress at most; more get 503 with Retry-After ({MAX_QUEUE})",
+    )
     serve.set_defaults(func=_serve)
 
     results = commands.add_parser("results", help="a run's results as one table (several runs stacked, a 'run' column)")

@@ -1,11 +1,21 @@
-"""A tiny real export (the core's ONNX graph on seeded canonical weights) and pictures to score, for the deploy tests.
+"""A tiny real export (the core's ONNX graph on seeded canonical weights), pictures to score, a real server on
+127.0.0.1 and a self-signed certificate, for the deploy tests.
 
 No backend is needed: :mod:`cxrbench.backend.onnx_graph` writes the canonical network, stamped like every export.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import io
+import ipaddress
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +83,97 @@ def dicom_file(
         ds.PixelData = pixels.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+@contextlib.contextmanager
+def running(app, **config) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 (a free port from the OS, in a thread): its base URL; stopped and
+    joined after. ``config``: more ``uvicorn.Config`` options (``ssl_certfile``...)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    instance = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert instance.started, "the server did not start"
+    scheme = "https" if config.get("ssl_certfile") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_command(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``cxrbench serve ARGS`` in a subprocess, stdout and stderr into ``log``; terminated and waited for after."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "cxrbench", "serve", *args], stdout=out, stderr=out, env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def wait_until(probe, timeout: float = 60.0, interval: float = 0.1):
+    """``probe()``'s first truthy answer within ``timeout`` seconds (exceptions count as not yet); None after."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            answer = probe()
+            if answer:
+                return answer
+        time.sleep(interval)
+    return None
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost signed by its own key (the cryptography package): (cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cxrbench test")])
+    now = datetime.datetime.now(datetime.UTC)
+    public = key.public_key()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
