@@ -142,14 +142,14 @@ def test_summary_of_hand_made_repeat_files(tmp_path):
 
     (pair,) = section["comparisons"]
     assert (pair["a"], pair["b"]) == ("pytorch", "keras")
-    # Mean AUROC: keras - pytorch = 0.71 - 0.82 = -0.11; SDs 0.02 and 0.01 -> pooled sqrt((4e-4 + 1e-4) / 2).
+    # Mean AUROC: pytorch - keras = 0.82 - 0.71 = +0.11; SDs 0.02 and 0.01 -> pooled sqrt((4e-4 + 1e-4) / 2).
     mean = pair["mean_auroc"]
-    assert mean["difference"] == pytest.approx(-0.11) and mean["sd"] == pytest.approx(math.sqrt(2.5e-4))
+    assert mean["difference"] == pytest.approx(0.11) and mean["sd"] == pytest.approx(math.sqrt(2.5e-4))
     assert mean["verdict"] == "exceeds" and mean["p_value"] < 0.05
-    assert mean["text"].startswith("the difference (-0.1100) exceeds seed-to-seed variation (SD 0.0158; Welch p = ")
-    # Class A: pytorch 0.70/0.72/0.74, keras 0.60/0.74/0.70: difference -0.04 within a spread of SD ~0.05.
+    assert mean["text"].startswith("the difference (+0.1100) exceeds seed-to-seed variation (SD 0.0158; Welch p = ")
+    # Class A: pytorch 0.70/0.72/0.74, keras 0.60/0.74/0.70: difference +0.04 within a spread of SD ~0.05.
     a = pair["per_class"][CLASS_A]
-    assert a["difference"] == pytest.approx(-0.04) and a["verdict"] == "within"
+    assert a["difference"] == pytest.approx(0.04) and a["verdict"] == "within"
     assert a["p_value"] == pytest.approx(repeats.welch([0.70, 0.72, 0.74], [0.60, 0.74, 0.70]))
     assert "is within seed-to-seed variation" in a["text"]
 
@@ -165,7 +165,7 @@ def test_terminal_summary_gives_the_across_seed_figures_and_the_verdict(tmp_path
     )
     assert lines[1].startswith("keras over 3 seed(s): mean AUROC 0.7100 (SD 0.0100)")
     assert lines[2].startswith(
-        "mean AUROC keras - pytorch, unpaired Welch (secondary): the difference (-0.1100) exceeds seed-to-seed "
+        "mean AUROC pytorch - keras, unpaired Welch (secondary): the difference (+0.1100) exceeds seed-to-seed "
         "variation"
     )
     assert repeat_sentences(None) == []
@@ -175,8 +175,8 @@ def test_too_few_repeats_give_no_verdict(tmp_path):
     two = {name: rows[:2] for name, rows in FIGURES.items()}
     section = repeats.collect(_hand_made(tmp_path, two), ["pytorch", "keras"], 2, 0, [CLASS_A])
     mean = section["comparisons"][0]["mean_auroc"]
-    assert mean["difference"] == pytest.approx(0.705 - 0.81) and mean["verdict"] is None and mean["p_value"] is None
-    assert mean["text"] == "the difference (-0.1050) has too few repeats for a verdict (2 per backend, need 3)"
+    assert mean["difference"] == pytest.approx(0.81 - 0.705) and mean["verdict"] is None and mean["p_value"] is None
+    assert mean["text"] == "the difference (+0.1050) has too few repeats for a verdict (2 per backend, need 3)"
 
 
 def test_failed_repeats_and_missing_files_are_tolerated(tmp_path):
@@ -230,8 +230,8 @@ def test_repeat_i_of_one_backend_pairs_with_repeat_i_of_the_other(tmp_path):
     section = repeats.collect(tmp_path, ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
     paired = section["comparisons"][0]["paired"]
     effect = paired["auroc"]
-    assert paired["direction"] == "keras - pytorch" and effect["seeds"] == [10, 11, 12]
-    expected = [_mean_auroc(k) - _mean_auroc(t) for t, k in zip(logits["pytorch"], logits["keras"])]
+    assert paired["direction"] == "pytorch - keras" and effect["seeds"] == [10, 11, 12]
+    expected = [_mean_auroc(t) - _mean_auroc(k) for t, k in zip(logits["pytorch"], logits["keras"])]
     assert effect["primary"]["per_seed"] == pytest.approx(expected, abs=1e-12)  # repeat i with repeat i, in order
     assert effect["primary"]["effect"] == pytest.approx(np.mean(expected), abs=1e-12)
     assert effect["primary"]["verdict"] in ("framework effect", "no framework effect shown")
@@ -256,7 +256,7 @@ def test_a_missing_repeat_in_one_backend_excludes_that_seed_and_says_so(tmp_path
     ]
     effect = paired["auroc"]
     assert effect["seeds"] == [10] and effect["primary"]["per_seed"] == pytest.approx(
-        [_mean_auroc(logits["keras"][0]) - _mean_auroc(logits["pytorch"][0])], abs=1e-12
+        [_mean_auroc(logits["pytorch"][0]) - _mean_auroc(logits["keras"][0])], abs=1e-12
     )
     assert effect["primary"]["verdict"] is None and "1 paired seed(s), at least 3 needed" in effect["no_verdict"]
     paired_seeds, excluded = repeats.pair_seeds("a", [{"repeat": 1, "seed": 0, "status": "completed"}], "b", [])
@@ -272,7 +272,7 @@ def test_repeats_2_gives_results_but_no_framework_verdict_and_says_why(tmp_path)
     assert effect["primary"]["effect"] is not None and effect["primary"]["interval"] is not None
     assert effect["primary"]["verdict"] is None and effect["classes_with_effect"] == []
     (line,) = framework_lines(section)
-    assert line.startswith("framework effect on mean AUROC over 2 classes, keras - pytorch (2 paired seeds: 0, 1;")
+    assert line.startswith("framework effect on mean AUROC over 2 classes, pytorch - keras (2 paired seeds: 0, 1;")
     assert line.endswith(
         "no framework verdict: 2 paired seed(s), at least 3 needed for a framework verdict (--repeats 3 or more)"
     )
@@ -324,7 +324,7 @@ def test_repeats_section_and_summary_lead_with_the_paired_framework_effect(tmp_p
     html = write_report([run_dir]).read_text()
     section = load_run(run_dir).meta["repeats"]
     lead = framework_lines(section)[0]
-    assert lead.startswith("framework effect on mean AUROC over 14 classes, keras - pytorch (3 paired seeds: 0, 1, 2;")
+    assert lead.startswith("framework effect on mean AUROC over 14 classes, pytorch - keras (3 paired seeds: 0, 1, 2;")
     repeats_html = html[html.index('id="repeats"') : html.index('id="localisation"')]
     assert repeats_html.index('id="paired-verdicts"') < repeats_html.index('id="repeats-table"')
     assert lead in _text(repeats_html).replace("&#39;", "'")
@@ -396,14 +396,14 @@ def test_three_repeats_of_two_backends_end_to_end_lead_with_the_paired_framework
     assert seeds == [0, 1, 2] and None not in aurocs and len(set(aurocs)) == 3
     assert all(r["first_step_s"] > 0 for r in section["backends"]["pytorch"]["repeats"])  # the timing contract
     paired = section["comparisons"][0]["paired"]
-    assert paired["direction"] == "pytorch - numpy" and paired["auroc_excluded"] == []
+    assert paired["direction"] == "numpy - pytorch" and paired["auroc_excluded"] == []
     assert paired["auroc"]["seeds"] == [0, 1, 2] and paired["auroc"]["primary"]["verdict"] is not None
     assert paired["localisation"]["seeds"] == [0, 1, 2] and paired["localisation"]["primary"]["name"] == "overall"
     verdicts = run["verdicts"]
     assert verdicts["about"] == "framework" and verdicts["seeds"] == [0, 1, 2]
     lead = verdicts["lines"][0]
     assert (
-        lead.startswith("framework effect on mean AUROC over ") and "pytorch - numpy (3 paired seeds: 0, 1, 2;" in lead
+        lead.startswith("framework effect on mean AUROC over ") and "numpy - pytorch (3 paired seeds: 0, 1, 2;" in lead
     )
     assert err.index(lead) < err.index("unpaired Welch (secondary)")  # the terminal summary leads with it
     html = (out / "index.html").read_text()

@@ -247,7 +247,7 @@ def auroc_effect(
     seed: int = 0,
     min_positives: int = 5,
 ) -> dict[str, Any]:
-    """The framework effect on AUROC (b - a is the caller's choice of order): ``pairs[s]`` the two backends' scores
+    """The framework effect on AUROC (first - second of each pair): ``pairs[s]`` the two backends' scores
     of seed ``seeds[s]`` on the same test images (``labels``, ``groups`` the patients), per class tested and for
     the mean. Every seed's bootstrap uses ``seed``, so round r resamples the same patients for every seed."""
     scores = [[_check_pair(labels, s, 2, "auroc_effect")[1] for s in pair] for pair in pairs]

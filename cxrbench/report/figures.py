@@ -210,7 +210,7 @@ def repeat_sentences(section: dict[str, Any] | None) -> list[str]:
             + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else "")
         )
     for pair in section.get("comparisons") or []:
-        lines.append(f"mean AUROC {pair['b']} - {pair['a']}, unpaired Welch (secondary): {pair['mean_auroc']['text']}")
+        lines.append(f"mean AUROC {pair['a']} - {pair['b']}, unpaired Welch (secondary): {pair['mean_auroc']['text']}")
     return lines
 
 

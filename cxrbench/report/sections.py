@@ -289,7 +289,7 @@ def repeats(run: Run) -> dict[str, Any] | None:
         "count": section.get("count"),
         "rule": section.get("rule"),
         "backends": list(backends),
-        "pairs": [f"{p.get('b')} - {p.get('a')}" for p in pairs],
+        "pairs": [f"{p.get('a')} - {p.get('b')}" for p in pairs],
         "rows": rows,
         "paired": [paired_table(p) for p in pairs],
         "paired_lines": verdicts.framework_lines(section),
@@ -337,7 +337,7 @@ def paired_table(pair: dict) -> dict[str, Any]:
                 "excluded": paired.get(f"{key}_excluded") or [],
             }
         )
-    return {"direction": paired.get("direction") or f"{pair.get('b')} - {pair.get('a')}", "tables": tables}
+    return {"direction": paired.get("direction") or f"{pair.get('a')} - {pair.get('b')}", "tables": tables}
 
 
 def sweep(run: Run) -> dict[str, Any] | None:

@@ -139,7 +139,7 @@ def framework_lines(section: dict | None) -> list[str]:
     lines = []
     for pair in (section or {}).get("comparisons") or []:
         paired = pair.get("paired") or {}
-        direction = paired.get("direction") or f"{pair.get('b')} - {pair.get('a')}"
+        direction = paired.get("direction") or f"{pair.get('a')} - {pair.get('b')}"
         if paired.get("auroc"):
             figure = f"mean AUROC over {paired['auroc']['classes_tested']} classes"
             lines.append(_framework_line(direction, paired["auroc"], figure, 4))

@@ -122,11 +122,11 @@ def welch(a: list[float], b: list[float]) -> float | None:
 
 
 def verdict(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
-    """The difference of means (b - a) against the within-backend spread, in words."""
+    """The difference of means (a - b, like every between-backend figure) against the within-backend spread."""
     a, b = [v for v in a if v is not None], [v for v in b if v is not None]
     if not a or not b:
         return {"difference": None, "sd": None, "p_value": None, "verdict": None, "text": "no values to compare"}
-    difference = statistics.fmean(b) - statistics.fmean(a)
+    difference = statistics.fmean(a) - statistics.fmean(b)
     if min(len(a), len(b)) < MIN_REPEATS:
         return {
             "difference": difference,
@@ -166,7 +166,7 @@ def backend_summary(repeats: list[dict[str, Any]], classes: list[str]) -> dict[s
 def comparison(
     name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]], classes: list[str]
 ) -> dict[str, Any]:
-    """Between two backends: per class and for the mean, the difference (b - a) and its verdict."""
+    """Between two backends: per class and for the mean, the difference (a - b) and its verdict."""
     a, b = _completed(a), _completed(b)
     return {
         "a": name_a,
@@ -216,7 +216,7 @@ def _load_predictions(run_dir: Path, name: str, repeat: int) -> dict[str, Any] |
 
 
 def _auroc_pairs(run_dir, name_a, name_b, seeds, excluded):
-    """Each paired seed's logits of b and of a on the test images; a seed whose files are missing or were not
+    """Each paired seed's logits of a and of b on the test images; a seed whose files are missing or were not
     scored on the same images is moved to ``excluded``, saying so."""
     kept, pairs, reference = [], [], None
     for entry in seeds:
@@ -229,14 +229,14 @@ def _auroc_pairs(run_dir, name_a, name_b, seeds, excluded):
         else:
             reference = reference if reference is not None else fa
             kept.append(entry)
-            pairs.append((fb["logits"], fa["logits"]))
+            pairs.append((fa["logits"], fb["logits"]))
             continue
         excluded.append({**entry, "reason": reason})
     return kept, pairs, reference
 
 
 def _localisation_pairs(run_dir, name_a, name_b, seeds, excluded):
-    """Each paired seed's best IoBB per true box of b and of a; seeds without a per-box record (CAM stage not run)
+    """Each paired seed's best IoBB per true box of a and of b; seeds without a per-box record (CAM stage not run)
     or scored on other boxes are moved to ``excluded``."""
     kept, pairs, reference = [], [], None
     for entry in seeds:
@@ -249,7 +249,7 @@ def _localisation_pairs(run_dir, name_a, name_b, seeds, excluded):
         else:
             reference = reference if reference is not None else ra
             kept.append(entry)
-            pairs.append((rb["iobb"], ra["iobb"]))
+            pairs.append((ra["iobb"], rb["iobb"]))
             continue
         excluded.append({**entry, "reason": reason})
     return kept, pairs, reference
@@ -265,7 +265,7 @@ def paired_comparison(
     evaluation: EvalSettings,
     bootstrap_seed: int,
 ) -> dict[str, Any]:
-    """The framework effect of b - a from the seeds both completed: AUROC per class and for the mean, and IoBB
+    """The framework effect of a - b from the seeds both completed: AUROC per class and for the mean, and IoBB
     accuracy at :data:`~cxrbench.metrics.localisation.COMPARED_AT` per class and overall (None without files)."""
     seeds, excluded = pair_seeds(name_a, a, name_b, b)
     inference = {
@@ -277,7 +277,7 @@ def paired_comparison(
     auroc_seeds, auroc_pairs, test = _auroc_pairs(run_dir, name_a, name_b, seeds, auroc_excluded)
     box_seeds, box_pairs, boxes = _localisation_pairs(run_dir, name_a, name_b, seeds, localisation_excluded)
     return {
-        "direction": f"{name_b} - {name_a}",
+        "direction": f"{name_a} - {name_b}",
         "auroc": auroc_effect(
             test["labels"],
             auroc_pairs,
