@@ -32,8 +32,8 @@ def test_one_seed_verdicts_name_their_scope_and_how_to_estimate_the_framework(tm
     stated = verdicts.build(run, comparison)
     assert stated["about"] == "trained-models" and stated["seeds"] == [0]
     assert stated["scope"] == (
-        "two trained models, this test set, training seed 0 fixed: models differ or not; the framework's effect is "
-        "not estimable from one seed"
+        "two trained models, this test set, training seed 0 fixed: whether these models differ; the framework's "
+        "effect is not estimable from one seed"
     )
     auroc_line, iobb_line = stated["lines"]
     pair = comparison["agreement"]["pairs"][0]

@@ -227,7 +227,7 @@ def build(run: dict[str, Any], comparison: dict[str, Any]) -> dict[str, Any] | N
     elif section:
         scope = f"{models_scope(seed)}: fewer than 3 paired seeds, so no framework verdict"
     else:
-        scope = f"{models_scope(seed)}: models differ or not; {NOT_ESTIMABLE}"
+        scope = f"{models_scope(seed)}: whether these models differ; {NOT_ESTIMABLE}"
     return {
         "about": FRAMEWORK if framework else TRAINED_MODELS,
         "scope": scope,
