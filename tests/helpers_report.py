@@ -20,6 +20,7 @@ from cxrbench.deploy.onnx_file import diff_stats
 from cxrbench.metrics.auroc import auroc_report
 from cxrbench.metrics.equivalence import agreement
 from cxrbench.metrics.localisation import cam_localisation, centred_box_baseline, localisation_accuracy
+from cxrbench.run.comparison import localisation_section
 from cxrbench.run.folder import SCHEMA_VERSION
 from cxrbench.suite import Settings
 
@@ -275,6 +276,14 @@ def _write_backend(
         "info": info,
         "history": history,
         "log": f"{name}/log.txt",
+        # what a further seed repeat would cost (prepare-check + train + evaluate + cam): 70 s pytorch, 110 s keras
+        "stage_seconds": {
+            "prepare-check": 2.0,
+            "equivalence": 3.0,
+            "train": {"pytorch": 60.0, "keras": 100.0}.get(name, 80.0),
+            "evaluate": 5.0,
+            "cam": 3.0,
+        },
     }
     _write(folder / "history.json", history)
     (folder / "log.txt").write_text(_log(name, error), encoding="utf-8")
@@ -362,6 +371,7 @@ def _comparison(run_dir: Path, names: list[str], summaries: dict, labels, classe
         },
         "parity": {n: summaries[n]["onnx"]["parity_images"] for n in ok},
         "agreement": {"pairs": pairs},
+        "localisation": localisation_section(run_dir, ok, Settings().replace(**{"eval.bootstrap_rounds": 200})),
         "onnxruntime": {
             n: {
                 "latency_ms_b1": {"p50": 800 / DEFAULT_SPEED.get(n, 25.0), "p95": 900 / DEFAULT_SPEED.get(n, 25.0)},

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrbench.errors import MetricsError
 from cxrbench.metrics.auroc import auroc_report, delong_test, log10_two_sided_p
-from cxrbench.metrics.inference import compare_aurocs, holm, holm_log10
+from cxrbench.metrics.inference import compare_aurocs, compare_localisation, holm, holm_log10
 
 EXACT = 1e-12
 
@@ -210,3 +210,38 @@ def test_compare_bad_input():
         compare_aurocs(labels, scores, scores, ["a", "b"], groups=groups[:-1])
     with pytest.raises(MetricsError, match="min_positives"):
         compare_aurocs(labels, scores, scores, ["a", "b"], min_positives=1)
+
+
+# -- localisation between two models ---------------------------------------------------------------
+
+
+def test_localisation_comparison_equals_explicit_patient_resampling():
+    """Share of boxes found (IoBB > T) by a minus by b, per class and overall, against drawing patients here."""
+    rng = np.random.default_rng(12)
+    box_classes = ["Mass"] * 30 + ["Nodule"] * 20 + ["Hernia"] * 3
+    groups = rng.integers(100, 130, len(box_classes))  # several boxes per patient, ids not 0..G-1
+    overlaps_a, overlaps_b = rng.random(len(box_classes)), rng.random(len(box_classes)) * 0.8
+    overlaps_a[0] = 0.5  # exactly T: not found (strictly greater, as ChestX-ray8)
+    result = compare_localisation(
+        overlaps_a, overlaps_b, box_classes, groups=groups, threshold=0.5, rounds=80, seed=3, confidence=0.9
+    )
+    found_a, found_b = overlaps_a > 0.5, overlaps_b > 0.5
+    ids = np.unique(groups)
+    draws = np.random.default_rng(3).integers(0, len(ids), size=(80, len(ids)))
+    for name in ("Mass", "Nodule", None):
+        mask = np.ones(len(box_classes), bool) if name is None else np.array(box_classes) == name
+        test = result["overall"] if name is None else result["per_class"][name]
+        assert test["difference"] == pytest.approx(found_a[mask].mean() - found_b[mask].mean(), abs=EXACT)
+        boot = []
+        for drawn in draws:
+            rows = np.concatenate([np.flatnonzero((groups == ids[k]) & mask) for k in drawn])
+            boot.append(found_a[rows].mean() - found_b[rows].mean() if rows.size else np.nan)
+        boot = np.array(boot)[np.isfinite(boot)]
+        assert np.allclose(test["interval"], np.percentile(boot, [5, 95]), rtol=0, atol=EXACT)
+        assert test["se"] == pytest.approx(np.std(boot, ddof=1), rel=1e-12)
+    assert result["per_class"]["Hernia"] == {"tested": False, "boxes": 3, "note": "too few boxes (3)"}
+    assert result["classes_tested"] == 2 and result["resampling"] == "patients" and result["patients"] == len(ids)
+    assert result["per_class"]["Mass"]["p_holm"] >= result["per_class"]["Mass"]["p_value"]
+    json.dumps(result, allow_nan=False)
+    with pytest.raises(MetricsError, match="overlaps_b: must be 53 finite overlaps"):
+        compare_localisation(overlaps_a, overlaps_b[:-1], box_classes, threshold=0.5)

@@ -1,5 +1,5 @@
-"""``--repeats``: folders and seeds, the across-repeat arithmetic on hand-made files, the report section,
-and (slow) a real two-repeat run of a tiny PyTorch model."""
+"""``--repeats``: folders and seeds, the across-repeat arithmetic and the pairing by seed on hand-made files, the
+report section, and (slow) a real three-repeat run of two backends (a tiny PyTorch model and the numpy example)."""
 
 import json
 import math
@@ -24,7 +24,8 @@ from cxrbench.run.folder import repeat_folder, shared_init_path
 from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.schema import validate
 from cxrbench.run.worker import _settings
-from cxrbench.suite import ARCHITECTURES, Settings
+from cxrbench.suite import ARCHITECTURES, EvalSettings, Settings
+from helpers.tiny_run import TINY_RUN
 
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]
 #: Hand-made per-repeat figures: (mean AUROC, AUROC of class A, of class B, steady img/s, first step s, disturbed).
@@ -141,14 +142,14 @@ def test_summary_of_hand_made_repeat_files(tmp_path):
 
     (pair,) = section["comparisons"]
     assert (pair["a"], pair["b"]) == ("pytorch", "keras")
-    # Mean AUROC: keras - pytorch = 0.71 - 0.82 = -0.11; SDs 0.02 and 0.01 -> pooled sqrt((4e-4 + 1e-4) / 2).
+    # Mean AUROC: pytorch - keras = 0.82 - 0.71 = +0.11; SDs 0.02 and 0.01 -> pooled sqrt((4e-4 + 1e-4) / 2).
     mean = pair["mean_auroc"]
-    assert mean["difference"] == pytest.approx(-0.11) and mean["sd"] == pytest.approx(math.sqrt(2.5e-4))
+    assert mean["difference"] == pytest.approx(0.11) and mean["sd"] == pytest.approx(math.sqrt(2.5e-4))
     assert mean["verdict"] == "exceeds" and mean["p_value"] < 0.05
-    assert mean["text"].startswith("the difference (-0.1100) exceeds seed-to-seed variation (SD 0.0158; Welch p = ")
-    # Class A: pytorch 0.70/0.72/0.74, keras 0.60/0.74/0.70: difference -0.04 within a spread of SD ~0.05.
+    assert mean["text"].startswith("the difference (+0.1100) exceeds seed-to-seed variation (SD 0.0158; Welch p = ")
+    # Class A: pytorch 0.70/0.72/0.74, keras 0.60/0.74/0.70: difference +0.04 within a spread of SD ~0.05.
     a = pair["per_class"][CLASS_A]
-    assert a["difference"] == pytest.approx(-0.04) and a["verdict"] == "within"
+    assert a["difference"] == pytest.approx(0.04) and a["verdict"] == "within"
     assert a["p_value"] == pytest.approx(repeats.welch([0.70, 0.72, 0.74], [0.60, 0.74, 0.70]))
     assert "is within seed-to-seed variation" in a["text"]
 
@@ -163,7 +164,10 @@ def test_terminal_summary_gives_the_across_seed_figures_and_the_verdict(tmp_path
         "across seeds"
     )
     assert lines[1].startswith("keras over 3 seed(s): mean AUROC 0.7100 (SD 0.0100)")
-    assert lines[2].startswith("mean AUROC keras - pytorch: the difference (-0.1100) exceeds seed-to-seed variation")
+    assert lines[2].startswith(
+        "mean AUROC pytorch - keras, unpaired Welch (secondary): the difference (+0.1100) exceeds seed-to-seed "
+        "variation"
+    )
     assert repeat_sentences(None) == []
 
 
@@ -171,8 +175,8 @@ def test_too_few_repeats_give_no_verdict(tmp_path):
     two = {name: rows[:2] for name, rows in FIGURES.items()}
     section = repeats.collect(_hand_made(tmp_path, two), ["pytorch", "keras"], 2, 0, [CLASS_A])
     mean = section["comparisons"][0]["mean_auroc"]
-    assert mean["difference"] == pytest.approx(0.705 - 0.81) and mean["verdict"] is None and mean["p_value"] is None
-    assert mean["text"] == "the difference (-0.1050) has too few repeats for a verdict (2 per backend, need 3)"
+    assert mean["difference"] == pytest.approx(0.81 - 0.705) and mean["verdict"] is None and mean["p_value"] is None
+    assert mean["text"] == "the difference (+0.1050) has too few repeats for a verdict (2 per backend, need 3)"
 
 
 def test_failed_repeats_and_missing_files_are_tolerated(tmp_path):
@@ -190,28 +194,119 @@ def test_failed_repeats_and_missing_files_are_tolerated(tmp_path):
     assert repeats.collect(tmp_path, ["pytorch"], 1, 0, [CLASS_A]) is None
 
 
+# -- paired by seed --------------------------------------------------------------------------------
+
+#: Hand-made test set of the paired tests: 40 patients with 2 images, two classes.
+TEST_LABELS = np.tile(np.array([[1, 0], [0, 1], [1, 1], [0, 0]]), (20, 1))
+TEST_PATIENTS = np.arange(80) // 2
+
+
+def _write_predictions(folder: Path, quality: float, seed: int) -> np.ndarray:
+    logits = TEST_LABELS * quality + np.random.default_rng(seed).normal(0, 1, TEST_LABELS.shape)
+    files = np.array([f"{i:08d}_000.png" for i in range(len(TEST_LABELS))])
+    np.savez(folder / "predictions.npz", logits=logits, labels=TEST_LABELS, files=files, patients=TEST_PATIENTS)
+    return logits
+
+
+def _paired_run(run_dir: Path, count: int = 3) -> dict[str, list[np.ndarray]]:
+    """Hand-made repeats of both backends, each with predictions whose quality depends on the repeat."""
+    logits = {}
+    for b, name in enumerate(("pytorch", "keras")):
+        for i, row in enumerate(FIGURES[name][:count], start=1):
+            folder = repeat_folder(run_dir, name, i)
+            _write_repeat(folder, row)
+            logits.setdefault(name, []).append(_write_predictions(folder, 1.0 + 0.3 * i - 0.5 * b, 10 * b + i))
+    return logits
+
+
+def _mean_auroc(logits: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(np.mean([roc_auc_score(TEST_LABELS[:, c], logits[:, c]) for c in range(2)]))
+
+
+def test_repeat_i_of_one_backend_pairs_with_repeat_i_of_the_other(tmp_path):
+    logits = _paired_run(tmp_path)
+    section = repeats.collect(tmp_path, ["pytorch", "keras"], 3, 10, [CLASS_A, CLASS_B])
+    paired = section["comparisons"][0]["paired"]
+    effect = paired["auroc"]
+    assert paired["direction"] == "pytorch - keras" and effect["seeds"] == [10, 11, 12]
+    expected = [_mean_auroc(t) - _mean_auroc(k) for t, k in zip(logits["pytorch"], logits["keras"])]
+    assert effect["primary"]["per_seed"] == pytest.approx(expected, abs=1e-12)  # repeat i with repeat i, in order
+    assert effect["primary"]["effect"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert effect["primary"]["verdict"] in ("framework effect", "no framework effect shown")
+    assert [m["seed"] for m in effect["seed_models"]] == [10, 11, 12] and paired["auroc_excluded"] == []
+    assert paired["localisation"] is None  # no CAM files: nothing to pair
+    assert [e["reason"] for e in paired["localisation_excluded"]] == [
+        f"pytorch repeat {i} has no per-box localisation; keras repeat {i} has no per-box localisation"
+        for i in (1, 2, 3)
+    ]
+
+
+def test_a_missing_repeat_in_one_backend_excludes_that_seed_and_says_so(tmp_path):
+    logits = _paired_run(tmp_path)
+    _write_repeat(repeat_folder(tmp_path, "keras", 2), FIGURES["keras"][1], status="failed")
+    (repeat_folder(tmp_path, "pytorch", 3) / "predictions.npz").unlink()
+    section = repeats.collect(tmp_path, ["pytorch", "keras"], 4, 10, [CLASS_A, CLASS_B])  # repeat 4 never ran
+    paired = section["comparisons"][0]["paired"]
+    assert paired["auroc_excluded"] == [
+        {"repeat": 2, "seed": 11, "reason": "keras repeat 2 failed (boom)"},
+        {"repeat": 3, "seed": 12, "reason": "pytorch repeat 3 has no predictions.npz"},
+        {"repeat": 4, "seed": 13, "reason": "pytorch repeat 4 pending; keras repeat 4 pending"},
+    ]
+    effect = paired["auroc"]
+    assert effect["seeds"] == [10] and effect["primary"]["per_seed"] == pytest.approx(
+        [_mean_auroc(logits["pytorch"][0]) - _mean_auroc(logits["keras"][0])], abs=1e-12
+    )
+    assert effect["primary"]["verdict"] is None and "1 paired seed(s), at least 3 needed" in effect["no_verdict"]
+    paired_seeds, excluded = repeats.pair_seeds("a", [{"repeat": 1, "seed": 0, "status": "completed"}], "b", [])
+    assert paired_seeds == [] and excluded == [{"repeat": 1, "seed": 0, "reason": "b has no repeat 1"}]
+
+
+def test_repeats_2_gives_results_but_no_framework_verdict_and_says_why(tmp_path):
+    from cxrbench.report.verdicts import framework_lines
+
+    _paired_run(tmp_path, count=2)
+    section = repeats.collect(tmp_path, ["pytorch", "keras"], 2, 0, [CLASS_A, CLASS_B])
+    effect = section["comparisons"][0]["paired"]["auroc"]
+    assert effect["primary"]["effect"] is not None and effect["primary"]["interval"] is not None
+    assert effect["primary"]["verdict"] is None and effect["classes_with_effect"] == []
+    (line,) = framework_lines(section)
+    assert line.startswith("framework effect on mean AUROC over 2 classes, pytorch - keras (2 paired seeds: 0, 1;")
+    assert line.endswith(
+        "no framework verdict: 2 paired seed(s), at least 3 needed for a framework verdict (--repeats 3 or more)"
+    )
+
+
 # -- report ----------------------------------------------------------------------------------------
 
 
 def _with_repeats(run_dir: Path, names: list[str]) -> Path:
+    """Repeats 2 and 3 beside the fake run's repeat 1: hand-made figures, and predictions that move with the seed."""
     figures = dict(zip(names, FIGURES.values()))
     for name, rows in figures.items():
+        first = dict(np.load(run_dir / name / "predictions.npz"))
         for i, row in enumerate(rows[1:], start=2):
-            _write_repeat(repeat_folder(run_dir, name, i), row)
+            folder = repeat_folder(run_dir, name, i)
+            _write_repeat(folder, row)
+            noise = np.random.default_rng(i).normal(0, 0.5, first["logits"].shape)
+            np.savez(folder / "predictions.npz", **{**first, "logits": first["logits"] + noise})
     run = json.loads((run_dir / "run.json").read_text())
-    per_backend = {
-        name: [repeats.repeat_figures(repeat_folder(run_dir, name, i), i, i - 1) for i in (1, 2, 3)] for name in names
-    }
-    run["repeats"] = repeats.summarise(per_backend, run["data"]["classes"])
+    run["repeats"] = repeats.collect(run_dir, names, 3, 0, run["data"]["classes"], EvalSettings(bootstrap_rounds=50))
+    run.pop("verdicts", None)  # the report builds them from the repeats
     write_json(run_dir / "run.json", run)
     return run_dir
+
+
+def _text(html: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
 def test_report_has_a_repeats_table_with_mean_sd_difference_and_verdict(tmp_path):
     run_dir = _with_repeats(make_fake_run(tmp_path / "run"), ["pytorch", "keras"])
     html = write_report([run_dir]).read_text()
     table = html[html.index('id="repeats-table"') : html.index("</table>", html.index('id="repeats-table"'))]
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", table))
+    text = _text(table)
     section = load_run(run_dir).meta["repeats"]
     mean = section["backends"]["keras"]["summary"]["mean_auroc"]
     assert f"{mean['mean']:.4f} ± {mean['sd']:.4f}" in text
@@ -220,6 +315,25 @@ def test_report_has_a_repeats_table_with_mean_sd_difference_and_verdict(tmp_path
     assert 'href="#repeats"' in html and 'id="repeats-speed"' in html
     summary = html[html.index('id="summary"') : html.index('id="accuracy"')]
     assert f"keras over 3 seed(s): mean AUROC {mean['mean']:.4f}" in summary  # the headline says it too
+
+
+def test_repeats_section_and_summary_lead_with_the_paired_framework_effect(tmp_path):
+    from cxrbench.report.verdicts import framework_lines
+
+    run_dir = _with_repeats(make_fake_run(tmp_path / "run"), ["pytorch", "keras"])
+    html = write_report([run_dir]).read_text()
+    section = load_run(run_dir).meta["repeats"]
+    lead = framework_lines(section)[0]
+    assert lead.startswith("framework effect on mean AUROC over 14 classes, pytorch - keras (3 paired seeds: 0, 1, 2;")
+    repeats_html = html[html.index('id="repeats"') : html.index('id="localisation"')]
+    assert repeats_html.index('id="paired-verdicts"') < repeats_html.index('id="repeats-table"')
+    assert lead in _text(repeats_html).replace("&#39;", "'")
+    effect = section["comparisons"][0]["paired"]["auroc"]
+    table = _text(repeats_html[repeats_html.index('class="paired-table"') :])
+    assert f"{effect['primary']['effect']:+.4f}" in table and "Holm-consistent" in _text(repeats_html)
+    summary = _text(html[html.index('id="summary"') : html.index('id="summary-table"')]).replace("&#39;", "'")
+    assert summary.index(lead) < summary.index("unpaired Welch (secondary)")  # the paired result leads
+    assert "the framework's effect is judged from the repeats paired by seed" in summary
 
 
 def test_repeats_section_escapes_hostile_names(tmp_path):
@@ -234,16 +348,18 @@ def test_repeats_section_escapes_hostile_names(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.backends("pytorch")
-def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
+@pytest.mark.backends("pytorch", "numpy")
+def test_three_repeats_of_two_backends_end_to_end_lead_with_the_paired_framework_effect(tmp_path, capsys):
+    """The smallest run with a framework verdict: two backends (the numpy example is cheap), 3 repeats, 32 px."""
     out = tmp_path / "run"
     code = main(
         [
             "run",
             "--backend",
+            "numpy",
+            "--backend",
             "pytorch",
-            "--set",
-            "model.arch=densenet-tiny",
+            *TINY_RUN,
             "--set",
             "train.max_steps=2",
             "--set",
@@ -251,12 +367,13 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
             "--set",
             "export.onnx=false",
             "--repeats",
-            "2",
+            "3",
             "--out",
             str(out),
         ]
     )
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
     block = ARCHITECTURES["densenet-tiny"]
     second = canonical.load(out / "shared_init-seed1.npz")
     for key, value in canonical.init_canonical(block, 1).items():
@@ -268,17 +385,29 @@ def test_two_repeats_of_a_tiny_model_end_to_end(tmp_path, capsys):
         "equivalence": "skipped",
         "train": "done",
         "evaluate": "done",
-        "cam": "skipped",
+        "cam": "done",
         "export": "skipped",
     }
-    section = json.loads((out / "run.json").read_text())["repeats"]
+    run = json.loads((out / "run.json").read_text())
+    validate(run)
+    section = run["repeats"]
     seeds = [r["seed"] for r in section["backends"]["pytorch"]["repeats"]]
     aurocs = [r["mean_auroc"] for r in section["backends"]["pytorch"]["repeats"]]
-    assert seeds == [0, 1] and None not in aurocs and aurocs[0] != aurocs[1]
+    assert seeds == [0, 1, 2] and None not in aurocs and len(set(aurocs)) == 3
     assert all(r["first_step_s"] > 0 for r in section["backends"]["pytorch"]["repeats"])  # the timing contract
-    assert section["backends"]["pytorch"]["summary"]["mean_auroc"]["mean"] == pytest.approx(sum(aurocs) / 2)
-    assert 'id="repeats-table"' in (out / "index.html").read_text()
-    validate(json.loads((out / "run.json").read_text()))
+    paired = section["comparisons"][0]["paired"]
+    assert paired["direction"] == "numpy - pytorch" and paired["auroc_excluded"] == []
+    assert paired["auroc"]["seeds"] == [0, 1, 2] and paired["auroc"]["primary"]["verdict"] is not None
+    assert paired["localisation"]["seeds"] == [0, 1, 2] and paired["localisation"]["primary"]["name"] == "overall"
+    verdicts = run["verdicts"]
+    assert verdicts["about"] == "framework" and verdicts["seeds"] == [0, 1, 2]
+    lead = verdicts["lines"][0]
+    assert (
+        lead.startswith("framework effect on mean AUROC over ") and "numpy - pytorch (3 paired seeds: 0, 1, 2;" in lead
+    )
+    assert err.index(lead) < err.index("unpaired Welch (secondary)")  # the terminal summary leads with it
+    html = (out / "index.html").read_text()
+    assert 'id="paired-verdicts"' in html and 'id="localisation-pairs"' in html
 
     # --resume completes a missing repeat and leaves the finished ones alone.
     shutil.rmtree(r2)

@@ -72,8 +72,11 @@ def _weighted_auroc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray)
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
     w = weights[:, order].astype(np.int64)
     w_pos = w * labels[order]
-    pos = np.add.reduceat(w_pos, starts, axis=1)  # (R, groups of tied scores)
-    neg = np.add.reduceat(w - w_pos, starts, axis=1)
+    if starts.size == scores.size:  # no tied scores: every group is one image
+        pos, neg = w_pos, w - w_pos
+    else:
+        pos = np.add.reduceat(w_pos, starts, axis=1)  # (R, groups of tied scores)
+        neg = np.add.reduceat(w - w_pos, starts, axis=1)
     neg_below = np.cumsum(neg, axis=1) - neg
     twice_u = (pos * (2 * neg_below + neg)).sum(axis=1)
     pairs = pos.sum(axis=1) * neg.sum(axis=1)

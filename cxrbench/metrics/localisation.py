@@ -21,6 +21,8 @@ from cxrbench.data.classes import CLASSES
 from cxrbench.errors import MetricsError
 
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: T(IoBB) at which two models' (or two frameworks') localisation accuracies are compared: the report's headline.
+COMPARED_AT = 0.5
 #: ChestX-ray8's levels on the 0-255 map: "normalized to [0, 255] and then thresholded by {60, 180} individually".
 CHESTXRAY8_LEVELS = (60, 180)
 #: Zhou et al. 2016: "segment the regions of which the value is above 20% of the max value of the CAM".
@@ -219,6 +221,18 @@ def _summary(truth_best: list[float], pred_best: list[float], images: int, thres
     }
 
 
+def truth_overlaps(predicted: dict, truth, metric: str = "iobb") -> list[float]:
+    """Each ground-truth box's best overlap with a predicted box of its image and class, in ``truth``'s order
+    (0 when none was predicted): the per-box record two models are compared on, box by box."""
+    if metric not in _OVERLAPS:
+        raise MetricsError(f"localisation metric must be one of {sorted(_OVERLAPS)}, got {metric!r}")
+    overlap = _OVERLAPS[metric]
+    return [
+        max((overlap(_as_box(box), _as_box(p)) for p in predicted.get((int(pos), box.label), [])), default=0.0)
+        for pos, box in truth
+    ]
+
+
 def localisation_accuracy(
     predicted: dict, truth, *, metric: str = "iobb", thresholds: Sequence[float] = THRESHOLDS
 ) -> dict:
@@ -235,12 +249,13 @@ def localisation_accuracy(
     if metric not in _OVERLAPS:
         raise MetricsError(f"localisation metric must be one of {sorted(_OVERLAPS)}, got {metric!r}")
     overlap, thresholds = _OVERLAPS[metric], _check_thresholds(thresholds)
+    truth = list(truth)
     truth_by_key = _group_truth(truth)
     truth_best, pred_best = defaultdict(list), defaultdict(list)
+    for (_, box), best in zip(truth, truth_overlaps(predicted, truth, metric)):
+        truth_best[box.label].append(best)
     for (pos, label), gts in truth_by_key.items():
-        preds = [_as_box(p) for p in predicted.get((pos, label), [])]
-        truth_best[label] += [max((overlap(g, p) for p in preds), default=0.0) for g in gts]
-        pred_best[label] += [max(overlap(g, p) for g in gts) for p in preds]
+        pred_best[label] += [max(overlap(g, _as_box(p)) for g in gts) for p in predicted.get((pos, label), [])]
     images = defaultdict(set)
     for pos, label in truth_by_key:
         images[label].add(pos)
@@ -274,7 +289,9 @@ def cam_localisation(
 ) -> dict:
     """Boxes from each (image, class) heat map by ``method`` (:func:`heatmap_to_boxes`), scored with IoBB and IoU.
 
-    ``cams_upsampled[pos, j]`` is the map of ``CLASSES[class_indices[j]]`` at the truth boxes' frame.
+    ``cams_upsampled[pos, j]`` is the map of ``CLASSES[class_indices[j]]`` at the truth boxes' frame. ``boxes``
+    keeps every truth box's test position, class and best IoBB and IoU, in ``truth``'s order, so that two models
+    (or two seeds) can be compared box by box (:func:`cxrbench.metrics.inference.compare_localisation`).
     """
     cams, truth = np.asarray(cams_upsampled), list(truth)
     if cams.ndim != 4 or cams.shape[1] != len(class_indices):
@@ -291,4 +308,9 @@ def cam_localisation(
         "threshold": float(threshold),
         "iobb": localisation_accuracy(predicted, truth, metric="iobb"),
         "iou": localisation_accuracy(predicted, truth, metric="iou"),
+        "boxes": {
+            "position": [int(pos) for pos, _ in truth],
+            "class": [box.label for _, box in truth],
+            **{metric: truth_overlaps(predicted, truth, metric) for metric in _OVERLAPS},
+        },
     }

@@ -204,7 +204,8 @@ def _fixed(value: Any, digits: int) -> str:
 
 
 def repeat_sentences(section: dict[str, Any] | None) -> list[str]:
-    """With ``--repeats``: each backend's mean AUROC and speed across seeds, and the verdict on their difference."""
+    """With ``--repeats``: each backend's mean AUROC and speed across seeds, and the secondary, unpaired Welch
+    verdict on their difference (the paired framework effect leads: :mod:`cxrbench.report.verdicts`)."""
     if not section:
         return []
     lines = []
@@ -217,7 +218,7 @@ def repeat_sentences(section: dict[str, Any] | None) -> list[str]:
             + (f" [{span[0]:.1f}, {span[1]:.1f}] across seeds" if span else "")
         )
     for pair in section.get("comparisons") or []:
-        lines.append(f"mean AUROC {pair['b']} - {pair['a']}: {pair['mean_auroc']['text']}")
+        lines.append(f"mean AUROC {pair['a']} - {pair['b']}, unpaired Welch (secondary): {pair['mean_auroc']['text']}")
     return lines
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from cxrbench.backend.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.errors import CxrError
-from cxrbench.report import charts
+from cxrbench.report import charts, verdicts
 from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.figures import (
     disturbed_note,
@@ -105,9 +105,13 @@ def summary_rows(run: Run) -> list[dict[str, Any]]:
 
 def summary(run: Run, baseline: str | None) -> dict[str, Any]:
     ratios = ratio_sentences(run, baseline) if baseline else []
+    stated = run.meta.get("verdicts") or verdicts.build(run.meta, run.comparison) or {}
     return {
         "rows": summary_rows(run),
         "baseline": baseline,
+        "verdicts": stated.get("lines") or [],
+        "verdict_scope": stated.get("scope"),
+        "how_to_estimate": stated.get("how_to_estimate"),
         "ratios": ratios + repeat_sentences(run.meta.get("repeats")),
     }
 
@@ -148,17 +152,13 @@ def _pair_cell(test: dict | None) -> dict[str, Any]:
     }
 
 
-def _pair_verdict(pair: dict) -> str:
-    """The plain verdict of one pair, from the Holm-adjusted p-values (never the raw ones)."""
-    per_class = pair.get("per_class") or {}
-    if "classes_tested" not in pair:
-        return "image-level DeLong p-values only (comparison.json predates the patient bootstrap): no verdict"
-    tested = pair["classes_tested"]
-    differ = [name for name, test in per_class.items() if (test or {}).get("significant")]
-    alpha = pair.get("alpha", 0.05)
-    if not differ:
-        return f"no class differs at Holm-adjusted p < {alpha:g} ({tested} classes tested)"
-    return f"{len(differ)} of {tested} classes differ at Holm-adjusted p < {alpha:g}: {', '.join(differ)}"
+def _run_seed(run: Run) -> int:
+    return ((run.meta.get("settings") or {}).get("run") or {}).get("seed", 0)
+
+
+def _models_ending(run: Run) -> str:
+    """How a single-seed verdict line ends: the framework's effect is not estimable, or is judged from repeats."""
+    return verdicts.SEE_PAIRED if run.meta.get("repeats") else verdicts.NOT_ESTIMABLE
 
 
 def auroc_table(run: Run) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def auroc_table(run: Run) -> dict[str, Any]:
         "mean_pairs": [_pair_cell(p.get("mean")) for p in pairs],
         "undefined": {b: r.get("undefined") for b, r in reports.items() if r.get("undefined")},
         "pairs": [f"{p['a']} vs {p['b']}" for p in pairs],
-        "verdicts": [(f"{p['a']} vs {p['b']}", _pair_verdict(p)) for p in pairs],
+        "verdicts": [verdicts.auroc_models_line(p, _run_seed(run), _models_ending(run)) for p in pairs],
         "pair_method": "paired image bootstrap (no patient ids: images taken as independent)"
         if any(p.get("resampling") == "images" for p in pairs)
         else "paired patient bootstrap",
@@ -289,11 +289,55 @@ def repeats(run: Run) -> dict[str, Any] | None:
         "count": section.get("count"),
         "rule": section.get("rule"),
         "backends": list(backends),
-        "pairs": [f"{p.get('b')} - {p.get('a')}" for p in pairs],
+        "pairs": [f"{p.get('a')} - {p.get('b')}" for p in pairs],
         "rows": rows,
+        "paired": [paired_table(p) for p in pairs],
+        "paired_lines": verdicts.framework_lines(section),
         "speed": {b: (v.get("summary") or {}) for b, v in backends.items()},
         "per_repeat": [{"backend": b, **r} for b, v in backends.items() for r in v.get("repeats") or []],
     }
+
+
+def _effect_row(label: str, figure: dict, primary: bool) -> dict[str, Any]:
+    """One row of a framework-effect table: the effect, the interval the verdict uses, each seed's difference."""
+    return {
+        "label": label,
+        "effect": figure.get("effect"),
+        "interval": figure.get("interval") if primary else figure.get("adjusted_interval"),
+        "level": None if primary else figure.get("adjusted_level"),
+        "per_seed": figure.get("per_seed") or [],
+        "seed_sd": figure.get("seed_sd"),
+        "shared_sd": math.sqrt(figure["shared_variance"]) if (figure.get("shared_variance") or 0) > 0 else 0.0,
+        "p": figure.get("p_value"),
+        "p_holm": figure.get("p_holm"),
+        "verdict": figure.get("verdict"),
+    }
+
+
+def paired_table(pair: dict) -> dict[str, Any]:
+    """A backend pair's framework effect, paired by seed, as tables: AUROC (the mean, then the classes) and IoBB
+    accuracy (overall, then the classes), with the seeds each used and the ones left out."""
+    paired = pair.get("paired") or {}
+    tables = []
+    for key, figure in (("auroc", "AUROC"), ("localisation", "IoBB accuracy")):
+        effect = paired.get(key)
+        if not effect:
+            continue
+        primary = effect.get("primary") or {}
+        rows = [_effect_row(f"{primary.get('name')}", primary, True)]
+        rows += [_effect_row(name, f, False) for name, f in (effect.get("per_class") or {}).items()]
+        tables.append(
+            {
+                "figure": effect.get("figure") or figure,
+                "seeds": effect.get("seeds") or [],
+                "confidence": effect.get("confidence"),
+                "no_verdict": effect.get("no_verdict"),
+                "rows": rows,
+                "untested": effect.get("untested") or {},
+                "excluded": paired.get(f"{key}_excluded") or [],
+            }
+        )
+    return {"direction": paired.get("direction") or f"{pair.get('a')} - {pair.get('b')}", "tables": tables}
 
 
 def sweep(run: Run) -> dict[str, Any] | None:
@@ -380,6 +424,7 @@ def localisation(run: Run) -> dict[str, Any] | None:
     return {
         "classes": classes,
         "rows": rows,
+        "pairs": localisation_pairs(run),
         "thresholds": thresholds,
         "by_threshold": by_threshold,
         "threshold": first.get("threshold"),
@@ -387,6 +432,24 @@ def localisation(run: Run) -> dict[str, Any] | None:
         "method": first.get("method"),
         "method_description": first.get("method_description"),
     }
+
+
+def localisation_pairs(run: Run) -> list[dict[str, Any]]:
+    """Each backend pair's box-by-box comparison at T(IoBB) = 0.5 (comparison.json ``localisation``): the overall
+    and per-class differences with interval and Holm-adjusted p, and the verdict line naming what it is about."""
+    pairs = []
+    for pair in (run.comparison.get("localisation") or {}).get("pairs") or []:
+        per_class = pair.get("per_class") or {}
+        pairs.append(
+            {
+                "label": f"{pair.get('a')} - {pair.get('b')}",
+                "overall": _pair_cell(pair.get("overall")),
+                "cells": {name: _pair_cell(test) for name, test in per_class.items()},
+                "verdict": verdicts.localisation_models_line(pair, _run_seed(run), _models_ending(run)),
+                "resampling": pair.get("resampling"),
+            }
+        )
+    return pairs
 
 
 def localisation_skipped(run: Run) -> dict[str, str]:

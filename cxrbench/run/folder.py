@@ -64,6 +64,9 @@ MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
 THROUGHPUT_JSON = "throughput.json"
 REPEATS_DIR = "repeats"
+#: Worker stages of repeats 2..N (``--repeats``): CAM too, so localisation is paired by seed like AUROC; no
+#: equivalence or export, which check the implementation, not the seed's spread.
+REPEAT_STAGES = ("prepare-check", "train", "evaluate", "cam")
 
 #: What a completed run with default settings (``run.keep = results``, one GPU count, no repeats or sweep) holds.
 RUN_FILES = (RUN_JSON, COMPARISON_JSON, INDEX_HTML, EQUIVALENCE_BATCH, SHARED_INIT)

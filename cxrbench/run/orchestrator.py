@@ -32,6 +32,7 @@ from cxrbench.files import read_json, save_npy, write_json, write_text
 from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
+from cxrbench.report import verdicts
 from cxrbench.run import environments, keep, repeats, scaling, sweep, tracking
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
@@ -39,6 +40,7 @@ from cxrbench.run.folder import (
     EQUIVALENCE_BATCH,
     IMPORTED_INIT,
     LOG_TXT,
+    REPEAT_STAGES,
     RUN_JSON,
     SCHEMA_VERSION,
     STATUS_JSON,
@@ -163,6 +165,7 @@ def new_run(request: RunRequest) -> Orchestrator:
         "backends": {name: {"status": "pending", "error": None, "log": log_of(name)} for name in backends},
         "scaling": None,
         "repeats": None,
+        "verdicts": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
         "init_checkpoint": checkpoints.record(Path(request.settings.model.init), IMPORTED_INIT, imported)
         if imported is not None
@@ -400,9 +403,7 @@ class Orchestrator:
         """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
         for i, seed in enumerate(self.seeds()[1:], start=2):
             for name in self.backends:
-                self.run_worker(
-                    name, gpus, repeat_folder(self.run_dir, name, i), repeats.REPEAT_STAGES, ["--seed", str(seed)]
-                )
+                self.run_worker(name, gpus, repeat_folder(self.run_dir, name, i), REPEAT_STAGES, ["--seed", str(seed)])
 
     def run_sweep(self, gpus: int) -> None:
         """The speed stages of every backend at every grid point of ``--sweep``."""
@@ -440,7 +441,12 @@ class Orchestrator:
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
         self.run["repeats"] = repeats.collect(
-            self.run_dir, self.backends, self.settings.run.repeats, self.settings.run.seed, list(CLASSES)
+            self.run_dir,
+            self.backends,
+            self.settings.run.repeats,
+            self.settings.run.seed,
+            list(CLASSES),
+            self.settings.eval,
         )
         if self.run.get("sweep"):
             self.run["sweep"] = sweep.table(self.run_dir, self.backends, self.run["sweep"]["grid"])
@@ -450,6 +456,7 @@ class Orchestrator:
             if self.run["data"]
             else {}
         )
+        self.run["verdicts"] = verdicts.build(self.run, comparison)
         complete = all(b["status"] == "completed" for b in self.run["backends"].values())
         self.run["kept"] = keep.prune(self.run_dir, self.settings.run.keep, complete and outcome == "completed")
         self.run.update(status=outcome, finished=now_iso())

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from cxrbench.machine.monitor.noise import warnings
 from cxrbench.metrics.equivalence import model_passes
+from cxrbench.report import verdicts
 from cxrbench.report.figures import repeat_sentences, speed_sentences
 
 
@@ -153,10 +154,13 @@ HEADER = (
 
 
 def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
-    """The table, then the steady-state speed sentences, then a warning per disturbed measurement (* in the table)."""
+    """The table; the accuracy verdicts, each naming what it is about (the framework's effect from paired seeds
+    first, then the trained models of one seed, then how to estimate the framework's effect); the steady-state speed
+    sentences; the spread across repeats; a warning per disturbed measurement (* in the table)."""
     rows = [HEADER, *summary_rows(run, comparison)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += verdicts.summary_lines(run, comparison)
     backends = run.get("backends") or {}
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:

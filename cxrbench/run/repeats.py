@@ -4,9 +4,14 @@ Repeat ``i`` (1-based) uses seed ``run.seed + i - 1`` in every backend: shared i
 from that seed and the data order of that seed (the data set and its split stay the run's). Repeat 1
 is the normal run in ``RUN/<backend>/``; repeats 2..N live in ``RUN/<backend>/repeats/r<i>/``.
 
-The summary is pure arithmetic over the per-repeat files (``metrics.json``, ``throughput.json``) so
-it can be recomputed from a run folder at any time. Verdict rule: a two-sided Welch t-test on the
-backends' per-repeat values, at :data:`ALPHA`, needing :data:`MIN_REPEATS` repeats per backend.
+The summary is arithmetic over the per-repeat files (``metrics.json``, ``throughput.json``,
+``predictions.npz``, ``localisation.json``) so it can be recomputed from a run folder at any time.
+
+The verdict that leads is the framework's effect from the repeats *paired by seed*: repeat i of two backends shares
+its seed, initial weights and data order, so their paired patient-bootstrap difference on the test set is taken per
+seed and combined across seeds (:mod:`cxrbench.metrics.framework_effect`); a seed where either backend's repeat did
+not complete is excluded and named. Beside it, secondary: a two-sided Welch t-test on the backends' unpaired
+per-repeat values, at :data:`ALPHA`, needing :data:`MIN_REPEATS` repeats per backend.
 """
 
 from __future__ import annotations
@@ -20,19 +25,27 @@ from typing import Any
 from scipy import stats as scipy_stats
 
 from cxrbench.errors import CxrError
-from cxrbench.files import read_json
-from cxrbench.run.folder import METRICS_JSON, STATUS_JSON, THROUGHPUT_JSON, repeat_folder
+from cxrbench.files import load_npz, read_json
+from cxrbench.metrics.framework_effect import auroc_effect, localisation_effect
+from cxrbench.metrics.localisation import COMPARED_AT
+from cxrbench.run.comparison import box_overlaps, same_boxes, same_test_images
+from cxrbench.run.folder import (
+    METRICS_JSON,
+    PREDICTIONS_NPZ,
+    STATUS_JSON,
+    THROUGHPUT_JSON,
+    repeat_folder,
+)
+from cxrbench.suite import EvalSettings
 
 #: Repeats per backend below which no verdict is given (a standard deviation from two values is a guess).
 MIN_REPEATS = 3
 #: Significance level of the Welch t-test between two backends' repeat values.
 ALPHA = 0.05
 RULE = (
-    f"two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed variation "
-    f"when p < {ALPHA}; no verdict with fewer than {MIN_REPEATS} repeats per backend"
+    f"secondary, unpaired: two-sided Welch t-test on the per-repeat values, difference 'exceeds' seed-to-seed "
+    f"variation when p < {ALPHA}; no verdict with fewer than {MIN_REPEATS} repeats per backend"
 )
-#: Worker stages of repeats 2..N (no equivalence, CAM or export: those do not depend on the seed's spread).
-REPEAT_STAGES = ("prepare-check", "train", "evaluate")
 
 
 def check_count(count: int) -> int:
@@ -109,11 +122,11 @@ def welch(a: list[float], b: list[float]) -> float | None:
 
 
 def verdict(a: list[float | None], b: list[float | None]) -> dict[str, Any]:
-    """The difference of means (b - a) against the within-backend spread, in words."""
+    """The difference of means (a - b, like every between-backend figure) against the within-backend spread."""
     a, b = [v for v in a if v is not None], [v for v in b if v is not None]
     if not a or not b:
         return {"difference": None, "sd": None, "p_value": None, "verdict": None, "text": "no values to compare"}
-    difference = statistics.fmean(b) - statistics.fmean(a)
+    difference = statistics.fmean(a) - statistics.fmean(b)
     if min(len(a), len(b)) < MIN_REPEATS:
         return {
             "difference": difference,
@@ -153,7 +166,7 @@ def backend_summary(repeats: list[dict[str, Any]], classes: list[str]) -> dict[s
 def comparison(
     name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]], classes: list[str]
 ) -> dict[str, Any]:
-    """Between two backends: per class and for the mean, the difference (b - a) and its verdict."""
+    """Between two backends: per class and for the mean, the difference (a - b) and its verdict."""
     a, b = _completed(a), _completed(b)
     return {
         "a": name_a,
@@ -163,6 +176,132 @@ def comparison(
             name: verdict([r["per_class"].get(name) for r in a], [r["per_class"].get(name) for r in b])
             for name in classes
         },
+    }
+
+
+# -- paired by seed ---------------------------------------------------------------------------------
+
+
+def _not_completed(name: str, figures: dict[str, Any]) -> str:
+    return f"{name} repeat {figures['repeat']} {figures['status']}" + (
+        f" ({figures['error']})" if figures.get("error") else ""
+    )
+
+
+def pair_seeds(
+    name_a: str, a: list[dict[str, Any]], name_b: str, b: list[dict[str, Any]]
+) -> tuple[list[dict[str, int]], list[dict[str, Any]]]:
+    """Repeat i of ``a`` with repeat i of ``b`` (the same seed, initial weights and data order): ``paired`` lists the
+    seeds where both completed; ``excluded`` every other seed, with the reason in words."""
+    b_by_repeat = {r["repeat"]: r for r in b}
+    paired, excluded = [], []
+    for ra in a:
+        rb = b_by_repeat.get(ra["repeat"])
+        reasons = [_not_completed(name_a, ra)] if ra["status"] != "completed" else []
+        if rb is None:
+            reasons.append(f"{name_b} has no repeat {ra['repeat']}")
+        elif rb["status"] != "completed":
+            reasons.append(_not_completed(name_b, rb))
+        entry = {"repeat": ra["repeat"], "seed": ra["seed"]}
+        if reasons:
+            excluded.append({**entry, "reason": "; ".join(reasons)})
+        else:
+            paired.append(entry)
+    return paired, excluded
+
+
+def _load_predictions(run_dir: Path, name: str, repeat: int) -> dict[str, Any] | None:
+    path = repeat_folder(run_dir, name, repeat) / PREDICTIONS_NPZ
+    return load_npz(path) if path.is_file() else None
+
+
+def _auroc_pairs(run_dir, name_a, name_b, seeds, excluded):
+    """Each paired seed's logits of a and of b on the test images; a seed whose files are missing or were not
+    scored on the same images is moved to ``excluded``, saying so."""
+    kept, pairs, reference = [], [], None
+    for entry in seeds:
+        fa, fb = (_load_predictions(run_dir, name, entry["repeat"]) for name in (name_a, name_b))
+        missing = [name for name, f in ((name_a, fa), (name_b, fb)) if f is None]
+        if missing:
+            reason = "; ".join(f"{name} repeat {entry['repeat']} has no {PREDICTIONS_NPZ}" for name in missing)
+        elif not same_test_images(fa, fb) or (reference is not None and not same_test_images(reference, fa)):
+            reason = f"repeat {entry['repeat']} was not evaluated on the same test images"
+        else:
+            reference = reference if reference is not None else fa
+            kept.append(entry)
+            pairs.append((fa["logits"], fb["logits"]))
+            continue
+        excluded.append({**entry, "reason": reason})
+    return kept, pairs, reference
+
+
+def _localisation_pairs(run_dir, name_a, name_b, seeds, excluded):
+    """Each paired seed's best IoBB per true box of a and of b; seeds without a per-box record (CAM stage not run)
+    or scored on other boxes are moved to ``excluded``."""
+    kept, pairs, reference = [], [], None
+    for entry in seeds:
+        ra, rb = (box_overlaps(repeat_folder(run_dir, name, entry["repeat"])) for name in (name_a, name_b))
+        missing = [name for name, r in ((name_a, ra), (name_b, rb)) if r is None]
+        if missing:
+            reason = "; ".join(f"{name} repeat {entry['repeat']} has no per-box localisation" for name in missing)
+        elif not same_boxes(ra, rb) or (reference is not None and not same_boxes(reference, ra)):
+            reason = f"repeat {entry['repeat']} was not scored on the same true boxes"
+        else:
+            reference = reference if reference is not None else ra
+            kept.append(entry)
+            pairs.append((ra["iobb"], rb["iobb"]))
+            continue
+        excluded.append({**entry, "reason": reason})
+    return kept, pairs, reference
+
+
+def paired_comparison(
+    run_dir: Path,
+    name_a: str,
+    a: list[dict[str, Any]],
+    name_b: str,
+    b: list[dict[str, Any]],
+    classes: list[str],
+    evaluation: EvalSettings,
+    bootstrap_seed: int,
+) -> dict[str, Any]:
+    """The framework effect of a - b from the seeds both completed: AUROC per class and for the mean, and IoBB
+    accuracy at :data:`~cxrbench.metrics.localisation.COMPARED_AT` per class and overall (None without files)."""
+    seeds, excluded = pair_seeds(name_a, a, name_b, b)
+    inference = {
+        "rounds": evaluation.bootstrap_rounds,
+        "confidence": evaluation.confidence,
+        "seed": bootstrap_seed,
+    }
+    auroc_excluded, localisation_excluded = list(excluded), list(excluded)
+    auroc_seeds, auroc_pairs, test = _auroc_pairs(run_dir, name_a, name_b, seeds, auroc_excluded)
+    box_seeds, box_pairs, boxes = _localisation_pairs(run_dir, name_a, name_b, seeds, localisation_excluded)
+    return {
+        "direction": f"{name_a} - {name_b}",
+        "auroc": auroc_effect(
+            test["labels"],
+            auroc_pairs,
+            classes,
+            [e["seed"] for e in auroc_seeds],
+            groups=test.get("patients"),
+            min_positives=evaluation.min_positives,
+            **inference,
+        )
+        if auroc_pairs
+        else None,
+        "auroc_excluded": sorted(auroc_excluded, key=lambda e: e["repeat"]),
+        "localisation": localisation_effect(
+            box_pairs,
+            boxes["class"],
+            [e["seed"] for e in box_seeds],
+            threshold=COMPARED_AT,
+            groups=boxes["patients"],
+            min_boxes=evaluation.min_positives,
+            **inference,
+        )
+        if box_pairs
+        else None,
+        "localisation_excluded": sorted(localisation_excluded, key=lambda e: e["repeat"]),
     }
 
 
@@ -185,13 +324,32 @@ def summarise(per_backend: dict[str, list[dict[str, Any]]], classes: list[str]) 
 
 
 def collect(
-    run_dir: Path, backends: list[str], count: int, base_seed: int, classes: list[str]
+    run_dir: Path,
+    backends: list[str],
+    count: int,
+    base_seed: int,
+    classes: list[str],
+    evaluation: EvalSettings | None = None,
 ) -> dict[str, Any] | None:
-    """The ``repeats`` section of a run with ``count`` repeats (None for a single run)."""
+    """The ``repeats`` section of a run with ``count`` repeats (None for a single run): the unpaired summary, and
+    for every pair of backends the framework effect paired by seed (``paired``), bootstrapped with ``evaluation``'s
+    settings and the run's seed ``base_seed``."""
     if count < 2:
         return None
     per_backend = {
         name: [repeat_figures(repeat_folder(run_dir, name, i), i, seed_of(base_seed, i)) for i in range(1, count + 1)]
         for name in backends
     }
-    return summarise(per_backend, classes)
+    section = summarise(per_backend, classes)
+    for pair in section["comparisons"]:
+        pair["paired"] = paired_comparison(
+            run_dir,
+            pair["a"],
+            per_backend[pair["a"]],
+            pair["b"],
+            per_backend[pair["b"]],
+            classes,
+            evaluation or EvalSettings(),
+            base_seed,
+        )
+    return section

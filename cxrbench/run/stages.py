@@ -256,6 +256,8 @@ def cam(ctx: StageContext) -> None:
             "images": len(positions),
             "classes": [CLASSES[c] for c in class_indices],
             **crop_note,
+            # every true box's best overlaps, its test-split position restored: compared box by box between backends
+            "boxes": {**scores["boxes"], "position": [positions[i] for i in scores["boxes"]["position"]]},
         },
     )
     shown = positions[: ctx.settings.eval.cam_images]
