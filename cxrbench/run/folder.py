@@ -58,6 +58,11 @@ ONNX_JSON = "onnx.json"
 MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
 THROUGHPUT_JSON = "throughput.json"
+#: The dense-matmul ceiling measured before training, the model FLOPs utilisation, the profile and its raw traces.
+CEILING_JSON = "ceiling.json"
+EFFICIENCY_JSON = "efficiency.json"
+PROFILE_JSON = "profile.json"
+PROFILE_DIR = "profile"
 REPEATS_DIR = "repeats"
 
 #: What a completed run with default settings (``run.keep = results``, one GPU count, no repeats or sweep) holds.
@@ -80,6 +85,9 @@ BACKEND_FILES = (
     MONITOR_JSONL,
     MONITOR_JSON,
     THROUGHPUT_JSON,
+    CEILING_JSON,
+    EFFICIENCY_JSON,
+    PROFILE_JSON,
 )
 
 
@@ -113,6 +121,8 @@ BACKEND_FEEDS = (
     Feed("throughput", THROUGHPUT_JSON),
     Feed("gpu", MONITOR_JSON),
     Feed("onnx", ONNX_JSON),
+    Feed("efficiency", EFFICIENCY_JSON),
+    Feed("profile", PROFILE_JSON),
 )
 
 
