@@ -97,13 +97,13 @@ def open_nvml_energy(indices: Sequence[int], pynvml=None) -> EnergyMeter:
             name = pynvml.nvmlDeviceGetName(handle)
             names.append(name.decode() if isinstance(name, bytes) else str(name))
     except Exception as exc:  # no library, no driver, a vanished GPU
-        return EnergyMeter(f"energy unavailable: NVML did not open the run's GPUs ({type(exc).__name__})")
+        return EnergyMeter(f"unavailable: NVML did not open the run's GPUs ({type(exc).__name__})")
     try:
         for handle in handles:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception as exc:  # NVMLError_NotSupported before Volta
         return EnergyMeter(
-            f"energy unavailable: NVML has no energy counter on {', '.join(names)} ({type(exc).__name__}; "
+            f"unavailable: NVML has no energy counter on {', '.join(names)} ({type(exc).__name__}; "
             "Volta or newer needed)"
         )
     return NvmlEnergy(pynvml, handles, names)
@@ -113,7 +113,7 @@ def open_rapl_energy(root: Path = POWERCAP) -> EnergyMeter:
     """The powercap (RAPL) package counters under ``root``, or why not (absent, or readable by root only)."""
     packages = sorted(p for p in root.glob("intel-rapl:*") if p.name.count(":") == 1) if root.is_dir() else []
     if not packages:
-        return EnergyMeter(f"energy unavailable: no RAPL package counters under {root} (no powercap driver)")
+        return EnergyMeter(f"unavailable: no RAPL package counters under {root} (no powercap driver)")
     domains = []
     for package in packages:
         try:
@@ -122,10 +122,10 @@ def open_rapl_energy(root: Path = POWERCAP) -> EnergyMeter:
             name = (package / "name").read_text().strip() if (package / "name").is_file() else package.name
         except PermissionError:
             return EnergyMeter(
-                f"energy unavailable: {package / 'energy_uj'} is readable by root only (Linux >= 5.10, CVE-2020-8694)"
+                f"unavailable: {package / 'energy_uj'} is readable by root only (Linux >= 5.10, CVE-2020-8694)"
             )
         except (OSError, ValueError) as exc:
-            return EnergyMeter(f"energy unavailable: {package} is not a readable RAPL counter ({exc})")
+            return EnergyMeter(f"unavailable: {package} is not a readable RAPL counter ({exc})")
         domains.append((package / "energy_uj", wrap, name))
     return RaplEnergy(domains)
 

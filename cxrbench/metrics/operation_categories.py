@@ -107,7 +107,7 @@ GENERIC_RULES: tuple[OperationRule, ...] = (
     *category_rules("pooling", r"(?i)pool|reduce[-_]window"),
     *category_rules("matmul", r"(?i)matmul|gemm|\bdot\b|\bmm\b|addmm|linear|bias_?add"),
     *category_rules(
-        "concat_copy", r"(?i)concat|\bcat\b|copy|memcpy|transpose|reshape|slice|\bpad\b|contiguous|reorder"
+        "concat_copy", r"(?i)concat|\bcat\b|copy|memcpy|transpose(?!\()|reshape|slice|\bpad\b|contiguous|reorder"
     ),
     *category_rules(
         "elementwise",

@@ -110,6 +110,21 @@ def analyse(events: Sequence[TraceEvent], classifier: Classifier, steps: int) ->
     }
 
 
+def innermost_paths(events: Sequence[TraceEvent]) -> dict[str, TraceEvent]:
+    """Every distinct path an instant of the trace has (outside the region annotation), with an event it belongs
+    to: what the category rules must place (tests/fixtures/operation_paths.json is made of these)."""
+    lanes: dict[str, list[int]] = defaultdict(list)
+    for i, event in enumerate(events):
+        if event.name != PROFILE_REGION:
+            lanes[event.lane].append(i)
+    found: dict[str, TraceEvent] = {}
+    for order in lanes.values():
+        order.sort(key=lambda i: (events[i].start_us, -events[i].duration_us))
+        for segment in _lane_segments(events, order, Classifier()):
+            found.setdefault(segment.path, events[segment.event])
+    return found
+
+
 def _sweep(
     segments: list[Segment], events: Sequence[TraceEvent], begin: float, finish: float
 ) -> tuple[dict[str, float], dict[tuple[str, str], list]]:

@@ -101,11 +101,12 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
                 + "".join(f"{values[n]:12.1f}" if values.get(n) is not None else "–".rjust(12) for n in backends)
             )
         lines += [pair["sentence"] for pair in comparison.get("pairs") or []]
-    lines += [f"{name}: profile {reason}" for name, reason in (comparison.get("missing") or {}).items()]
+    lines += [f"{name}: no profile: {reason}" for name, reason in (comparison.get("missing") or {}).items()]
     for name, summary in (run.get("backends") or {}).items():
         sentence = efficiency_sentence(name, summary.get("efficiency"))
         if sentence:
             lines.append(sentence)
-        if summary.get("throughput"):
-            lines.append(energy_sentence(name, (summary.get("throughput") or {}).get("energy")))
+        energy = (summary.get("throughput") or {}).get("energy")
+        if energy is not None:
+            lines.append(energy_sentence(name, energy))
     return lines

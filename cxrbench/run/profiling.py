@@ -111,26 +111,43 @@ def profile(ctx) -> dict[str, Any]:
     try:
         profiler = ctx.hook.cxrbench_profiler(loop=loop, settings=ctx.settings, trace_dir=trace_dir)
     except Exception as exc:  # the framework's profiler is missing or refuses: one line, the run goes on
-        return _skipped("unavailable", _one_line(exc))
+        profiler, refusal = None, _skipped("unavailable", _one_line(exc))
+    else:
+        refusal = _skipped("skipped", f"backend {ctx.backend!r} has no profiler (it implements no cxrbench_profiler)")
     if profiler is None:
-        return _skipped("skipped", f"backend {ctx.backend!r} has no profiler (it does not implement cxrbench_profiler)")
+        if not any(trace_dir.iterdir()):
+            trace_dir.rmdir()
+        return refusal
     start = time.perf_counter()
-    steps = ProfiledSteps(profiler, options.warmup_steps, options.steps)
     trained = ctx.call("cxrbench_get_weights", model=ctx.model)
-    history = ctx.recorder.history
-    trace: ProfileTrace | None = None
     try:
-        with ctx.recorder.redirected(steps.attach):
-            loop.train_epoch(len(history) + 1, history[-1].lr if history else ctx.settings.train.learning_rate)
-        steps.close()
-        trace = profiler.stop()
-    except Exception as exc:  # a profiler that breaks mid-way: the run goes on without this section
+        trace, steps = run_profiled_steps(
+            loop, ctx.recorder, profiler, options.warmup_steps, options.steps, ctx.settings.train.learning_rate
+        )
+        return _record(ctx, trace, steps, time.perf_counter() - start)
+    except Exception as exc:  # a profiler (or a trace) that breaks: the run goes on without this section
         return _skipped("failed", _one_line(exc))
     finally:
-        if steps.started and trace is None:
-            _stop_quietly(profiler)
         ctx.call("cxrbench_set_weights", model=ctx.model, weights=trained)
-    return _record(ctx, trace, steps, time.perf_counter() - start)
+
+
+def run_profiled_steps(
+    loop, recorder, profiler: Profiler, warmup: int, steps: int, learning_rate: float
+) -> tuple[ProfileTrace, ProfiledSteps]:
+    """One more epoch of ``loop``: ``warmup`` steps, then ``steps`` steps under ``profiler``, which is stopped
+    whatever happens. The epoch's learning rate is the last one trained with (``learning_rate`` before any)."""
+    counted = ProfiledSteps(profiler, warmup, steps)
+    history = recorder.history
+    trace: ProfileTrace | None = None
+    try:
+        with recorder.redirected(counted.attach):
+            loop.train_epoch(len(history) + 1, history[-1].lr if history else learning_rate)
+        counted.close()
+        trace = profiler.stop()
+    finally:
+        if counted.started and trace is None:
+            _stop_quietly(profiler)
+    return trace, counted
 
 
 def _one_line(exc: BaseException) -> str:

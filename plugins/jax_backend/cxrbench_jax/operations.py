@@ -22,6 +22,10 @@ OPERATION_RULES = [
     *category_rules("batch_norm", r"/features_\w*norm\d*/"),
     *category_rules("elementwise", r"/\w+\.bn_relu/"),
     *category_rules("concat_copy", r"\.features/(concatenate|split)\b", r"^state\.(params|batch_stats)\b"),
-    *category_rules("pooling", r"\.features/(reduce_window\w*|div)\b", r"jvp\(\w+\)\)?/(reduce_sum|div)\b"),
+    *category_rules(
+        "pooling",
+        r"\.features/(reduce_window\w*|div|select_and_scatter|pad)\b",  # pad: max pooling's -inf border
+        r"jvp\(\w+\)\)?/(reduce_sum|div)\b",  # the global average pool in front of the classifier
+    ),
     *category_rules("matmul", r"/classifier/"),
 ]

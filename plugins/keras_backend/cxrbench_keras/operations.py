@@ -15,7 +15,8 @@ LAYER = r"(^|/)({})(_\d+)?/"
 
 OPERATION_RULES = [
     *category_rules("optimizer", r"(^|/)\w*adam\w*/"),
-    *category_rules("loss", r"(^|/)logistic_loss(_\d+)?/"),
+    # the loss is sigmoid_cross_entropy_with_logits (scope logistic_loss), then its sum over the batch at the top
+    *category_rules("loss", r"(^|/)logistic_loss(_\d+)?/", r"^StatefulPartitionedCall/Sum(_\d+)?/"),
     *category_rules(
         "conv_backward", r"(^|/)gradient_tape/.*" + LAYER.format(r"conv\d+_block\d+_\d+_conv|pool\d+_conv|conv1_conv")
     ),

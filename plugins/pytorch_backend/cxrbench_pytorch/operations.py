@@ -26,7 +26,7 @@ OPERATION_RULES = [
         "concat_copy",
         ATEN.format(
             "flatten|view|reshape|t|transpose|unsqueeze|as_strided_?|expand|detach|narrow|slice|select|clone"
-            "|contiguous|to|_to_copy|copy_"
+            "|contiguous|to|_to_copy|copy_|stack|resolve_conj|resolve_neg"
         ),
         r"(^|/)detach\b",
     ),
