@@ -67,6 +67,7 @@ def test_utilisation_and_energy_are_reported_or_say_why_not(profiled_run):
     assert "where the time goes, ms per training step (profiled):" in stderr
     assert "pytorch reached" in stderr and "of the measured ceiling" in stderr
     assert "numpy: no profile: backend 'numpy' has no profiler" in stderr
+    assert "cost of the profile + ceiling stages: pytorch " in stderr
 
 
 def test_the_report_shows_the_chart_the_tables_and_the_missing_profile(profiled_run):

@@ -102,6 +102,13 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
             )
         lines += [pair["sentence"] for pair in comparison.get("pairs") or []]
     lines += [f"{name}: no profile: {reason}" for name, reason in (comparison.get("missing") or {}).items()]
+    costs = [
+        f"{name} {seconds.get('profile', 0.0):.1f} s + {seconds.get('ceiling', 0.0):.1f} s"
+        for name, summary in (run.get("backends") or {}).items()
+        if (seconds := summary.get("stage_seconds") or {}).keys() & {"profile", "ceiling"}
+    ]
+    if costs:
+        lines.append("cost of the profile + ceiling stages: " + ", ".join(costs))
     for name, summary in (run.get("backends") or {}).items():
         sentence = efficiency_sentence(name, summary.get("efficiency"))
         if sentence:

@@ -16,7 +16,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from cxrbench.backend import PeakFlops, ProfileTrace, TraceEvent, distribution_version, measure_matmul_peak
+from cxrbench.backend import (
+    BackendError,
+    PeakFlops,
+    ProfileTrace,
+    TraceEvent,
+    distribution_version,
+    measure_matmul_peak,
+)
 from cxrbench_jax import numerics
 
 #: ``%name = ... metadata={op_name="..." ...}`` in HLO text.
@@ -48,7 +55,10 @@ class JaxProfiler:
         jax.profiler.stop_trace()
         folders = sorted(self.trace_dir.glob("plugins/profile/*"), key=lambda p: p.stat().st_mtime)
         files = [f for pattern in TRACE_FILES for f in folders[-1].glob(pattern)] if folders else []
-        planes = jax.profiler.ProfileData.from_file(str(next(f for f in files if f.suffix == ".pb"))).planes
+        xplanes = [f for f in files if f.suffix == ".pb"]
+        if not xplanes:
+            raise BackendError(f"jax.profiler wrote no .xplane.pb under {self.trace_dir}")
+        planes = jax.profiler.ProfileData.from_file(str(xplanes[0])).planes
         for extra in set(folders[-1].iterdir()) - set(files):  # jax's second JSON copy of the same trace
             extra.unlink()
         return ProfileTrace(
