@@ -25,7 +25,7 @@ PROFILE_REGION = "cxrbench.profile"
 INPUT_REGION = "cxrbench.input"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TraceEvent:
     """One timed span of a trace, in the trace's own clock (microseconds).
 
