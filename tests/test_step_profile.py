@@ -111,7 +111,11 @@ def test_a_difference_within_the_measurement_has_nothing_to_explain():
 
 
 def test_compare_builds_run_json_section_from_backend_summaries():
-    throughput = {"train_images_per_s": 16.0 / 0.040, "window_rates": {"train": [400.0, 401.0, 399.0, 400.5]}}
+    throughput = {
+        "train_images_per_s": 16.0 / 0.040,
+        "window_rates": {"train": [400.0, 401.0, 399.0, 400.5]},
+        "disturbance": {"train": {"disturbed": True}},  # the noise guard's verdict on keras' timed training
+    }
     faster = {"train_images_per_s": 16.0 / 0.030, "window_rates": {"train": [533.0, 534.0, 532.0, 533.5]}}
     summaries = {
         "pytorch": {"profile": {"status": "done", **profile(conv_forward=25.0, overhead=5.0)}, "throughput": faster},
@@ -126,6 +130,7 @@ def test_compare_builds_run_json_section_from_backend_summaries():
     assert section["missing"] == {"numpy": "backend 'numpy' has no profiler"}
     (pair,) = section["pairs"]
     assert pair["backend"] == "keras" and pair["share_explained"] == pytest.approx(9.0 / 10.0)
+    assert pair["disturbed"] == ["keras"] and "measured while the machine was busy: keras disturbed" in pair["sentence"]
     batch_norm = next(row for row in section["categories"] if row["key"] == "batch_norm")
     assert batch_norm["ms"] == {"pytorch": 0.0, "keras": 14.0}
     assert step_profile.global_batch({"train": {"batch_size": 16}, "run": {"gpus": 4}}) == 64

@@ -210,6 +210,7 @@ def explain(
     base_profile: dict[str, Any],
     base_steady_ms: float,
     ratio_interval: Sequence[float] | None = None,
+    disturbed: Sequence[str] = (),
 ) -> dict[str, Any]:
     """How much of the steady-state step-time difference between two backends the categories explain.
 
@@ -219,7 +220,8 @@ def explain(
     difference plus the gap between the profiled and the timed difference (the profiler's own cost, or a machine
     that changed between the two measurements). The categories explain the difference when the share lies in
     [0.8, 1.25]; a difference below 5 % of the baseline's step, or one whose speed-ratio interval includes 1, has
-    nothing material to explain.
+    nothing material to explain. ``disturbed`` names the backends whose timed training the noise guard marked:
+    the sentence then says the machine was busy.
     """
     delta = steady_ms - base_steady_ms
     mine, theirs = profile["categories_ms"], base_profile["categories_ms"]
@@ -244,6 +246,7 @@ def explain(
         "missing": {"unmapped_ms": by_category["other"], "profiled_vs_timed_ms": profiled_delta - delta},
         "negligible": negligible,
         "explained_enough": enough,
+        "disturbed": list(disturbed),
     }
     result["sentence"] = explanation_sentence(result)
     return result
@@ -289,13 +292,19 @@ def explanation_sentence(result: dict[str, Any]) -> str:
             f" (missing: {unmapped:+.1f} ms in unmapped operations, {gap:+.1f} ms between the profiled and the "
             "timed difference)"
         )
+    if result.get("disturbed"):
+        text += (
+            f" (measured while the machine was busy: {', '.join(result['disturbed'])} disturbed; rerun on a quiet "
+            "machine before relying on it)"
+        )
     return text[0].upper() + text[1:]
 
 
 def explain_all(backends: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """Each backend against the baseline, where both have a profile and a steady step time.
 
-    :param backends: name -> ``{"profile": analyse()'s result, "steady_step_ms": ..., "ratio_interval": ...}``.
+    :param backends: name -> ``{"profile": analyse()'s result, "steady_step_ms": ..., "ratio_interval": ...,
+        "disturbed": whether the noise guard marked its timed training}``.
     """
     base = backends.get(baseline) or {}
     if not base.get("profile") or not base.get("steady_step_ms"):
@@ -309,6 +318,7 @@ def explain_all(backends: dict[str, dict[str, Any]], baseline: str) -> list[dict
             base["profile"],
             base["steady_step_ms"],
             entry.get("ratio_interval"),
+            [n for n in (baseline, name) if backends[n].get("disturbed")],
         )
         for name, entry in backends.items()
         if name != baseline and entry.get("profile") and entry.get("steady_step_ms")
@@ -344,7 +354,15 @@ def compare(backends: dict[str, dict[str, Any]], baseline: str | None, global_ba
         steady = steady_step_ms(summary.get("throughput"), global_batch)
         interval = ratio_interval(rates(name), rates(baseline)) if baseline else None
         # images/s ratio -> step-time ratio: both contain 1 or neither
-        entries[name] = {"profile": profile, "steady_step_ms": steady, "ratio_interval": interval}
+        disturbed = bool(
+            (((summary.get("throughput") or {}).get("disturbance") or {}).get("train") or {}).get("disturbed")
+        )
+        entries[name] = {
+            "profile": profile,
+            "steady_step_ms": steady,
+            "ratio_interval": interval,
+            "disturbed": disturbed,
+        }
     return {
         "baseline": baseline,
         "categories": category_table({name: entry["profile"] for name, entry in entries.items()}),
