@@ -184,3 +184,13 @@ def test_the_ceiling_stage_records_the_measured_rate_or_why_not(tmp_path):
     stages.ceiling(ctx)
     ceiling = json.loads((tmp_path / "ceiling.json").read_text())
     assert ceiling["measured"] is None and ceiling["reason"] == "no device"
+
+
+def test_a_trace_without_any_operation_is_no_profile_rather_than_all_overhead(tmp_path):
+    class Blind(FakeProfiler):
+        def stop(self):
+            return ProfileTrace(events=list(self.spans), files=[], profiler="blind 1.0")
+
+    ctx, _ = context(tmp_path, FakeBackend(Blind()))
+    stages.profile(ctx)
+    assert profile_json(tmp_path) == {"status": "unavailable", "reason": "blind 1.0 recorded no operation of the model"}

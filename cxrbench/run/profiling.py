@@ -168,8 +168,8 @@ def _record(ctx, trace: ProfileTrace, steps: ProfiledSteps, seconds: float) -> d
             "unavailable",
             f"no step left to profile: the epoch ended within profile.warmup_steps = {options.warmup_steps}",
         )
-    if not trace.events:
-        return _skipped("unavailable", f"{trace.profiler or 'the profiler'} recorded no operations")
+    if not any(event.kind == "op" for event in trace.events):  # all would be overhead: say so instead
+        return _skipped("unavailable", f"{trace.profiler or 'the profiler'} recorded no operation of the model")
     classifier = Classifier(collect_rules(ctx.hook.cxrbench_operation_rules()))
     analysis = step_profile.analyse(trace.events, classifier, steps.profiled)
     batch = step_profile.global_batch(ctx.settings.to_dict())
