@@ -225,6 +225,51 @@ def cxrbench_export_onnx(model, path, settings):
     """
 
 
+# -- explaining speed (the selected backend answers) ---------------------------------------------
+
+
+@hookspec(firstresult=True)
+def cxrbench_peak_flops(settings):
+    """The dense-matmul ceiling of the device the run trains on, measured by the backend's own framework.
+
+    Called once per worker, before training (the ``ceiling`` stage), after the model is built, so the framework's
+    thread budget and numerics are in force. The core divides the achieved model FLOP/s of training by it (model
+    FLOPs utilisation, :mod:`cxrbench.metrics.flops`).
+
+    How: call :func:`cxrbench.backend.profiling.measure_matmul_peak` with ``make(n)``, which allocates two ``n x n``
+    matrices on the run's first device in the run's precision (``settings.numerics.precision``; fp32 on tensor
+    cores only where ``settings.numerics.tf32`` allows it) and returns a call that multiplies them, and the
+    framework's device synchronisation. The core owns the sizing, the repeats and the time budget (seconds).
+
+    :return: a :class:`cxrbench.backend.profiling.PeakFlops`, or ``None`` when the backend cannot measure one (the
+        run then reports the achieved FLOP/s without a measured fraction, and says why).
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_profiler(loop, settings, trace_dir):
+    """The framework's own profiler, for the profile stage (a few steady training steps, cut into categories).
+
+    After training, the core runs a few more steps of ``loop`` (the epoch loop ``run_recipe`` ran, so nothing is
+    compiled again): ``profile.warmup_steps`` unprofiled, then ``start()``, the profiled steps inside
+    ``annotate(PROFILE_REGION)`` with ``annotate(INPUT_REGION)`` around each wait for a batch, the device
+    synchronised at the region's edges only, then ``stop()``. The core restores the trained weights afterwards
+    (``cxrbench_set_weights``), so the steps change nothing the later stages see.
+
+    :param loop: the backend's own epoch loop (a backend may read what it compiled, e.g. XLA's HLO).
+    :param settings: the run's :class:`cxrbench.suite.Settings`.
+    :param trace_dir: a :class:`pathlib.Path` folder in the run folder for the raw traces, which are kept (they
+        open in Perfetto or TensorBoard): write them compressed where the viewer reads that.
+    :return: a :class:`cxrbench.backend.profiling.Profiler` whose ``stop()`` returns a
+        :class:`~cxrbench.backend.profiling.ProfileTrace`: one :class:`~cxrbench.backend.profiling.TraceEvent` per
+        operation (``kind="op"``: CPU operations, GPU kernels; with the framework's path of the operation as
+        ``scope`` where it has one), the two annotations and any other host spans (``kind="host"``), and the trace
+        files. ``None``: the backend has no profiler (the stage says so). Raise
+        :class:`~cxrbench.errors.BackendError` with one line when the framework's profiler is unavailable here: the
+        run goes on without the profile.
+    """
+
+
 # -- all plugins ---------------------------------------------------------------------------------
 
 
@@ -255,6 +300,17 @@ def cxrbench_report_sections(run):
     :param run: the merged run folder contents (``run.json`` as a dict, plus ``"path"``).
     :return: a list of ``(title, html)`` pairs, or ``None``. ``title`` is escaped by the report;
         ``html`` is inserted as given, so a plugin must escape its own data.
+    """
+
+
+@hookspec
+def cxrbench_operation_rules():
+    """Rules that map a framework's operation names to the core's categories
+    (:mod:`cxrbench.metrics.operation_categories`). Every plugin may contribute; a backend adds its framework's
+    names (layer scopes, autograd nodes, XLA ``op_name`` paths) that the core's generic rules cannot place.
+
+    :return: a list of :class:`cxrbench.backend.OperationRule`, searched in order (all plugins' lists, then the
+        core's generic rules) in each operation's path; the first match decides. Must not import the framework.
     """
 
 

@@ -148,6 +148,20 @@ class RunSettings:
     repeats: int = field(default=1, metadata={"min": 1})
 
 
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Where the time goes and how close to the machine's limit (docs/why-faster.md)."""
+
+    #: After training, a few steady steps under the framework's own profiler, cut into operation categories.
+    enabled: bool = True
+    #: Profiled steps (the traces grow with them: a DenseNet-121 step is tens of thousands of events in PyTorch).
+    steps: int = field(default=3, metadata={"min": 1})
+    #: Steps run before the profiler starts (the input pipeline refills, caches warm up again after validation).
+    warmup_steps: int = field(default=2, metadata={"min": 0})
+    #: Measure the dense-matmul ceiling of the device (seconds) before training, for the model FLOPs utilisation.
+    ceiling: bool = True
+
+
 STAGES = ("train", "evaluate", "cam", "export")
 
 _SECTIONS = {
@@ -158,6 +172,7 @@ _SECTIONS = {
     "eval": EvalSettings,
     "export": ExportSettings,
     "run": RunSettings,
+    "profile": ProfileSettings,
 }
 
 
@@ -172,6 +187,7 @@ class Settings:
     eval: EvalSettings = EvalSettings()
     export: ExportSettings = ExportSettings()
     run: RunSettings = RunSettings()
+    profile: ProfileSettings = ProfileSettings()
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -83,3 +83,24 @@ def test_every_file_of_the_contract_exists(smoke_run):
         assert gallery and all((run_dir / name / "cams" / entry["file"]).is_file() for entry in gallery)
         cams = np.load(run_dir / name / "cams.npz")
         assert cams["maps"].dtype == np.uint8 and len(cams["maps"]) == len(gallery)
+
+
+@pytest.mark.slow
+def test_the_profile_puts_both_backends_side_by_side(smoke_run):
+    """The main job profiles both backends by default: categories that add up to each profiled step, the machine's
+    share against a measured ceiling, and one explanation of keras against the baseline (its share is a measurement
+    of the machine it ran on, so only its arithmetic is checked here)."""
+    _, run = smoke_run
+    section = run["profile_comparison"]
+    assert set(section["step_ms"]) == set(BACKENDS) and section["missing"] == {}
+    for name in BACKENDS:
+        backend = run["backends"][name]
+        profile = backend["profile"]
+        assert profile["status"] == "done" and backend["stages"]["profile"] == "done"
+        assert sum(profile["categories_ms"].values()) == pytest.approx(profile["step_ms"], rel=1e-6)
+        assert profile["categories_ms"]["other"] < 0.02 * profile["step_ms"], profile["unmapped"]
+        assert backend["efficiency"]["fraction_of_measured"] > 0
+    (pair,) = section["pairs"]
+    assert (pair["backend"], pair["baseline"]) == ("keras", "pytorch") and pair["sentence"]
+    named = sum(v for k, v in pair["by_category_ms"].items() if k != "other")
+    assert pair["explained_ms"] == pytest.approx(named)

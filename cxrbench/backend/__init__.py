@@ -34,6 +34,12 @@ export
     :func:`model_metadata`, :func:`cam_metadata`, :func:`stamp_metadata` and :data:`FEATURES_OUTPUT` (what every
     ONNX export carries), :func:`normalise` (the export's input), and :func:`write_onnx` with :data:`INPUT` and
     :data:`OUTPUT` for a backend without an ONNX exporter of its own.
+explaining speed
+    :class:`Profiler`, :class:`ProfileTrace` and :class:`TraceEvent` (what ``cxrbench_profiler`` gives the core),
+    :data:`PROFILE_REGION` and :data:`INPUT_REGION` (the annotations the core puts into every trace),
+    :func:`chrome_trace_events` (a Chrome/Perfetto JSON trace's spans), :class:`OperationRule` and
+    :func:`category_rules` (``cxrbench_operation_rules``), :func:`measure_matmul_peak` and :class:`PeakFlops`
+    (``cxrbench_peak_flops``).
 errors
     :class:`CxrError` and the kinds a backend raises (:class:`BackendError`, :class:`WeightsError`,
     :class:`DataError`), :func:`first_line`, :func:`out_of_memory` and :func:`out_of_memory_as_error` (the one
@@ -101,6 +107,17 @@ _SOURCES: dict[str, str | None] = {
     "write_onnx": "cxrbench.backend.onnx_graph",
     "INPUT": "cxrbench.backend.onnx_graph",
     "OUTPUT": "cxrbench.backend.onnx_graph",
+    # explaining speed
+    "Profiler": "cxrbench.backend.profiling",
+    "ProfileTrace": "cxrbench.backend.profiling",
+    "TraceEvent": "cxrbench.backend.profiling",
+    "PROFILE_REGION": "cxrbench.backend.profiling",
+    "INPUT_REGION": "cxrbench.backend.profiling",
+    "chrome_trace_events": "cxrbench.backend.profiling",
+    "OperationRule": "cxrbench.metrics.operation_categories",
+    "category_rules": "cxrbench.metrics.operation_categories",
+    "measure_matmul_peak": "cxrbench.backend.profiling",
+    "PeakFlops": "cxrbench.backend.profiling",
     # errors
     "CxrError": "cxrbench.errors",
     "BackendError": "cxrbench.errors",

@@ -32,7 +32,12 @@ class Recorder:
         self.epoch = 0
         self.warmup_steps, self.window_steps = 1, 5  #: set by the training recipe from the settings
         self.clock: Callable[[], float] = time.perf_counter  #: the timers' clock (tests drive a fake one)
+        #: The run's energy counter (joules, or None), read at the timers' synchronised edges.
+        self.energy: Callable[[], float | None] | None = None
+        #: The EpochLoop ``run_recipe`` ran last: the profile stage runs a few more of its steps.
+        self.trained_loop: Any = None
         self._timers: dict[str, WindowTimer] = {}
+        self._redirect: Callable[[Iterable, Callable[[], None]], Iterable] | None = None
 
     def _emit(self, event: str, **payload: Any) -> None:
         for listener in self.listeners:
@@ -54,10 +59,23 @@ class Recorder:
 
         Training warms up over ``warmup_steps``; validation and prediction over their first step.
         """
+        if self._redirect is not None:
+            return self._redirect(batches, sync)
         warmup = self.warmup_steps if self.phase_name == "train" else INFERENCE_WARMUP_STEPS
-        timer = WindowTimer(batches, sync, images, warmup, self.window_steps, self.clock)
+        timer = WindowTimer(batches, sync, images, warmup, self.window_steps, self.clock, self.energy)
         self._timers[self.phase_name] = timer
         return timer
+
+    @contextmanager
+    def redirected(self, wrap: Callable[[Iterable, Callable[[], None]], Iterable]):
+        """Run a loop outside the timed phases (the profile stage): :meth:`timed` hands the loop's batches and sync
+        to ``wrap`` (which returns the iterable the loop runs, with ``images`` and ``data_wait_s`` like a timer's),
+        and the listeners hear nothing, so no progress or history is recorded."""
+        listeners, self.listeners, self._redirect = self.listeners, [], wrap
+        try:
+            yield
+        finally:
+            self.listeners, self._redirect = listeners, None
 
     def take_timer(self, phase: str) -> WindowTimer | None:
         """The timer a loop made during ``phase`` (None when the loop did not time its batches)."""

@@ -58,18 +58,21 @@ class WaitTimer:
 
 @dataclass(frozen=True)
 class Window:
-    """Steps between two synchronised edges, the images they processed, and the seconds they took."""
+    """Steps between two synchronised edges, the images they processed, the seconds they took, and the joules the
+    run's energy counter (:mod:`cxrbench.machine.energy`) counted between the edges (None when it has none)."""
 
     steps: int
     images: int
     seconds: float
+    joules: float | None = None
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
     def to_list(self) -> list[float]:
-        return [self.steps, self.images, round(self.seconds, 6)]
+        row = [self.steps, self.images, round(self.seconds, 6)]
+        return row if self.joules is None else [*row, round(self.joules, 6)]
 
 
 def batch_images(batch: Any) -> int:
@@ -81,7 +84,8 @@ class WindowTimer:
     """Wrap a batch iterator; record time to the first step and windows of steps after the warm-up.
 
     A step is complete (issued) when the loop asks for the next batch. ``images`` is the images per
-    step, or a function of the batch for splits whose last batch is short.
+    step, or a function of the batch for splits whose last batch is short. ``energy`` (joules since any origin, or
+    None) is read at the same synchronised edges as the clock, so each window carries its own joules.
     """
 
     def __init__(
@@ -92,8 +96,10 @@ class WindowTimer:
         warmup_steps: int = 1,
         window_steps: int = 5,
         clock: Callable[[], float] = time.perf_counter,
+        energy: Callable[[], float | None] | None = None,
     ):
         self.waits = WaitTimer(iterable, clock)
+        self.energy = energy or (lambda: None)
         self.sync, self.clock = sync, clock
         self.count = images if callable(images) else (lambda batch, n=images: n)
         self.warmup_steps, self.window_steps = max(1, warmup_steps), max(1, window_steps)
@@ -103,7 +109,7 @@ class WindowTimer:
         self.windows: list[Window] = []
         self._images = 0
         self._pending: int | None = None  # images of the batch handed out and not yet counted
-        self._edge = (0, 0, self.start)  # steps, images, time at the last edge after the warm-up
+        self._edge = (0, 0, self.start, None)  # steps, images, time, joules at the last edge after the warm-up
 
     @property
     def data_wait_s(self) -> float:
@@ -141,7 +147,7 @@ class WindowTimer:
             if self.steps == 1:
                 self.first_step_s = now - self.start
             if self.steps == self.warmup_steps:
-                self._edge = (self.steps, self._images, now)
+                self._edge = (self.steps, self._images, now, self.energy())
         elif self.steps > self.warmup_steps and (self.steps - self.warmup_steps) % self.window_steps == 0:
             self._close_window(self._synced_now())
 
@@ -150,9 +156,11 @@ class WindowTimer:
         return self.clock()
 
     def _close_window(self, now: float) -> None:
-        steps, images, then = self._edge
-        self.windows.append(Window(self.steps - steps, self._images - images, now - then))
-        self._edge = (self.steps, self._images, now)
+        steps, images, then, joules_then = self._edge
+        joules = self.energy()
+        used = joules - joules_then if joules is not None and joules_then is not None else None
+        self.windows.append(Window(self.steps - steps, self._images - images, now - then, used))
+        self._edge = (self.steps, self._images, now, joules)
 
     def _close_tail(self) -> None:
         """A last window shorter than half a window is dropped from the rates (its time stays in the epoch)."""
@@ -162,7 +170,10 @@ class WindowTimer:
 
 
 def timed_calls(
-    function: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk: int
+    function: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    chunk: int,
+    energy: Callable[[], float | None] | None = None,
 ) -> tuple[np.ndarray, WindowTimer]:
     """``function`` over ``images`` in chunks of ``chunk``; each call after the first is one window.
 
@@ -170,7 +181,7 @@ def timed_calls(
     none; the first call (tracing, compilation) is the warm-up.
     """
     chunks = (images[i : i + chunk] for i in range(0, len(images), max(1, chunk)))
-    timer = WindowTimer(chunks, images=len, warmup_steps=INFERENCE_WARMUP_STEPS, window_steps=1)
+    timer = WindowTimer(chunks, images=len, warmup_steps=INFERENCE_WARMUP_STEPS, window_steps=1, energy=energy)
     parts = [function(part) for part in timer]
     return (np.concatenate(parts) if parts else function(images)), timer
 
@@ -179,7 +190,7 @@ def timed_calls(
 
 
 def window_rates(windows: Iterable[Sequence[float] | Window]) -> np.ndarray:
-    """Images/s of each window, given as :class:`Window` or ``[steps, images, seconds]``."""
+    """Images/s of each window, given as :class:`Window` or ``[steps, images, seconds(, joules)]``."""
     rows = [(w.images, w.seconds) if isinstance(w, Window) else (w[1], w[2]) for w in windows]
     return np.asarray([images / seconds for images, seconds in rows if seconds > 0], dtype=np.float64)
 

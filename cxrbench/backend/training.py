@@ -224,6 +224,7 @@ def run_recipe(loop: EpochLoop, settings: Settings, recorder: Recorder, world: i
     """Train for ``settings.train.epochs`` epochs and leave the best-validation-loss weights in place."""
     lr = scaled_learning_rate(settings, world)
     recorder.warmup_steps, recorder.window_steps = settings.train.warmup_steps, settings.train.window_steps
+    recorder.trained_loop = loop
     plateau = Plateau(lr, settings.train.plateau_factor, settings.train.plateau_patience)
     best_loss, best_epoch, best_weights = math.inf, 0, None
     for epoch in range(1, settings.train.epochs + 1):

@@ -96,16 +96,22 @@ def gpu_inventory() -> dict[str, Any]:
         devices.guarded(pynvml.nvmlShutdown)
 
 
+def run_gpus(requested: int) -> list[devices.Gpu] | None:
+    """The GPUs ``run.gpus = requested`` uses here, or None when this machine shows no GPU at all."""
+    inventory = gpu_inventory()
+    if not inventory["devices"] and not inventory["hidden"]:
+        return None
+    shown = [devices.Gpu(d["nvml_index"], d["name"], d["uuid"], d["memory_total_mib"]) for d in inventory["devices"]]
+    return devices.used_by_run(shown, requested)
+
+
 def run_gpu_indices(requested: int) -> list[int] | None:
     """NVML indices of the GPUs ``run.gpus = requested`` uses here: what a worker's monitor watches.
 
     None when this machine shows no GPU at all, so the monitor's reader says why (no driver, no NVML).
     """
-    inventory = gpu_inventory()
-    if not inventory["devices"] and not inventory["hidden"]:
-        return None
-    shown = [devices.Gpu(d["nvml_index"], d["name"], d["uuid"], d["memory_total_mib"]) for d in inventory["devices"]]
-    return [gpu.nvml_index for gpu in devices.used_by_run(shown, requested)]
+    gpus = run_gpus(requested)
+    return None if gpus is None else [gpu.nvml_index for gpu in gpus]
 
 
 def require_framework_gpus(framework: str, sees: int, requested: int) -> None:

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
+from cxrbench.metrics.operation_categories import CATEGORY_KEYS
+
 #: Backends keep one colour across every chart of the report.
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 MAX_POINTS = 600
@@ -323,6 +325,40 @@ def scaling_chart(scaling: dict[str, list[dict]], colours: dict[str, str]) -> st
         ax.set(title="scaling (dotted: ideal)", xlabel="GPUs", ylabel="training images/s")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7, frameon=False)
+        return to_svg(fig)
+
+
+# -- where the time goes ---------------------------------------------------------------------------
+
+#: One colour per operation category, in the order of CATEGORY_KEYS (the backends' palette is for backends).
+CATEGORY_COLOURS = (
+    "#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#8cd17d",
+    "#b6992d", "#f1ce63", "#499894", "#86bcb6", "#e15759", "#bab0ac",
+)  # fmt: skip
+
+
+def category_chart(backends: Sequence[str], rows: Sequence[dict[str, Any]]) -> str | None:
+    """A stacked horizontal bar per backend: milliseconds per training step by operation category
+    (``rows``: ``{"label", "ms": {backend: value}}`` in the categories' order)."""
+    if not backends or not rows:
+        return None
+    with matplotlib.rc_context(_RC):
+        fig = _figure(8, 1.2 + 0.45 * len(backends))
+        ax = fig.subplots()
+        left = np.zeros(len(backends))
+        for row in rows:
+            values = np.array([row["ms"].get(name) or 0.0 for name in backends])
+            ax.barh(
+                [plain(name) for name in backends],
+                values,
+                left=left,
+                color=CATEGORY_COLOURS[CATEGORY_KEYS.index(row["key"]) % len(CATEGORY_COLOURS)],
+                label=plain(row["label"]),
+            )
+            left += values
+        ax.invert_yaxis()
+        ax.set(xlabel="ms per training step (profiled)", title="where the time goes")
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         return to_svg(fig)
 
 

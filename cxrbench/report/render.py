@@ -21,6 +21,7 @@ from cxrbench import __version__
 from cxrbench.errors import CxrError
 from cxrbench.files import write_text
 from cxrbench.report import sections
+from cxrbench.report.explain import flop_rate
 from cxrbench.report.figures import HEADLINES, format_number
 from cxrbench.report.load import Run, load_run
 from cxrbench.report.run_comparison import DEFAULT_THRESHOLD_PCT, compare_runs, flatten
@@ -81,7 +82,14 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        num=format_number, fixed=_fixed, sci=_sci, pvalue=_p_value, interval=_interval, show=_show, svg=_svg
+        num=format_number,
+        fixed=_fixed,
+        sci=_sci,
+        pvalue=_p_value,
+        interval=_interval,
+        show=_show,
+        svg=_svg,
+        flops=flop_rate,
     )
     return env
 
@@ -154,6 +162,7 @@ def build_context(runs: Sequence[Run], baseline: str | None, benchmarks: list[di
         "auroc": sections.auroc_table(run),
         "roc_svg": sections.roc_svg(run),
         "speed": sections.speed(run),
+        "explain": sections.explain(run),
         "repeats": sections.repeats(run),
         "sweep": sections.sweep(run),
         "localisation": sections.localisation(run),

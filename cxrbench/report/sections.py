@@ -15,7 +15,9 @@ import numpy as np
 
 from cxrbench.backend.numerics_record import FIELDS as NUMERICS_FIELDS
 from cxrbench.errors import CxrError
+from cxrbench.metrics import flops, step_profile
 from cxrbench.report import charts, verdicts
+from cxrbench.report import explain as explain_text
 from cxrbench.report.cam_gallery import backend_tiles, gallery_rows
 from cxrbench.report.figures import (
     disturbed_note,
@@ -258,6 +260,52 @@ def speed(run: Run) -> dict[str, Any]:
         "no_gpu": {name: no_gpu_reason(b) for name, b in run.backends.items() if gpu_train_utilisation(b) is None},
         "scaling": scaling,
         "scaling_svg": charts.scaling_chart(scaling, colours) if scaling else None,
+    }
+
+
+# -- where the time goes, the share of the machine, energy ------------------------------------------------------
+
+
+def explain(run: Run) -> dict[str, Any]:
+    """The "Why faster" section: categories per step (chart and table), the explanations against the baseline, each
+    backend's top operations and raw traces, the model FLOPs utilisation and the energy per image."""
+    summaries = {name: b.summary for name, b in run.backends.items()}
+    comparison = run.meta.get("profile_comparison")
+    if comparison is None and run.meta.get("settings"):  # a run.json written before the profile existed
+        comparison = step_profile.compare(
+            summaries, run.meta.get("baseline"), step_profile.global_batch(run.meta["settings"])
+        )
+    comparison = comparison or {}
+    names, rows = explain_text.category_rows(comparison)
+    steps = comparison.get("step_ms") or {}
+    profiles = {name: run.backends[name].get("profile") or {} for name in names if name in run.backends}
+    return {
+        "svg": charts.category_chart(names, rows),
+        "backends": names,
+        "rows": [
+            {**row, "share": {n: (row["ms"].get(n) or 0.0) / steps[n] if steps.get(n) else None for n in names}}
+            for row in rows
+        ],
+        "step_ms": steps,
+        "steady_step_ms": comparison.get("steady_step_ms") or {},
+        "profiles": profiles,
+        "pairs": comparison.get("pairs") or [],
+        "missing": comparison.get("missing") or {},
+        "rule": flops.RULE,
+        "efficiency": [
+            {
+                "name": name,
+                **(b.get("efficiency") or {}),
+                "sentence": explain_text.efficiency_sentence(name, b.get("efficiency")),
+            }
+            for name, b in run.backends.items()
+            if b.get("efficiency")
+        ],
+        "energy": [
+            {"name": name, **((b.get("throughput") or {}).get("energy") or {})}
+            for name, b in run.backends.items()
+            if b.get("throughput")
+        ],
     }
 
 

@@ -63,6 +63,11 @@ ONNX_JSON = "onnx.json"
 MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
 THROUGHPUT_JSON = "throughput.json"
+#: The dense-matmul ceiling measured before training, the model FLOPs utilisation, the profile and its raw traces.
+CEILING_JSON = "ceiling.json"
+EFFICIENCY_JSON = "efficiency.json"
+PROFILE_JSON = "profile.json"
+PROFILE_DIR = "profile"
 REPEATS_DIR = "repeats"
 #: Worker stages of repeats 2..N (``--repeats``): CAM too, so localisation is paired by seed like AUROC; no
 #: equivalence or export, which check the implementation, not the seed's spread.
@@ -88,6 +93,9 @@ BACKEND_FILES = (
     MONITOR_JSONL,
     MONITOR_JSON,
     THROUGHPUT_JSON,
+    CEILING_JSON,
+    EFFICIENCY_JSON,
+    PROFILE_JSON,
 )
 
 
@@ -121,6 +129,8 @@ BACKEND_FEEDS = (
     Feed("throughput", THROUGHPUT_JSON),
     Feed("gpu", MONITOR_JSON),
     Feed("onnx", ONNX_JSON),
+    Feed("efficiency", EFFICIENCY_JSON),
+    Feed("profile", PROFILE_JSON),
 )
 
 

@@ -4,7 +4,8 @@
 - ``results`` (default): drops each backend's ``init.onnx`` once the equivalence check has used
   it; keeps one copy of the shared initial weights, the trained weights and ``model.onnx``. Nothing
   that cost training time is lost, and the dropped exports are remade from the seed.
-- ``minimal``: the reports, metrics, predictions and CAMs only (about 1 MB, whatever the model).
+- ``minimal``: the reports, metrics, predictions and CAMs only (about 1 MB, whatever the model): the profile's raw
+  traces go too (its numbers stay in ``profile.json``).
 
 Files are removed only when every backend completed: an unfinished run keeps all it needs for
 ``--resume``.
@@ -15,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxrbench.run.folder import EQUIVALENCE_BATCH, INIT_ONNX, SHARED_INIT_FILES, WEIGHTS_NPZ
+from cxrbench.run.folder import EQUIVALENCE_BATCH, INIT_ONNX, PROFILE_DIR, SHARED_INIT_FILES, WEIGHTS_NPZ
 
 #: Glob patterns (relative to the run folder) each value removes.
 REMOVED = {
     "all": (),
     "results": (f"**/{INIT_ONNX}",),
-    "minimal": ("**/*.onnx", f"**/{WEIGHTS_NPZ}", SHARED_INIT_FILES, EQUIVALENCE_BATCH),
+    "minimal": ("**/*.onnx", f"**/{WEIGHTS_NPZ}", SHARED_INIT_FILES, EQUIVALENCE_BATCH, f"*/{PROFILE_DIR}/**/*"),
 }
 
 

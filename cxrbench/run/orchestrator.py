@@ -31,6 +31,7 @@ from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is
 from cxrbench.files import read_json, save_npy, write_json, write_text
 from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
+from cxrbench.metrics import step_profile
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.report import verdicts
 from cxrbench.run import environments, keep, repeats, scaling, sweep, tracking
@@ -439,6 +440,9 @@ class Orchestrator:
     def finish(self, outcome: str) -> dict[str, Any]:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
+        self.run["profile_comparison"] = step_profile.compare(
+            self.run["backends"], self.run.get("baseline"), step_profile.global_batch(self.run["settings"])
+        )
         self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
         self.run["repeats"] = repeats.collect(
             self.run_dir,

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from cxrbench.machine.monitor.noise import warnings
 from cxrbench.metrics.equivalence import model_passes
-from cxrbench.report import verdicts
+from cxrbench.report import explain, verdicts
 from cxrbench.report.figures import repeat_sentences, speed_sentences
 
 
@@ -165,7 +165,8 @@ def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:
         lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
-    return "\n".join(lines + repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + warnings(backends))
+    lines += repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + explain.summary_lines(run)
+    return "\n".join(lines + warnings(backends))
 
 
 def sweep_lines(section: dict[str, Any] | None) -> list[str]:

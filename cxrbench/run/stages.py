@@ -20,8 +20,12 @@ from cxrbench.cam import files as cam_files
 from cxrbench.data.classes import CLASSES
 from cxrbench.errors import CxrError
 from cxrbench.files import atomic_output, read_json, require_space, save_npz, write_json
+from cxrbench.machine import energy
 from cxrbench.plugins import require_answer
+from cxrbench.run import profiling
 from cxrbench.run.folder import (
+    CEILING_JSON,
+    EFFICIENCY_JSON,
     EQUIVALENCE_NPZ,
     HISTORY_JSON,
     INIT_ONNX,
@@ -31,6 +35,7 @@ from cxrbench.run.folder import (
     MODEL_ONNX,
     ONNX_JSON,
     PREDICTIONS_NPZ,
+    PROFILE_JSON,
     THROUGHPUT_JSON,
     TRAIN_JSON,
     WEIGHTS_NPZ,
@@ -50,6 +55,12 @@ class StageContext:
     recorder: Recorder
     data: Any = None  #: cxrbench.data.prepared.PreparedData
     model: Any = None
+    energy_meter: Any = None  #: cxrbench.machine.energy.EnergyMeter, read at the timing windows' edges
+
+    @property
+    def energy(self):
+        """The meter's reading function for the window timers (None without a meter)."""
+        return self.energy_meter.read if self.energy_meter is not None else None
 
     def call(self, name: str, **kwargs):
         """A ``firstresult`` hook of the selected backend; a missing answer is a clear error."""
@@ -97,12 +108,26 @@ def train(ctx: StageContext) -> None:
     canonical.validate(weights, ctx.settings.model.block_config, f"backend {ctx.backend!r} weights")
     canonical.save(weights, ctx.folder / WEIGHTS_NPZ)
     history = [r.to_dict() for r in ctx.recorder.history]
-    write_json(
-        ctx.folder / THROUGHPUT_JSON,
-        {**training_throughput(history, ctx.settings), **framework_peak_memory(result.get("peak_memory"))},
-    )
+    throughput = {
+        **training_throughput(history, ctx.settings),
+        **framework_peak_memory(result.get("peak_memory")),
+        "energy": training_energy(history, ctx.energy_meter),
+    }
+    write_json(ctx.folder / THROUGHPUT_JSON, throughput)
+    write_json(ctx.folder / EFFICIENCY_JSON, profiling.efficiency(ctx, throughput))
     # Checked last, so a backend with a broken record still leaves its trained weights and timings behind.
     numerics_record.check(ctx.backend, result.get("numerics"))
+
+
+def training_energy(history: list[dict], meter) -> dict[str, Any]:
+    """Joules per image of the steady training and validation windows (the counter read at their edges), and what
+    the counter covers or why there is none (:mod:`cxrbench.machine.energy`)."""
+    described = meter.describe() if meter is not None else {"source": "none", "covers": None, "reason": "no meter"}
+    phases = {
+        phase: energy.phase_energy([w for r in history for w in r.get(key) or []])
+        for phase, key in (("train", "train_window_list"), ("validate", "val_window_list"))
+    }
+    return {**described, **phases}
 
 
 def framework_peak_memory(peak: dict[str, Any] | None) -> dict[str, Any]:
@@ -172,7 +197,25 @@ def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer
     throughput.setdefault("disturbance", {})
     throughput.setdefault("phases", {})["predict"] = figure
     throughput.setdefault("window_rates", {})["predict"] = rounded_rates(timer.windows)
+    throughput.setdefault("energy", {})["predict"] = energy.phase_energy([w.to_list() for w in timer.windows])
     return throughput
+
+
+# -- ceiling and profile (where the time goes, how close to the machine's limit) ----------------------------------
+
+
+def ceiling(ctx: StageContext) -> None:
+    """The device's dense-matmul rate, measured by the backend's framework before training (ceiling.json)."""
+    write_json(ctx.folder / CEILING_JSON, profiling.ceiling(ctx))
+
+
+def profile(ctx: StageContext) -> None:
+    """A few steady steps under the framework's profiler, cut into categories (profile.json, profile/ traces).
+    An unavailable profiler is one line, printed and recorded; the run goes on."""
+    record = profiling.profile(ctx)
+    write_json(ctx.folder / PROFILE_JSON, record)
+    if record["status"] != "done":
+        print(f"[{ctx.backend}] profile {record['status']}: {record['reason']}", flush=True)
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -181,7 +224,7 @@ def add_prediction_figures(throughput: dict[str, Any], timer: timing.WindowTimer
 def evaluate(ctx: StageContext) -> None:
     """Logits on the test split, and every plugin's metrics of them."""
     images, labels = ctx.data.split_images("test"), ctx.data.split_labels("test")
-    logits, timer = timing.timed_calls(ctx.logits, images, ctx.settings.train.batch_size)
+    logits, timer = timing.timed_calls(ctx.logits, images, ctx.settings.train.batch_size, ctx.energy)
     rows = ctx.data.rows("test")
     files = np.asarray([ctx.data.index.files[r] for r in rows])
     patients = np.asarray(ctx.data.index.patients)[rows]

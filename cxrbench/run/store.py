@@ -20,7 +20,7 @@ from cxrbench.files import FILE_MODE, read_json, write_json
 from cxrbench.run.folder import LOCK_FILE, STATUS_JSON, now_iso, process_gone
 
 #: Worker stages in the order they run; ``prepare-check`` reopens the parent's prepared cache.
-WORKER_STAGES = ("prepare-check", "equivalence", "train", "evaluate", "cam", "export")
+WORKER_STAGES = ("prepare-check", "equivalence", "ceiling", "train", "profile", "evaluate", "cam", "export")
 DONE = "done"
 
 

@@ -27,6 +27,7 @@ FIXED_SECTIONS = {
     "data": "it changes the prepared data set (run one suite per value; data.crop: docs/preprocessing.md)",
     "model": "it changes the shared initial weights (run one suite per value)",
     "run": "use --repeats for seeds and --gpus for GPU counts",
+    "profile": "a sweep point runs the speed stages only, without the profile",
 }
 SWEEP_STAGES = ("prepare-check", "train")
 CSV_COLUMNS = (

@@ -23,6 +23,7 @@ from cxrbench.backend import canonical, initial_weights
 from cxrbench.backend.recorder import Recorder
 from cxrbench.errors import CxrError, DataError, StorageError
 from cxrbench.files import read_json, write_json
+from cxrbench.machine.energy import open_energy_meter
 from cxrbench.machine.env import run_gpu_indices
 from cxrbench.machine.monitor.sampler import Sampler
 from cxrbench.plugins import Plugins, load_plugins, require_answer
@@ -36,7 +37,9 @@ from cxrbench.suite import Settings, apply_overrides, parse_set_option
 PHASES = {
     "prepare-check": "prepare",
     "equivalence": "equivalence",
+    "ceiling": "ceiling",
     "train": "train",
+    "profile": "profile",
     "evaluate": "predict",
     "cam": "cam",
     "export": "export",
@@ -134,9 +137,19 @@ class Worker:
             "equivalence" in selected and shared,
             lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"),
         )
-        for name in ("train", "evaluate", "cam", "export"):
-            enabled = name in selected and name in suite_stages and (name != "export" or self.settings.export.onnx)
+        options = self.settings.profile
+        wanted = {"ceiling": options.ceiling, "profile": options.enabled, "export": self.settings.export.onnx}
+        for name in ("ceiling", "train", "profile", "evaluate", "cam", "export"):
+            enabled = _selected(name, selected, suite_stages) and wanted.get(name, True)
             self._stage(name, enabled, lambda name=name: getattr(stages, name)(ctx))
+            if name == "profile":
+                self.recorder.trained_loop = None  # the profile was the loop's last use: free its optimizer state
+
+
+def _selected(name: str, selected: tuple[str, ...], suite_stages: tuple[str, ...]) -> bool:
+    """A stage runs when the worker was asked for it and the suite's ``run.stages`` includes it (the ceiling and
+    the profile belong to ``train``)."""
+    return name in selected and (name in suite_stages or (name in ("ceiling", "profile") and "train" in suite_stages))
 
 
 def open_prepared(hook, settings: Settings, key: str):
@@ -228,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(run_settings, args.gpus, args.seed, args.set)
         plugins = load_plugins(args.plugin, backend=args.backend)
         worker = Worker(args.run_dir, folder, args.backend, plugins, settings, status, run_settings)
-        sampler = Sampler(
-            folder, args.backend, worker.recorder, args.monitor_interval, watch=run_gpu_indices(settings.run.gpus)
-        ).start()
+        watched = run_gpu_indices(settings.run.gpus)
+        sampler = Sampler(folder, args.backend, worker.recorder, args.monitor_interval, watch=watched).start()
+        worker.ctx.energy_meter = open_energy_meter(watched)
+        worker.recorder.energy = worker.ctx.energy
         worker.run(tuple(args.stages.split(",")))
     except (Interrupted, KeyboardInterrupt) as exc:
         outcome, error = "interrupted", str(exc) or "interrupted"

@@ -39,12 +39,16 @@ import pytest
 from cxrbench.backend import numerics_record
 from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo
 from cxrbench.backend.canonical import densenet_spec, init_canonical
+from cxrbench.backend.profiling import INPUT_REGION, PEAK_FIRST_SIZE, PROFILE_REGION, PeakFlops
 from cxrbench.backend.recorder import Recorder
 from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
 from cxrbench.deploy import onnx_file
 from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
+from cxrbench.metrics import step_profile
+from cxrbench.metrics.operation_categories import Classifier, collect_rules
 from cxrbench.plugins import FRAMEWORKS, Plugins, load_plugins, require_answer
+from cxrbench.run.profiling import run_profiled_steps
 from cxrbench.suite import Settings
 
 SIZES = (32, 64)
@@ -561,6 +565,45 @@ def test_short_training_run_reports_and_keeps_the_best_weights(backend: Backend)
     assert any(not np.array_equal(before[k], after[k]) for k in before), "training changed no weight"
     kept = bce_with_logits(backend.predict(model, data.split_images("val"), settings), data.split_labels("val"))
     assert kept == pytest.approx(result["best_val_loss"], rel=1e-3), "the model must hold the best epoch's weights"
+
+
+# -- explaining speed -----------------------------------------------------------------------------
+
+
+def test_operation_rules_are_rules_the_cores_table_takes(backend: Backend):
+    rules = collect_rules(backend.plugins.hook.cxrbench_operation_rules())
+    assert Classifier(rules).category("cxrbench.input") == "input"  # the core's annotation comes first
+
+
+def test_peak_flops_is_a_measured_matmul_rate_or_none(backend: Backend):
+    """The ceiling of the model FLOPs utilisation: measured through the core's timing policy, or ``None``."""
+    peak = backend.plugins.hook.cxrbench_peak_flops(settings=kit_settings())
+    if peak is None:
+        return
+    assert isinstance(peak, PeakFlops) and peak.flop_per_s > 0 and math.isfinite(peak.flop_per_s)
+    assert peak.size >= PEAK_FIRST_SIZE and peak.repeats >= 3 and peak.how and peak.device
+
+
+def test_profiler_traces_more_steps_of_the_trained_loop(backend: Backend, tmp_path: Path):
+    """After training, the core runs profiled steps of the loop ``run_recipe`` kept; the profiler's trace must hold
+    the core's annotations and the operations, and the categories must add up to the profiled step."""
+    settings = kit_settings(**{"train.max_steps": 3, "train.warmup_steps": 1})
+    model = backend.build(settings)
+    recorder = Recorder()
+    backend.call("cxrbench_train", model=model, data=synthetic_data(32, train=16), settings=settings, recorder=recorder)
+    assert recorder.trained_loop is not None, "cxrbench_train must run the core's run_recipe"
+    profiler = backend.plugins.hook.cxrbench_profiler(loop=recorder.trained_loop, settings=settings, trace_dir=tmp_path)
+    if profiler is None:
+        return
+    trace, steps = run_profiled_steps(recorder.trained_loop, recorder, profiler, 1, 2, settings.train.learning_rate)
+    names = [event.name for event in trace.events]
+    assert steps.profiled == 2 and names.count(PROFILE_REGION) == 1 and names.count(INPUT_REGION) == 2
+    assert any(event.kind == "op" for event in trace.events), "the trace holds no operation"
+    assert trace.profiler and all(Path(f).is_file() and Path(tmp_path) in Path(f).parents for f in trace.files)
+    classifier = Classifier(collect_rules(backend.plugins.hook.cxrbench_operation_rules()))
+    result = step_profile.analyse(trace.events, classifier, steps.profiled)
+    assert sum(result["categories_ms"].values()) == pytest.approx(result["step_ms"], rel=1e-6)
+    assert result["categories_ms"]["conv_forward"] > 0 and result["categories_ms"]["conv_backward"] > 0
 
 
 # -- bad input ------------------------------------------------------------------------------------

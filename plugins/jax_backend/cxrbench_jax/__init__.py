@@ -97,3 +97,25 @@ def cxrbench_export_onnx(model, path, settings):
     from cxrbench_jax import export
 
     return export.export_onnx(model, path, settings, NAME)
+
+
+@hookimpl
+def cxrbench_peak_flops(settings):
+    _require_framework()
+    from cxrbench_jax import profile
+
+    return profile.peak_flops(settings)
+
+
+@hookimpl
+def cxrbench_profiler(loop, settings, trace_dir):
+    from cxrbench_jax import profile
+
+    return profile.profiler(loop, trace_dir)
+
+
+@hookimpl
+def cxrbench_operation_rules():
+    from cxrbench_jax.operations import OPERATION_RULES
+
+    return OPERATION_RULES

@@ -100,3 +100,24 @@ def cxrbench_export_onnx(model, path, settings):
     from cxrbench_keras.export import export_onnx
 
     return export_onnx(model, path, settings)
+
+
+@hookimpl
+def cxrbench_peak_flops(settings):
+    from cxrbench_keras.profile import peak_flops
+
+    return peak_flops(settings)
+
+
+@hookimpl
+def cxrbench_profiler(loop, settings, trace_dir):
+    from cxrbench_keras.profile import TensorFlowProfiler
+
+    return TensorFlowProfiler(trace_dir)
+
+
+@hookimpl
+def cxrbench_operation_rules():
+    from cxrbench_keras.operations import OPERATION_RULES
+
+    return OPERATION_RULES

@@ -96,3 +96,24 @@ def cxrbench_export_onnx(model, path, settings):
     from cxrbench_pytorch import export
 
     return export.export_onnx(model, path, settings)
+
+
+@hookimpl
+def cxrbench_peak_flops(settings):
+    from cxrbench_pytorch import profile
+
+    return profile.peak_flops(settings)
+
+
+@hookimpl
+def cxrbench_profiler(loop, settings, trace_dir):
+    from cxrbench_pytorch import profile
+
+    return profile.TorchProfiler(loop.model.device, trace_dir)
+
+
+@hookimpl
+def cxrbench_operation_rules():
+    from cxrbench_pytorch.operations import OPERATION_RULES
+
+    return OPERATION_RULES
