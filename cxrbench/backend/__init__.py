@@ -35,9 +35,9 @@ export
     ONNX export carries), :func:`normalise` (the export's input), and :func:`write_onnx` with :data:`INPUT` and
     :data:`OUTPUT` for a backend without an ONNX exporter of its own.
 errors
-    :class:`CxrError` and the kinds a backend raises (:class:`BackendError`, :class:`WeightsError`,
-    :class:`DataError`), :func:`first_line`, :func:`out_of_memory` and :func:`out_of_memory_as_error` (the one
-    out-of-memory message).
+    :class:`CxrError` and the kinds a backend raises (:class:`BackendError`, :class:`UnsupportedSetting` for a
+    setting it refuses by design, :class:`WeightsError`, :class:`DataError`), :func:`first_line`,
+    :func:`out_of_memory` and :func:`out_of_memory_as_error` (the one out-of-memory message).
 
 The names load on first use (PEP 562), so importing this module costs nothing and no core module it points to
 can form an import cycle with it.
@@ -104,6 +104,7 @@ _SOURCES: dict[str, str | None] = {
     # errors
     "CxrError": "cxrbench.errors",
     "BackendError": "cxrbench.errors",
+    "UnsupportedSetting": "cxrbench.errors",
     "WeightsError": "cxrbench.errors",
     "DataError": "cxrbench.errors",
     "first_line": "cxrbench.errors",
