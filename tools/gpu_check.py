@@ -730,7 +730,9 @@ def _backend_results(run: dict[str, Any]) -> dict[str, Any]:
 
 def _cell(cell: dict[str, Any]) -> dict[str, Any]:
     keys = ("point", "backend", "status", "error", "train_images_per_s", "train_images_per_s_interval")
-    return {k: cell.get(k) for k in (*keys, "first_step_s", "peak_memory_mib", "framework_peak_memory_mib")}
+    return {
+        k: cell.get(k) for k in (*keys, "first_step_s", "peak_memory_mib", "framework_peak_memory_mib", "disturbed")
+    }
 
 
 def _equivalence(run: dict[str, Any]) -> dict[str, Any] | None:
@@ -769,6 +771,7 @@ def figures(steps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "framework_peak_memory_mib": b.get("framework_peak_memory_mib"),
                     "gpu_util_train": _train_util(b.get("gpu_utilisation")),
                     "conditions": {**b.get("conditions", {}), "cudnn_benchmark": b.get("cudnn_benchmark")},
+                    "disturbed": b.get("disturbed"),
                     "status": b.get("status"),
                 }
             )
@@ -782,6 +785,7 @@ def figures(steps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "interval": cell["train_images_per_s_interval"],
                     "first_step_s": cell["first_step_s"],
                     "framework_peak_memory_mib": cell["framework_peak_memory_mib"],
+                    "disturbed": cell["disturbed"],
                     "status": cell["status"],
                     **({"error": cell["error"]} if cell["status"] != "completed" else {}),
                 }
@@ -803,7 +807,8 @@ def _figure_line(row: dict[str, Any]) -> str:
     peak = row.get("framework_peak_memory_mib")
     peak = f", peak {peak:.0f} MiB" if peak is not None else ""
     state = "" if row["status"] == "completed" else f" ({row['status']}: {row.get('error') or ''})"
-    return f"  {row['backend']:<8} {row['what']:<70} {speed}{spread} img/s{util}{peak}{state}"
+    noise = " DISTURBED (others used the machine)" if row.get("disturbed") else ""
+    return f"  {row['backend']:<8} {row['what']:<70} {speed}{spread} img/s{util}{peak}{noise}{state}"
 
 
 # -- command line --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ framework, and prints one JSON line, so a framework that fails to load or crashe
 
 torch / tensorflow / jax   what the framework sees (version, CUDA build, GPUs)
 ddp-torch                  the backend's DDP training path: NCCL ranks on GPUs (one per GPU, at most two; one rank on
-                           a one-GPU machine), two gloo ranks on the CPU in a dry run
+                           a one-GPU machine), one gloo rank on the CPU in a dry run
 syncs-torch                host synchronisations per training step in bf16 and fp16, counted by torch's sync debug mode
 mirrored-keras             MirroredStrategy over two logical devices split from the first one
 """
@@ -74,11 +74,12 @@ def probe_jax(args: argparse.Namespace) -> dict[str, Any]:
 def probe_ddp_torch(args: argparse.Namespace) -> dict[str, Any]:
     """The backend's DDP path for one step. On GPUs: NCCL, one rank per GPU (NCCL refuses two ranks on one device, so
     a one-GPU machine runs one rank: DDP, SyncBatchNorm and NCCL all set up, no all-reduce between ranks); with two
-    GPUs also DDP around torch.compile. Without a GPU (dry run): two gloo ranks on the CPU."""
+    GPUs also DDP around torch.compile. Without a GPU (dry run): one gloo rank on the CPU, the same call path as the
+    one-GPU machine's (several gloo ranks against one process: tests/test_pytorch_distributed.py)."""
     import torch
 
     gpus = torch.cuda.device_count()
-    world, device = (min(gpus, 2), "cuda") if gpus else (2, "cpu")
+    world, device = (min(gpus, 2), "cuda") if gpus else (1, "cpu")
     result = _ddp_step(args.size, world, device, compile_=False)
     record = {
         "device": device,
@@ -92,8 +93,8 @@ def probe_ddp_torch(args: argparse.Namespace) -> dict[str, Any]:
         record["with_compile"] = _ddp_compiled(args.size, world)
     else:
         record["with_compile"] = f"skipped: DDP around torch.compile runs with two GPUs ({gpus} here)"
-    if device == "cuda" and world == 1:
-        record["note"] = "one GPU: one NCCL rank (the CUDA DDP path set up end to end, no all-reduce between ranks)"
+    if world == 1:
+        record["note"] = f"one {device} rank: the DDP path set up end to end, no all-reduce between ranks"
     spread = record["max_abs_weight_diff_between_ranks"]
     failed = spread != 0 or (isinstance(record["with_compile"], dict) and record["with_compile"]["status"] != "passed")
     return {"status": "failed" if failed else "passed", **record, **({"error": _ddp_error(record)} if failed else {})}
