@@ -152,21 +152,16 @@ def test_a_step_that_cannot_finish_in_the_time_left_is_skipped_and_says_so(tools
 def test_a_step_cut_at_its_limit_keeps_what_its_run_wrote(tools, tmp_path, monkeypatch):
     check = _check_object(tools, tmp_path, budget_s=500)
     folder = tmp_path / "work" / "runs" / "sweep"
-    cell = {"point": "p", "backend": "pytorch", "status": "pending", "error": None, "train_images_per_s": None}
-    cell.update(train_images_per_s_interval=None, first_step_s=None, peak_memory_mib=None)
-    run = {
-        "backends": {
-            "pytorch": {
-                "status": "completed",
-                "throughput": {"train_images_per_s": 812.5, "train_images_per_s_interval": [800.0, 820.0]},
-                "train": {"numerics": {"precision": "fp32", "device": "cuda:0"}},
-            }
-        },
-        "sweep": {"cells": [cell]},
-    }
+    grid = {"numerics.precision": ["bf16"]}
 
-    def killed_at_the_limit(args, env=None):  # what `cxrbench run` leaves when SIGTERM stops it: run.json so far
-        write_json(folder / "run.json", {**run, "status": "interrupted"})
+    def killed_at_the_limit(args, env=None):
+        """What a `cxrbench run` killed before its finish leaves: run.json as written at the start, the backends'
+        own files as far as they got (the fp32 run done, the bf16 cell still training)."""
+        write_json(folder / "run.json", {"status": "running", "backends": {"pytorch": {}}, "sweep": {"grid": grid}})
+        write_json(folder / "pytorch" / "status.json", {"status": "completed", "error": None, "stages": {}})
+        write_json(folder / "pytorch" / "throughput.json", {"train_images_per_s": 812.5, "disturbed": False})
+        write_json(folder / "pytorch" / "train.json", {"numerics": {"precision": "fp32", "device": "cuda:0"}})
+        write_json(folder / "sweep" / "numerics.precision-bf16" / "pytorch" / "status.json", {"status": "running"})
         raise tools.gpu_check.StepTimedOut(f"timed out after {check.limit_s:.0f} s")
 
     monkeypatch.setattr(check, "command", killed_at_the_limit)
@@ -176,9 +171,14 @@ def test_a_step_cut_at_its_limit_keeps_what_its_run_wrote(tools, tmp_path, monke
     record = json.loads((tmp_path / "out" / "gpu-check.json").read_text())["steps"]["sweep"]
     assert record["status"] == "timed out" and record["limit_s"] == 300
     assert record["error"] == "timed out after 300 s; the record holds what the run wrote by then"
-    assert record["partial"]["backends"]["pytorch"]["train_images_per_s"] == 812.5
-    assert record["partial"]["cells"][0]["status"] == "pending"
-    assert json.loads((tmp_path / "out" / "sweep-run.json").read_text())["status"] == "interrupted"
+    pytorch = record["partial"]["backends"]["pytorch"]
+    assert (pytorch["status"], pytorch["train_images_per_s"], pytorch["conditions"]["precision"]) == (
+        "completed",
+        812.5,
+        "fp32",
+    )
+    assert [(c["point"], c["status"]) for c in record["partial"]["cells"]] == [("numerics.precision-bf16", "running")]
+    assert json.loads((tmp_path / "out" / "sweep-run.json").read_text())["status"] == "running"  # kept as it was
     assert json.loads((tmp_path / "out" / "gpu-check.json").read_text())["passed"] is False
 
 

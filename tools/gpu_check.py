@@ -66,6 +66,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -318,22 +319,26 @@ class Check:
         return self.budget_s - (time.monotonic() - self.start)
 
     def command(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """Run ``args`` until the current step's deadline: then SIGTERM (``cxrbench run`` stops its worker and writes
-        what finished), SIGKILL after a grace period, and :class:`StepTimedOut`."""
+        """Run ``args`` until the current step's deadline: then SIGTERM to its process group (``cxrbench run`` stops
+        its worker and writes what finished; a probe's DDP ranks go with it), SIGKILL after a grace period, and
+        :class:`StepTimedOut`."""
         process = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
         try:
             output, _ = process.communicate(timeout=max(self.deadline - time.monotonic(), 1.0))
         except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                output, _ = process.communicate(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                output, _ = process.communicate()
+            output = _stop(process)
             self._tail(args, output)
             raise StepTimedOut(f"timed out after {self.limit_s:.0f} s") from None
+        except KeyboardInterrupt:  # the child runs in its own session: Ctrl-C reaches only this process
+            _stop(process)
+            raise
         if process.returncode != 0:
             self._tail(args, output)
         return subprocess.CompletedProcess(args, process.returncode, output, "")
@@ -383,6 +388,8 @@ class Check:
             raise RuntimeError(_last_line(done))
         run["comparison"] = _read(folder / "comparison.json") or {}
         run["exit_code"] = None if done is None else done.returncode
+        if timed_out:
+            _from_folders(folder, run)
         self._worker_tails(folder, run)
         if timed_out:
             raise StepTimedOut(f"{timed_out}; the record holds what the run wrote by then", run)
@@ -448,7 +455,7 @@ class Check:
         if not run:
             return {}
         try:
-            reader = {"sweep": self._sweep_record, "compile": _backend_results, "oversized": self._oversized_record}
+            reader = {"sweep": self._sweep_record, "oversized": self._oversized_record, "tf32": _tf32_record}
             record = reader.get(name, _backend_results)(run)
         except Exception as exc:  # a half-written run: say so rather than lose the step's record
             return {"partial_error": f"{type(exc).__name__}: {exc}"}
@@ -549,15 +556,7 @@ class Check:
         sets = ["numerics.tf32=true", "run.stages=[]"]
         gpus = [] if self.dry else ["--gpus", "1"]
         run = self.run("tf32", sets, self.backends, gpus, keep=(("comparison.json", "tf32-comparison.json"),))
-        equivalence = _equivalence(run)
-        exact = bool(equivalence and equivalence.get("passed"))
-        return {
-            "status": "passed" if exact else "failed",
-            "equivalence_tf32_on": equivalence,
-            "backends": {n: {"status": b["status"], "error": b.get("error")} for n, b in run["backends"].items()},
-            "note": "TF32 is on for training only: prediction, the equivalence and the exports run at IEEE float32",
-            **({} if exact else {"error": "with numerics.tf32 = true the equivalence check failed"}),
-        }
+        return _tf32_record(run)
 
     def sweep(self) -> dict[str, Any]:
         sets = ["numerics.tf32=false", 'run.stages=["train","evaluate","cam","export"]', "export.onnx=true"]
@@ -606,8 +605,6 @@ class Check:
 
     def ddp_sigterm(self) -> dict[str, Any]:
         """SIGTERM to a 2-GPU run while its DDP ranks train; the run must end interrupted with no rank left."""
-        import signal
-
         import psutil
 
         folder = self.work / "runs" / "ddp-sigterm"
@@ -646,6 +643,24 @@ class Check:
 
 
 # -- reading results ---------------------------------------------------------------------------------
+
+
+def _stop(process: subprocess.Popen) -> str:
+    """SIGTERM to the process group, SIGKILL after the grace period; what it printed."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+        output, _ = process.communicate()
+    return output
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _children_cpu_s() -> float:
@@ -728,6 +743,35 @@ def _backend_results(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _from_folders(folder: Path, run: dict[str, Any]) -> None:
+    """A stopped run's backends and sweep cells as the run's own finish would have merged them, from each backend's
+    files: the orchestrator may have been killed before it wrote them into run.json."""
+    from cxrbench.files import read_json
+    from cxrbench.run import sweep
+    from cxrbench.run.folder import backend_results
+
+    for name, record in run.get("backends", {}).items():
+        status = _read(folder / name / "status.json")
+        if status:
+            record.update({k: status.get(k) for k in ("status", "error", "stages", "stage_seconds")})
+            record.update(backend_results(folder / name, read_json))
+    grid = (run.get("sweep") or {}).get("grid")
+    if grid:
+        run["sweep"] = sweep.table(folder, list(run.get("backends", {})), grid)
+
+
+def _tf32_record(run: dict[str, Any]) -> dict[str, Any]:
+    equivalence = _equivalence(run)
+    exact = bool(equivalence and equivalence.get("passed"))
+    return {
+        "status": "passed" if exact else "failed",
+        "equivalence_tf32_on": equivalence,
+        "backends": {n: {"status": b["status"], "error": b.get("error")} for n, b in run["backends"].items()},
+        "note": "TF32 is on for training only: prediction, the equivalence and the exports run at IEEE float32",
+        **({} if exact else {"error": "with numerics.tf32 = true the equivalence check failed"}),
+    }
+
+
 def _cell(cell: dict[str, Any]) -> dict[str, Any]:
     keys = ("point", "backend", "status", "error", "train_images_per_s", "train_images_per_s_interval")
     return {
@@ -806,7 +850,8 @@ def _figure_line(row: dict[str, Any]) -> str:
     util = f", GPU util (train) {row['gpu_util_train']} %" if row.get("gpu_util_train") is not None else ""
     peak = row.get("framework_peak_memory_mib")
     peak = f", peak {peak:.0f} MiB" if peak is not None else ""
-    state = "" if row["status"] == "completed" else f" ({row['status']}: {row.get('error') or ''})"
+    error = f": {row['error']}" if row.get("error") else ""
+    state = "" if row["status"] == "completed" else f" ({row['status']}{error})"
     noise = " DISTURBED (others used the machine)" if row.get("disturbed") else ""
     return f"  {row['backend']:<8} {row['what']:<70} {speed}{spread} img/s{util}{peak}{noise}{state}"
 
@@ -882,7 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, reason in summary["backends"].items():
         check.log(f"[gpu-check] backend {name}: {reason or 'available'}")
     check.save()
-    check.execute(selected)
+    try:
+        check.execute(selected)
+    except KeyboardInterrupt:
+        check.log("[gpu-check] interrupted: the summary holds the steps so far")
+        check.save()
+        return 130
     check.log("[gpu-check] figures (steady-state median img/s [central 95 % of timing windows]):")
     for row in summary["figures"]:
         check.log(_figure_line(row))
