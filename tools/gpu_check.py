@@ -478,7 +478,7 @@ class Check:
         if name in ("ddp-sigterm", "visible-device") and (self.dry or self.gpus < 2):
             return f"needs 2 GPUs, this machine has {0 if self.dry else self.gpus} in this mode"
         if name == "compile" and self.dry:
-            return "dry run: a cold torch.compile costs minutes of CPU; its step is the sweep's run with compile set"
+            return "dry run: a cold torch.compile costs minutes of CPU (the step is a run like the sweep's, compile on)"
         if name == "tf32" and self.dry:
             return "dry run: CPUs have no TF32; the equivalence check itself runs in the sweep's fp32 run"
         if not self.backends:
