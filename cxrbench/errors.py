@@ -37,6 +37,11 @@ class BackendError(CxrError):
     """A backend cannot do what was asked (unknown backend, image too small, out of memory...)."""
 
 
+class UnsupportedSetting(BackendError):
+    """A setting the backend does not implement, by design (bf16 in a backend that computes in fp32 only): a
+    refusal, not a fault. A sweep records such a cell as ``refused`` rather than ``failed``."""
+
+
 def out_of_memory(device: str, batch_size: int, doing: str) -> BackendError:
     """The one message every backend gives when its device runs out of memory, naming what to lower."""
     return BackendError(

@@ -27,7 +27,7 @@ from cxrbench.backend import canonical
 from cxrbench.backend.recorder import Recorder
 from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.deploy.onnx_file import normalise as host_normalise
-from cxrbench.errors import BackendError, TrainingDiverged
+from cxrbench.errors import BackendError, TrainingDiverged, UnsupportedSetting
 from cxrbench.testing.conformance import (
     kit_settings,
     random_canonical,
@@ -36,6 +36,7 @@ from cxrbench.testing.conformance import (
 )
 from cxrbench_jax import infer, loop, network
 from cxrbench_jax import model as jax_model
+from cxrbench_jax import numerics as jax_numerics
 from cxrbench_numpy_example.network import classify, pooled_features
 
 SIZE = 64
@@ -240,7 +241,7 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, model):
 
 
 def test_refusals_are_one_line(monkeypatch):
-    with pytest.raises(BackendError, match="fp32 only"):
+    with pytest.raises(UnsupportedSetting, match="fp32 only"):  # by design: a sweep shows it as refused
         jax_model.build(settings_for(**{"numerics.precision": "bf16"}), None)
     with pytest.raises(BackendError, match="run.gpus = 2, but jax sees 0 GPU"):
         jax_model.build(settings_for(**{"run.gpus": 2}), None)
@@ -317,3 +318,17 @@ def test_two_devices_equal_one_device_on_the_concatenated_batch():
     assert result["loss_diff"] < 1e-6
     assert result["gradient_diff"] < 1e-5 * result["gradient_scale"]
     assert result["batch_stats_diff"] < 1e-5 and result["val_diff"] < 1e-5
+
+
+def test_peak_memory_is_the_allocator_peak_where_the_device_keeps_one():
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    assert jax_numerics.peak_memory(jax.devices("cpu")[0]) == {}  # XLA's CPU client keeps no allocator statistics
+    assert jax_numerics.peak_memory(Device(None)) == {}
+    peak = jax_numerics.peak_memory(Device({"bytes_in_use": 2**20, "peak_bytes_in_use": 3 * 2**20}))
+    assert peak == {"mib": 3.0, "source": "jax Device.memory_stats() peak_bytes_in_use"}

@@ -170,6 +170,16 @@ def test_no_gpu_is_said_plainly(tmp_path, monkeypatch):
     assert "NVML unavailable (OSError)" in status.reason and "nvidia-smi reported no GPU" in status.reason
 
 
+def test_gputil_is_optional_and_its_absence_is_named(monkeypatch):
+    _no_nvml(monkeypatch)
+    monkeypatch.setitem(sys.modules, "GPUtil", None)  # not installed (as on the GPU check's machine): ImportError
+
+    reader, status = open_gpu_reader()
+
+    assert reader is None and status.source == "none"
+    assert "GPUtil is not installed (the optional cxrbench[gputil] fallback)" in status.reason
+
+
 class _Tags:
     phase_name, epoch = "idle", 0
 

@@ -18,6 +18,7 @@ from cxrbench.run import sweep
 from cxrbench.run.folder import sweep_folder
 from cxrbench.run.schema import validate
 from cxrbench.suite import Settings, parse_set_option
+from helpers.tiny_run import TINY_RUN
 
 # -- grid ------------------------------------------------------------------------------------------
 
@@ -277,3 +278,19 @@ def test_one_key_two_values_sweep_of_a_tiny_model(tmp_path, capsys):
     assert len((out / "sweep.csv").read_text().splitlines()) == 3
     assert 'id="sweep-table"' in (out / "index.html").read_text()
     validate(json.loads((out / "run.json").read_text()))
+
+
+@pytest.mark.backends("numpy")
+def test_a_point_the_backend_refuses_by_design_is_a_refused_cell(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--backend", "numpy", *TINY_RUN, "--set", "run.stages=[]", "--out", str(out)]
+    assert main([*args, "--sweep", "numerics.precision=fp32,bf16"]) == 0, capsys.readouterr().err
+    section = json.loads((out / "run.json").read_text())["sweep"]
+    fp32, bf16 = section["cells"]
+    assert (fp32["status"], fp32["error"]) == ("completed", None)
+    assert bf16["status"] == "refused"  # UnsupportedSetting: by design, not a failure
+    assert bf16["error"] == "numerics.precision = 'bf16': the numpy backend computes in fp32 only"
+    status = json.loads((out / "sweep" / bf16["point"] / "numpy" / "status.json").read_text())
+    assert (status["status"], status["refused"]) == ("failed", True)
+    rows = list(csv.DictReader(io.StringIO((out / "sweep.csv").read_text())))
+    assert [row["status"] for row in rows] == ["completed", "refused"]

@@ -41,9 +41,9 @@ explaining speed
     :func:`category_rules` (``cxrbench_operation_rules``), :func:`measure_matmul_peak` and :class:`PeakFlops`
     (``cxrbench_peak_flops``).
 errors
-    :class:`CxrError` and the kinds a backend raises (:class:`BackendError`, :class:`WeightsError`,
-    :class:`DataError`), :func:`first_line`, :func:`out_of_memory` and :func:`out_of_memory_as_error` (the one
-    out-of-memory message).
+    :class:`CxrError` and the kinds a backend raises (:class:`BackendError`, :class:`UnsupportedSetting` for a
+    setting it refuses by design, :class:`WeightsError`, :class:`DataError`), :func:`first_line`,
+    :func:`out_of_memory` and :func:`out_of_memory_as_error` (the one out-of-memory message).
 
 The names load on first use (PEP 562), so importing this module costs nothing and no core module it points to
 can form an import cycle with it.
@@ -121,6 +121,7 @@ _SOURCES: dict[str, str | None] = {
     # errors
     "CxrError": "cxrbench.errors",
     "BackendError": "cxrbench.errors",
+    "UnsupportedSetting": "cxrbench.errors",
     "WeightsError": "cxrbench.errors",
     "DataError": "cxrbench.errors",
     "first_line": "cxrbench.errors",

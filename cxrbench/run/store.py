@@ -67,12 +67,13 @@ class BackendStatus:
         if time.monotonic() - self._last_write >= throttle_s:
             self.save()
 
-    def finish(self, status: str, error: str | None = None) -> None:
-        """Record the outcome; a stage left running takes the outcome (failed, interrupted)."""
+    def finish(self, status: str, error: str | None = None, refused: bool = False) -> None:
+        """Record the outcome; a stage left running takes the outcome (failed, interrupted). ``refused``: the backend
+        refused a setting by design (:class:`~cxrbench.errors.UnsupportedSetting`), which a sweep shows as such."""
         stage = self.data.get("stage")
         if status != "completed" and stage and self.data["stages"].get(stage) == "running":
             self.data["stages"][stage] = status
-        self.data.update(status=status, error=error, finished=now_iso())
+        self.data.update(status=status, error=error, refused=refused, finished=now_iso())
         self.save()
 
 

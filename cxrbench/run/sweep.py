@@ -2,9 +2,10 @@
 
 Every grid point runs the worker stages ``prepare-check`` and ``train`` in ``RUN/sweep/<point>/<backend>/``
 with the point's overrides (worker ``--set key=value``). Keys and values are validated with the
-suite's own rules before any work starts. A point a backend refuses is a failed cell, not a failed
-sweep. The table (backend x point -> steady img/s, first-step s, peak memory) goes to run.json
-(``sweep``) and ``sweep.csv``.
+suite's own rules before any work starts. A point a backend refuses by design (it raised
+:class:`~cxrbench.errors.UnsupportedSetting`, e.g. bf16 in an fp32-only backend) is a ``refused`` cell, one that
+breaks a ``failed`` cell; neither fails the sweep. The table (backend x point -> steady img/s, first-step s, peak
+memory) goes to run.json (``sweep``) and ``sweep.csv``.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def cell(folder: Path, point: dict[str, Any], backend: str) -> dict[str, Any]:
         "point": point["name"],
         "overrides": point["overrides"],
         "backend": backend,
-        "status": status.get("status", "pending"),
+        "status": "refused" if status.get("refused") else status.get("status", "pending"),
         "error": status.get("error"),
         "train_images_per_s": throughput.get("train_images_per_s"),
         "train_images_per_s_interval": throughput.get("train_images_per_s_interval"),

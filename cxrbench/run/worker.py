@@ -21,7 +21,7 @@ from typing import Any
 from cxrbench import __version__
 from cxrbench.backend import canonical, initial_weights
 from cxrbench.backend.recorder import Recorder
-from cxrbench.errors import CxrError, DataError, StorageError
+from cxrbench.errors import CxrError, DataError, StorageError, UnsupportedSetting
 from cxrbench.files import read_json, write_json
 from cxrbench.machine.energy import open_energy_meter
 from cxrbench.machine.env import run_gpu_indices
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     status.start(os.getpid())
     signal.signal(signal.SIGTERM, _raise_interrupted)
     _watch_parent(os.getppid())
-    outcome, error = "completed", None
+    outcome, error, refused = "completed", None, False
     sampler = None
     try:
         run_settings = _run_settings(args.run_dir)
@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.run(tuple(args.stages.split(",")))
     except (Interrupted, KeyboardInterrupt) as exc:
         outcome, error = "interrupted", str(exc) or "interrupted"
+    except UnsupportedSetting as exc:  # refused by design: one line, no traceback, marked as a refusal
+        outcome, error, refused = "failed", one_line(exc), True
     except BaseException as exc:  # any failure ends as one line in status.json, the traceback in log.txt
         traceback.print_exc()
         outcome, error = "failed", one_line(exc)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.stop()
     print(f"[{args.backend}] {outcome}" + (f": {error}" if error else ""), flush=True)
     try:
-        status.finish(outcome, error)
+        status.finish(outcome, error, refused=refused)
     except StorageError as exc:  # the disk that stopped the stage may refuse the status too: the parent records it
         print(f"[{args.backend}] could not record the outcome: {exc}", flush=True)
         return 1

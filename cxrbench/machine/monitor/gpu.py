@@ -1,4 +1,5 @@
-"""GPU readers: NVML (``nvidia-ml-py``) when it initialises, else GPUtil (which runs ``nvidia-smi``).
+"""GPU readers: NVML (``nvidia-ml-py``) when it initialises, else GPUtil (which runs ``nvidia-smi``; optional: the
+``cxrbench[gputil]`` extra, so a machine without it relies on NVML alone).
 
 A reader watches only the GPUs the run uses (NVML indices from :mod:`cxrbench.machine.devices`) and returns one dict per
 GPU with ``util`` (percent of time a kernel ran), ``mem_mib``, ``power_w``, ``temp_c`` and ``other_processes``
@@ -174,7 +175,9 @@ def _open_nvml(watch: Sequence[int] | None) -> tuple[NvmlReader | None, str]:
 def _open_gputil(watch: Sequence[int] | None) -> tuple[GputilReader | None, str]:
     try:
         import GPUtil
-
+    except ImportError:
+        return None, "GPUtil is not installed (the optional cxrbench[gputil] fallback)"
+    try:
         gpus = GPUtil.getGPUs()
     except Exception as exc:  # nvidia-smi output GPUtil cannot parse
         return None, f"GPUtil failed ({type(exc).__name__}: {exc})"

@@ -199,4 +199,4 @@ def train(model: JaxModel, data: PreparedData, settings: Settings, recorder: Rec
             compile_s=loop.compile_s,
             jit="jax.jit, AOT-compiled step, donated state",
         )
-    return {**result, "numerics": in_force}
+    return {**result, "numerics": in_force, "peak_memory": numerics.peak_memory(model.devices[0])}

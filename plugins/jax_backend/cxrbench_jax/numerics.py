@@ -18,8 +18,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cxrbench.backend import (
-    BackendError,
     Settings,
+    UnsupportedSetting,
     numerics_record,
     out_of_memory,
     require_framework_gpus,
@@ -47,10 +47,10 @@ def configure(settings: Settings) -> None:
     """
     numerics = settings.numerics
     if numerics.precision != "fp32":
-        raise BackendError(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
+        raise UnsupportedSetting(f"numerics.precision = {numerics.precision!r}: the jax backend computes in fp32 only")
     for option in ("intra_op_threads", "inter_op_threads"):
         if getattr(numerics, option):  # 0: the core's budget, which XLA's own sizing matches on a dedicated machine
-            raise BackendError(
+            raise UnsupportedSetting(
                 f"numerics.{option} = {getattr(numerics, option)}: XLA sizes its CPU thread pools "
                 "itself and jax offers no setting for them; leave it at 0"
             )
@@ -113,6 +113,16 @@ def oom_as_backend_error(device: jax.Device, batch_size: int, doing: str) -> Ite
         if "RESOURCE_EXHAUSTED" not in str(exc):
             raise
         raise out_of_memory(device_name(device), batch_size, doing) from None
+
+
+def peak_memory(device: jax.Device) -> dict[str, Any]:
+    """XLA's allocator peak on ``device`` since the process started (it offers no reset; a worker process trains once,
+    so this is training's peak unless an earlier stage needed more), empty where the device keeps no statistics
+    (the CPU): the training hook's optional ``peak_memory``."""
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return {}
+    return {"mib": stats["peak_bytes_in_use"] / 2**20, "source": "jax Device.memory_stats() peak_bytes_in_use"}
 
 
 def device_name(device: jax.Device) -> str:

@@ -10,6 +10,7 @@ together compute what one process computes on the concatenated batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import mmap
 import os
 import queue
@@ -205,7 +206,7 @@ def _train_rank(
     model = build(settings, canonical.load(folder / INITIAL), device)
     batchnorm = synchronise_batchnorm(model.net, device.type)
     ddp = DistributedDataParallel(
-        model.net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        model.net, device_ids=[device.index] if device.type == "cuda" else None, **no_forward_buffer_sync()
     )
     forward = [lambda event, payload: events.put(("event", event, payload))] if rank == 0 else []
     result = loop.train(
@@ -223,6 +224,14 @@ def _train_rank(
     if rank == 0:
         canonical.save(tv_weights.get(model.net), folder / FINAL)
     return result
+
+
+def no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's switch that stops it copying rank 0's buffers to every rank before each forward (the synchronised
+    BatchNorms keep the ranks' statistics equal), in the spelling the installed torch accepts: ``forward_sync_buffers``
+    since torch 2.13, ``broadcast_buffers`` before (deprecated since; torch 2.11 has only that one)."""
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers": False}
 
 
 def _weight_spread(net: nn.Module) -> float:

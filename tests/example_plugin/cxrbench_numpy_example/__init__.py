@@ -25,6 +25,7 @@ from cxrbench.backend import (
     CamResult,
     ExportInfo,
     Start,
+    UnsupportedSetting,
     WeightsError,
     canonical,
     check_cam_inputs,
@@ -83,7 +84,7 @@ def _initial_weights(settings, weights) -> tuple[dict[str, np.ndarray], str]:
 @hookimpl
 def cxrbench_build_model(settings, weights):
     if settings.numerics.precision != "fp32":
-        raise BackendError(
+        raise UnsupportedSetting(
             f"numerics.precision = {settings.numerics.precision!r}: the numpy backend computes in fp32 only"
         )
     canonical.check_image_size(settings.data.image_size)
