@@ -60,6 +60,12 @@ def add_parser(commands) -> None:
         metavar="SECTION.KEY=V1,V2",
         help="also time every backend at each value (repeatable: a grid over all given keys)",
     )
+    run.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the run folder (data prepared, shared weights) and start no worker: for ranks a launcher starts "
+        "(python -m cxrbench.run.worker --launched); then --resume RUN_DIR merges and reports (docs/multi-node.md)",
+    )
     for option, dotted in COMMON_OVERRIDES.items():
         help_text = (
             "data set folder (default: the embedded phantom data set)" if option == "data" else f"override {dotted}"
@@ -97,6 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ("--python", args.python),
                 ("--baseline", args.baseline),
                 ("--sweep", args.sweep),
+                ("--prepare-only", args.prepare_only),
             )
             if value
         ]
@@ -118,4 +125,4 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.sweep,
         parse_python_options(args.python),
     )
-    return new_run(request).execute()
+    return new_run(request).execute(prepare_only=args.prepare_only)

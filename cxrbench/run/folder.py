@@ -58,6 +58,8 @@ ONNX_JSON = "onnx.json"
 MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
 THROUGHPUT_JSON = "throughput.json"
+#: A multi-node world: every rank's host, GPUs (UUIDs), driver, launcher and communication library (rank order).
+RANKS_JSON = "ranks.json"
 REPEATS_DIR = "repeats"
 
 #: What a completed run with default settings (``run.keep = results``, one GPU count, no repeats or sweep) holds.
@@ -113,6 +115,7 @@ BACKEND_FEEDS = (
     Feed("throughput", THROUGHPUT_JSON),
     Feed("gpu", MONITOR_JSON),
     Feed("onnx", ONNX_JSON),
+    Feed("ranks", RANKS_JSON),
 )
 
 

@@ -337,7 +337,11 @@ class Orchestrator:
     def _record_end(self, name: str, folder: Path, returncode: int | None, interrupted: bool = False) -> None:
         """A worker that died without recording its outcome is marked here, naming the signal."""
         status = BackendStatus(folder, name)
-        if status.data["status"] == "running":
+        if status.data["status"] == "pending" and returncode:  # a launched rank that never joined its world
+            status.finish(
+                "failed", launched_error(folder / LOG_TXT) or f"exited with code {returncode}; see {log_of(name)}"
+            )
+        elif status.data["status"] == "running":
             stage = status.data.get("stage") or "start-up"
             if interrupted:
                 status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
@@ -426,8 +430,11 @@ class Orchestrator:
         print(f"report: {report}", file=sys.stderr)
         return comparison
 
-    def execute(self) -> int:
-        """The whole run; the exit status is 0 only when every backend completed and every check passed."""
+    def execute(self, prepare_only: bool = False) -> int:
+        """The whole run; the exit status is 0 only when every backend completed and every check passed.
+
+        ``prepare_only``: the run folder, its data and shared weights, no worker (a launcher starts the ranks).
+        """
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -436,9 +443,20 @@ class Orchestrator:
         try:
             if note:
                 self.progress.message(f"note: {note}")
-            return self._execute_locked()
+            return self._prepare_locked() if prepare_only else self._execute_locked()
         finally:
             self.lock.release()
+
+    def _prepare_locked(self) -> int:
+        _refuse_existing(self.run_dir)
+        self.prepare()
+        self.run.update(status="prepared")
+        self._save_run()
+        self.progress.message(
+            f"prepared {self.run_dir}: start the workers (python -m cxrbench.run.worker --launched --run-dir "
+            f"{self.run_dir} --backend NAME), then `cxrbench run --resume {self.run_dir}`"
+        )
+        return 0
 
     def _execute_locked(self) -> int:
         if self.new:
@@ -492,6 +510,18 @@ class Orchestrator:
             self._save_run()
         except CxrError:
             pass  # e.g. the full disk refuses run.json too: `report` and `--resume` then see it as interrupted
+
+
+def launched_error(log: Path) -> str | None:
+    """The last one-line error a launched rank printed (:data:`cxrbench.run.launched.ERROR_MARK`), if any."""
+    from cxrbench.run.launched import ERROR_MARK
+
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.split(ERROR_MARK, 1)[1] for line in lines if ERROR_MARK in line]
+    return found[-1] if found else None
 
 
 def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
