@@ -28,7 +28,7 @@ import pytest
 
 from cxrbench.backend import canonical
 from cxrbench.run.folder import HISTORY_JSON, MONITOR_JSONL, RANKS_JSON, STATUS_JSON, TRAIN_JSON, WEIGHTS_NPZ
-from cxrbench.run.launched import ERROR_MARK
+from cxrbench.run.store import ERROR_MARK
 from cxrbench.run.orchestrator import RunRequest, new_run
 from cxrbench.suite import apply_overrides, load_suite
 

@@ -61,6 +61,25 @@ def add_parser(commands) -> None:
         help="also time every backend at each value (repeatable: a grid over all given keys)",
     )
     run.add_argument(
+        "--executor",
+        choices=("slurm", "local"),
+        help="run each cell (sweep point, repeat) as a job through submitit: Slurm job arrays, or local processes "
+        "for development (docs/multi-node.md)",
+    )
+    run.add_argument(
+        "--array-parallelism", type=int, metavar="N", help="--executor slurm: at most N cells' jobs at a time"
+    )
+    run.add_argument(
+        "--job-time-min", type=int, metavar="M", help="--executor: each job's time limit in minutes (default 240)"
+    )
+    run.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--executor slurm: a submitit Slurm parameter, e.g. partition=gpu, account=abc (repeatable)",
+    )
+    run.add_argument(
         "--prepare-only",
         action="store_true",
         help="write the run folder (data prepared, shared weights) and start no worker: for ranks a launcher starts "
@@ -104,13 +123,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ("--baseline", args.baseline),
                 ("--sweep", args.sweep),
                 ("--prepare-only", args.prepare_only),
+                ("--executor", args.executor),
+                ("--array-parallelism", args.array_parallelism),
+                ("--job-time-min", args.job_time_min),
+                ("--slurm", args.slurm),
             )
             if value
         ]
         if overrides or changed:
             raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
         return resume_run(args.resume, argv, args.monitor_interval).execute()
+    from cxrbench.run.cluster import executor_record
     from cxrbench.run.environments import parse_python_options
+
+    options = (args.array_parallelism, args.job_time_min, args.slurm)
+    if args.executor is None and any(options):
+        raise SuiteError("--array-parallelism, --job-time-min and --slurm need --executor slurm")
+    executor = executor_record(args.executor, *options) if args.executor else None
 
     settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
     request = RunRequest(
@@ -124,5 +153,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.monitor_interval,
         args.sweep,
         parse_python_options(args.python),
+        executor,
     )
     return new_run(request).execute(prepare_only=args.prepare_only)

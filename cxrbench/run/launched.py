@@ -37,10 +37,8 @@ from cxrbench.machine.monitor.sampler import Sampler
 from cxrbench.plugins import load_plugins
 from cxrbench.run import worker as worker_module
 from cxrbench.run.folder import RANKS_JSON, STATUS_JSON
-from cxrbench.run.store import BackendStatus
+from cxrbench.run.store import ERROR_MARK, BackendStatus
 
-#: The prefix of a rank's one-line error in its log, for the side that started the launcher.
-ERROR_MARK = "cxrbench-error: "
 #: Stages every rank runs (training is collective; equivalence keeps the ranks in step before it).
 COLLECTIVE_STAGES = ("equivalence", "train")
 AFTER_TRAINING = ("evaluate", "cam", "export")

@@ -31,7 +31,7 @@ from cxrbench.files import read_json, save_npy, write_json
 from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
-from cxrbench.run import environments, keep, repeats, scaling, sweep
+from cxrbench.run import cluster, environments, keep, repeats, scaling, sweep
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
     EQUIVALENCE_BATCH,
@@ -51,7 +51,7 @@ from cxrbench.run.folder import (
 )
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
+from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock, record_end
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -77,6 +77,8 @@ class RunRequest:
     monitor_interval: float = 1.0
     sweep: list[str] = field(default_factory=list)  #: ``--sweep KEY=V1,V2`` texts
     pythons: dict[str, str] = field(default_factory=dict)  #: ``--python NAME=PATH``: a backend's own interpreter
+    #: ``--executor``: run.json's ``executor`` record (:func:`cxrbench.run.cluster.executor_record`); None: here.
+    executor: dict[str, Any] | None = None
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
@@ -126,8 +128,9 @@ def new_run(request: RunRequest) -> Orchestrator:
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0]})
-    imported = _import_init(settings, request.plugins)
     run_dir = request.out or _default_out(settings)
+    _check_executor(request.executor, run_dir, settings.run.nodes)
+    imported = _import_init(settings, request.plugins)
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
     grid = sweep.parse_grid(request.sweep, settings)
@@ -158,6 +161,7 @@ def new_run(request: RunRequest) -> Orchestrator:
         "scaling": None,
         "repeats": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
+        "executor": request.executor,
         "init_checkpoint": checkpoints.record(Path(request.settings.model.init), IMPORTED_INIT, imported)
         if imported is not None
         else None,
@@ -165,6 +169,18 @@ def new_run(request: RunRequest) -> Orchestrator:
     orchestrator = Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
     orchestrator.imported_init = imported
     return orchestrator
+
+
+def _check_executor(executor: dict[str, Any] | None, run_dir: Path, nodes: int) -> None:
+    """Ranks on several machines come from a scheduler's job (or a launcher the user runs), never from here."""
+    if executor is None:
+        if nodes > 1:
+            raise CxrError(
+                f"run.nodes = {nodes}: ranks on several machines start through --executor slurm, or through your "
+                "launcher after --prepare-only (docs/multi-node.md)"
+            )
+        return
+    cluster.check_executor(executor, run_dir, nodes)
 
 
 def _import_init(settings: Settings, plugin_modules: list[str]) -> dict[str, np.ndarray] | None:
@@ -192,7 +208,10 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
     _check_gpus(run["gpu_counts"])
-    index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / RUN_JSON)))
+    settings = Settings.from_dict(run["settings"], str(run_dir / RUN_JSON))
+    if run.get("executor"):
+        _check_executor(run["executor"], run_dir, settings.run.nodes)
+    index = _dataset(plugins, settings)
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
     return Orchestrator(run_dir, run, plugins, monitor_interval, index)
@@ -263,11 +282,10 @@ class Orchestrator:
         self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]
     ) -> list[str]:
         python = (self.run.get("pythons") or {}).get(name, sys.executable)
+        return [python, "-u", "-m", "cxrbench.run.worker", *self._worker_args(name, gpus, folder, stages, extra)]
+
+    def _worker_args(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]) -> list[str]:
         command = [
-            python,
-            "-u",
-            "-m",
-            "cxrbench.run.worker",
             "--run-dir",
             str(self.run_dir),
             "--backend",
@@ -287,9 +305,16 @@ class Orchestrator:
         return command
 
     def run_worker(
-        self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None
+        self,
+        name: str,
+        gpus: int,
+        folder: Path,
+        stages: tuple[str, ...],
+        extra: list[str] | None = None,
+        prepared: bool = False,
     ) -> None:
-        """Start the worker, show its progress until it exits, and record how it ended."""
+        """Start the worker, show its progress until it exits, and record how it ended (``prepared``: ``extra``
+        is the worker's whole argument list, :meth:`cells` made it)."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
             self.progress.update(name, status.data)
@@ -298,7 +323,12 @@ class Orchestrator:
         with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
-            command = self._worker_command(name, gpus, folder, stages, extra or [])
+            python = (self.run.get("pythons") or {}).get(name, sys.executable)
+            command = (
+                [python, "-u", "-m", "cxrbench.run.worker", *(extra or [])]
+                if prepared
+                else self._worker_command(name, gpus, folder, stages, extra or [])
+            )
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
             process = subprocess.Popen(
                 command,
@@ -336,54 +366,61 @@ class Orchestrator:
 
     def _record_end(self, name: str, folder: Path, returncode: int | None, interrupted: bool = False) -> None:
         """A worker that died without recording its outcome is marked here, naming the signal."""
-        status = BackendStatus(folder, name)
-        if status.data["status"] == "pending" and returncode:  # a launched rank that never joined its world
-            status.finish(
-                "failed", launched_error(folder / LOG_TXT) or f"exited with code {returncode}; see {log_of(name)}"
+        self.progress.update(name, record_end(folder, name, returncode, interrupted))
+
+    def cells(self) -> list[cluster.Cell]:
+        """Every worker the run needs, grouped in cells: the backends of one cell run one after another on the
+        same machine(s) (the first GPU count, every further count of ``--gpus``, each repeat, each sweep point)."""
+        counts, first = self.run["gpu_counts"], self.run["gpu_counts"][0]
+
+        def cell(name: str, gpus: int, folder_of, stages: tuple[str, ...], extra: list[str]) -> cluster.Cell:
+            calls = tuple(
+                cluster.WorkerCall(
+                    backend,
+                    str(folder_of(backend)),
+                    (self.run.get("pythons") or {}).get(backend, sys.executable),
+                    tuple(self._worker_args(backend, gpus, folder_of(backend), stages, extra)),
+                )
+                for backend in self.backends
             )
-        elif status.data["status"] == "running":
-            stage = status.data.get("stage") or "start-up"
-            if interrupted:
-                status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
-            elif returncode is not None and returncode < 0:
-                status.finish(
-                    "failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}"
-                )
-            else:
-                status.finish(
-                    "failed", f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}"
-                )
-        self.progress.update(name, status.data)
+            return cluster.Cell(name, calls, self.settings.run.nodes, gpus)
 
-    def run_workers(self) -> None:
-        counts = self.run["gpu_counts"]
-        for name in self.backends:
-            self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES)
+        cells = [cell("main", first, lambda b: self.run_dir / b, WORKER_STAGES, [])]
         for gpus in counts[1:]:
-            for name in self.backends:
-                self.run_worker(name, gpus, gpus_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
-        self.run_repeats(counts[0])
-        self.run_sweep(counts[0])
-
-    def run_repeats(self, gpus: int) -> None:
-        """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
+            cells.append(
+                cell(f"gpus-{gpus}", gpus, lambda b, g=gpus: gpus_folder(self.run_dir, b, g, first), SWEEP_STAGES, [])
+            )
         for i, seed in enumerate(self.seeds()[1:], start=2):
-            for name in self.backends:
-                self.run_worker(
-                    name, gpus, repeat_folder(self.run_dir, name, i), repeats.REPEAT_STAGES, ["--seed", str(seed)]
+            cells.append(
+                cell(
+                    f"repeat-{i}",
+                    first,
+                    lambda b, i=i: repeat_folder(self.run_dir, b, i),
+                    repeats.REPEAT_STAGES,
+                    ["--seed", str(seed)],
                 )
-
-    def run_sweep(self, gpus: int) -> None:
-        """The speed stages of every backend at every grid point of ``--sweep``."""
+            )
         for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
-            for name in self.backends:
-                self.run_worker(
-                    name,
-                    gpus,
-                    sweep_folder(self.run_dir, point["name"], name),
+            cells.append(
+                cell(
+                    f"sweep-{point['name']}",
+                    first,
+                    lambda b, p=point: sweep_folder(self.run_dir, p["name"], b),
                     SWEEP_STAGES,
                     sweep.set_options(point["overrides"]),
                 )
+            )
+        return cells
+
+    def run_workers(self) -> None:
+        """Every cell here, one worker after another, or as cluster jobs (``--executor``)."""
+        executor = self.run.get("executor")
+        if executor:
+            cluster.run_cells(self.run_dir, self.cells(), executor, self._save_run, self.progress)
+            return
+        for cell in self.cells():
+            for call in cell.calls:
+                self.run_worker(call.backend, cell.gpus, Path(call.folder), (), list(call.args), prepared=True)
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -510,18 +547,6 @@ class Orchestrator:
             self._save_run()
         except CxrError:
             pass  # e.g. the full disk refuses run.json too: `report` and `--resume` then see it as interrupted
-
-
-def launched_error(log: Path) -> str | None:
-    """The last one-line error a launched rank printed (:data:`cxrbench.run.launched.ERROR_MARK`), if any."""
-    from cxrbench.run.launched import ERROR_MARK
-
-    try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    found = [line.split(ERROR_MARK, 1)[1] for line in lines if ERROR_MARK in line]
-    return found[-1] if found else None
 
 
 def exit_status(run: dict[str, Any], comparison: dict[str, Any]) -> int:
