@@ -33,6 +33,11 @@ def add_parser(commands) -> None:
     run.add_argument("--out", type=Path, help="run folder (default: reports/<timestamp>-<suite>)")
     run.add_argument("--gpus", help="GPU count, or a sweep such as 1,2,4 (default: the suite's run.gpus)")
     run.add_argument(
+        "--nodes",
+        help="machines per training run, or a sweep such as 1,2,4; above 1 needs --executor slurm (default: the "
+        "suite's run.nodes; docs/multi-node.md)",
+    )
+    run.add_argument(
         "--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)"
     )
     run.add_argument(
@@ -118,6 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ("--backend", args.backend),
                 ("--out", args.out),
                 ("--gpus", args.gpus),
+                ("--nodes", args.nodes),
                 ("--plugin", args.plugin),
                 ("--python", args.python),
                 ("--baseline", args.baseline),
@@ -154,5 +160,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.sweep,
         parse_python_options(args.python),
         executor,
+        args.nodes,
     )
     return new_run(request).execute(prepare_only=args.prepare_only)

@@ -170,7 +170,7 @@ def run_cells(
             job.cancel(check=False)
         raise
     for cell, job in jobs:
-        settle(cell, executor["kind"], str(job.job_id), final_state(job), job.exception() is None)
+        settle(cell, executor["kind"], str(job.job_id), final_state(job, executor["kind"]), job.exception() is None)
         for call in cell.calls:
             progress.update(call.backend, _status(call))
 
@@ -207,10 +207,10 @@ def _parameters(run_dir: Path, executor: dict[str, Any], nodes: int, gpus: int) 
     return parameters
 
 
-def final_state(job) -> str:
-    """The scheduler's last word on a finished job (Slurm's accounting, asked again rather than cached)."""
-    watcher = getattr(job, "watcher", None)
-    return watcher.get_state(job.job_id, mode="force") if watcher is not None else job.state
+def final_state(job, kind: str) -> str:
+    """The scheduler's last word on a finished job: Slurm's accounting asked again rather than cached (the local
+    executor reads its process)."""
+    return job.watcher.get_state(job.job_id, mode="force") if kind == "slurm" else job.state
 
 
 def settle(cell: Cell, kind: str, job_id: str, state: str, normal: bool) -> None:

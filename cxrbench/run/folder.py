@@ -150,6 +150,11 @@ def gpus_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
     return Path(run_dir) / backend if gpus == first else Path(run_dir) / backend / f"gpus-{gpus}"
 
 
+def nodes_folder(run_dir: Path, backend: str, nodes: int, first: int) -> Path:
+    """``--nodes 1,2,4``: the first count in ``<backend>/``, further counts in ``<backend>/nodes-<N>/``."""
+    return Path(run_dir) / backend if nodes == first else Path(run_dir) / backend / f"nodes-{nodes}"
+
+
 def sweep_folder(run_dir: Path, point: str, backend: str) -> Path:
     """``--sweep``: a grid point's speed stages of one backend."""
     return Path(run_dir) / SWEEP_DIR / point / backend

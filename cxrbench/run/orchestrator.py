@@ -44,6 +44,7 @@ from cxrbench.run.folder import (
     current_status,
     gpus_folder,
     log_of,
+    nodes_folder,
     now_iso,
     repeat_folder,
     shared_init_path,
@@ -79,6 +80,7 @@ class RunRequest:
     pythons: dict[str, str] = field(default_factory=dict)  #: ``--python NAME=PATH``: a backend's own interpreter
     #: ``--executor``: run.json's ``executor`` record (:func:`cxrbench.run.cluster.executor_record`); None: here.
     executor: dict[str, Any] | None = None
+    nodes: str | None = None  #: ``--nodes``: a machine count or a sweep such as ``1,2``
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
@@ -121,26 +123,29 @@ def _check_warmup(settings: Settings, index, gpu_counts: list[int], grid: dict[s
 def new_run(request: RunRequest) -> Orchestrator:
     """Check everything that can be refused (backends, GPUs, data, folder) before the run folder exists."""
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
-    _check_gpus(counts)
+    node_counts = scaling.parse_gpus(request.nodes, "--nodes") or [request.settings.run.nodes]
+    if request.executor is None:  # with an executor the jobs run on other machines, whose GPUs Slurm allocates
+        _check_gpus(counts)
     plugins = load_plugins(request.plugins)
     backends = _resolve_backends(plugins, request.backends, request.pythons)
     baseline = request.baseline or backends[0]
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
-    settings = request.settings.replace(**{"run.gpus": counts[0]})
+    settings = request.settings.replace(**{"run.gpus": counts[0], "run.nodes": node_counts[0]})
     run_dir = request.out or _default_out(settings)
-    _check_executor(request.executor, run_dir, settings.run.nodes)
+    _check_executor(request.executor, run_dir, max(node_counts))
     imported = _import_init(settings, request.plugins)
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
     grid = sweep.parse_grid(request.sweep, settings)
     index = _dataset(plugins, settings)
     for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
-        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), counts)
+        replicas = [max(node_counts) * max(1, c) for c in counts]
+        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), sorted({*replicas, 1}))
         if sized == settings:
             break
         settings, index = sized, _dataset(plugins, sized)
-    _check_warmup(settings, index, counts, grid)
+    _check_warmup(settings, index, [max(node_counts) * max(1, c) for c in counts], grid)
     _refuse_existing(run_dir)
     run = {
         "schema_version": SCHEMA_VERSION,
@@ -156,6 +161,7 @@ def new_run(request: RunRequest) -> Orchestrator:
         "plugins": request.plugins,
         "pythons": request.pythons,
         "gpu_counts": counts,
+        "node_counts": node_counts,
         "data": None,
         "backends": {name: {"status": "pending", "error": None, "log": log_of(name)} for name in backends},
         "scaling": None,
@@ -207,10 +213,11 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
         )
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
-    _check_gpus(run["gpu_counts"])
+    if not run.get("executor"):
+        _check_gpus(run["gpu_counts"])
     settings = Settings.from_dict(run["settings"], str(run_dir / RUN_JSON))
     if run.get("executor"):
-        _check_executor(run["executor"], run_dir, settings.run.nodes)
+        _check_executor(run["executor"], run_dir, max(run.get("node_counts") or [settings.run.nodes]))
     index = _dataset(plugins, settings)
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
@@ -373,7 +380,9 @@ class Orchestrator:
         same machine(s) (the first GPU count, every further count of ``--gpus``, each repeat, each sweep point)."""
         counts, first = self.run["gpu_counts"], self.run["gpu_counts"][0]
 
-        def cell(name: str, gpus: int, folder_of, stages: tuple[str, ...], extra: list[str]) -> cluster.Cell:
+        def cell(
+            name: str, gpus: int, folder_of, stages: tuple[str, ...], extra: list[str], nodes: int | None = None
+        ) -> cluster.Cell:
             calls = tuple(
                 cluster.WorkerCall(
                     backend,
@@ -383,13 +392,17 @@ class Orchestrator:
                 )
                 for backend in self.backends
             )
-            return cluster.Cell(name, calls, self.settings.run.nodes, gpus)
+            return cluster.Cell(name, calls, nodes or self.settings.run.nodes, gpus)
 
         cells = [cell("main", first, lambda b: self.run_dir / b, WORKER_STAGES, [])]
         for gpus in counts[1:]:
             cells.append(
                 cell(f"gpus-{gpus}", gpus, lambda b, g=gpus: gpus_folder(self.run_dir, b, g, first), SWEEP_STAGES, [])
             )
+        node_counts = self.run.get("node_counts") or [self.settings.run.nodes]
+        for nodes in node_counts[1:]:
+            folder_of = lambda b, n=nodes: nodes_folder(self.run_dir, b, n, node_counts[0])  # noqa: E731
+            cells.append(cell(f"nodes-{nodes}", first, folder_of, SWEEP_STAGES, ["--set", f"run.nodes={nodes}"], nodes))
         for i, seed in enumerate(self.seeds()[1:], start=2):
             cells.append(
                 cell(
@@ -444,7 +457,9 @@ class Orchestrator:
     def finish(self, outcome: str) -> dict[str, Any]:
         """Merge the workers' files into run.json, run the checks, write the report."""
         self.run["backends"] = {name: self.backend_summary(name) for name in self.backends}
-        self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
+        self.run["scaling"] = scaling.scaling_table(
+            self.run_dir, self.backends, self.run["gpu_counts"], self.run.get("node_counts")
+        )
         self.run["repeats"] = repeats.collect(
             self.run_dir, self.backends, self.settings.run.repeats, self.settings.run.seed, list(CLASSES)
         )
