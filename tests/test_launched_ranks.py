@@ -28,8 +28,8 @@ import pytest
 
 from cxrbench.backend import canonical
 from cxrbench.run.folder import HISTORY_JSON, MONITOR_JSONL, RANKS_JSON, STATUS_JSON, TRAIN_JSON, WEIGHTS_NPZ
-from cxrbench.run.store import ERROR_MARK
 from cxrbench.run.orchestrator import RunRequest, new_run
+from cxrbench.run.store import ERROR_MARK
 from cxrbench.suite import apply_overrides, load_suite
 
 pytestmark = pytest.mark.exclusive
