@@ -71,7 +71,7 @@ def free_port() -> int:
 def prepare(run_dir: Path, backend: str, **overrides) -> Path:
     """``cxrbench run --prepare-only``: the run folder, its prepared data and shared weights, no worker."""
     settings = apply_overrides(load_suite("smoke"), {**TINY, "run.nodes": 2, **overrides})
-    assert new_run(RunRequest(settings, [backend], out=run_dir)).execute(prepare_only=True) == 0
+    assert new_run(RunRequest(settings, [backend], out=run_dir, prepare_only=True)).execute() == 0
     return run_dir
 
 

@@ -161,5 +161,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         parse_python_options(args.python),
         executor,
         args.nodes,
+        args.prepare_only,
     )
-    return new_run(request).execute(prepare_only=args.prepare_only)
+    return new_run(request).execute()

@@ -81,6 +81,8 @@ class RunRequest:
     #: ``--executor``: run.json's ``executor`` record (:func:`cxrbench.run.cluster.executor_record`); None: here.
     executor: dict[str, Any] | None = None
     nodes: str | None = None  #: ``--nodes``: a machine count or a sweep such as ``1,2``
+    #: ``--prepare-only``: the run folder without workers (a launcher the user runs starts the ranks).
+    prepare_only: bool = False
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
@@ -133,7 +135,8 @@ def new_run(request: RunRequest) -> Orchestrator:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
     settings = request.settings.replace(**{"run.gpus": counts[0], "run.nodes": node_counts[0]})
     run_dir = request.out or _default_out(settings)
-    _check_executor(request.executor, run_dir, max(node_counts))
+    if not request.prepare_only:
+        _check_executor(request.executor, run_dir, max(node_counts))
     imported = _import_init(settings, request.plugins)
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
@@ -174,6 +177,7 @@ def new_run(request: RunRequest) -> Orchestrator:
     }
     orchestrator = Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
     orchestrator.imported_init = imported
+    orchestrator.prepare_only = request.prepare_only
     return orchestrator
 
 
@@ -243,6 +247,7 @@ class Orchestrator:
         #: ``model.init``'s checkpoint as canonical weights, written to the run folder by :meth:`prepare`.
         self.imported_init: dict[str, np.ndarray] | None = None
         self.lock = RunLock(self.run_dir)
+        self.prepare_only = False
 
     # -- before the workers ----------------------------------------------------------------------
 
@@ -482,11 +487,9 @@ class Orchestrator:
         print(f"report: {report}", file=sys.stderr)
         return comparison
 
-    def execute(self, prepare_only: bool = False) -> int:
-        """The whole run; the exit status is 0 only when every backend completed and every check passed.
-
-        ``prepare_only``: the run folder, its data and shared weights, no worker (a launcher starts the ranks).
-        """
+    def execute(self) -> int:
+        """The whole run; the exit status is 0 only when every backend completed and every check passed. With
+        ``prepare_only``: the run folder, its data and shared weights, no worker (a launcher starts the ranks)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -495,7 +498,7 @@ class Orchestrator:
         try:
             if note:
                 self.progress.message(f"note: {note}")
-            return self._prepare_locked() if prepare_only else self._execute_locked()
+            return self._prepare_locked() if self.prepare_only else self._execute_locked()
         finally:
             self.lock.release()
 

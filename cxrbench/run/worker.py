@@ -200,7 +200,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _run_settings(run_dir: Path) -> Settings:
-    return Settings.from_dict(read_json(run_dir / "run.json")["settings"], f"{run_dir / 'run.json'}")
+    run = read_json(run_dir / "run.json")
+    if run is None:
+        raise CxrError(f"{run_dir / 'run.json'}: no run there (cxrbench run --prepare-only --out {run_dir} makes one)")
+    return Settings.from_dict(run["settings"], f"{run_dir / 'run.json'}")
 
 
 def _settings(run: Settings, gpus: int | None, seed: int | None = None, sets: list[str] = ()) -> Settings:
