@@ -143,8 +143,8 @@ def new_run(request: RunRequest) -> Orchestrator:
     grid = sweep.parse_grid(request.sweep, settings)
     index = _dataset(plugins, settings)
     for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
-        replicas = [max(node_counts) * max(1, c) for c in counts]
-        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), sorted({*replicas, 1}))
+        replicas = sorted({nodes * max(1, gpus) for nodes in node_counts for gpus in counts})
+        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), replicas)
         if sized == settings:
             break
         settings, index = sized, _dataset(plugins, sized)
