@@ -229,25 +229,65 @@ def test_two_jax_processes_with_gloo_collectives_train_as_one_process(tmp_path):
     check_equal_to_single_process(run_dir, "jax", tmp_path)
 
 
-@pytest.mark.backends("pytorch")
-def test_killing_one_torchrun_agent_ends_the_other_instead_of_hanging(tmp_path):
-    run_dir = prepare(tmp_path / "run", "pytorch", **{"train.max_steps": 100_000, "train.epochs": 1})
-    command = [*torchrun(free_port()), *worker_args(run_dir, "pytorch", "--launched", "--stages", "train")]
-    logs = [tmp_path / f"agent-{i}.log" for i in range(2)]
-    agents = [start(command, log, {}) for log in logs]
-    status = run_dir / "pytorch" / STATUS_JSON
+def kill_one_and_wait_for_the_other(tmp_path: Path, backend: str, commands, envs, limit_s: float) -> int:
+    """Start two ranks training for long, SIGKILL the second's process once training runs, and return the first's
+    exit status (the test fails if it is still running after ``limit_s``)."""
+    run_dir = tmp_path / "run"
+    logs = [tmp_path / f"rank-{i}.log" for i in range(2)]
+    ranks = [start(command, log, env) for command, log, env in zip(commands, logs, envs)]
+    status = run_dir / backend / STATUS_JSON
     deadline = time.monotonic() + PROCESS_LIMIT_S
     while (json.loads(status.read_text()).get("progress") or {}).get("step", 0) < 2 if status.exists() else True:
-        assert time.monotonic() < deadline and all(a.poll() is None for a in agents), logs[0].read_text()[-2000:]
+        assert time.monotonic() < deadline and all(r.poll() is None for r in ranks), logs[0].read_text()[-2000:]
         time.sleep(0.5)
-
-    agents[1].kill()  # the agent only: its rank notices its parent is gone and stops
-    agents[1].wait()
+    ranks[1].kill()  # the process only: a torchrun agent's rank notices its parent is gone and stops
+    ranks[1].wait()
     started = time.monotonic()
-    (code,) = finish(agents[:1], logs[:1], limit_s=120)
+    (code,) = finish(ranks[:1], logs[:1], limit_s=limit_s)
+    print(f"{backend}: the surviving rank exited with {code} {time.monotonic() - started:.1f} s after the kill")
+    with_group(ranks[1], signal.SIGKILL)  # nothing may be left of the killed process's group either
     assert code != 0, logs[0].read_text()[-2000:]
-    print(f"the surviving agent exited with {code} {time.monotonic() - started:.1f} s after the kill")
-    with_group(agents[1], signal.SIGKILL)  # nothing may be left of the killed agent's group either
+    return code
+
+
+LONG = {"train.epochs": 100}
+
+
+@pytest.mark.backends("pytorch")
+def test_killing_one_torchrun_agent_ends_the_other_instead_of_hanging(tmp_path):
+    run_dir = prepare(tmp_path / "run", "pytorch", **LONG)
+    command = [*torchrun(free_port()), *worker_args(run_dir, "pytorch", "--launched", "--stages", "train")]
+    kill_one_and_wait_for_the_other(tmp_path, "pytorch", [command, command], [{}, {}], limit_s=120)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("jax")
+def test_killing_one_jax_process_ends_the_other_instead_of_hanging(tmp_path):
+    """The coordination service notices the dead process (heartbeats) and aborts the other (exit 134 here)."""
+    run_dir = prepare(tmp_path / "run", "jax", **LONG)
+    command = [sys.executable, *worker_args(run_dir, "jax", "--launched", "--stages", "train")]
+    coordinator = f"127.0.0.1:{free_port()}"
+    envs = [
+        {"JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)}
+        for rank in (0, 1)
+    ]
+    kill_one_and_wait_for_the_other(tmp_path, "jax", [command, command], envs, limit_s=200)
+
+
+@pytest.mark.slow
+@pytest.mark.backends("keras")
+def test_killing_one_tensorflow_worker_ends_the_other_instead_of_hanging(tmp_path):
+    """The survivor's next collective fails (UnavailableError), recorded as the backend's one-line error."""
+    run_dir = prepare(tmp_path / "run", "keras", **LONG)
+    command = [sys.executable, *worker_args(run_dir, "keras", "--launched", "--stages", "train")]
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    envs = [
+        {"TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})}
+        for i in range(2)
+    ]
+    kill_one_and_wait_for_the_other(tmp_path, "keras", [command, command], envs, limit_s=200)
+    status = json.loads((run_dir / "keras" / STATUS_JSON).read_text())
+    assert status["status"] == "failed" and status["error"]
 
 
 @pytest.mark.backends("pytorch")
