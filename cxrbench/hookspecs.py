@@ -180,6 +180,56 @@ def cxrbench_train(model, data, settings, recorder):
     """
 
 
+# -- several machines (ranks started by the framework's own launcher) ---------------------------------------
+
+
+@hookspec(firstresult=True)
+def cxrbench_node_launcher(settings, head):
+    """How this backend's ranks are started on one machine of a multi-node run (``run.nodes`` > 1).
+
+    Called by the core where one process per machine runs (a Slurm task of ``--executor slurm``), before the
+    worker module: the core runs ``[python, "-u", *answer, "-m", "cxrbench.run.worker", ...]`` on every machine.
+    The launcher is the framework's own; cxrbench chooses no port and parses no node list.
+
+    :param settings: the cell's :class:`cxrbench.suite.Settings` (``run.nodes``, ``run.gpus`` per node).
+    :param head: the host name of the job's first machine (the scheduler's own answer), for a rendezvous endpoint.
+    :return: the interpreter arguments that launch this machine's ranks (e.g. ``["-m", "torch.distributed.run",
+        "--nnodes", "2", ...]``), or ``[]`` when the worker itself is the one rank of this machine and joins
+        from the environment (``TF_CONFIG``/Slurm, ``jax.distributed``). ``None``: the backend cannot span machines.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_join_world(settings):
+    """Join the world a launcher formed, in a worker started with ``--launched``, before anything else.
+
+    Contract: use the framework's own engine (torch: ``init_process_group`` from torchrun's environment; Keras:
+    ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG`` or ``SlurmClusterResolver``; JAX:
+    ``jax.distributed.initialize()``); then refuse any world whose replica count differs from
+    :func:`cxrbench.backend.expected_replicas` with :func:`cxrbench.backend.require_world_size` (one line). Later
+    hooks of this process (build, train) use the joined world. Training is the only collective stage: the core
+    runs the stages before it on every rank, the ones after it on rank 0 only, on a model local to that rank.
+
+    :param settings: the run's :class:`cxrbench.suite.Settings`.
+    :return: a :class:`cxrbench.backend.World`; ``None`` (no answer): the backend has no launched mode, and the
+        core says so.
+    """
+
+
+@hookspec(firstresult=True)
+def cxrbench_gather(payload):
+    """Every rank's ``payload`` on rank 0, over the framework's collectives, after training.
+
+    Called once by every rank of a launched world (the collective needs them all). Encode with
+    :func:`cxrbench.backend.encode_payload`, pad every rank's bytes to the longest with
+    :func:`cxrbench.backend.pad_payload` (collectives move one shape), decode with
+    :func:`cxrbench.backend.decode_payloads`.
+
+    :param payload: a JSON-able value (this rank's record and monitor samples).
+    :return: on rank 0 the list of every rank's payload in rank order; on the other ranks an empty list.
+    """
+
+
 @hookspec(firstresult=True)
 def cxrbench_predict(model, images, settings):
     """Logits for ``images`` in eval mode, without gradients, batched by the backend.

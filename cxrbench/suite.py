@@ -71,6 +71,9 @@ class TrainSettings:
     learning_rate: float = field(default=1e-3, metadata={"min": 0.0})
     #: How the learning rate grows with the number of GPUs (global batch = batch_size x GPUs).
     lr_scaling: str = field(default="linear", metadata=_choice("none", "linear", "sqrt"))
+    #: Which ranks BatchNorm statistics are reduced over with several: "global" (every rank of every node) or
+    #: "node" (the ranks of one machine: no BatchNorm traffic between machines; docs/multi-node.md).
+    batchnorm_sync: str = field(default="global", metadata=_choice("global", "node"))
     adam_beta1: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     adam_beta2: float = field(default=0.999, metadata={"min": 0.0, "max": 1.0})
     #: Set equal in every framework (Keras defaults to 1e-7, torch to 1e-8).
@@ -138,6 +141,9 @@ class RunSettings:
     seed: int = field(default=0, metadata={"min": 0})
     #: 0: one GPU when there is one, else the CPU. N >= 1: exactly N GPUs (refused if fewer exist).
     gpus: int = field(default=0, metadata={"min": 0})
+    #: Machines one training run spans, each with ``gpus`` GPUs (or one CPU rank when ``gpus`` = 0); above 1 the
+    #: ranks are started by each framework's own launcher (docs/multi-node.md), never by cxrbench.
+    nodes: int = field(default=1, metadata={"min": 1})
     #: Tolerance (max abs logit difference) of the cross-backend equivalence check.
     equivalence_atol: float = field(default=1e-4, metadata={"min": 0.0})
     #: Stop after this stage: "train" skips evaluation, CAM and export (throughput suites).

@@ -332,3 +332,16 @@ def test_peak_memory_is_the_allocator_peak_where_the_device_keeps_one():
     assert jax_numerics.peak_memory(Device(None)) == {}
     peak = jax_numerics.peak_memory(Device({"bytes_in_use": 2**20, "peak_bytes_in_use": 3 * 2**20}))
     assert peak == {"mib": 3.0, "source": "jax Device.memory_stats() peak_bytes_in_use"}
+
+
+def test_batchnorm_groups_normalise_each_machines_part_alone():
+    """``train.batchnorm_sync = "node"``: with two groups each half of the batch is normalised with its own
+    statistics (what each machine computes alone), and the running statistics follow the first half (rank 0's)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 5)) * 2.0 + 1.0
+    grouped, one = network.TorchBatchNorm(5, groups=2), network.TorchBatchNorm(5)
+    variables = one.init(jax.random.PRNGKey(1), x, train=False)
+    out, updated = grouped.apply(variables, x, train=True, mutable=["batch_stats"])
+    halves = [one.apply(variables, part, train=True, mutable=["batch_stats"]) for part in (x[:2], x[2:])]
+    np.testing.assert_allclose(out, jnp.concatenate([h[0] for h in halves]), atol=1e-6)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(updated["batch_stats"][name], halves[0][1]["batch_stats"][name], atol=1e-6)

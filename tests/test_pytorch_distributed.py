@@ -135,3 +135,16 @@ def test_an_interrupt_while_ranks_train_terminates_every_rank(monkeypatch):
         distributed.train(model, synthetic_data(32, train=8, val=4), settings, Recorder(), world=2, device_type="cpu")
     (job,) = started
     assert not any(process.is_alive() for process in job.processes)
+
+
+def test_node_local_batchnorm_with_one_rank_per_node_keeps_each_ranks_statistics():
+    """``train.batchnorm_sync = "node"`` with one rank per machine: nothing to synchronise, each rank normalises
+    its own batch (plain BatchNorm2d, recorded as such); with "global" every BatchNorm is synchronised."""
+    settings = kit_settings(32, **{"run.nodes": 2, "train.batchnorm_sync": "node"})
+    group = distributed.batchnorm_group(settings, world=2)
+    assert group is distributed.UNSYNCHRONISED and distributed.batchnorm_group(kit_settings(32), world=2) is None
+    net = backend.cxrbench_build_model(settings=kit_settings(32), weights=None).net
+    assert distributed.synchronise_batchnorm(net, "cpu", group).startswith("torch.nn.BatchNorm2d (one rank per node")
+    assert any(type(m) is torch.nn.BatchNorm2d for m in net.modules())
+    assert "over every rank" in distributed.synchronise_batchnorm(net, "cpu")
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in net.modules())

@@ -98,6 +98,15 @@ _SOURCES: dict[str, str | None] = {
     "thread_budget": "cxrbench.machine.budget",
     "require_framework_gpus": "cxrbench.machine.env",
     "numerics_record": None,
+    # several machines
+    "World": "cxrbench.backend.world",
+    "require_world_size": "cxrbench.backend.world",
+    "expected_replicas": "cxrbench.backend.world",
+    "node_groups": "cxrbench.backend.world",
+    "batchnorm_scope": "cxrbench.backend.world",
+    "encode_payload": "cxrbench.backend.world",
+    "decode_payloads": "cxrbench.backend.world",
+    "pad_payload": "cxrbench.backend.world",
     # export
     "model_metadata": "cxrbench.deploy.onnx_file",
     "cam_metadata": "cxrbench.deploy.onnx_file",

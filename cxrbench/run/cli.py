@@ -33,6 +33,11 @@ def add_parser(commands) -> None:
     run.add_argument("--out", type=Path, help="run folder (default: reports/<timestamp>-<suite>)")
     run.add_argument("--gpus", help="GPU count, or a sweep such as 1,2,4 (default: the suite's run.gpus)")
     run.add_argument(
+        "--nodes",
+        help="machines per training run, or a sweep such as 1,2,4; above 1 needs --executor slurm (default: the "
+        "suite's run.nodes; docs/multi-node.md)",
+    )
+    run.add_argument(
         "--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)"
     )
     run.add_argument(
@@ -59,6 +64,31 @@ def add_parser(commands) -> None:
         default=[],
         metavar="SECTION.KEY=V1,V2",
         help="also time every backend at each value (repeatable: a grid over all given keys)",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("slurm", "local"),
+        help="run each cell (sweep point, repeat) as a job through submitit: Slurm job arrays, or local processes "
+        "for development (docs/multi-node.md)",
+    )
+    run.add_argument(
+        "--array-parallelism", type=int, metavar="N", help="--executor slurm: at most N cells' jobs at a time"
+    )
+    run.add_argument(
+        "--job-time-min", type=int, metavar="M", help="--executor: each job's time limit in minutes (default 240)"
+    )
+    run.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--executor slurm: a submitit Slurm parameter, e.g. partition=gpu, account=abc (repeatable)",
+    )
+    run.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the run folder (data prepared, shared weights) and start no worker: for ranks a launcher starts "
+        "(python -m cxrbench.run.worker --launched); then --resume RUN_DIR merges and reports (docs/multi-node.md)",
     )
     for option, dotted in COMMON_OVERRIDES.items():
         help_text = (
@@ -93,17 +123,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 ("--backend", args.backend),
                 ("--out", args.out),
                 ("--gpus", args.gpus),
+                ("--nodes", args.nodes),
                 ("--plugin", args.plugin),
                 ("--python", args.python),
                 ("--baseline", args.baseline),
                 ("--sweep", args.sweep),
+                ("--prepare-only", args.prepare_only),
+                ("--executor", args.executor),
+                ("--array-parallelism", args.array_parallelism),
+                ("--job-time-min", args.job_time_min),
+                ("--slurm", args.slurm),
             )
             if value
         ]
         if overrides or changed:
             raise SuiteError(f"--resume reuses the run's own settings; drop {', '.join(changed + sorted(overrides))}")
         return resume_run(args.resume, argv, args.monitor_interval).execute()
+    from cxrbench.run.cluster import executor_record
     from cxrbench.run.environments import parse_python_options
+
+    options = (args.array_parallelism, args.job_time_min, args.slurm)
+    if args.executor is None and any(options):
+        raise SuiteError("--array-parallelism, --job-time-min and --slurm need --executor slurm")
+    executor = executor_record(args.executor, *options) if args.executor else None
 
     settings = apply_overrides(load_suite(args.suite or "smoke"), overrides)
     request = RunRequest(
@@ -117,5 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.monitor_interval,
         args.sweep,
         parse_python_options(args.python),
+        executor,
+        args.nodes,
+        args.prepare_only,
     )
     return new_run(request).execute()

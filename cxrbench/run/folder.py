@@ -68,6 +68,8 @@ CEILING_JSON = "ceiling.json"
 EFFICIENCY_JSON = "efficiency.json"
 PROFILE_JSON = "profile.json"
 PROFILE_DIR = "profile"
+#: A multi-node world: every rank's host, GPUs (UUIDs), driver, launcher and communication library (rank order).
+RANKS_JSON = "ranks.json"
 REPEATS_DIR = "repeats"
 #: Worker stages of repeats 2..N (``--repeats``): CAM too, so localisation is paired by seed like AUROC; no
 #: equivalence or export, which check the implementation, not the seed's spread.
@@ -131,6 +133,7 @@ BACKEND_FEEDS = (
     Feed("onnx", ONNX_JSON),
     Feed("efficiency", EFFICIENCY_JSON),
     Feed("profile", PROFILE_JSON),
+    Feed("ranks", RANKS_JSON),
 )
 
 
@@ -163,6 +166,11 @@ def repeat_folder(run_dir: Path, backend: str, repeat: int) -> Path:
 def gpus_folder(run_dir: Path, backend: str, gpus: int, first: int) -> Path:
     """``--gpus 1,2,4``: the first count's results live in ``<backend>/``, further counts in ``<backend>/gpus-<N>/``."""
     return Path(run_dir) / backend if gpus == first else Path(run_dir) / backend / f"gpus-{gpus}"
+
+
+def nodes_folder(run_dir: Path, backend: str, nodes: int, first: int) -> Path:
+    """``--nodes 1,2,4``: the first count in ``<backend>/``, further counts in ``<backend>/nodes-<N>/``."""
+    return Path(run_dir) / backend if nodes == first else Path(run_dir) / backend / f"nodes-{nodes}"
 
 
 def sweep_folder(run_dir: Path, point: str, backend: str) -> Path:

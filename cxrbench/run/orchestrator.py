@@ -34,7 +34,7 @@ from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.metrics import step_profile
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.report import verdicts
-from cxrbench.run import environments, keep, repeats, scaling, sweep, tracking
+from cxrbench.run import cluster, environments, keep, repeats, scaling, sweep, tracking
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
     CROP_BOXES_CSV,
@@ -49,6 +49,7 @@ from cxrbench.run.folder import (
     current_status,
     gpus_folder,
     log_of,
+    nodes_folder,
     now_iso,
     repeat_folder,
     shared_init_path,
@@ -56,7 +57,7 @@ from cxrbench.run.folder import (
 )
 from cxrbench.run.index_page import write_index
 from cxrbench.run.progress import Progress, summary_table
-from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock
+from cxrbench.run.store import WORKER_STAGES, BackendStatus, RunLock, record_end
 from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
@@ -82,6 +83,11 @@ class RunRequest:
     monitor_interval: float = 1.0
     sweep: list[str] = field(default_factory=list)  #: ``--sweep KEY=V1,V2`` texts
     pythons: dict[str, str] = field(default_factory=dict)  #: ``--python NAME=PATH``: a backend's own interpreter
+    #: ``--executor``: run.json's ``executor`` record (:func:`cxrbench.run.cluster.executor_record`); None: here.
+    executor: dict[str, Any] | None = None
+    nodes: str | None = None  #: ``--nodes``: a machine count or a sweep such as ``1,2``
+    #: ``--prepare-only``: the run folder without workers (a launcher the user runs starts the ranks).
+    prepare_only: bool = False
 
 
 def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
@@ -124,15 +130,19 @@ def _check_warmup(settings: Settings, index, gpu_counts: list[int], grid: dict[s
 def new_run(request: RunRequest) -> Orchestrator:
     """Check everything that can be refused (backends, GPUs, data, folder) before the run folder exists."""
     counts = scaling.parse_gpus(request.gpus) or [request.settings.run.gpus]
-    _check_gpus(counts)
+    node_counts = scaling.parse_gpus(request.nodes, "--nodes") or [request.settings.run.nodes]
+    if request.executor is None:  # with an executor the jobs run on other machines, whose GPUs Slurm allocates
+        _check_gpus(counts)
     plugins = load_plugins(request.plugins)
     backends = _resolve_backends(plugins, request.backends, request.pythons)
     baseline = request.baseline or backends[0]
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
-    settings = request.settings.replace(**{"run.gpus": counts[0]})
-    imported = _import_init(settings, request.plugins)
+    settings = request.settings.replace(**{"run.gpus": counts[0], "run.nodes": node_counts[0]})
     run_dir = request.out or _default_out(settings)
+    if not request.prepare_only:
+        _check_executor(request.executor, run_dir, max(node_counts))
+    imported = _import_init(settings, request.plugins)
     if imported is not None:
         settings = settings.replace(**{"model.init": str(Path(run_dir, IMPORTED_INIT).absolute())})
     grid = sweep.parse_grid(request.sweep, settings)
@@ -142,11 +152,12 @@ def new_run(request: RunRequest) -> Orchestrator:
         settings = settings.replace(**{"data.crop_model": crop_spec.model})
     index = _dataset(plugins, settings)
     for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
-        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), counts)
+        replicas = sorted({nodes * max(1, gpus) for nodes in node_counts for gpus in counts})
+        sized = scaling.size_for_counts(settings, len(index.rows("train")), len(index), replicas)
         if sized == settings:
             break
         settings, index = sized, _dataset(plugins, sized)
-    _check_warmup(settings, index, counts, grid)
+    _check_warmup(settings, index, [max(node_counts) * max(1, c) for c in counts], grid)
     _refuse_existing(run_dir)
     run = {
         "schema_version": SCHEMA_VERSION,
@@ -162,19 +173,34 @@ def new_run(request: RunRequest) -> Orchestrator:
         "plugins": request.plugins,
         "pythons": request.pythons,
         "gpu_counts": counts,
+        "node_counts": node_counts,
         "data": None,
         "backends": {name: {"status": "pending", "error": None, "log": log_of(name)} for name in backends},
         "scaling": None,
         "repeats": None,
         "verdicts": None,
         "sweep": {"grid": grid, "cells": None} if grid else None,
+        "executor": request.executor,
         "init_checkpoint": checkpoints.record(Path(request.settings.model.init), IMPORTED_INIT, imported)
         if imported is not None
         else None,
     }
     orchestrator = Orchestrator(run_dir, run, plugins, request.monitor_interval, index, new=True)
     orchestrator.imported_init = imported
+    orchestrator.prepare_only = request.prepare_only
     return orchestrator
+
+
+def _check_executor(executor: dict[str, Any] | None, run_dir: Path, nodes: int) -> None:
+    """Ranks on several machines come from a scheduler's job (or a launcher the user runs), never from here."""
+    if executor is None:
+        if nodes > 1:
+            raise CxrError(
+                f"run.nodes = {nodes}: ranks on several machines start through --executor slurm, or through your "
+                "launcher after --prepare-only (docs/multi-node.md)"
+            )
+        return
+    cluster.check_executor(executor, run_dir, nodes)
 
 
 def _import_init(settings: Settings, plugin_modules: list[str]) -> dict[str, np.ndarray] | None:
@@ -201,8 +227,12 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
         )
     plugins = load_plugins(run.get("plugins", []))
     _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
-    _check_gpus(run["gpu_counts"])
-    index = _dataset(plugins, Settings.from_dict(run["settings"], str(run_dir / RUN_JSON)))
+    if not run.get("executor"):
+        _check_gpus(run["gpu_counts"])
+    settings = Settings.from_dict(run["settings"], str(run_dir / RUN_JSON))
+    if run.get("executor"):
+        _check_executor(run["executor"], run_dir, max(run.get("node_counts") or [settings.run.nodes]))
+    index = _dataset(plugins, settings)
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
     return Orchestrator(run_dir, run, plugins, monitor_interval, index)
@@ -228,6 +258,7 @@ class Orchestrator:
         self.imported_init: dict[str, np.ndarray] | None = None
         self.lock = RunLock(self.run_dir)
         self.tracker_notes: set[str] = set()
+        self.prepare_only = False
 
     # -- before the workers ----------------------------------------------------------------------
 
@@ -292,11 +323,10 @@ class Orchestrator:
         self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]
     ) -> list[str]:
         python = (self.run.get("pythons") or {}).get(name, sys.executable)
+        return [python, "-u", "-m", "cxrbench.run.worker", *self._worker_args(name, gpus, folder, stages, extra)]
+
+    def _worker_args(self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str]) -> list[str]:
         command = [
-            python,
-            "-u",
-            "-m",
-            "cxrbench.run.worker",
             "--run-dir",
             str(self.run_dir),
             "--backend",
@@ -316,10 +346,17 @@ class Orchestrator:
         return command
 
     def run_worker(
-        self, name: str, gpus: int, folder: Path, stages: tuple[str, ...], extra: list[str] | None = None
+        self,
+        name: str,
+        gpus: int,
+        folder: Path,
+        stages: tuple[str, ...],
+        extra: list[str] | None = None,
+        prepared: bool = False,
     ) -> bool:
         """Start the worker, show its progress until it exits, and record how it ended; False when it had completed
-        before (a resumed run) and did not run."""
+        before (a resumed run) and did not run (``prepared``: ``extra`` is the worker's whole argument list,
+        :meth:`cells` made it)."""
         status = BackendStatus(folder, name)
         if status.data["status"] == "completed":
             self.progress.update(name, status.data)
@@ -328,7 +365,12 @@ class Orchestrator:
         with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
             log.write(f"=== cxrbench worker {name} started {now_iso()}\n")
             log.flush()
-            command = self._worker_command(name, gpus, folder, stages, extra or [])
+            python = (self.run.get("pythons") or {}).get(name, sys.executable)
+            command = (
+                [python, "-u", "-m", "cxrbench.run.worker", *(extra or [])]
+                if prepared
+                else self._worker_command(name, gpus, folder, stages, extra or [])
+            )
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
             process = subprocess.Popen(
                 command,
@@ -374,49 +416,71 @@ class Orchestrator:
 
     def _record_end(self, name: str, folder: Path, returncode: int | None, interrupted: bool = False) -> None:
         """A worker that died without recording its outcome is marked here, naming the signal."""
-        status = BackendStatus(folder, name)
-        if status.data["status"] == "running":
-            stage = status.data.get("stage") or "start-up"
-            if interrupted:
-                status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
-            elif returncode is not None and returncode < 0:
-                status.finish(
-                    "failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}"
-                )
-            else:
-                status.finish(
-                    "failed", f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}"
-                )
-        self.progress.update(name, status.data)
+        self.progress.update(name, record_end(folder, name, returncode, interrupted))
 
-    def run_workers(self) -> None:
-        counts = self.run["gpu_counts"]
-        for name in self.backends:
-            if self.run_worker(name, counts[0], self.run_dir / name, WORKER_STAGES):
-                self.record_curves(name)
+    def cells(self) -> list[cluster.Cell]:
+        """Every worker the run needs, grouped in cells: the backends of one cell run one after another on the
+        same machine(s) (the first GPU count, every further count of ``--gpus``, each repeat, each sweep point)."""
+        counts, first = self.run["gpu_counts"], self.run["gpu_counts"][0]
+
+        def cell(
+            name: str, gpus: int, folder_of, stages: tuple[str, ...], extra: list[str], nodes: int | None = None
+        ) -> cluster.Cell:
+            calls = tuple(
+                cluster.WorkerCall(
+                    backend,
+                    str(folder_of(backend)),
+                    (self.run.get("pythons") or {}).get(backend, sys.executable),
+                    tuple(self._worker_args(backend, gpus, folder_of(backend), stages, extra)),
+                )
+                for backend in self.backends
+            )
+            return cluster.Cell(name, calls, nodes or self.settings.run.nodes, gpus)
+
+        cells = [cell("main", first, lambda b: self.run_dir / b, WORKER_STAGES, [])]
         for gpus in counts[1:]:
-            for name in self.backends:
-                self.run_worker(name, gpus, gpus_folder(self.run_dir, name, gpus, counts[0]), SWEEP_STAGES)
-        self.run_repeats(counts[0])
-        self.run_sweep(counts[0])
-
-    def run_repeats(self, gpus: int) -> None:
-        """Repeats 2..N, each in fresh workers, one backend after another, repeat by repeat."""
+            cells.append(
+                cell(f"gpus-{gpus}", gpus, lambda b, g=gpus: gpus_folder(self.run_dir, b, g, first), SWEEP_STAGES, [])
+            )
+        node_counts = self.run.get("node_counts") or [self.settings.run.nodes]
+        for nodes in node_counts[1:]:
+            folder_of = lambda b, n=nodes: nodes_folder(self.run_dir, b, n, node_counts[0])  # noqa: E731
+            cells.append(cell(f"nodes-{nodes}", first, folder_of, SWEEP_STAGES, ["--set", f"run.nodes={nodes}"], nodes))
         for i, seed in enumerate(self.seeds()[1:], start=2):
-            for name in self.backends:
-                self.run_worker(name, gpus, repeat_folder(self.run_dir, name, i), REPEAT_STAGES, ["--seed", str(seed)])
-
-    def run_sweep(self, gpus: int) -> None:
-        """The speed stages of every backend at every grid point of ``--sweep``."""
+            cells.append(
+                cell(
+                    f"repeat-{i}",
+                    first,
+                    lambda b, i=i: repeat_folder(self.run_dir, b, i),
+                    REPEAT_STAGES,
+                    ["--seed", str(seed)],
+                )
+            )
         for point in sweep.points((self.run.get("sweep") or {}).get("grid") or {}):
-            for name in self.backends:
-                self.run_worker(
-                    name,
-                    gpus,
-                    sweep_folder(self.run_dir, point["name"], name),
+            cells.append(
+                cell(
+                    f"sweep-{point['name']}",
+                    first,
+                    lambda b, p=point: sweep_folder(self.run_dir, p["name"], b),
                     SWEEP_STAGES,
                     sweep.set_options(point["overrides"]),
                 )
+            )
+        return cells
+
+    def run_workers(self) -> None:
+        """Every cell here, one worker after another, or as cluster jobs (``--executor``)."""
+        executor = self.run.get("executor")
+        if executor:
+            cluster.run_cells(self.run_dir, self.cells(), executor, self._save_run, self.progress)
+            for name in self.backends:
+                self.record_curves(name)
+            return
+        for cell in self.cells():
+            for call in cell.calls:
+                ran = self.run_worker(call.backend, cell.gpus, Path(call.folder), (), list(call.args), prepared=True)
+                if ran and cell.name == "main":
+                    self.record_curves(call.backend)
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -443,7 +507,9 @@ class Orchestrator:
         self.run["profile_comparison"] = step_profile.compare(
             self.run["backends"], self.run.get("baseline"), step_profile.global_batch(self.run["settings"])
         )
-        self.run["scaling"] = scaling.scaling_table(self.run_dir, self.backends, self.run["gpu_counts"])
+        self.run["scaling"] = scaling.scaling_table(
+            self.run_dir, self.backends, self.run["gpu_counts"], self.run.get("node_counts")
+        )
         self.run["repeats"] = repeats.collect(
             self.run_dir,
             self.backends,
@@ -473,7 +539,8 @@ class Orchestrator:
         return comparison
 
     def execute(self) -> int:
-        """The whole run; the exit status is 0 only when every backend completed and every check passed."""
+        """The whole run; the exit status is 0 only when every backend completed and every check passed. With
+        ``prepare_only``: the run folder, its data and shared weights, no worker (a launcher starts the ranks)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -482,9 +549,20 @@ class Orchestrator:
         try:
             if note:
                 self.progress.message(f"note: {note}")
-            return self._execute_locked()
+            return self._prepare_locked() if self.prepare_only else self._execute_locked()
         finally:
             self.lock.release()
+
+    def _prepare_locked(self) -> int:
+        _refuse_existing(self.run_dir)
+        self.prepare()
+        self.run.update(status="prepared")
+        self._save_run()
+        self.progress.message(
+            f"prepared {self.run_dir}: start the workers (python -m cxrbench.run.worker --launched --run-dir "
+            f"{self.run_dir} --backend NAME), then `cxrbench run --resume {self.run_dir}`"
+        )
+        return 0
 
     def _execute_locked(self) -> int:
         if self.new:

@@ -1,5 +1,6 @@
-"""``--gpus``: a GPU count or a sweep (``1,2,4``), the refusal when the machine has fewer, and the
-scaling table (images/s, efficiency, utilisation per GPU) of a sweep."""
+"""``--gpus`` and ``--nodes``: a count or a sweep (``1,2,4``), the refusal when the machine has fewer GPUs, and the
+scaling table (images/s, efficiency against 1 GPU and against 1 node, utilisation per GPU, and the global batch,
+learning rate and BatchNorm mode each point trained with) of a sweep."""
 
 from __future__ import annotations
 
@@ -10,20 +11,20 @@ from typing import Any
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import CxrError
 from cxrbench.files import read_json
-from cxrbench.run.folder import MONITOR_JSON, THROUGHPUT_JSON, gpus_folder
+from cxrbench.run.folder import MONITOR_JSON, THROUGHPUT_JSON, TRAIN_JSON, gpus_folder, nodes_folder
 from cxrbench.suite import Settings
 
 
-def parse_gpus(text: str | None) -> list[int] | None:
-    """``"1,2,4"`` -> ``[1, 2, 4]``; ``None`` (not given) -> None: the suite's ``run.gpus`` applies."""
+def parse_gpus(text: str | None, option: str = "--gpus") -> list[int] | None:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ``None`` (not given) -> None: the suite's ``run.gpus`` (``run.nodes``) applies."""
     if text is None:
         return None
     try:
         counts = [int(part) for part in text.split(",")]
     except ValueError:
-        raise CxrError(f"--gpus {text!r}: expected a count or a comma-separated sweep such as 1,2,4") from None
+        raise CxrError(f"{option} {text!r}: expected a count or a comma-separated sweep such as 1,2,4") from None
     if any(n < 1 for n in counts) or len(set(counts)) != len(counts):
-        raise CxrError(f"--gpus {text!r}: counts must be distinct whole numbers >= 1")
+        raise CxrError(f"{option} {text!r}: counts must be distinct whole numbers >= 1")
     return sorted(counts)
 
 
@@ -71,25 +72,56 @@ def size_for_counts(settings: Settings, train_images: int, total_images: int, co
 def _train_gpu_util(monitor: dict[str, Any] | None) -> dict[str, Any]:
     devices = ((monitor or {}).get("phases") or {}).get("train", {})
     return {
-        device: fields["util"] for device, fields in devices.items() if device.startswith("gpu") and "util" in fields
+        device: fields["util"]
+        for device, fields in devices.items()
+        if device.rsplit(":", 1)[-1].startswith("gpu") and "util" in fields
     }
 
 
-def scaling_table(run_dir: Path, backends: list[str], counts: list[int]) -> dict[str, list[dict[str, Any]]] | None:
-    """Images/s per count; efficiency = throughput at N / (N / N0 x throughput at N0), N0 the smallest count."""
-    if len(counts) < 2:
+#: What each point of the table trained with, from its numerics record (train.json).
+RECORDED = ("global_batch", "learning_rate", "lr_scaling", "batchnorm_sync")
+
+
+def _entry(folder: Path, nodes: int, gpus: int) -> dict[str, Any]:
+    numerics = (read_json(folder / TRAIN_JSON) or {}).get("numerics") or {}
+    return {
+        "nodes": nodes,
+        "gpus": gpus,
+        "replicas": nodes * max(1, gpus),
+        "images_per_s": (read_json(folder / THROUGHPUT_JSON) or {}).get("train_images_per_s"),
+        "gpu_util": _train_gpu_util(read_json(folder / MONITOR_JSON)),
+        **{key: numerics.get(key) for key in RECORDED},
+    }
+
+
+def _efficiency(entry: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """Throughput against ``base`` scaled by the replicas: 1.0 is perfect linear scaling."""
+    if not base or not base["images_per_s"] or entry["images_per_s"] is None:
+        return None
+    return entry["images_per_s"] / (entry["replicas"] / base["replicas"] * base["images_per_s"])
+
+
+def scaling_table(
+    run_dir: Path, backends: list[str], counts: list[int], node_counts: list[int] | None = None
+) -> dict[str, list[dict[str, Any]]] | None:
+    """Images/s per point of ``--gpus`` (on the first node count) and of ``--nodes`` (at the first GPU count).
+
+    ``efficiency``: against the smallest GPU count, N / N0 x its throughput; ``efficiency_vs_1_gpu``: against the
+    point with one replica, when the sweep has it; ``efficiency_vs_1_node``: a multi-node point against the
+    single-node point at the same GPUs per node, when the sweep has it.
+    """
+    node_counts = node_counts or [1]
+    if len(counts) < 2 and len(node_counts) < 2:
         return None
     table = {}
     for name in backends:
-        entries = []
-        for n in counts:
-            folder = gpus_folder(run_dir, name, n, counts[0])
-            throughput = (read_json(folder / THROUGHPUT_JSON) or {}).get("train_images_per_s")
-            utilisation = _train_gpu_util(read_json(folder / MONITOR_JSON))
-            entries.append({"gpus": n, "images_per_s": throughput, "gpu_util": utilisation})
-        base = entries[0]["images_per_s"]
+        entries = [_entry(gpus_folder(run_dir, name, n, counts[0]), node_counts[0], n) for n in counts]
+        entries += [_entry(nodes_folder(run_dir, name, m, node_counts[0]), m, counts[0]) for m in node_counts[1:]]
+        one_gpu = next((e for e in entries if e["replicas"] == 1), None)
+        one_node = entries[0] if node_counts[0] == 1 else None
         for entry in entries:
-            measured = entry["images_per_s"] is not None and base
-            entry["efficiency"] = entry["images_per_s"] / (entry["gpus"] / counts[0] * base) if measured else None
+            entry["efficiency"] = _efficiency(entry, entries[0]) if entry["nodes"] == node_counts[0] else None
+            entry["efficiency_vs_1_gpu"] = _efficiency(entry, one_gpu)
+            entry["efficiency_vs_1_node"] = _efficiency(entry, one_node) if entry["nodes"] > 1 else None
         table[name] = entries
     return table

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from cxrbench.errors import CxrError, is_storage_fault, storage_error
 from cxrbench.files import FILE_MODE, read_json, write_json
-from cxrbench.run.folder import LOCK_FILE, STATUS_JSON, now_iso, process_gone
+from cxrbench.run.folder import LOCK_FILE, LOG_TXT, STATUS_JSON, log_of, now_iso, process_gone
 
 #: Worker stages in the order they run; ``prepare-check`` reopens the parent's prepared cache.
 WORKER_STAGES = ("prepare-check", "equivalence", "ceiling", "train", "profile", "evaluate", "cam", "export")
@@ -75,6 +76,38 @@ class BackendStatus:
             self.data["stages"][stage] = status
         self.data.update(status=status, error=error, refused=refused, finished=now_iso())
         self.save()
+
+
+def record_end(folder: Path, name: str, returncode: int | None, interrupted: bool = False) -> dict[str, Any]:
+    """A worker that died without recording its outcome is marked here, naming the signal; a launched rank that
+    never joined its world (nothing written) fails with the one line it printed. Returns the status."""
+    status = BackendStatus(folder, name)
+    if status.data["status"] == "pending" and returncode:
+        error = launched_error(Path(folder) / LOG_TXT) or f"exited with code {returncode}; see {log_of(name)}"
+        status.finish("failed", error)
+    elif status.data["status"] == "running":
+        stage = status.data.get("stage") or "start-up"
+        if interrupted:
+            status.finish("interrupted", f"stopped by Ctrl-C during stage {stage}")
+        elif returncode is not None and returncode < 0:
+            status.finish("failed", f"worker killed by signal {signal.Signals(-returncode).name} during stage {stage}")
+        else:
+            status.finish("failed", f"worker exited with code {returncode} during stage {stage}; see {log_of(name)}")
+    return status.data
+
+
+#: The prefix of a launched rank's one-line error in its log (it owns no status file before it knows its rank).
+ERROR_MARK = "cxrbench-error: "
+
+
+def launched_error(log: Path) -> str | None:
+    """The last one-line error a launched rank printed after :data:`ERROR_MARK`, if any."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.split(ERROR_MARK, 1)[1] for line in lines if ERROR_MARK in line]
+    return found[-1] if found else None
 
 
 # -- the run folder's lock -----------------------------------------------------------------------

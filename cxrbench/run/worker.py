@@ -118,7 +118,12 @@ class Worker:
         print(f"[{self.backend}] {name}: done in {seconds:.1f} s", flush=True)
 
     def run(self, selected: tuple[str, ...]) -> None:
-        ctx, suite_stages = self.ctx, self.settings.run.stages
+        self.open()
+        self.run_stages(selected)
+
+    def open(self) -> None:
+        """Reopen the prepared data and build the model (with the trained weights when training is done)."""
+        ctx = self.ctx
         with self.recorder.phase(PHASES["prepare-check"]):
             start = time.perf_counter()
             ctx.data = open_prepared(self.hook, self.data_settings, read_json(self.run_dir / "run.json")["data"]["key"])
@@ -131,15 +136,23 @@ class Worker:
                     "cxrbench_set_weights",
                     self.backend,
                 )
+
+    def run_stages(self, selected: tuple[str, ...], only: tuple[str, ...] | None = None) -> None:
+        """The selected stages in order; ``only`` leaves the others untouched (a launched world's rank 0 runs the
+        stages after training once every rank's record has reached it)."""
+        ctx, suite_stages = self.ctx, self.settings.run.stages
         shared = initial_weights.same_start(self.settings.model.init)
-        self._stage(
-            "equivalence",
-            "equivalence" in selected and shared,
-            lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"),
-        )
+        if only is None or "equivalence" in only:
+            self._stage(
+                "equivalence",
+                "equivalence" in selected and shared,
+                lambda: stages.equivalence(ctx, self.run_dir / "equivalence_batch.npy"),
+            )
         options = self.settings.profile
         wanted = {"ceiling": options.ceiling, "profile": options.enabled, "export": self.settings.export.onnx}
         for name in ("ceiling", "train", "profile", "evaluate", "cam", "export"):
+            if only is not None and name not in only:
+                continue  # a launched world: the ceiling and the profile are one process's measurements, not run
             enabled = _selected(name, selected, suite_stages) and wanted.get(name, True)
             self._stage(name, enabled, lambda name=name: getattr(stages, name)(ctx))
             if name == "profile":
@@ -190,11 +203,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting (sweep points)"
     )
+    parser.add_argument(
+        "--launched",
+        action="store_true",
+        help="one rank of a world a framework's launcher started (torchrun, TF_CONFIG or Slurm, jax.distributed): "
+        "joins it, checks its size; rank 0 alone writes the folder (docs/multi-node.md)",
+    )
     return parser.parse_args(argv)
 
 
 def _run_settings(run_dir: Path) -> Settings:
-    return Settings.from_dict(read_json(run_dir / "run.json")["settings"], f"{run_dir / 'run.json'}")
+    run = read_json(run_dir / "run.json")
+    if run is None:
+        raise CxrError(f"{run_dir / 'run.json'}: no run there (cxrbench run --prepare-only --out {run_dir} makes one)")
+    return Settings.from_dict(run["settings"], f"{run_dir / 'run.json'}")
 
 
 def _settings(run: Settings, gpus: int | None, seed: int | None = None, sets: list[str] = ()) -> Settings:
@@ -229,6 +251,10 @@ def _watch_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     print(f"[{args.backend}] python {sys.executable} (cxrbench {__version__})", flush=True)
+    if args.launched:
+        from cxrbench.run import launched
+
+        return launched.main(args)
     folder = args.folder or args.run_dir / args.backend
     status = BackendStatus(folder, args.backend)
     status.start(os.getpid())

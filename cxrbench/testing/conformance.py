@@ -44,7 +44,7 @@ from cxrbench.backend.recorder import Recorder
 from cxrbench.data.classes import NUM_CLASSES
 from cxrbench.data.prepared import PreparedData
 from cxrbench.deploy import onnx_file
-from cxrbench.errors import BackendError, DataError, TrainingDiverged, WeightsError
+from cxrbench.errors import BackendError, CxrError, DataError, TrainingDiverged, WeightsError
 from cxrbench.metrics import step_profile
 from cxrbench.metrics.operation_categories import Classifier, collect_rules
 from cxrbench.plugins import FRAMEWORKS, Plugins, load_plugins, require_answer
@@ -708,6 +708,37 @@ def test_import_checkpoint_of_garbage_is_none_or_one_line(backend: Backend, tmp_
         assert_one_line(error)
     else:
         assert answer is None, f"{path.name}: garbage imported as {type(answer).__name__}"
+
+
+#: What launchers set (torchrun, TF_CONFIG, Slurm, jax.distributed, Open MPI): cleared, so the kit joins no world.
+LAUNCHER_ENVIRONMENT = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TF_CONFIG",
+    "SLURM_JOB_ID", "SLURM_PROCID", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+    "OMPI_COMM_WORLD_SIZE",
+)  # fmt: skip
+MULTI_NODE_HOOKS = ("cxrbench_join_world", "cxrbench_gather", "cxrbench_node_launcher")
+
+
+def test_multi_node_hooks_come_together(backend: Backend):
+    """The multi-node hooks are optional but all or none: a backend that joins a launcher's world gathers every
+    rank's record to rank 0 over it and says how its ranks start on a machine (interpreter arguments, or none)."""
+    hook = backend.plugins.hook
+    present = {name: bool(getattr(hook, name).get_hookimpls()) for name in MULTI_NODE_HOOKS}
+    assert len(set(present.values())) == 1, f"implement all of {', '.join(MULTI_NODE_HOOKS)} or none: {present}"
+    if present["cxrbench_node_launcher"]:
+        launcher = hook.cxrbench_node_launcher(settings=kit_settings(**{"run.nodes": 2, "run.gpus": 4}), head="n1")
+        assert launcher is None or all(isinstance(argument, str) for argument in launcher), launcher
+
+
+def test_joining_without_a_launcher_is_a_one_line_error(backend: Backend, monkeypatch):
+    """Outside any launcher's environment, joining a world of 2 is refused in one line, never a world of one."""
+    if not backend.plugins.hook.cxrbench_join_world.get_hookimpls():
+        pytest.skip(f"{backend.name} has no launched mode (cxrbench_join_world)")
+    for name in LAUNCHER_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(CxrError) as error:
+        backend.plugins.hook.cxrbench_join_world(settings=kit_settings(**{"run.nodes": 2}))
+    assert_one_line(error.value)
 
 
 def test_non_finite_loss_raises_training_diverged(backend: Backend):

@@ -6,7 +6,9 @@ the busy percent of the cores this process may use, the share of them other proc
 
 Rows are tagged with the backend and with the recorder's current phase and epoch, appended to
 ``monitor.jsonl`` as they are taken (so a killed worker keeps its samples), and summarised per
-phase and device into ``monitor.json`` when the sampler stops.
+phase and device into ``monitor.json`` when the sampler stops. In a multi-node world every row also carries its
+``host`` and ``rank`` (``labels``); the ranks other than 0 sample into memory only (no folder) and their rows
+reach rank 0's sampler through :meth:`Sampler.add`, so one ``monitor.jsonl`` holds every machine's samples.
 """
 
 from __future__ import annotations
@@ -87,22 +89,25 @@ class Sampler:
 
     def __init__(
         self,
-        folder: Path,
+        folder: Path | None,
         backend: str,
         tags: PhaseSource,
         interval_s: float = 1.0,
         pid: int | None = None,
         gpu: tuple[GpuReader | None, GpuStatus] | None = None,
         watch: Sequence[int] | None = None,
+        labels: dict[str, Any] | None = None,
     ):
-        self.folder = Path(folder)
+        self.folder = Path(folder) if folder is not None else None  #: None: samples stay in memory
         self.backend, self.tags, self.interval_s = backend, tags, interval_s
+        self.labels = dict(labels or {})
         self.tree = ProcessTree(pid or psutil.Process().pid)
         self.machine = MachineCpu()
         self.gpu, self.status = gpu or open_gpu_reader(watch)
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxrbench-monitor", daemon=True)
+        self._writing = threading.Lock()
 
     def start(self) -> Sampler:
         self.tree.read()  # the first cpu_percent of a process (and of the machine) is always 0: prime it
@@ -118,6 +123,7 @@ class Sampler:
             "epoch": self.tags.epoch,
             "device": device,
         }
+        row.update(self.labels)
         row.update({k: None for k in FIELDS})
         row.update(values)
         return row
@@ -132,20 +138,31 @@ class Sampler:
         return rows
 
     def _loop(self) -> None:
-        with open(self.folder / MONITOR_JSONL, "a", encoding="utf-8") as out:
-            while not self._stop.wait(self.interval_s):
-                rows = self.sample_once()
-                self.samples += rows
-                out.write("".join(json.dumps(r) + "\n" for r in rows))
-                out.flush()
+        while not self._stop.wait(self.interval_s):
+            self.add(self.sample_once())
 
-    def stop(self) -> dict[str, Any]:
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Keep ``rows`` (this process's, or another rank's) and append them to ``monitor.jsonl``."""
+        with self._writing:
+            self.samples += rows
+            if self.folder is not None:
+                with open(self.folder / MONITOR_JSONL, "a", encoding="utf-8") as out:
+                    out.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def halt(self) -> None:
+        """Stop sampling (idempotent); the samples stay."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         if self.gpu is not None:
             self.gpu.close()
+            self.gpu = None
+
+    def stop(self) -> dict[str, Any]:
+        self.halt()
         summary = summarise(self.samples, self.status, self.interval_s)
         summary["disturbance"] = noise.judge(self.samples)
-        write_json(self.folder / MONITOR_JSON, summary)
-        noise.record(self.folder, summary["disturbance"])
+        if self.folder is not None:
+            write_json(self.folder / MONITOR_JSON, summary)
+            noise.record(self.folder, summary["disturbance"])
         return summary

@@ -34,6 +34,13 @@ def statistics(values: list[float]) -> dict[str, float | int]:
     }
 
 
+def device_key(row: dict[str, Any]) -> str:
+    """The summary's name for a sample's device: ``gpu0`` for this process (rank 0), ``rank1@host:gpu0`` for a row
+    another rank of a multi-node world sent (its host and rank ride on every row)."""
+    rank = row.get("rank")
+    return row["device"] if not rank else f"rank{rank}@{row.get('host')}:{row['device']}"
+
+
 def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: float) -> dict[str, Any]:
     """``{"phases": {phase: {device: {field: stats}}}}`` plus the GPU status.
 
@@ -46,10 +53,10 @@ def summarise(samples: Iterable[dict[str, Any]], status: GpuStatus, interval_s: 
     for row in samples:
         count += 1
         if row.get("read_error"):
-            read_errors[row["device"]] += 1
+            read_errors[device_key(row)] += 1
         for name in FIELDS:
             if row.get(name) is not None:
-                grouped[row["phase"]][row["device"]][name].append(row[name])
+                grouped[row["phase"]][device_key(row)][name].append(row[name])
     phases = {
         phase: {
             device: {name: statistics(values) for name, values in fields.items()} for device, fields in devices.items()

@@ -77,6 +77,26 @@ def cxrbench_train(model, data, settings, recorder):
 
 
 @hookimpl
+def cxrbench_node_launcher(settings, head):
+    return []  # one process per machine; jax.distributed finds Slurm's environment itself
+
+
+@hookimpl
+def cxrbench_join_world(settings):
+    _require_framework()
+    from cxrbench_jax import world
+
+    return world.join(settings)
+
+
+@hookimpl
+def cxrbench_gather(payload):
+    from cxrbench_jax import world
+
+    return world.gather(payload)
+
+
+@hookimpl
 def cxrbench_predict(model, images, settings):
     from cxrbench_jax import infer
 

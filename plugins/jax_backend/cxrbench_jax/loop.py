@@ -5,7 +5,9 @@ classes, gradients, PyTorch's Adam (L2 weight decay added to the gradient, epsil
 optax's ``add_decayed_weights`` + ``scale_by_adam`` compute) and the BatchNorm statistics update. The training
 state is donated to the step, so XLA updates the weights in place. With several devices the global batch
 (``batch_size`` x devices, the ranks' batches of the core concatenated) is sharded over them and the weights are
-replicated: the step computes exactly what one device computes on the concatenated batch.
+replicated: the step computes exactly what one device computes on the concatenated batch. In a world of several
+processes (:mod:`cxrbench_jax.world`) the mesh spans every process's devices and each process feeds its own slice of
+the global batch; with ``train.batchnorm_sync = "node"`` BatchNorm reduces within each machine's slice.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cxrbench.backend import (
     PreparedData,
     Recorder,
     Settings,
+    node_groups,
     run_recipe,
     scaled_learning_rate,
     steps_per_epoch,
@@ -32,7 +35,7 @@ from cxrbench.backend import (
     train_epoch,
     validation_loss,
 )
-from cxrbench_jax import numerics
+from cxrbench_jax import numerics, world
 from cxrbench_jax.infer import pad_rows
 from cxrbench_jax.model import JaxModel
 from cxrbench_jax.network import DenseNet, normalise
@@ -93,14 +96,16 @@ class JaxEpochLoop:
 
     def __init__(self, model: JaxModel, data: PreparedData, settings: Settings, recorder: Recorder):
         self.model, self.data, self.settings, self.recorder = model, data, settings, recorder
-        self.world = len(model.devices)
+        self.devices = world.training_devices(model.devices)
+        self.world = len(self.devices)
         self.global_batch = settings.train.batch_size * self.world
-        self.batch_sharding = numerics.batch_sharding(model.devices)
+        self.batch_sharding = numerics.batch_sharding(self.devices)
         self.optimizer = torch_adam(settings)
         # A copy: the step donates its state, and the model's own arrays must survive a failed epoch.
-        params, batch_stats = jax.tree.map(jnp.copy, (model.variables["params"], model.variables["batch_stats"]))
+        params, batch_stats = self.replicated((model.variables["params"], model.variables["batch_stats"]))
         self.state = TrainState(params, batch_stats, jax.jit(self.optimizer.init)(params))
-        self.step_fn = jax.jit(make_train_step(model.network, self.optimizer), donate_argnums=0)
+        network = model.network.clone(bn_groups=node_groups(settings))
+        self.step_fn = jax.jit(make_train_step(network, self.optimizer), donate_argnums=0)
         self.val_fn = jax.jit(make_val_step(model.network))
         self.compiled: Any = None
         self.compile_s: float | None = None
@@ -119,14 +124,42 @@ class JaxEpochLoop:
             self.compile_s = time.perf_counter() - start
         return self.compiled
 
+    def replicated(self, tree: Any) -> Any:
+        """A copy of ``tree`` on every training device (the mesh of every process in a launched world)."""
+        if not world.joined():
+            return jax.tree.map(jnp.copy, tree)
+        return jax.device_put(jax.device_get(tree), numerics.replicated(self.devices))
+
     def device_batch(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """This process's slice of the global batch, on its devices of the training mesh."""
+        if world.joined():
+            rows = (self.global_batch,)
+            return tuple(
+                jax.make_array_from_process_local_data(self.batch_sharding, a, rows + a.shape[1:])
+                for a in (batch.images, batch.labels)
+            )
         return jax.device_put(batch.images, self.batch_sharding), jax.device_put(batch.labels, self.batch_sharding)
+
+    def global_copy(self, array: np.ndarray) -> jax.Array:
+        """The same host array on every process, sharded over the training mesh (validation batches)."""
+        if not world.joined():
+            return jax.device_put(array, self.batch_sharding)
+        return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         """The core's global batches (the ranks' batches concatenated, so any device count sees the images one
-        device would), one compiled step each; the losses stay on the device until the epoch ends."""
+        device would), one compiled step each; the losses stay on the device until the epoch ends. Each process
+        of a launched world reads the core's rank slice of its own devices only."""
         settings = self.settings
-        batches = train_batches(self.data, settings, epoch, batch_size=self.global_batch)
+        processes, local = jax.process_count(), self.world // jax.process_count()
+        batches = train_batches(
+            self.data,
+            settings,
+            epoch,
+            batch_size=settings.train.batch_size * local,
+            rank=jax.process_index(),
+            world=processes,
+        )
         rate = jnp.float32(lr)
 
         def step(batch: Batch) -> jax.Array:
@@ -154,7 +187,7 @@ class JaxEpochLoop:
         def summed_loss(batch: Batch) -> jax.Array:
             mask = (np.arange(rows) < len(batch.images)).astype(np.float32)
             padded = (pad_rows(batch.images, rows), pad_rows(batch.labels, rows), mask)
-            return self.val_fn(variables, *(jax.device_put(a, self.batch_sharding) for a in padded))
+            return self.val_fn(variables, *(self.global_copy(a) for a in padded))
 
         with self.out_of_memory("validating"):
             return validation_loss(self.recorder, self.data, self.settings, summed_loss, self.sync, device_total)
@@ -167,7 +200,7 @@ class JaxEpochLoop:
         return jax.tree.map(lambda a: np.array(a, copy=True), self.variables())
 
     def restore(self, snapshot: dict[str, Any]) -> None:
-        placed = jax.device_put(snapshot, numerics.replicated(self.model.devices))
+        placed = jax.device_put(snapshot, numerics.replicated(self.devices))
         self.state = self.state._replace(params=placed["params"], batch_stats=placed["batch_stats"])
 
 
@@ -190,10 +223,13 @@ def train(model: JaxModel, data: PreparedData, settings: Settings, recorder: Rec
             result = run_recipe(loop, settings, recorder, world=loop.world)
         finally:
             if not any(a.is_deleted() for a in jax.tree.leaves(loop.variables())):
-                model.variables = loop.variables()
+                if world.joined():  # back to this process's devices: the stages after training run here alone
+                    model.put(jax.device_get(loop.variables()))
+                else:
+                    model.variables = loop.variables()
         in_force = numerics.describe(
             settings,
-            model.devices,
+            loop.devices,
             scaled_learning_rate(settings, loop.world),
             model.variables,
             compile_s=loop.compile_s,

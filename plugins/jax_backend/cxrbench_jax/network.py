@@ -38,10 +38,13 @@ class TorchBatchNorm(nn.Module):
     UNBIASED batch variance (Flax's own BatchNorm keeps the biased one and uses the opposite momentum).
 
     Under ``jit`` with a batch sharded over devices the statistics are reduced over the global batch, so the
-    data-parallel step is synchronised BatchNorm without any collective written here.
+    data-parallel step is synchronised BatchNorm without any collective written here. With ``groups`` > 1 the batch
+    is cut into that many consecutive parts (one per machine: ``train.batchnorm_sync = "node"``), each normalised
+    with its own statistics; the running statistics follow the first part, as rank 0's do in PyTorch.
     """
 
     features: int
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -49,6 +52,8 @@ class TorchBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         mean_stat = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
         var_stat = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+        if train and self.groups > 1:
+            return self._per_group(x, scale, bias, mean_stat, var_stat)
         if train:
             mean = x.mean(axis=(0, 1, 2))
             var = jnp.square(x - mean).mean(axis=(0, 1, 2))
@@ -60,6 +65,18 @@ class TorchBatchNorm(nn.Module):
         else:
             mean, var = mean_stat.value, var_stat.value
         return (x - mean) * (scale * jax.lax.rsqrt(var + canonical.BN_EPSILON)) + bias
+
+    def _per_group(self, x, scale, bias, mean_stat, var_stat) -> jax.Array:
+        parts = x.reshape(self.groups, -1, *x.shape[1:])
+        mean = parts.mean(axis=(1, 2, 3), keepdims=True)
+        var = jnp.square(parts - mean).mean(axis=(1, 2, 3), keepdims=True)
+        count = parts[0].size // self.features
+        if not self.is_initializing():
+            unbiased = var[0].reshape(-1) * (count / max(count - 1, 1))
+            mean_stat.value = (1 - BN_MOMENTUM) * mean_stat.value + BN_MOMENTUM * mean[0].reshape(-1)
+            var_stat.value = (1 - BN_MOMENTUM) * var_stat.value + BN_MOMENTUM * unbiased
+        out = (parts - mean) * (scale * jax.lax.rsqrt(var + canonical.BN_EPSILON)) + bias
+        return out.reshape(x.shape)
 
 
 def conv(features: int, kernel: int, name: str, stride: int = 1, pad: int = 0) -> nn.Conv:
@@ -77,9 +94,11 @@ class DenseNet(nn.Module):
     """torchvision's DenseNet-BC (growth 32, bottleneck 4, 64 initial features) for any block configuration."""
 
     block_config: tuple[int, ...]
+    #: Groups BatchNorm reduces within while training (:class:`TorchBatchNorm`); the weights do not depend on it.
+    bn_groups: int = 1
 
     def bn_relu(self, x: jax.Array, prefix: str, train: bool) -> jax.Array:
-        return nn.relu(TorchBatchNorm(x.shape[-1], name=module_name(prefix))(x, train))
+        return nn.relu(TorchBatchNorm(x.shape[-1], self.bn_groups, name=module_name(prefix))(x, train))
 
     def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """The final feature map after the last BatchNorm *and* ReLU (what CAM multiplies)."""

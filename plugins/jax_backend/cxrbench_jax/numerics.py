@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cxrbench.backend import (
     Settings,
     UnsupportedSetting,
+    batchnorm_scope,
     numerics_record,
     out_of_memory,
     require_framework_gpus,
@@ -145,6 +146,7 @@ def describe(
         device=device_name(devices[0]),
         devices=[device_name(d) for d in devices],
         world_size=world,
+        nodes=settings.run.nodes,
         data_parallel="jax.sharding (GSPMD): batch sharded, weights replicated" if world > 1 else "none",
         batch_size_per_device=settings.train.batch_size,
         global_batch=settings.train.batch_size * world,
@@ -156,7 +158,9 @@ def describe(
         tf32=precision not in IEEE_PRECISIONS,
         layout="NHWC",
         compile="jax.jit (XLA)",
-        synchronized_batchnorm=world > 1,  # the sharded step reduces the statistics over the global batch
+        # the sharded step reduces the statistics over the global batch, or over each machine's part of it
+        synchronized_batchnorm=batchnorm_scope(settings, world) == "global",
+        batchnorm_sync=batchnorm_scope(settings, world),
         intra_op_threads=len(os.sched_getaffinity(0)),
         inter_op_threads=None,
         thread_budget=thread_budget(settings.numerics),

@@ -81,6 +81,29 @@ def cxrbench_train(model, data, settings, recorder):
 
 
 @hookimpl
+def cxrbench_node_launcher(settings, head):
+    return []  # one worker per machine; its MultiWorkerMirroredStrategy reads Slurm's environment
+
+
+@hookimpl
+def cxrbench_join_world(settings):
+    from cxrbench_keras import determinism
+
+    determinism.prepare_environment(settings.numerics)  # before the first TensorFlow import
+    from cxrbench_keras import distributed, numerics
+
+    numerics.configure_runtime(settings)  # threads and devices before the strategy starts TensorFlow's runtime
+    return distributed.join(settings)
+
+
+@hookimpl
+def cxrbench_gather(payload):
+    from cxrbench_keras import distributed
+
+    return distributed.gather(payload)
+
+
+@hookimpl
 def cxrbench_predict(model, images, settings):
     from cxrbench_keras.infer import predict
 

@@ -22,7 +22,7 @@ from cxrbench.backend import (
     train_epoch,
     validation_loss,
 )
-from cxrbench_keras.distributed import check_replicated_numerics, is_chief, train_dataset
+from cxrbench_keras.distributed import check_replicated_numerics, is_chief, joined, train_dataset
 from cxrbench_keras.model import KerasDenseNet, preprocess
 from cxrbench_keras.numerics import describe, oom_as_backend_error, peak_memory
 from cxrbench_keras.optim import make_optimizer
@@ -31,6 +31,15 @@ from cxrbench_keras.optim import make_optimizer
 def bce_sum(labels, logits):
     """Summed binary cross-entropy on float32 logits (torch's BCEWithLogitsLoss before its mean)."""
     return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=tf.cast(logits, tf.float32)))
+
+
+def sync_local_devices(devices) -> None:
+    """``tf.test.experimental.sync_devices`` for this worker's own devices: in a multi-worker cluster that function
+    also addresses the other workers' devices, which TensorFlow's eager context refuses. (Eager execution is
+    synchronous here, so the op returns once the device has finished.)"""
+    for device in devices:
+        with tf.device(device):
+            tf.raw_ops.SyncDevice()
 
 
 def device_total(sums: list[tf.Tensor], images: int) -> tuple[float, int]:
@@ -78,7 +87,10 @@ class KerasEpochLoop:
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     def sync(self) -> None:
-        tf.test.experimental.sync_devices()
+        if joined():
+            sync_local_devices(self.strategy.extended.worker_devices)
+        else:
+            tf.test.experimental.sync_devices()
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         self.optimizer.learning_rate.assign(lr)
@@ -113,8 +125,9 @@ class KerasEpochLoop:
 
 
 def train(model: KerasDenseNet, data, settings, recorder: Recorder) -> dict:
-    """run_recipe with the Keras loop; rank 0 reports; the core's numerics record is returned."""
-    reporter = recorder if is_chief(model.strategy) else Recorder()
+    """run_recipe with the Keras loop; rank 0 reports (every launched worker, to its own worker); the core's
+    numerics record is returned."""
+    reporter = recorder if is_chief(model.strategy) or joined() else Recorder()
     loop = KerasEpochLoop(model, data, settings, reporter)
     with oom_as_backend_error(settings.train.batch_size, "training"), peak_memory() as peak:
         result = run_recipe(loop, settings, reporter, world=loop.replicas)

@@ -52,11 +52,13 @@ def describe(settings, network: keras.Model, strategy, optimizer, learning_rate:
     default = isinstance(strategy, type(tf.distribute.get_strategy()))
     batchnorms = [layer for layer in network.layers if isinstance(layer, keras.layers.BatchNormalization)]
     gpus = tf.config.get_visible_devices("GPU")
+    synchronized = bool(batchnorms) and all(layer.synchronized for layer in batchnorms)
     return numerics_record.build(
         "keras",
         device=device_name(),
         devices=[device_name()] if default else list(strategy.extended.worker_devices),
         world_size=replicas,
+        nodes=settings.run.nodes,
         data_parallel="none" if default else type(strategy).__name__,
         batch_size_per_device=settings.train.batch_size,
         global_batch=settings.train.batch_size * replicas,
@@ -68,7 +70,8 @@ def describe(settings, network: keras.Model, strategy, optimizer, learning_rate:
         tf32=tf.config.experimental.tensor_float_32_execution_enabled(),
         layout="NHWC",
         compile="tf.function + XLA (jit_compile)" if numerics.jit_compile else "tf.function",
-        synchronized_batchnorm=bool(batchnorms) and all(layer.synchronized for layer in batchnorms),
+        synchronized_batchnorm=synchronized,
+        batchnorm_sync="global" if synchronized else "none",
         intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
         inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
         thread_budget=thread_budget(numerics),

@@ -6,7 +6,7 @@ Only the hook implementations live here, and they import torch lazily: importing
 
 from __future__ import annotations
 
-from cxrbench.backend import BackendInfo, check_cam_inputs, check_images, distribution_version, hookimpl
+from cxrbench.backend import BackendError, BackendInfo, check_cam_inputs, check_images, distribution_version, hookimpl
 
 NAME = "pytorch"
 #: Checkpoints this backend imports (``cxrbench weights import``): torch state_dicts and training checkpoints.
@@ -66,13 +66,45 @@ def cxrbench_import_checkpoint(path, block_config):
 
 @hookimpl
 def cxrbench_train(model, data, settings, recorder):
-    if settings.run.gpus > 1:
+    if settings.run.gpus > 1 or settings.run.nodes > 1:
         from cxrbench_pytorch import distributed
 
+        if distributed.joined():
+            return distributed.train_launched(model, data, settings, recorder)
+        if settings.run.nodes > 1:
+            raise BackendError("run.nodes > 1: torchrun starts the ranks (docs/multi-node.md), not cxrbench_train")
         return distributed.train(model, data, settings, recorder, world=settings.run.gpus, device_type="cuda")
     from cxrbench_pytorch import loop
 
     return loop.train(model, data, settings, recorder)
+
+
+@hookimpl
+def cxrbench_node_launcher(settings, head):
+    # torchrun's c10d rendezvous on the job's first machine, at torchrun's default port; no restarts: a failed rank
+    # is a failed cell, not a retried one.
+    return [
+        "-m", "torch.distributed.run",
+        "--nnodes", str(settings.run.nodes),
+        "--nproc-per-node", str(max(1, settings.run.gpus)),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", head,
+        "--max-restarts", "0",
+    ]  # fmt: skip
+
+
+@hookimpl
+def cxrbench_join_world(settings):
+    from cxrbench_pytorch import distributed
+
+    return distributed.join(settings)
+
+
+@hookimpl
+def cxrbench_gather(payload):
+    from cxrbench_pytorch import distributed
+
+    return distributed.gather(payload)
 
 
 @hookimpl

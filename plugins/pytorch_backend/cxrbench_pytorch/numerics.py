@@ -8,6 +8,7 @@ what was asked for.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from cxrbench.backend import (
     BackendError,
     NumericsSettings,
     Settings,
+    batchnorm_scope,
     numerics_record,
     out_of_memory_as_error,
     require_framework_gpus,
@@ -33,11 +35,15 @@ def select_device(settings: Settings) -> torch.device:
     process was given but torch cannot see is an error, never a quiet fall back to the CPU."""
     available = torch.cuda.device_count()
     require_framework_gpus("torch", available, settings.run.gpus)
-    return torch.device("cuda", 0) if available else torch.device("cpu")
+    # A rank torchrun started has chosen its GPU (torch.cuda.set_device); otherwise that is GPU 0.
+    return torch.device("cuda", torch.cuda.current_device()) if available else torch.device("cpu")
 
 
 def _processes() -> int:
-    """Ranks sharing this machine's cores: the process group's size once one is initialised."""
+    """Ranks sharing this machine's cores: the ranks torchrun started here, else the process group's size once one
+    is initialised (ranks spawned on this machine)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -141,9 +147,11 @@ def describe(
     numerics = settings.numerics
     dtype = AUTOCAST_DTYPES[numerics.precision]
     cudnn = torch.backends.cudnn
-    synchronized = not any(type(module) is nn.BatchNorm2d for module in net.modules())
+    scope = batchnorm_scope(settings, world)
+    synchronized = scope == "global" and not any(type(module) is nn.BatchNorm2d for module in net.modules())
+    per_node = max(1, world // settings.run.nodes)  # a node's ranks drive its GPUs 0..per_node-1
     devices = (
-        [device_name(torch.device(device.type, rank)) for rank in range(world)]
+        [device_name(torch.device(device.type, rank % per_node)) for rank in range(world)]
         if device.type == "cuda"
         else [device_name(device)] * world
     )
@@ -152,6 +160,7 @@ def describe(
         device=device_name(device),
         devices=devices,
         world_size=world,
+        nodes=settings.run.nodes,
         data_parallel=data_parallel,
         batch_size_per_device=settings.train.batch_size,
         global_batch=settings.train.batch_size * world,
@@ -164,6 +173,7 @@ def describe(
         layout="NHWC (torch.channels_last)" if numerics.channels_last else "NCHW",
         compile="torch.compile" if compiled else "eager",
         synchronized_batchnorm=synchronized,
+        batchnorm_sync=scope,
         intra_op_threads=torch.get_num_threads(),
         inter_op_threads=torch.get_num_interop_threads(),
         thread_budget=thread_budget(numerics, world),

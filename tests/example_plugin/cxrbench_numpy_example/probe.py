@@ -126,6 +126,7 @@ def describe(model, settings: Settings, layout: str) -> dict[str, Any]:
         device="cpu",
         devices=["cpu"],
         world_size=1,
+        nodes=1,
         data_parallel="none",
         batch_size_per_device=settings.train.batch_size,
         global_batch=settings.train.batch_size,
@@ -138,6 +139,7 @@ def describe(model, settings: Settings, layout: str) -> dict[str, Any]:
         layout=layout,
         compile="eager",
         synchronized_batchnorm=False,
+        batchnorm_sync="none",
         intra_op_threads=max((pool["num_threads"] for pool in blas), default=1),
         inter_op_threads=1,  # numpy runs one operation at a time
         thread_budget=thread_budget(settings.numerics),
