@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_report import make_fake_run
 
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
+from helpers.fake_run import make_fake_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [

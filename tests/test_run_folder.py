@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_report import make_fake_run
 
 from cxrbench import run_folder
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
 from cxrbench.run.schema import load_schema
+from helpers.fake_run import make_fake_run
 from helpers.tiny_run import TINY_RUN
 
 PACKAGE = Path(run_folder.__file__).resolve().parent

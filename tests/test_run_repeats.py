@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_report import HOSTILE_BACKEND, make_fake_run
 
 from cxrbench import weights as canonical
 from cxrbench.classes import CLASSES
@@ -25,6 +24,7 @@ from cxrbench.run.schema import validate
 from cxrbench.run.worker import _settings
 from cxrbench.run_folder import repeat_folder, shared_init_path
 from cxrbench.suite import ARCHITECTURES, Settings
+from helpers.fake_run import HOSTILE_BACKEND, make_fake_run
 
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]
 #: Hand-made per-repeat figures: (mean AUROC, AUROC of class A, of class B, steady img/s, first step s, disturbed).

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
@@ -18,6 +17,7 @@ from cxrbench.run import sweep
 from cxrbench.run.schema import validate
 from cxrbench.run_folder import sweep_folder
 from cxrbench.suite import Settings, parse_set_option
+from helpers.fake_run import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 
 # -- grid ------------------------------------------------------------------------------------------
 

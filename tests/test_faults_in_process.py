@@ -2,7 +2,7 @@
 
 Every fault must end as one line naming the path, leave no partial file under a final name, and keep
 what was written before it. The end-to-end versions (a real tmpfs, killed processes) are in
-tests/test_faults_run.py.
+tests/test_faults_run.py (the example backend) and tests/test_faults_workers.py (a framework's worker).
 """
 
 from __future__ import annotations
