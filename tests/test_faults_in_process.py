@@ -273,6 +273,7 @@ def test_data_verify_checks_every_block_and_rebuilds_a_mismatch(dataset, tmp_pat
     assert "Traceback" not in bad.stderr + removed.stderr + missing.stderr
 
 
+@pytest.mark.serial  # a bound on wall time
 def test_the_sampled_check_costs_milliseconds(dataset, tmp_path):
     """Not a timing assertion on speed: a bound two orders of magnitude above what it takes, to catch a full read."""
     prepared = cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)

@@ -15,7 +15,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch", "keras")
+pytestmark = require("pytorch", "keras")
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND before keras is imported below)
 from cxrbench import numerics_record

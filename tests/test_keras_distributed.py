@@ -17,7 +17,7 @@ import pytest
 from cxrbench.testing.conformance import child_env
 from helpers.backends import require
 
-require("keras")
+pytestmark = require("keras")
 
 BODY = textwrap.dedent(
     """

@@ -31,6 +31,7 @@ LOAD_LIMIT_S = 5.0
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.serial,  # LOAD_LIMIT_S bounds a page's load time
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (CI installs it: .ci/browser-deps.sh)"
     ),

@@ -155,6 +155,7 @@ def test_paths_of_repeats_gpu_counts_sweeps_and_shared_weights(tmp_path):
 TINY = ["--backend", "numpy", *TINY_RUN, "--epochs", "1"]
 
 
+@pytest.mark.backends("numpy")
 @pytest.mark.slow
 def test_a_real_run_writes_exactly_the_files_run_folder_lists(tmp_path):
     """The example NumPy backend's run (every stage, default run.keep): each listed file exists and nothing else

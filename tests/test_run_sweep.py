@@ -83,6 +83,7 @@ def test_bad_sweeps_are_one_line_errors_naming_the_option_and_key(texts, message
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
+@pytest.mark.backends("numpy")
 def test_bad_sweep_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--backend", "numpy", "--sweep", "numerics.precision=fp32,fp64", "--out", str(out)]) == 2

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch", "keras")  # the reference loop is torch's
+pytestmark = require("pytorch", "keras")  # the reference loop is torch's
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND)
 
