@@ -4,6 +4,8 @@
 
 export ARTIFACTS="${ARTIFACTS:-$PWD/artifacts}"
 export CI_TIMES="${CI_TIMES:-$ARTIFACTS/stage-times.tsv}"
+#: pytest-xdist workers for the tests that may share the machine (CI's machine has 2 cores).
+export CI_WORKERS="${CI_WORKERS:-2}"
 mkdir -p "$ARTIFACTS/junit"
 
 BACKGROUND_LOCK="$ARTIFACTS/.background.lock"

@@ -87,7 +87,8 @@ def once(deselected: Path, files: list[Path]) -> int:
     twice = sorted(t for t, where in runs.items() if len(where) > 1)
     counts = Counter(where[0] for where in runs.values())
     width = max(map(len, counts), default=0)
-    print(f"   every test once: {len(universe)} tests, each ran in exactly one of these runs")
+    verdict = "each ran in exactly one of these runs" if not never and not twice else "NOT each ran exactly once"
+    print(f"   {len(universe)} tests, {verdict}; the tests each run ran:")
     for name in (f.stem for f in files):
         print(f"   {name:<{width}}  {counts[name]:>4}")
     for test in never:
