@@ -48,13 +48,13 @@ PY
   "$FRAMEWORKS"
 
 stage "core: tests with no backend installed"
-run_tests core-bare "$py" --stage core -n "$CI_WORKERS" --dist loadgroup -m "not serial" "$@"
+run_parallel_tests core-bare "$py" --stage core -m "not serial" "$@"
 stage "core: tests with no backend installed (serial)"
 run_serial_tests core-bare-serial "$py" --stage core -m serial "$@"
 "$py" .ci/tests_report.py declared "$ARTIFACTS"/junit/core-bare*.xml
 
 stage "core: tests needing the example backend"
 "${uv[@]}" pip install --quiet --python "$py" -e tests/example_plugin
-run_tests core-example "$py" --stage core -n "$CI_WORKERS" --dist loadgroup -m "backends and not serial" "$@"
+run_parallel_tests core-example "$py" --stage core -m "backends and not serial" "$@"
 run_serial_tests core-example-serial "$py" --stage core -m "backends and serial" "$@"
 stage_end

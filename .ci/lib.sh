@@ -37,6 +37,11 @@ stage_end() {  # stage_end [STATUS]: records the running stage's wall time (STAT
   fi
 }
 
+run_parallel_tests() {  # run_parallel_tests NAME PYTHON PYTEST-ARGS...: run_tests, $CI_WORKERS tests at a time
+  # (the benchmarks are serial: pytest-benchmark would only warn that xdist disables them)
+  run_tests "$1" "$2" -n "$CI_WORKERS" --dist loadgroup --benchmark-disable "${@:3}"
+}
+
 run_serial_tests() {  # run_serial_tests NAME PYTHON PYTEST-ARGS...: run_tests once no background job runs
   flock "$BACKGROUND_LOCK" true
   run_tests "$@"

@@ -28,7 +28,7 @@ def run_smoke_suite(out: Path) -> SmokeRun:
     command = [sys.executable, "-m", "cxrbench", "run", "--out", str(out)]
     for name in SMOKE_BACKENDS:
         command += ["--backend", name]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)  # a guard against a hang
     wall = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-5000:]
     run = json.loads((out / "run.json").read_text())
