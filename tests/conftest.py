@@ -128,6 +128,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     reasons = [reason for reason in map(backends.missing, sorted(backends.needed(item))) if reason]
     if reasons:
         pytest.skip("; ".join(reasons))
+    if "PYTEST_XDIST_WORKER" in os.environ and item.get_closest_marker("serial"):
+        pytest.skip("serial: must not share the machine, so it runs without -n (CI runs it alone)")
 
 
 @pytest.fixture
