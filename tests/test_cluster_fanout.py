@@ -70,7 +70,7 @@ def job_of(folder: Path) -> str:
     return line.rsplit(" in job ", 1)[1]
 
 
-@pytest.mark.exclusive
+@pytest.mark.serial
 @pytest.mark.slurm
 @pytest.mark.backends("numpy", "pytorch")
 def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
@@ -124,7 +124,7 @@ def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
     assert run["status"] == "completed" and (out / "index.html").is_file() and (out / "sweep.csv").is_file()
 
 
-@pytest.mark.exclusive
+@pytest.mark.serial
 @pytest.mark.backends("numpy")
 def test_submitits_local_executor_runs_every_cell_and_merges(tmp_path):
     out = tmp_path / "run"

@@ -61,6 +61,7 @@ def test_help_and_backends_load_no_framework():
     assert _loaded_after(["backends"]) == []
 
 
+@pytest.mark.serial  # a bound on wall time
 @pytest.mark.backends("pytorch", "keras")
 def test_backends_lists_both_builtin_backends_quickly():
     start = time.perf_counter()

@@ -145,6 +145,7 @@ class RecordingHook:
         return "model"
 
 
+@pytest.mark.backends("numpy")
 def test_shared_equals_the_run_folders_shared_init_files(tmp_path):
     """The orchestrator writes shared_init*.npz, one per repeat seed; the worker passes them to the backend.
     For every seed that is exactly what the core resolves for init = "shared" without weights."""

@@ -9,8 +9,10 @@ from cxrbench.errors import BackendError, WeightsError
 DENSENET121 = (6, 12, 24, 16)
 
 
+@pytest.mark.backends("pytorch")  # torchvision is the independent reference
 def test_densenet121_layout_matches_torchvision():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     model = torchvision.models.densenet121(weights=None, num_classes=14)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     spec = weights.densenet_spec(DENSENET121)

@@ -16,7 +16,7 @@ from cxrbench.errors import BackendError
 from cxrbench.suite import Settings
 from helpers.backends import require
 
-require("pytorch")
+pytestmark = require("pytorch")
 import torch  # noqa: E402
 
 from cxrbench_pytorch import determinism as torch_determinism  # noqa: E402

@@ -1,5 +1,6 @@
 """Faults around a whole `cxrbench run`: a disk that fills up, killed processes, two runs into one folder,
-a refused run, run.keep.
+a refused run, run.keep. (The fault-test family: tests/test_faults_in_process.py, this module,
+tests/test_faults_workers.py; their shared child-process helpers: tests/helpers/cli_process.py.)
 
 Each test runs `cxrbench run` as a subprocess with the example NumPy backend on a tiny DenseNet at 32 px
 (seconds per run). Each asserts the exit status, a one-line message without a traceback, that no file
@@ -13,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,56 +25,24 @@ import pytest
 from cxrbench.deploy.onnx_file import check_model
 from cxrbench.run import keep
 from cxrbench.run.schema import validate
+from helpers.cli_process import finish, last_line, read_status, start, training, wait_until
 from helpers.tiny_run import TINY_RUN
 
-TESTS = Path(__file__).resolve().parent
 TINY = ["--backend", "numpy", *TINY_RUN, "--monitor-interval", "0.2"]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backends("numpy")]
 
 
-def _start(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cxrbench", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def _numpy_status(run_dir: Path) -> dict:
+    return read_status(run_dir / "numpy" / "status.json")
 
 
-def _finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
-    return process.returncode, err
-
-
-def _status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "numpy" / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _wait_until(run_dir: Path, process: subprocess.Popen, condition, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"run ended early: {process.communicate()[1]}"
-        status = _status(run_dir)
-        if condition(status):
-            return status
-        time.sleep(0.02)
-    raise AssertionError("the run did not get there in time")
-
-
-def _training(status: dict) -> bool:
-    return status.get("stage") == "train" and bool((status.get("progress") or {}).get("epoch"))
+def _wait_until(run_dir: Path, process, condition) -> dict:
+    return wait_until(run_dir / "numpy" / "status.json", process, condition)
 
 
 def _equivalence_done(status: dict) -> bool:
     return (status.get("stages") or {}).get("equivalence") == "done"
-
-
-def _last_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err, err
-    return lines[-1]
 
 
 def _assert_no_partial_files(run_dir: Path) -> None:
@@ -124,14 +92,14 @@ def _fill(folder: Path) -> Path:
 def test_a_disk_that_fills_up_mid_run_is_one_line_keeps_results_and_resumes(tmp_path):
     with _tmpfs(tmp_path / "disk", "24m") as disk:
         run_dir = disk / "run"
-        process = _start("run", "--out", str(run_dir), "--epochs", "6", *TINY)
-        _wait_until(run_dir, process, _training)
+        process = start("run", "--out", str(run_dir), "--epochs", "6", *TINY)
+        _wait_until(run_dir, process, training)
         before = _fingerprints([run_dir / "shared_init.npz", run_dir / "numpy" / "equivalence.npz"])
         filler = _fill(disk)
-        code, err = _finish(process)
+        code, err = finish(process)
 
         assert code == 1, err
-        line = _last_line(err)
+        line = last_line(err)
         assert line.startswith(f"cxrbench: error: {run_dir}/")
         assert (
             ": cannot write (no space left on the device: free space there or choose a folder on another disk); "
@@ -141,12 +109,12 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_keeps_results_and_resumes(tmp_
         assert _fingerprints(list(before)) == before
 
         filler.unlink()
-        report = _start("report", str(run_dir))
-        assert _finish(report)[0] == 0
+        report = start("report", str(run_dir))
+        assert finish(report)[0] == 0
         page = (run_dir / "index.html").read_text()
         assert "interrupted" in page  # run.json and status.json still say running: nobody holds the lock
 
-        code, err = _finish(_start("run", "--resume", str(run_dir)))
+        code, err = finish(start("run", "--resume", str(run_dir)))
         assert code == 0, err
         run = json.loads((run_dir / "run.json").read_text())
         validate(run)
@@ -158,22 +126,22 @@ def test_a_disk_that_fills_up_mid_run_is_one_line_keeps_results_and_resumes(tmp_
 
 def test_a_read_only_run_folder_is_one_line_and_creates_nothing(tmp_path):
     with _tmpfs(tmp_path / "ro", "1m", ",ro") as read_only:
-        code, err = _finish(_start("run", "--out", str(read_only / "run"), *TINY))
+        code, err = finish(start("run", "--out", str(read_only / "run"), *TINY))
         assert code == 1
         expected = f"{read_only / 'run'}: cannot write (read-only file system: choose a writable folder)"
-        assert _last_line(err) == f"cxrbench: error: {expected}"
+        assert last_line(err) == f"cxrbench: error: {expected}"
         assert list(read_only.iterdir()) == []
 
 
 def test_a_refused_run_creates_no_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = _finish(_start("run", "--suite", "chestxray14", "--backend", "numpy"))
+    code, err = finish(start("run", "--suite", "chestxray14", "--backend", "numpy"))
     assert code == 2
-    assert _last_line(err) == (
+    assert last_line(err) == (
         "cxrbench: error: suite 'chestxray14': data.source = 'chestxray14' needs data.path (or --data DIR)"
     )
-    code, err = _finish(
-        _start(
+    code, err = finish(
+        start(
             "run",
             "--suite",
             "chestxray14",
@@ -185,29 +153,29 @@ def test_a_refused_run_creates_no_folder(tmp_path, monkeypatch):
             str(tmp_path / "run"),
         )
     )
-    assert code == 2 and str(tmp_path / "nowhere") in _last_line(err)
+    assert code == 2 and str(tmp_path / "nowhere") in last_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_run_is_reported_interrupted_and_resumes_from_its_last_stage(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start("run", "--out", str(run_dir), "--epochs", "6", *TINY)
+    process = start("run", "--out", str(run_dir), "--epochs", "6", *TINY)
     status = _wait_until(run_dir, process, _equivalence_done)
     os.kill(process.pid, signal.SIGKILL)  # the whole machine goes: the orchestrator and its worker at once
     os.kill(status["pid"], signal.SIGKILL)
     process.wait()
     while psutil.pid_exists(status["pid"]) and psutil.Process(status["pid"]).status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.05)
-    status = _status(run_dir)  # as the kill left it (the stage may have moved on since equivalence)
+    status = _numpy_status(run_dir)  # as the kill left it (the stage may have moved on since equivalence)
     assert status["status"] == "running"
     equivalence = _fingerprints([run_dir / "numpy" / "equivalence.npz"])
 
-    code, err = _finish(_start("report", str(run_dir)))
+    code, err = finish(start("report", str(run_dir)))
     assert code == 0, err
     page = (run_dir / "index.html").read_text()
     assert "says running, but no cxrbench run holds" in page and "interrupted" in page
 
-    code, err = _finish(_start("run", "--resume", str(run_dir)))
+    code, err = finish(start("run", "--resume", str(run_dir)))
     assert code == 0, err
     assert "note: took over the lock" in err and "which is no longer running" in err
     assert (
@@ -224,41 +192,41 @@ def test_a_killed_run_is_reported_interrupted_and_resumes_from_its_last_stage(tm
 
 def test_an_orphaned_worker_stops_itself_and_the_run_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start("run", "--out", str(run_dir), "--epochs", "8", *TINY)
-    status = _wait_until(run_dir, process, _training)
+    process = start("run", "--out", str(run_dir), "--epochs", "8", *TINY)
+    status = _wait_until(run_dir, process, training)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
 
     gone, alive = psutil.wait_procs([psutil.Process(status["pid"])], timeout=15)
     assert not alive, "the worker outlived its orchestrator"
-    recorded = _status(run_dir)
+    recorded = _numpy_status(run_dir)
     assert recorded["status"] == "interrupted"
     assert recorded["error"] == f"the cxrbench run that started this worker (pid {process.pid}) is gone"
 
-    code, err = _finish(_start("run", "--resume", str(run_dir)), timeout=400)
+    code, err = finish(start("run", "--resume", str(run_dir)), timeout=400)
     assert code == 0, err
     assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    first = _start("run", "--out", str(run_dir), "--epochs", "4", *TINY)
-    status = _wait_until(run_dir, first, _training)
+    first = start("run", "--out", str(run_dir), "--epochs", "4", *TINY)
+    status = _wait_until(run_dir, first, training)
 
-    code, err = _finish(_start("run", "--resume", str(run_dir)))
+    code, err = finish(start("run", "--resume", str(run_dir)))
     assert code == 2
     refusal = f"cxrbench: error: {run_dir}: another cxrbench run is writing into this folder (pid {first.pid} on "
-    assert _last_line(err).startswith(refusal)
-    code, err = _finish(_start("run", "--out", str(run_dir), *TINY))
+    assert last_line(err).startswith(refusal)
+    code, err = finish(start("run", "--out", str(run_dir), *TINY))
     assert code == 2
     assert (
-        _last_line(err) == f"cxrbench: error: {run_dir}: already holds a run "
+        last_line(err) == f"cxrbench: error: {run_dir}: already holds a run "
         f"(use --resume {run_dir} to finish it, or another --out)"
     )
 
-    code, err = _finish(first)
+    code, err = finish(first)
     assert code == 0, err
-    assert _status(run_dir)["pid"] == status["pid"]  # nobody else wrote into the folder
+    assert _numpy_status(run_dir)["pid"] == status["pid"]  # nobody else wrote into the folder
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "completed" and "resumed" not in run
     _assert_no_partial_files(run_dir)
@@ -268,7 +236,7 @@ def test_keep_values_and_the_folder_sizes_they_leave(tmp_path, capsys):
     sizes = {}
     for value in ("all", "results", "minimal"):
         run_dir = tmp_path / value
-        code, err = _finish(_start("run", "--out", str(run_dir), "--set", f"run.keep={value}", *TINY))
+        code, err = finish(start("run", "--out", str(run_dir), "--set", f"run.keep={value}", *TINY))
         assert code == 0, err
         run = json.loads((run_dir / "run.json").read_text())
         validate(run)
@@ -286,15 +254,15 @@ def test_keep_values_and_the_folder_sizes_they_leave(tmp_path, capsys):
 
 def test_a_run_that_fails_after_its_folder_exists_says_failed_with_its_error(tmp_path):
     data = tmp_path / "data"
-    assert _finish(_start("data", "synth", "--out", str(data), "--images", "60", "--size", "64"))[0] == 0
+    assert finish(start("data", "synth", "--out", str(data), "--images", "60", "--size", "64"))[0] == 0
     broken = sorted((data / "images").glob("*.png"))[7]
     broken.write_bytes(broken.read_bytes()[:100])  # an interrupted copy: found when the cache decodes it
     run_dir = tmp_path / "run"
 
-    code, err = _finish(_start("run", "--out", str(run_dir), "--data", str(data), *TINY))
+    code, err = finish(start("run", "--out", str(run_dir), "--data", str(data), *TINY))
 
     assert code == 2
-    line = _last_line(err)
+    line = last_line(err)
     assert line.startswith("cxrbench: error: ") and broken.name in line
     run = json.loads((run_dir / "run.json").read_text())
     validate(run)
@@ -305,10 +273,10 @@ def test_a_run_that_fails_after_its_folder_exists_says_failed_with_its_error(tmp
 def test_a_disk_too_small_for_the_weights_is_refused_before_writing_them(tmp_path):
     with _tmpfs(tmp_path / "small", "10m") as disk:
         run_dir = disk / "run"
-        code, err = _finish(_start("run", "--out", str(run_dir), *TINY))
+        code, err = finish(start("run", "--out", str(run_dir), *TINY))
 
         assert code == 1
-        line = _last_line(err)
+        line = last_line(err)
         assert line.startswith(f"cxrbench: error: {run_dir}: the weights file shared_init.npz needs ")
         assert " bytes are free there: free space or choose a folder on another disk; results so far are kept" in line
         assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]

@@ -11,7 +11,7 @@ import numpy as np
 
 from helpers.backends import require
 
-require("pytorch", "keras")
+pytestmark = require("pytorch", "keras")
 
 import torch  # torch before tensorflow in one process
 

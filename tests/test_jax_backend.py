@@ -15,7 +15,7 @@ import pytest
 
 from helpers.backends import require
 
-require("jax", "pytorch", "numpy")
+pytestmark = require("jax", "pytorch", "numpy")
 
 import jax
 import jax.numpy as jnp

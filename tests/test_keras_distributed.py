@@ -11,20 +11,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
+from cxrbench.testing.conformance import child_env
 from helpers.backends import require
 
-require("keras")
+pytestmark = require("keras")
 
 BODY = textwrap.dedent(
     """
-    import os, sys
+    import os
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    sys.path.insert(0, TESTS)
-    from test_keras_backend import make_data, make_settings, random_weights  # torch before tensorflow
+    from helpers.keras_inputs import make_data, make_settings, random_weights
     import numpy as np
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -79,7 +78,6 @@ BODY = textwrap.dedent(
 
 @pytest.mark.slow
 def test_two_replicas_equal_one_device_on_the_concatenated_batch():
-    script = f"TESTS = {str(Path(__file__).parent)!r}\n" + BODY
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", BODY], capture_output=True, text=True, timeout=600, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max abs weight difference" in result.stdout

@@ -9,7 +9,7 @@ gone). Killing one torchrun agent makes the other exit non-zero instead of hangi
 refused in one line. Every process runs under a time limit; ports are picked by the OS (bind to port 0) for the
 launchers' own arguments.
 
-These tests start several processes that use every core: they are marked ``exclusive`` (never beside timing tests).
+These tests start several processes that use every core: they are marked ``serial`` (never beside another test).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from cxrbench.run.orchestrator import RunRequest, new_run
 from cxrbench.run.store import ERROR_MARK
 from cxrbench.suite import apply_overrides, load_suite
 
-pytestmark = pytest.mark.exclusive
+pytestmark = pytest.mark.serial
 
 #: Seconds any launched process may run before the test kills it and fails.
 PROCESS_LIMIT_S = 240

@@ -69,6 +69,7 @@ class _Train:
     phase_name, epoch = "train", 1
 
 
+@pytest.mark.serial  # the noise guard, and a hog on every core
 def test_a_cpu_hog_on_every_core_marks_the_measurement_disturbed(tmp_path):
     """A busy process per usable core, outside the measured worker's process tree (a sleeper here)."""
     write_json(tmp_path / "throughput.json", {"train_images_per_s": 20.0, "disturbed": False, "disturbance": {}})

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch")
+pytestmark = require("pytorch")
 import torch
 import torch.nn.functional as F
 import torchvision

@@ -1,6 +1,6 @@
 """The HTML report of a run folder: content, missing pieces, escaping, size, the CLI.
 
-Every test renders a FAKE run folder (tests/helpers_report.py) whose numbers are computed with the
+Every test renders a FAKE run folder (tests/helpers/fake_run.py) whose numbers are computed with the
 project's real metric functions, so nothing here trains a network.
 """
 
@@ -12,7 +12,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers_report import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
 from cxrbench.backend.timing import ratio_interval
 from cxrbench.cli import main
@@ -21,6 +20,7 @@ from cxrbench.report.figures import format_number
 from cxrbench.report.load import load_run
 from cxrbench.report.references import CHEXNET, MICROSOFT_POST
 from cxrbench.report.render import write_report
+from helpers.fake_run import HOSTILE_BACKEND, HOSTILE_CLASS, HOSTILE_ERROR, HOSTILE_PLUGIN, make_fake_run
 
 
 class Elements(HTMLParser):

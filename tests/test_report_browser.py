@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_report import make_fake_run
 
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
+from helpers.fake_run import make_fake_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -31,6 +31,7 @@ LOAD_LIMIT_S = 5.0
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.serial,  # LOAD_LIMIT_S bounds a page's load time
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (CI installs it: .ci/browser-deps.sh)"
     ),

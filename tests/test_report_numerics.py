@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers_report import make_fake_run
 
 from cxrbench.backend.numerics_record import FIELDS
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.report.sections import NOT_RECORDED, environment, numerics_table
+from helpers.fake_run import make_fake_run
 
 
 @pytest.fixture(scope="module")

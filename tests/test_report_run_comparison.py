@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from helpers_report import make_fake_run
 
 from cxrbench.report.load import load_run
 from cxrbench.report.run_comparison import compare_runs
+from helpers.fake_run import make_fake_run
 
 
 def _edit_run_json(run: Path, edit) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,7 @@ def test_python_options_are_checked_one_line_each(tmp_path):
         environments.parse_python_options([f"keras={sys.executable}", f"keras={sys.executable}"])
 
 
+@pytest.mark.backends("numpy")
 def test_the_interpreter_is_asked_which_backends_it_has():
     found = environments.probe(sys.executable)
     assert "numpy" in found["backends"] and found["backends"]["numpy"]["plugin"] == "cxrbench_numpy_example"
@@ -46,11 +49,21 @@ def test_an_environment_without_the_core_says_to_install_it(tmp_path, monkeypatc
         environments.probe(str(tmp_path / "bare" / "bin" / "python"))
 
 
+def _second_environment(root: Path) -> Path:
+    """The interpreter of a real second environment with this one's packages: a venv of its own (its own prefix and
+    pyvenv.cfg, so it works whether the tests run in a venv or not), whose .pth file adds this environment's
+    site-packages with their own .pth files (editable installs). A bare symlink to a venv's python would start the
+    base interpreter instead, without the venv's packages."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    [site_packages] = root.glob("lib/python3*/site-packages")
+    lines = [f"import site; site.addsitedir({path!r})" for path in site.getsitepackages()]
+    (site_packages / "this_environment.pth").write_text("\n".join(lines) + "\n")
+    return root / "bin" / "python"
+
+
 @pytest.mark.backends("numpy")
 def test_the_worker_runs_with_the_named_interpreter(tmp_path, capsys):
-    other = tmp_path / "bin" / "python3"  # another path to an interpreter with the same packages
-    other.parent.mkdir()
-    other.symlink_to(sys.executable)
+    other = _second_environment(tmp_path / "env")
     out = tmp_path / "run"
 
     code = main(

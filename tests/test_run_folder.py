@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_report import make_fake_run
 
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
 from cxrbench.run import folder as run_folder
 from cxrbench.run.schema import load_schema
+from helpers.fake_run import make_fake_run
 from helpers.tiny_run import TINY_RUN
 
 PACKAGE = Path(run_folder.__file__).resolve().parents[1]  # cxrbench/
@@ -177,6 +177,7 @@ def test_paths_of_repeats_gpu_counts_sweeps_and_shared_weights(tmp_path):
 TINY = ["--backend", "numpy", *TINY_RUN, "--epochs", "1"]
 
 
+@pytest.mark.backends("numpy")
 @pytest.mark.slow
 def test_a_real_run_writes_exactly_the_files_run_folder_lists(tmp_path):
     """The example NumPy backend's run (every stage, default run.keep): each listed file exists and nothing else

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_report import HOSTILE_BACKEND, make_fake_run
 
 from cxrbench.backend import canonical
 from cxrbench.cli import main
@@ -25,6 +24,7 @@ from cxrbench.run.orchestrator import exit_status
 from cxrbench.run.schema import validate
 from cxrbench.run.worker import _settings
 from cxrbench.suite import ARCHITECTURES, EvalSettings, Settings
+from helpers.fake_run import HOSTILE_BACKEND, make_fake_run
 from helpers.tiny_run import TINY_RUN
 
 CLASS_A, CLASS_B = CLASSES[0], CLASSES[1]

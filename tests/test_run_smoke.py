@@ -1,9 +1,8 @@
-"""The smoke suite end to end with both built-in backends: every stage, every file of the run folder contract."""
+"""The smoke suite end to end with two built-in backends: every stage, every file of the run folder contract, and each
+backend really learns (one epoch of DenseNet-121 at 64 px, from the shared initial weights). The run itself is the
+session's ``smoke_run`` fixture (tests/helpers/smoke_run.py), which any other test reading a whole run shares."""
 
 import json
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -11,28 +10,9 @@ import pytest
 from cxrbench.data.classes import CLASSES
 from cxrbench.run.folder import BACKEND_FILES, RUN_FILES
 from cxrbench.run.schema import validate
+from helpers.smoke_run import SMOKE_BACKENDS
 
-BACKENDS = ("pytorch", "keras")
-pytestmark = pytest.mark.backends(*BACKENDS)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    start = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "cxrbench", "run", "--backend", "pytorch", "--backend", "keras", "--out", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    wall = time.monotonic() - start
-    run = json.loads((run_dir / "run.json").read_text())
-    stages = {name: run["backends"][name].get("stage_seconds") for name in BACKENDS}
-    print(f"\nsmoke run with {', '.join(BACKENDS)}: wall time {wall:.1f} s; stage seconds {json.dumps(stages)}")
-    print(result.stderr[-3000:])
-    assert result.returncode == 0, result.stderr
-    return run_dir, run
+BACKENDS = SMOKE_BACKENDS
 
 
 @pytest.mark.slow
@@ -86,11 +66,33 @@ def test_every_file_of_the_contract_exists(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", BACKENDS)
+def test_one_epoch_learns_and_localises(smoke_run, name):
+    """One epoch from the shared initial weights gives a mean AUROC far above chance on the test split, and CAMs
+    that find the phantom's findings clearly better than a fixed centred box on the same images and boxes."""
+    backend = smoke_run.run["backends"][name]
+    localisation = json.loads((smoke_run.folder / name / "localisation.json").read_text())
+    cam_accuracy = localisation["iobb"]["overall"]["accuracy"]["0.5"]
+    centred_accuracy = localisation["centred_box"]["overall"]["accuracy"]["0.5"]
+    print(
+        f"{name}: mean AUROC {backend['auroc']['mean']:.3f}; T(IoBB)=0.5 accuracy CAM {cam_accuracy:.3f} vs "
+        f"centred box {centred_accuracy:.3f} on {localisation['images']} images"
+    )
+    assert backend["history"][-1]["epoch"] == 1 and smoke_run.run["settings"]["model"]["init"] == "shared"
+    assert backend["auroc"]["mean"] > 0.75
+    # Keras training on CPU is not bit-reproducible (oneDNN's threaded reductions; op determinism
+    # does not cure it), and one short epoch amplifies that: eight runs gave CAM accuracy
+    # 0.173-0.236 for keras (pytorch: 0.307 every time) against 0.024 for the centred box. The
+    # margin sits below that spread, and still asks for several times the baseline.
+    assert cam_accuracy > centred_accuracy + 0.10
+
+
+@pytest.mark.slow
 def test_the_profile_puts_both_backends_side_by_side(smoke_run):
     """The main job profiles both backends by default: categories that add up to each profiled step, the machine's
     share against a measured ceiling, and one explanation of keras against the baseline (its share is a measurement
     of the machine it ran on, so only its arithmetic is checked here)."""
-    _, run = smoke_run
+    run = smoke_run.run
     section = run["profile_comparison"]
     assert set(section["step_ms"]) == set(BACKENDS) and section["missing"] == {}
     for name in BACKENDS:

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers_report import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 
 from cxrbench.cli import main
 from cxrbench.errors import CxrError
@@ -18,6 +17,7 @@ from cxrbench.run import sweep
 from cxrbench.run.folder import sweep_folder
 from cxrbench.run.schema import validate
 from cxrbench.suite import Settings, parse_set_option
+from helpers.fake_run import HOSTILE_BACKEND, HOSTILE_ERROR, make_fake_run
 from helpers.tiny_run import TINY_RUN
 
 # -- grid ------------------------------------------------------------------------------------------
@@ -84,6 +84,7 @@ def test_bad_sweeps_are_one_line_errors_naming_the_option_and_key(texts, message
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
+@pytest.mark.backends("numpy")
 def test_bad_sweep_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--backend", "numpy", "--sweep", "numerics.precision=fp32,fp64", "--out", str(out)]) == 2

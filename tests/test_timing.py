@@ -198,6 +198,7 @@ def test_live_progress_rate_and_eta_from_timestamped_steps():
     assert line.endswith("epoch 1/2  step 3/11  32.0 img/s  ETA 0:04")
 
 
+@pytest.mark.backends("numpy")
 def test_cli_refuses_a_warmup_longer_than_an_epoch_before_training(tmp_path, capsys):
     from cxrbench.cli import main
 

@@ -53,8 +53,6 @@ from cxrbench.suite import Settings
 
 SIZES = (32, 64)
 DEFAULT_ARCH = "densenet-tiny"
-#: The architecture of every kit model (``model.arch``): ``--cxrbench-arch``, set for its session by the pytest plugin.
-arch = DEFAULT_ARCH
 REPEAT_ATOL = 1e-6
 CAM_ATOL = 1e-4
 #: Frameworks whose import would make discovery slow (plus the backend's own framework).
@@ -65,9 +63,24 @@ HEAVY_MODULES = frozenset(FRAMEWORKS)
 
 
 def kit_settings(image_size: int = 32, **dotted: Any) -> Settings:
-    """Small validated settings: the kit's :data:`arch`, framework init, batch 4; ``dotted`` overrides."""
-    base = {"model.arch": arch, "model.init": "framework", "data.image_size": image_size, "train.batch_size": 4}
+    """Small validated settings: :data:`DEFAULT_ARCH`, framework init, batch 4; ``dotted`` overrides."""
+    base = {"model.arch": DEFAULT_ARCH, "model.init": "framework", "data.image_size": image_size, "train.batch_size": 4}
     return Settings().replace(**{**base, **dotted})
+
+
+@dataclass(frozen=True)
+class KitOptions:
+    """What one kit session was asked for on the command line, handed to every kit test by the ``kit`` fixture.
+
+    Passed explicitly rather than kept in module state, so a kit session run inside another (pytester) or beside
+    other tests changes nothing for them.
+    """
+
+    arch: str = DEFAULT_ARCH  #: ``model.arch`` of every kit model (``--cxrbench-arch``)
+
+    def settings(self, image_size: int = 32, **dotted: Any) -> Settings:
+        """:func:`kit_settings` at this session's architecture."""
+        return kit_settings(image_size, **{"model.arch": self.arch, **dotted})
 
 
 def random_canonical(block_config: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
@@ -140,14 +153,14 @@ def open_backend(name: str, extra_modules: list[str]) -> Backend:
     return Backend(name, load_plugins(extra_modules, backend=name))
 
 
-def equivalence_inputs(size: int, model_arch: str | None = None) -> tuple[Settings, dict[str, np.ndarray], np.ndarray]:
-    """Settings, weights and images of the equivalence test (at the kit's :data:`arch` unless ``model_arch``):
-    seeded, so every process makes the same."""
-    settings = kit_settings(size, **{"model.arch": model_arch or arch})
+def equivalence_inputs(size: int, model_arch: str) -> tuple[Settings, dict[str, np.ndarray], np.ndarray]:
+    """Settings, weights and images of the equivalence test at ``model_arch``: seeded, so every process makes the
+    same."""
+    settings = kit_settings(size, **{"model.arch": model_arch})
     return settings, random_canonical(settings.model.block_config, seed=10), random_images(4, size)
 
 
-def reference_worker(name: str, extra_modules: list[str], out: str, model_arch: str = DEFAULT_ARCH) -> None:
+def reference_worker(name: str, extra_modules: list[str], out: str, model_arch: str) -> None:
     """Child-process side of the equivalence test: backend ``name``'s logits for every kit size, at ``model_arch``."""
     reference = open_backend(name, extra_modules)
     logits = {}
@@ -157,13 +170,13 @@ def reference_worker(name: str, extra_modules: list[str], out: str, model_arch: 
     np.savez(out, **logits)
 
 
-def logits_in_child_process(name: str, extra_modules: list[str], out: Path) -> dict[int, np.ndarray]:
+def logits_in_child_process(name: str, extra_modules: list[str], out: Path, model_arch: str) -> dict[int, np.ndarray]:
     """Run :func:`reference_worker` in a fresh Python and read back its logits by image size."""
     script = (
         "import json, sys\nfrom cxrbench.testing.conformance import reference_worker\n"
         "reference_worker(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4])\n"
     )
-    command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out), arch]
+    command = [sys.executable, "-c", script, name, json.dumps(extra_modules), str(out), model_arch]
     done = subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=600)
     if done.returncode != 0:
         pytest.fail(
@@ -182,6 +195,12 @@ def child_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def kit(pytestconfig: pytest.Config) -> KitOptions:
+    """This session's :class:`KitOptions`, from the ``--cxrbench-*`` options."""
+    return KitOptions(arch=pytestconfig.getoption("cxrbench_arch") or DEFAULT_ARCH)
+
+
+@pytest.fixture(scope="session")
 def backend(pytestconfig: pytest.Config) -> Backend:
     name = pytestconfig.getoption("cxrbench_backend")
     if name is None:
@@ -191,7 +210,7 @@ def backend(pytestconfig: pytest.Config) -> Backend:
 
 @pytest.fixture(scope="session")
 def reference_logits(
-    pytestconfig: pytest.Config, backend: Backend, tmp_path_factory
+    pytestconfig: pytest.Config, kit: KitOptions, backend: Backend, tmp_path_factory
 ) -> tuple[str, dict[int, np.ndarray]]:
     """The reference backend's logits on :func:`equivalence_inputs`, computed in a child process.
 
@@ -207,13 +226,14 @@ def reference_logits(
         )
     if name not in load_plugins(extras).backends:
         pytest.skip(f"no reference backend: {name!r} is not installed")
-    return name, logits_in_child_process(name, extras, tmp_path_factory.mktemp("reference") / "logits.npz")
+    out = tmp_path_factory.mktemp("reference") / "logits.npz"
+    return name, logits_in_child_process(name, extras, out, kit.arch)
 
 
 @pytest.fixture(scope="module", params=SIZES, ids=lambda s: f"{s}px")
-def exported(request, backend: Backend, tmp_path_factory) -> tuple[Settings, Any, ExportInfo]:
+def exported(request, kit: KitOptions, backend: Backend, tmp_path_factory) -> tuple[Settings, Any, ExportInfo]:
     """A model with random weights, exported once per image size."""
-    settings = kit_settings(request.param)
+    settings = kit.settings(request.param)
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=11))
     path = tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx"
     info = backend.call("cxrbench_export_onnx", model=model, path=str(path), settings=settings)
@@ -223,7 +243,7 @@ def exported(request, backend: Backend, tmp_path_factory) -> tuple[Settings, Any
 # -- discovery ------------------------------------------------------------------------------------
 
 
-def test_metric_plugins_take_patient_groups(backend: Backend):
+def test_metric_plugins_take_patient_groups(kit: KitOptions, backend: Backend):
     """Every ``cxrbench_evaluate`` answer (the core's and any --cxrbench-plugin's) is a JSON-able dict or None
     when called with the patient of each row; the core's AUROC intervals then resample patients. A plugin
     without ``groups`` still works but is named (its intervals treat images as independent)."""
@@ -238,7 +258,7 @@ def test_metric_plugins_take_patient_groups(backend: Backend):
         scores=scores,
         classes=[f"c{i}" for i in range(NUM_CLASSES)],
         groups=groups,
-        settings=kit_settings(**{"eval.bootstrap_rounds": 20, "eval.min_positives": 2}),
+        settings=kit.settings(**{"eval.bootstrap_rounds": 20, "eval.min_positives": 2}),
     )
     for answer in answers:
         assert answer is None or isinstance(answer, dict), f"cxrbench_evaluate must return a dict or None: {answer!r}"
@@ -249,13 +269,13 @@ def test_metric_plugins_take_patient_groups(backend: Backend):
         warnings.warn(note, stacklevel=1)
 
 
-def test_dataset_is_the_cores(backend: Backend, tmp_path: Path):
+def test_dataset_is_the_cores(kit: KitOptions, backend: Backend, tmp_path: Path):
     """``cxrbench_dataset`` is the core's: no backend or extra plugin may answer first for its sources, or the
     backends would no longer train on the same images."""
     from cxrbench.data import nih, phantom
 
     root = phantom.synthesize(tmp_path / "phantom", images=phantom.MIN_IMAGES, size=phantom.MIN_SIZE, seed=0)
-    settings = kit_settings(**{"data.source": "phantom", "data.path": str(root)})
+    settings = kit.settings(**{"data.source": "phantom", "data.path": str(root)})
     index = require_answer(backend.plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", backend.name)
     expected = nih.read_index(
         root,
@@ -334,16 +354,16 @@ def test_devices_list_the_cpu_then_the_gpus_the_framework_sees(backend: Backend)
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_predict_returns_float32_logits(backend: Backend, size: int):
-    settings = kit_settings(size)
+def test_predict_returns_float32_logits(kit: KitOptions, backend: Backend, size: int):
+    settings = kit.settings(size)
     logits = backend.predict(backend.build(settings), random_images(3, size), settings)
     assert isinstance(logits, np.ndarray) and logits.dtype == np.float32
     assert logits.shape == (3, NUM_CLASSES)
     assert np.isfinite(logits).all()
 
 
-def test_predict_is_independent_of_the_batch_size(backend: Backend):
-    settings = kit_settings(32)
+def test_predict_is_independent_of_the_batch_size(kit: KitOptions, backend: Backend):
+    settings = kit.settings(32)
     model = backend.build(settings)
     images = random_images(5, 32)
     whole = backend.predict(model, images, settings.replace(**{"train.batch_size": 8}))
@@ -352,8 +372,8 @@ def test_predict_is_independent_of_the_batch_size(backend: Backend):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_cam_shapes_and_dtypes(backend: Backend, size: int):
-    settings = kit_settings(size)
+def test_cam_shapes_and_dtypes(kit: KitOptions, backend: Backend, size: int):
+    settings = kit.settings(size)
     model = backend.build(settings)
     classes = [13, 0, 5]
     cam = backend.cam(model, random_images(2, size), classes, settings)
@@ -363,8 +383,8 @@ def test_cam_shapes_and_dtypes(backend: Backend, size: int):
     assert cam.logits.dtype == np.float32 and cam.logits.shape == (2, len(classes))
 
 
-def test_get_weights_has_the_canonical_layout(backend: Backend):
-    settings = kit_settings()
+def test_get_weights_has_the_canonical_layout(kit: KitOptions, backend: Backend):
+    settings = kit.settings()
     weights = backend.weights(backend.build(settings))
     spec = densenet_spec(settings.model.block_config)
     assert set(weights) == set(spec)
@@ -376,8 +396,8 @@ def test_get_weights_has_the_canonical_layout(backend: Backend):
 # -- determinism ----------------------------------------------------------------------------------
 
 
-def test_same_seed_gives_same_weights_and_logits(backend: Backend):
-    settings = kit_settings(**{"run.seed": 3})
+def test_same_seed_gives_same_weights_and_logits(kit: KitOptions, backend: Backend):
+    settings = kit.settings(**{"run.seed": 3})
     first, second = backend.build(settings), backend.build(settings)
     a, b = backend.weights(first), backend.weights(second)
     for name in a:
@@ -388,9 +408,9 @@ def test_same_seed_gives_same_weights_and_logits(backend: Backend):
     )
 
 
-def test_different_seed_gives_different_weights(backend: Backend):
-    a = backend.weights(backend.build(kit_settings(**{"run.seed": 3})))
-    b = backend.weights(backend.build(kit_settings(**{"run.seed": 4})))
+def test_different_seed_gives_different_weights(kit: KitOptions, backend: Backend):
+    a = backend.weights(backend.build(kit.settings(**{"run.seed": 3})))
+    b = backend.weights(backend.build(kit.settings(**{"run.seed": 4})))
     assert not np.array_equal(a["features.conv0.weight"], b["features.conv0.weight"]), "run.seed is ignored"
 
 
@@ -404,30 +424,30 @@ def _assert_same_weights(got: dict[str, np.ndarray], expected: dict[str, np.ndar
         np.testing.assert_array_equal(got[name], value, err_msg=f"tensor {name} changed in the round trip")
 
 
-def test_weight_round_trip_is_bitwise(backend: Backend):
-    settings = kit_settings()
+def test_weight_round_trip_is_bitwise(kit: KitOptions, backend: Backend):
+    settings = kit.settings()
     weights = random_canonical(settings.model.block_config, seed=5)
     model = backend.build(settings)
     assert backend.call("cxrbench_set_weights", model=model, weights=weights) is True
     _assert_same_weights(backend.weights(model), weights)
 
 
-def test_shared_init_without_weights_is_the_cores_canonical_init(backend: Backend):
+def test_shared_init_without_weights_is_the_cores_canonical_init(kit: KitOptions, backend: Backend):
     """``model.init = "shared"`` and no weights: the core's seeded init, as the worker would pass it."""
-    settings = kit_settings(**{"model.init": "shared", "run.seed": 9})
+    settings = kit.settings(**{"model.init": "shared", "run.seed": 9})
     _assert_same_weights(backend.weights(backend.build(settings)), init_canonical(settings.model.block_config, 9))
 
 
-def test_build_with_weights_loads_them_exactly(backend: Backend):
-    settings = kit_settings()
+def test_build_with_weights_loads_them_exactly(kit: KitOptions, backend: Backend):
+    settings = kit.settings()
     weights = random_canonical(settings.model.block_config, seed=6)
     _assert_same_weights(backend.weights(backend.build(settings, weights)), weights)
 
 
 @pytest.mark.parametrize("tensor", ["features.conv0.weight", "features.norm5.running_var"])
 @pytest.mark.parametrize("problem", ["missing", "misshapen"])
-def test_set_weights_names_the_bad_tensor(backend: Backend, tensor: str, problem: str):
-    settings = kit_settings()
+def test_set_weights_names_the_bad_tensor(kit: KitOptions, backend: Backend, tensor: str, problem: str):
+    settings = kit.settings()
     weights = random_canonical(settings.model.block_config, seed=7)
     if problem == "missing":
         del weights[tensor]
@@ -444,9 +464,9 @@ def test_set_weights_names_the_bad_tensor(backend: Backend, tensor: str, problem
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_cam_identity(backend: Backend, size: int):
+def test_cam_identity(kit: KitOptions, backend: Backend, size: int):
     """maps.mean((2, 3)) + bias equals the logits of cxrbench_predict, class by class."""
-    settings = kit_settings(size)
+    settings = kit.settings(size)
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=8))
     images = random_images(3, size)
     logits = backend.predict(model, images, settings)
@@ -460,8 +480,8 @@ def test_cam_identity(backend: Backend, size: int):
     )
 
 
-def test_tta_hflip_averages_the_mirror(backend: Backend):
-    settings = kit_settings()
+def test_tta_hflip_averages_the_mirror(kit: KitOptions, backend: Backend):
+    settings = kit.settings()
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=9))
     images = random_images(3, 32)
     plain = backend.predict(model, images, settings)
@@ -525,9 +545,9 @@ def test_onnx_cam_matches_the_native_cam(backend: Backend, exported):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_same_logits_as_the_reference_backend(backend: Backend, reference_logits, size: int):
+def test_same_logits_as_the_reference_backend(kit: KitOptions, backend: Backend, reference_logits, size: int):
     reference, logits = reference_logits
-    settings, weights, images = equivalence_inputs(size)
+    settings, weights, images = equivalence_inputs(size, kit.arch)
     ours = backend.predict(backend.build(settings, weights), images, settings)
     stats = onnx_file.diff_stats(logits[size], ours, settings.run.equivalence_atol, 0.0)
     assert stats["passed"], f"{backend.name} vs {reference}: {stats}"
@@ -536,8 +556,8 @@ def test_same_logits_as_the_reference_backend(backend: Backend, reference_logits
 # -- training -------------------------------------------------------------------------------------
 
 
-def test_short_training_run_reports_and_keeps_the_best_weights(backend: Backend):
-    settings = kit_settings(**{"train.epochs": 2, "train.max_steps": 1})
+def test_short_training_run_reports_and_keeps_the_best_weights(kit: KitOptions, backend: Backend):
+    settings = kit.settings(**{"train.epochs": 2, "train.max_steps": 1})
     data = synthetic_data(32)
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=12))
     before = backend.weights(model)
@@ -575,19 +595,19 @@ def test_operation_rules_are_rules_the_cores_table_takes(backend: Backend):
     assert Classifier(rules).category("cxrbench.input") == "input"  # the core's annotation comes first
 
 
-def test_peak_flops_is_a_measured_matmul_rate_or_none(backend: Backend):
+def test_peak_flops_is_a_measured_matmul_rate_or_none(kit: KitOptions, backend: Backend):
     """The ceiling of the model FLOPs utilisation: measured through the core's timing policy, or ``None``."""
-    peak = backend.plugins.hook.cxrbench_peak_flops(settings=kit_settings())
+    peak = backend.plugins.hook.cxrbench_peak_flops(settings=kit.settings())
     if peak is None:
         return
     assert isinstance(peak, PeakFlops) and peak.flop_per_s > 0 and math.isfinite(peak.flop_per_s)
     assert peak.size >= PEAK_FIRST_SIZE and peak.repeats >= 3 and peak.how and peak.device
 
 
-def test_profiler_traces_more_steps_of_the_trained_loop(backend: Backend, tmp_path: Path):
+def test_profiler_traces_more_steps_of_the_trained_loop(kit: KitOptions, backend: Backend, tmp_path: Path):
     """After training, the core runs profiled steps of the loop ``run_recipe`` kept; the profiler's trace must hold
     the core's annotations and the operations, and the categories must add up to the profiled step."""
-    settings = kit_settings(**{"train.max_steps": 3, "train.warmup_steps": 1})
+    settings = kit.settings(**{"train.max_steps": 3, "train.warmup_steps": 1})
     model = backend.build(settings)
     recorder = Recorder()
     backend.call("cxrbench_train", model=model, data=synthetic_data(32, train=16), settings=settings, recorder=recorder)
@@ -609,9 +629,9 @@ def test_profiler_traces_more_steps_of_the_trained_loop(backend: Backend, tmp_pa
 # -- bad input ------------------------------------------------------------------------------------
 
 
-def test_image_too_small_is_a_backend_error(backend: Backend):
+def test_image_too_small_is_a_backend_error(kit: KitOptions, backend: Backend):
     """Suites refuse sizes under 32 px; a backend driven directly must refuse them too."""
-    settings = kit_settings()
+    settings = kit.settings()
     tiny = dataclasses.replace(settings, data=dataclasses.replace(settings.data, image_size=16))
     with pytest.raises(BackendError) as caught:
         backend.build(tiny)
@@ -639,10 +659,10 @@ def _refused(call: Any, what: str) -> str:
     pytest.fail(f"{what}: no BackendError")
 
 
-def test_images_outside_the_contract_are_a_backend_error(backend: Backend):
+def test_images_outside_the_contract_are_a_backend_error(kit: KitOptions, backend: Backend):
     """predict and CAM refuse what is not uint8 (N, S, S) at the settings' size (never cast it), CAM also no
     images and unknown classes; predict of no images is an empty (0, 14) float32 array."""
-    settings = kit_settings()
+    settings = kit.settings()
     model = backend.build(settings)
     one = random_images(1, 32)
     for kind, images in BAD_IMAGES.items():
@@ -661,32 +681,32 @@ def test_images_outside_the_contract_are_a_backend_error(backend: Backend):
     assert empty.dtype == np.float32 and empty.shape == (0, NUM_CLASSES)
 
 
-def _corrupt_file(path: Path) -> str:
+def _corrupt_file(path: Path, block_config: tuple[int, ...]) -> str:
     path.write_bytes(b"these bytes are not an npz archive")
     return path.name
 
 
-def _no_file(path: Path) -> str:
+def _no_file(path: Path, block_config: tuple[int, ...]) -> str:
     return path.name
 
 
-def _incomplete_file(path: Path) -> str:
-    weights = init_canonical(kit_settings().model.block_config, seed=0)
+def _incomplete_file(path: Path, block_config: tuple[int, ...]) -> str:
+    weights = init_canonical(block_config, seed=0)
     del weights["classifier.bias"]
     np.savez(path, **weights)
     return "classifier.bias"
 
 
-#: Ways a weights file can be bad -> a writer that returns what the error message must name.
+#: Ways a weights file can be bad -> a writer (path, block config) that returns what the error message must name.
 BAD_WEIGHTS_FILES = {"corrupt": _corrupt_file, "missing": _no_file, "incomplete": _incomplete_file}
 
 
 @pytest.mark.parametrize("kind", BAD_WEIGHTS_FILES)
-def test_bad_weights_file_is_a_weights_error(backend: Backend, tmp_path: Path, kind: str):
+def test_bad_weights_file_is_a_weights_error(kit: KitOptions, backend: Backend, tmp_path: Path, kind: str):
     path = tmp_path / f"{kind}.npz"
-    named = BAD_WEIGHTS_FILES[kind](path)
+    named = BAD_WEIGHTS_FILES[kind](path, kit.settings().model.block_config)
     with pytest.raises(WeightsError) as caught:
-        backend.build(kit_settings(**{"model.init": str(path)}))
+        backend.build(kit.settings(**{"model.init": str(path)}))
     assert named in str(caught.value)
     assert_one_line(caught.value)
 
@@ -719,30 +739,30 @@ LAUNCHER_ENVIRONMENT = (
 MULTI_NODE_HOOKS = ("cxrbench_join_world", "cxrbench_gather", "cxrbench_node_launcher")
 
 
-def test_multi_node_hooks_come_together(backend: Backend):
+def test_multi_node_hooks_come_together(kit: KitOptions, backend: Backend):
     """The multi-node hooks are optional but all or none: a backend that joins a launcher's world gathers every
     rank's record to rank 0 over it and says how its ranks start on a machine (interpreter arguments, or none)."""
     hook = backend.plugins.hook
     present = {name: bool(getattr(hook, name).get_hookimpls()) for name in MULTI_NODE_HOOKS}
     assert len(set(present.values())) == 1, f"implement all of {', '.join(MULTI_NODE_HOOKS)} or none: {present}"
     if present["cxrbench_node_launcher"]:
-        launcher = hook.cxrbench_node_launcher(settings=kit_settings(**{"run.nodes": 2, "run.gpus": 4}), head="n1")
+        launcher = hook.cxrbench_node_launcher(settings=kit.settings(**{"run.nodes": 2, "run.gpus": 4}), head="n1")
         assert launcher is None or all(isinstance(argument, str) for argument in launcher), launcher
 
 
-def test_joining_without_a_launcher_is_a_one_line_error(backend: Backend, monkeypatch):
+def test_joining_without_a_launcher_is_a_one_line_error(kit: KitOptions, backend: Backend, monkeypatch):
     """Outside any launcher's environment, joining a world of 2 is refused in one line, never a world of one."""
     if not backend.plugins.hook.cxrbench_join_world.get_hookimpls():
         pytest.skip(f"{backend.name} has no launched mode (cxrbench_join_world)")
     for name in LAUNCHER_ENVIRONMENT:
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(CxrError) as error:
-        backend.plugins.hook.cxrbench_join_world(settings=kit_settings(**{"run.nodes": 2}))
+        backend.plugins.hook.cxrbench_join_world(settings=kit.settings(**{"run.nodes": 2}))
     assert_one_line(error.value)
 
 
-def test_non_finite_loss_raises_training_diverged(backend: Backend):
-    settings = kit_settings(**{"train.learning_rate": math.inf, "train.max_steps": 2})
+def test_non_finite_loss_raises_training_diverged(kit: KitOptions, backend: Backend):
+    settings = kit.settings(**{"train.learning_rate": math.inf, "train.max_steps": 2})
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=13))
     with pytest.raises(TrainingDiverged) as caught:
         backend.call("cxrbench_train", model=model, data=synthetic_data(32), settings=settings, recorder=Recorder())
@@ -750,9 +770,9 @@ def test_non_finite_loss_raises_training_diverged(backend: Backend):
     assert_one_line(caught.value)
 
 
-def test_empty_validation_split_is_the_cores_data_error(backend: Backend):
+def test_empty_validation_split_is_the_cores_data_error(kit: KitOptions, backend: Backend):
     """The recipe picks the best epoch by validation loss: without validation images every backend stops alike."""
-    settings = kit_settings(**{"train.max_steps": 1})
+    settings = kit.settings(**{"train.max_steps": 1})
     model = backend.build(settings, random_canonical(settings.model.block_config, seed=14))
     with pytest.raises(DataError) as caught:
         backend.call(

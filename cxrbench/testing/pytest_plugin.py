@@ -4,8 +4,9 @@ Registered under the ``pytest11`` entry point, so it loads in every pytest run. 
 (it only adds its options) unless ``--cxrbench-backend`` is given; then, when no test paths are
 named on the command line, the session collects only :mod:`cxrbench.testing.conformance`, from any
 directory. Naming paths or node ids still works (e.g. ``pytest --cxrbench-backend numpy
---pyargs cxrbench.testing.conformance -k cam``). ``--cxrbench-arch`` sets the architecture of every
-kit model for the session. No framework is imported here: the backend imports its own, inside its hooks.
+--pyargs cxrbench.testing.conformance -k cam``). The options reach the kit's tests through its fixtures
+(``kit``: :class:`cxrbench.testing.conformance.KitOptions`), never through module state. No framework is imported
+here: the backend imports its own, inside its hooks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 import pytest
 
 KIT = Path(__file__).with_name("conformance.py")
-_PREVIOUS_ARCH = pytest.StashKey[str]()
 
 # The kit's plain asserts get pytest's detailed failure messages even if imported early.
 pytest.register_assert_rewrite("cxrbench.testing.conformance")
@@ -64,18 +64,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(KIT)]
         config.args_source = pytest.Config.ArgsSource.ARGS
-    from cxrbench.testing import conformance
-
-    config.stash[_PREVIOUS_ARCH] = conformance.arch
-    conformance.arch = config.getoption("cxrbench_arch") or conformance.DEFAULT_ARCH
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Put the kit's architecture back, so a session run inside another (pytester) leaves no trace."""
-    if _PREVIOUS_ARCH in config.stash:
-        from cxrbench.testing import conformance
-
-        conformance.arch = config.stash[_PREVIOUS_ARCH]
 
 
 def _check_installed(config: pytest.Config, name: str, option: str) -> None:
@@ -93,7 +81,8 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     name = config.getoption("cxrbench_backend")
     if name is None:
         return None
-    from cxrbench.testing import conformance
+    from cxrbench.testing.conformance import DEFAULT_ARCH
 
     reference = config.getoption("cxrbench_reference") or "pytorch (default)"
-    return f"cxrbench conformance kit: backend {name!r}, reference {reference!r}, arch {conformance.arch!r}"
+    arch = config.getoption("cxrbench_arch") or f"{DEFAULT_ARCH} (default)"
+    return f"cxrbench conformance kit: backend {name!r}, reference {reference!r}, arch {arch!r}"

@@ -9,9 +9,7 @@ on in-memory tensors and records ``backend_over_bare`` in extra_info.
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,7 +18,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch", "keras")  # the reference loop is torch's
+pytestmark = require("pytorch", "keras")  # the reference loop is torch's
 
 import cxrbench_keras  # noqa: F401  (sets KERAS_BACKEND)
 
@@ -28,13 +26,12 @@ pytest.importorskip("torchvision")  # must be imported before tensorflow in this
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_keras_backend import make_data, make_settings  # noqa: E402
 
 from cxrbench.backend.recorder import Recorder  # noqa: E402
 from cxrbench.data.classes import NUM_CLASSES  # noqa: E402
 from cxrbench_keras import infer, loop  # noqa: E402
 from cxrbench_keras import model as keras_model
+from helpers.keras_inputs import make_data, make_settings
 
 ARCH = os.environ.get("CXRBENCH_BENCH_ARCH", "densenet-small")
 BATCH, STEPS = 16, 6

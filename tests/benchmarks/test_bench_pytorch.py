@@ -22,7 +22,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch")
+pytestmark = [require("pytorch"), pytest.mark.slow]
 
 import torch  # noqa: E402
 import torch.nn.functional as F
@@ -38,8 +38,6 @@ from cxrbench_pytorch import loop
 
 SIZE, BATCH, STEPS, ROUNDS, THREADS = 64, 16, 2, 3, 1
 DENSENET121 = (6, 12, 24, 16)
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

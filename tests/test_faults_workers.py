@@ -1,4 +1,4 @@
-"""The run survives its backends: a killed worker, Ctrl-C, and a backend that computes the wrong function.
+"""Faults of a run's framework workers: a killed worker, Ctrl-C, a backend that computes the wrong function.
 
 Each test runs `cxrbench run` as a subprocess on a tiny DenseNet at 32 px: the point is the
 orchestration, not the model.
@@ -7,69 +7,27 @@ orchestration, not the model.
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from cxrbench.run.schema import validate
+from helpers.cli_process import finish, run_json, start, training, wait_until
 from helpers.tiny_run import TINY_RUN
 
-TESTS = Path(__file__).resolve().parent
 TINY = [*TINY_RUN, "--monitor-interval", "0.2"]
-
-
-def _start(*args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cxrbench", "run", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(process: subprocess.Popen, timeout=240) -> tuple[int, str]:
-    _, err = process.communicate(timeout=timeout)
-    return process.returncode, err
-
-
-def _wait_for_training(status_path: Path, process: subprocess.Popen, timeout=180) -> dict:
-    """status.json once the worker has started its first epoch."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"run ended before training started: {process.communicate()[1]}"
-        try:
-            status = json.loads(status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            status = {}
-        if status.get("stage") == "train" and (status.get("progress") or {}).get("epoch"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError("training did not start in time")
-
-
-def _run_json(run_dir: Path) -> dict:
-    run = json.loads((run_dir / "run.json").read_text())
-    validate(run, run_dir / "run.json")
-    return run
 
 
 @pytest.mark.slow
 @pytest.mark.backends("pytorch", "numpy")
 def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start("--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
-    status = _wait_for_training(run_dir / "pytorch" / "status.json", process)
+    process = start("run", "--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
+    status = wait_until(run_dir / "pytorch" / "status.json", process, training)
     os.kill(status["pid"], signal.SIGKILL)
-    code, err = _finish(process)
+    code, err = finish(process)
 
     assert code == 1, err
-    run = _run_json(run_dir)
+    run = run_json(run_dir)
     pytorch, numpy_ = run["backends"]["pytorch"], run["backends"]["numpy"]
     assert pytorch["status"] == "failed"
     assert pytorch["error"] == "worker killed by signal SIGKILL during stage train"
@@ -80,10 +38,10 @@ def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tm
     assert "worker killed by signal SIGKILL" in err
     numpy_started = json.loads((run_dir / "numpy" / "status.json").read_text())["started"]
 
-    code, err = _finish(_start("--resume", str(run_dir)))
+    code, err = finish(start("run", "--resume", str(run_dir)))
 
     assert code == 0, err
-    run = _run_json(run_dir)
+    run = run_json(run_dir)
     assert run["backends"]["pytorch"]["status"] == "completed"
     assert [r["epoch"] for r in run["backends"]["pytorch"]["history"]] == [
         1,
@@ -102,13 +60,13 @@ def test_a_killed_worker_is_failed_the_others_survive_and_resume_completes_it(tm
 @pytest.mark.backends("pytorch", "numpy")
 def test_ctrl_c_stops_the_workers_and_writes_what_finished(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start("--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
-    status = _wait_for_training(run_dir / "pytorch" / "status.json", process)
+    process = start("run", "--backend", "pytorch", "--backend", "numpy", "--out", str(run_dir), "--epochs", "4", *TINY)
+    status = wait_until(run_dir / "pytorch" / "status.json", process, training)
     process.send_signal(signal.SIGINT)
-    code, err = _finish(process, timeout=60)
+    code, err = finish(process, timeout=60)
 
     assert code == 130, err
-    run = _run_json(run_dir)
+    run = run_json(run_dir)
     assert run["status"] == "interrupted" and run["finished"]
     assert run["backends"]["pytorch"]["status"] == "interrupted"
     assert run["backends"]["pytorch"]["stages"]["train"] == "interrupted"
@@ -121,8 +79,9 @@ def test_ctrl_c_stops_the_workers_and_writes_what_finished(tmp_path):
 @pytest.mark.backends("pytorch", "numpy")
 def test_a_backend_with_a_wrong_layer_fails_the_equivalence_check(tmp_path):
     run_dir = tmp_path / "run"
-    code, err = _finish(
-        _start(
+    code, err = finish(
+        start(
+            "run",
             "--backend",
             "pytorch",
             "--backend",
@@ -150,4 +109,4 @@ def test_a_backend_with_a_wrong_layer_fails_the_equivalence_check(tmp_path):
     assert matrix[labels.index("pytorch")][labels.index("pytorch/onnx")] <= 1e-4
     assert matrix[labels.index("pytorch-wrong-bn")][labels.index("pytorch-wrong-bn/onnx")] <= 1e-4
     assert f"equivalence FAILED: {first}" in err
-    assert _run_json(run_dir)["backends"]["pytorch-wrong-bn"]["status"] == "completed"
+    assert run_json(run_dir)["backends"]["pytorch-wrong-bn"]["status"] == "completed"

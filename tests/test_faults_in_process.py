@@ -2,7 +2,7 @@
 
 Every fault must end as one line naming the path, leave no partial file under a final name, and keep
 what was written before it. The end-to-end versions (a real tmpfs, killed processes) are in
-tests/test_faults_run.py.
+tests/test_faults_run.py (the example backend) and tests/test_faults_workers.py (a framework's worker).
 """
 
 from __future__ import annotations
@@ -277,6 +277,7 @@ def test_data_verify_checks_every_block_and_rebuilds_a_mismatch(dataset, tmp_pat
     assert "Traceback" not in bad.stderr + removed.stderr + missing.stderr
 
 
+@pytest.mark.serial  # a bound on wall time
 def test_the_sampled_check_costs_milliseconds(dataset, tmp_path):
     """Not a timing assertion on speed: a bound two orders of magnitude above what it takes, to catch a full read."""
     prepared = cache.prepare(dataset, 64, cache_dir=tmp_path / "cache", workers=1)
