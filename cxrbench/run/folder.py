@@ -59,6 +59,11 @@ MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
 THROUGHPUT_JSON = "throughput.json"
 REPEATS_DIR = "repeats"
+#: The harness-overhead benchmark (``run.overhead_rounds``, ``cxrbench overhead``): the backend's summary, and its
+#: processes' folders (``overhead/r<i>/backend/``: a worker's files; ``overhead/r<i>/idiomatic/``: IDIOMATIC_JSON).
+OVERHEAD_JSON = "overhead.json"
+OVERHEAD_DIR = "overhead"
+IDIOMATIC_JSON = "idiomatic.json"
 
 #: What a completed run with default settings (``run.keep = results``, one GPU count, no repeats or sweep) holds.
 RUN_FILES = (RUN_JSON, COMPARISON_JSON, INDEX_HTML, EQUIVALENCE_BATCH, SHARED_INIT)
@@ -113,6 +118,7 @@ BACKEND_FEEDS = (
     Feed("throughput", THROUGHPUT_JSON),
     Feed("gpu", MONITOR_JSON),
     Feed("onnx", ONNX_JSON),
+    Feed("harness_overhead", OVERHEAD_JSON),
 )
 
 

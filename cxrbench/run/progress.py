@@ -12,6 +12,7 @@ from typing import Any, TextIO
 from cxrbench.machine.monitor.noise import warnings
 from cxrbench.metrics.equivalence import model_passes
 from cxrbench.report.figures import repeat_sentences, speed_sentences
+from cxrbench.run.overhead import sentence as overhead_sentence
 
 
 def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> str:
@@ -153,7 +154,8 @@ HEADER = (
 
 
 def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
-    """The table, then the steady-state speed sentences, then a warning per disturbed measurement (* in the table)."""
+    """The table, then the steady-state speed sentences (repeats, sweep and harness overhead when measured), then a
+    warning per disturbed measurement (* in the table)."""
     rows = [HEADER, *summary_rows(run, comparison)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -161,7 +163,9 @@ def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:
         lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
-    return "\n".join(lines + repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + warnings(backends))
+    overhead = [overhead_sentence(name, result.get("harness_overhead")) for name, result in backends.items()]
+    lines += repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + [o for o in overhead if o]
+    return "\n".join(lines + warnings(backends))
 
 
 def sweep_lines(section: dict[str, Any] | None) -> list[str]:

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from cxrbench.backend import numerics_record
-from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo
+from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo, IdiomaticLoop
 from cxrbench.backend.canonical import densenet_spec, init_canonical
 from cxrbench.backend.recorder import Recorder
 from cxrbench.data.classes import NUM_CLASSES
@@ -52,6 +52,8 @@ DEFAULT_ARCH = "densenet-tiny"
 #: The architecture of every kit model (``model.arch``): ``--cxrbench-arch``, set for its session by the pytest plugin.
 arch = DEFAULT_ARCH
 REPEAT_ATOL = 1e-6
+#: Steps of a backend's idiomatic loop in the kit (it cycles a few in-memory batches).
+IDIOMATIC_STEPS = 8
 CAM_ATOL = 1e-4
 #: Frameworks whose import would make discovery slow (plus the backend's own framework).
 HEAVY_MODULES = frozenset(FRAMEWORKS)
@@ -550,6 +552,23 @@ def test_short_training_run_reports_and_keeps_the_best_weights(backend: Backend)
     assert any(not np.array_equal(before[k], after[k]) for k in before), "training changed no weight"
     kept = bce_with_logits(backend.predict(model, data.split_images("val"), settings), data.split_labels("val"))
     assert kept == pytest.approx(result["best_val_loss"], rel=1e-3), "the model must hold the best epoch's weights"
+
+
+def test_idiomatic_loop_runs(backend: Backend):
+    """Optional hook, the yardstick of the harness-overhead benchmark: when a backend answers it, the loop's steps
+    give finite losses that change from step to step (batches and weights move), and it says what it runs."""
+    settings = kit_settings()
+    loop = backend.plugins.hook.cxrbench_idiomatic_loop(
+        settings=settings, weights=random_canonical(settings.model.block_config, seed=21)
+    )
+    if loop is None:
+        pytest.skip(f"backend {backend.name!r} implements no cxrbench_idiomatic_loop (optional)")
+    assert isinstance(loop, IdiomaticLoop) and loop.description
+    assert all(isinstance(n, int) and n > 0 for n in loop.threads.values()), loop.threads
+    losses = [float(np.asarray(loop.step())) for _ in range(IDIOMATIC_STEPS)]
+    loop.sync()
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses), losses
+    assert len(set(losses)) > 1, f"every step gave the same loss {losses[0]}: nothing moves"
 
 
 # -- bad input ------------------------------------------------------------------------------------
