@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cxrbench.run import cli as run_cli
 
     run_cli.add_parser(commands)
+    run_cli.add_overhead_parser(commands)
     report_cli.add_parser(commands)
     deploy_cli.add_parsers(commands)
     return parser

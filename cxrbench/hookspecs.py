@@ -320,6 +320,27 @@ def cxrbench_profiler(loop, settings, trace_dir):
     """
 
 
+@hookspec(firstresult=True)
+def cxrbench_idiomatic_loop(settings, weights):
+    """Optional: the framework's own idiomatic training step, the yardstick of the harness-overhead benchmark
+    (``cxrbench overhead``, ``run.overhead_rounds``), which times it in a fresh process against this backend's
+    :func:`cxrbench_train` in another, so that a speed verdict measures the framework and not cxrbench.
+
+    Contract: what a user of the framework writes without cxrbench, on the same problem: the framework's
+    reference DenseNet (or, without one, the backend's own network) for ``settings.model.block_config`` and
+    ``settings.data.image_size`` with 14 logit outputs, started from ``weights``; BCE on logits; the framework's
+    standard Adam at ``settings.train.learning_rate``; batches of ``settings.train.batch_size`` normalised float
+    images and labels made in memory, on the device, before the first step; the same device, precision,
+    compilation switches and CPU thread budget (:func:`cxrbench.machine.budget.thread_budget`) as the backend's
+    training. None of cxrbench's machinery inside the step.
+
+    :param settings: the run's validated settings.
+    :param weights: canonical weights to start from (``model.init`` does not apply).
+    :return: a :class:`cxrbench.backend.api.IdiomaticLoop`, or ``None`` (not every backend has one: the benchmark
+        then says so in one line).
+    """
+
+
 # -- all plugins ---------------------------------------------------------------------------------
 
 

@@ -152,6 +152,9 @@ class RunSettings:
     keep: str = field(default="results", metadata=_choice("all", "results", "minimal"))
     #: Seed repeats (``--repeats``): repeat i trains every backend again with seed ``seed + i - 1``.
     repeats: int = field(default=1, metadata={"min": 1})
+    #: The harness-overhead benchmark after the workers: each backend's training path against its framework's
+    #: idiomatic loop in this many alternating rounds of fresh processes (0: not measured; cxrbench.run.overhead).
+    overhead_rounds: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,15 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-backend.md"
 HOOKS = {name: function for name, function in vars(hookspecs).items() if hasattr(function, f"{hookspecs.PROJECT}_spec")}
 #: The plain types a backend builds or reads, by the name the guide uses.
 TYPES = {
-    cls.__name__: cls for cls in (api.BackendInfo, api.ExportInfo, api.CamResult, training.EpochOutcome, prepared.Batch)
+    cls.__name__: cls
+    for cls in (
+        api.BackendInfo,
+        api.ExportInfo,
+        api.CamResult,
+        api.IdiomaticLoop,
+        training.EpochOutcome,
+        prepared.Batch,
+    )
 }
 
 

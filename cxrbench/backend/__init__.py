@@ -13,8 +13,9 @@ settings
 classes and pixels
     :data:`CLASSES` (CheXNet order), :data:`NUM_CLASSES`, :data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`.
 what hooks return
-    :class:`BackendInfo`, :class:`EpochRecord`, :class:`CamResult`, :class:`ExportInfo`;
-    :func:`distribution_version` for ``BackendInfo.versions``.
+    :class:`BackendInfo`, :class:`EpochRecord`, :class:`CamResult`, :class:`ExportInfo`, :class:`IdiomaticLoop`
+    (the framework's own loop, for the harness-overhead benchmark); :func:`distribution_version` for
+    ``BackendInfo.versions``.
 data
     :class:`PreparedData` (the prepared cache's splits and batch order) and the :class:`Batch` it yields.
 training
@@ -72,6 +73,7 @@ _SOURCES: dict[str, str | None] = {
     "EpochRecord": "cxrbench.backend.api",
     "CamResult": "cxrbench.backend.api",
     "ExportInfo": "cxrbench.backend.api",
+    "IdiomaticLoop": "cxrbench.backend.api",
     "distribution_version": "cxrbench.backend.api",
     # data
     "PreparedData": "cxrbench.data.prepared",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,3 +101,20 @@ class ExportInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdiomaticLoop:
+    """The framework's own idiomatic training step, what its users write without cxrbench: the yardstick the
+    harness-overhead benchmark (:mod:`cxrbench.run.overhead`) holds the backend's training path to.
+
+    The core times ``step`` with the same window timer, warm-up and windows as the backend's epoch, so the two
+    figures differ only by what the backend adds (its input pipeline, its step, the recorder).
+    """
+
+    step: Callable[[], Any]  #: one training step on in-memory data prepared beforehand; returns its loss
+    sync: Callable[[], None]  #: block until queued device work is done (nothing to do where steps are synchronous)
+    description: str  #: what runs, in words: network, optimiser, loss, API, data
+    #: The thread pools in force, read back from the framework (``intra_op``, ``inter_op``); empty where the
+    #: framework sizes them itself.
+    threads: dict[str, int] = field(default_factory=dict)

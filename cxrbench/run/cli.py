@@ -1,4 +1,5 @@
-"""``cxrbench run``: the comparison of backends on one suite, end to end."""
+"""``cxrbench run``: the comparison of backends on one suite, end to end; ``cxrbench overhead``: each backend
+against its framework's idiomatic loop (:mod:`cxrbench.run.overhead`)."""
 
 from __future__ import annotations
 
@@ -164,3 +165,99 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.prepare_only,
     )
     return new_run(request).execute()
+
+
+def add_overhead_parser(commands) -> None:
+    from cxrbench.run.overhead import TARGET
+
+    overhead = commands.add_parser(
+        "overhead",
+        help=f"each backend's training path against its framework's idiomatic loop (goal >= {TARGET})",
+        description="Alternate fresh processes of the backend's training (its worker, as a run runs it) and of its "
+        "framework's idiomatic loop, on the same network, image size, batch, precision and threads; print the "
+        "steady images/s of both and their ratio, and write OUT/overhead.json.",
+    )
+    overhead.add_argument("--backend", action="append", default=[], metavar="NAME", help="repeatable (default: all)")
+    overhead.add_argument("--suite", help="suite name or TOML path (default: smoke)")
+    overhead.add_argument("--rounds", type=int, default=3, help="alternating rounds, one process per side each")
+    overhead.add_argument("--steps", type=int, help="training steps per process (default: warm-up + 5 windows)")
+    overhead.add_argument("--out", type=Path, help="output folder (default: reports/<timestamp>-overhead)")
+    overhead.add_argument(
+        "--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module (repeatable)"
+    )
+    overhead.add_argument(
+        "--python", action="append", default=[], metavar="BACKEND=PATH", help="that backend's interpreter"
+    )
+    overhead.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any setting")
+    overhead.add_argument("--monitor-interval", type=float, default=1.0, help="seconds between the worker's samples")
+    for option in ("image_size", "batch_size", "arch", "precision", "seed", "data"):
+        overhead.add_argument(f"--{option.replace('_', '-')}", type=_OVERRIDE_TYPES[option])
+    overhead.set_defaults(func=_cmd_overhead)
+
+
+def _cmd_overhead(args: argparse.Namespace) -> int:
+    import time
+
+    from cxrbench.backend import canonical
+    from cxrbench.data import cache
+    from cxrbench.errors import CxrError
+    from cxrbench.files import write_json
+    from cxrbench.machine.env import capture
+    from cxrbench.plugins import load_plugins, require_answer
+    from cxrbench.run import overhead
+    from cxrbench.run.environments import parse_python_options
+    from cxrbench.run.folder import OVERHEAD_JSON, RUN_JSON, shared_init_path
+    from cxrbench.run.orchestrator import resolve_backends
+    from cxrbench.run.scaling import grow_phantom
+    from cxrbench.suite import COMMON_OVERRIDES, apply_overrides, load_suite, parse_set_option
+
+    if args.rounds < 1:
+        raise SuiteError(f"--rounds {args.rounds}: at least 1 (3 or more for a verdict)")
+    given = {dotted: getattr(args, option, None) for option, dotted in COMMON_OVERRIDES.items()}
+    given.update(parse_set_option(text) for text in args.set)
+    settings = apply_overrides(load_suite(args.suite or "smoke"), {k: v for k, v in given.items() if v is not None})
+    if settings.run.gpus > 1:
+        raise SuiteError(f"run.gpus = {settings.run.gpus}: the idiomatic loops run on one device; use 0 or 1")
+    steps = args.steps or overhead.default_steps(settings)
+    pythons = parse_python_options(args.python)
+    plugins = load_plugins(args.plugin)
+    names = resolve_backends(plugins, args.backend, pythons)
+    index = require_answer(plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", settings.data.source)
+    for _ in range(3):  # a grown phantom's splits are drawn by patient: check again after growing it
+        train_images = len(index.rows("train"))
+        if settings.data.source != "phantom" or train_images >= steps * settings.train.batch_size:
+            break
+        settings = grow_phantom(settings, steps * settings.train.batch_size, train_images, len(index))
+        index = require_answer(plugins.hook.cxrbench_dataset(settings=settings), "cxrbench_dataset", "phantom")
+    overhead.check_steps(settings, steps, len(index.rows("train")))
+    out = args.out or Path("reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-overhead"
+    if (out / OVERHEAD_JSON).exists():
+        raise CxrError(f"{out}: already holds an overhead measurement (choose another --out)")
+    data = cache.prepare(index, settings.data.image_size)
+    # What the processes read, as a run's workers do: the settings and data key, and the shared initial weights.
+    write_json(out / RUN_JSON, {"settings": settings.to_dict(), "data": {"key": data.key}, "overhead_only": True})
+    seed = settings.run.seed
+    canonical.save(canonical.init_canonical(settings.model.block_config, seed), shared_init_path(out, seed, seed))
+    summaries = {}
+    for name in names:
+        measurement = overhead.Measurement(
+            run_dir=out,
+            folder=out / name,
+            backend=name,
+            rounds=args.rounds,
+            steps=steps,
+            python=pythons.get(name, sys.executable),
+            plugins=args.plugin,
+            monitor_interval=args.monitor_interval,
+            gpus=settings.run.gpus,
+        )
+        summaries[name] = overhead.measure(measurement)
+    write_json(
+        out / OVERHEAD_JSON,
+        {"settings": settings.to_dict(), "steps": steps, "environment": capture(), "backends": summaries},
+    )
+    print(overhead.table(summaries))
+    for name, summary in summaries.items():
+        print(overhead.sentence(name, summary))
+    print(f"written: {out / OVERHEAD_JSON}", file=sys.stderr)
+    return 0 if all(s["status"] == "completed" for s in summaries.values()) else 1

@@ -74,6 +74,11 @@ REPEATS_DIR = "repeats"
 #: Worker stages of repeats 2..N (``--repeats``): CAM too, so localisation is paired by seed like AUROC; no
 #: equivalence or export, which check the implementation, not the seed's spread.
 REPEAT_STAGES = ("prepare-check", "train", "evaluate", "cam")
+#: The harness-overhead benchmark (``run.overhead_rounds``, ``cxrbench overhead``): the backend's summary, and its
+#: processes' folders (``overhead/r<i>/backend/``: a worker's files; ``overhead/r<i>/idiomatic/``: IDIOMATIC_JSON).
+OVERHEAD_JSON = "overhead.json"
+OVERHEAD_DIR = "overhead"
+IDIOMATIC_JSON = "idiomatic.json"
 
 #: What a completed run with default settings (``run.keep = results``, one GPU count, no repeats or sweep) holds.
 RUN_FILES = (RUN_JSON, COMPARISON_JSON, INDEX_HTML, EQUIVALENCE_BATCH, SHARED_INIT)
@@ -134,6 +139,7 @@ BACKEND_FEEDS = (
     Feed("efficiency", EFFICIENCY_JSON),
     Feed("profile", PROFILE_JSON),
     Feed("ranks", RANKS_JSON),
+    Feed("harness_overhead", OVERHEAD_JSON),
 )
 
 

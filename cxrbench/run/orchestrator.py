@@ -41,6 +41,7 @@ from cxrbench.run.folder import (
     EQUIVALENCE_BATCH,
     IMPORTED_INIT,
     LOG_TXT,
+    OVERHEAD_JSON,
     REPEAT_STAGES,
     RUN_JSON,
     SCHEMA_VERSION,
@@ -90,7 +91,7 @@ class RunRequest:
     prepare_only: bool = False
 
 
-def _resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
+def resolve_backends(plugins: Plugins, requested: list[str], pythons: dict[str, str] | None = None) -> list[str]:
     """The run's backends; one in its own environment (``--python``) is asked there and listed with the others."""
     for name, python in (pythons or {}).items():
         plugins.backends[name] = environments.backend_info(name, python)
@@ -134,7 +135,7 @@ def new_run(request: RunRequest) -> Orchestrator:
     if request.executor is None:  # with an executor the jobs run on other machines, whose GPUs Slurm allocates
         _check_gpus(counts)
     plugins = load_plugins(request.plugins)
-    backends = _resolve_backends(plugins, request.backends, request.pythons)
+    backends = resolve_backends(plugins, request.backends, request.pythons)
     baseline = request.baseline or backends[0]
     if baseline not in backends:
         raise CxrError(f"--baseline {baseline!r} is not one of the run's backends ({', '.join(backends)})")
@@ -158,6 +159,16 @@ def new_run(request: RunRequest) -> Orchestrator:
             break
         settings, index = sized, _dataset(plugins, sized)
     _check_warmup(settings, index, [max(node_counts) * max(1, c) for c in counts], grid)
+    if settings.run.overhead_rounds:
+        if request.executor is not None:
+            raise CxrError(
+                "run.overhead_rounds times processes on the machine that runs `cxrbench run`, not on the cluster's: "
+                "measure it with `cxrbench overhead` on a compute machine (docs/speed.md)"
+            )
+        from cxrbench.run import overhead
+
+        steps = overhead.default_steps(settings)
+        overhead.check_steps(settings, steps, len(index.rows("train")), "run.overhead_rounds: steps")
     _refuse_existing(run_dir)
     run = {
         "schema_version": SCHEMA_VERSION,
@@ -226,7 +237,7 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
             f"{run['kept']['keep']}): nothing to resume"
         )
     plugins = load_plugins(run.get("plugins", []))
-    _resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
+    resolve_backends(plugins, list(run["backends"]), run.get("pythons"))
     if not run.get("executor"):
         _check_gpus(run["gpu_counts"])
     settings = Settings.from_dict(run["settings"], str(run_dir / RUN_JSON))
@@ -236,6 +247,17 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
     return Orchestrator(run_dir, run, plugins, monitor_interval, index)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM (a worker records "interrupted"), then SIGKILL after a grace period."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class Orchestrator:
@@ -383,7 +405,7 @@ class Orchestrator:
             try:
                 returncode = self._wait(name, process, folder)
             except KeyboardInterrupt:
-                self._stop(process)
+                stop_process(process)
                 self._record_end(name, folder, process.returncode, interrupted=True)
                 raise
         self._record_end(name, folder, returncode)
@@ -402,17 +424,6 @@ class Orchestrator:
                 return process.wait(timeout=POLL_S)
             except subprocess.TimeoutExpired:
                 self.progress.update(name, read_json(folder / STATUS_JSON))
-
-    @staticmethod
-    def _stop(process: subprocess.Popen) -> None:
-        """SIGTERM (the worker records "interrupted"), then SIGKILL after a grace period."""
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
     def _record_end(self, name: str, folder: Path, returncode: int | None, interrupted: bool = False) -> None:
         """A worker that died without recording its outcome is marked here, naming the signal."""
@@ -481,6 +492,31 @@ class Orchestrator:
                 ran = self.run_worker(call.backend, cell.gpus, Path(call.folder), (), list(call.args), prepared=True)
                 if ran and cell.name == "main":
                     self.record_curves(call.backend)
+
+    def run_overhead(self, gpus: int) -> None:
+        """``run.overhead_rounds``: every completed backend against its framework's idiomatic loop, into its folder's
+        overhead.json (:mod:`cxrbench.run.overhead`); a backend already measured (``--resume``) is skipped."""
+        rounds = self.settings.run.overhead_rounds
+        if not rounds:
+            return
+        from cxrbench.run import overhead
+
+        for name in self.backends:
+            folder = self.run_dir / name
+            if (folder / OVERHEAD_JSON).exists() or BackendStatus(folder, name).data["status"] != "completed":
+                continue
+            measurement = overhead.Measurement(
+                run_dir=self.run_dir,
+                folder=folder,
+                backend=name,
+                rounds=rounds,
+                steps=overhead.default_steps(self.settings),
+                python=(self.run.get("pythons") or {}).get(name, sys.executable),
+                plugins=self.run.get("plugins", []),
+                monitor_interval=self.monitor_interval,
+                gpus=min(gpus, 1),
+            )
+            self.progress.message(overhead.sentence(name, overhead.measure(measurement, self.progress.message)))
 
     # -- after the workers -----------------------------------------------------------------------
 
@@ -578,6 +614,7 @@ class Orchestrator:
             try:
                 self.prepare()
                 self.run_workers()
+                self.run_overhead(self.run["gpu_counts"][0])
             except KeyboardInterrupt:
                 outcome = "interrupted"
                 self.progress.message("interrupted: workers stopped, writing what finished")

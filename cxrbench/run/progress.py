@@ -13,6 +13,7 @@ from cxrbench.machine.monitor.noise import warnings
 from cxrbench.metrics.equivalence import model_passes
 from cxrbench.report import explain, verdicts
 from cxrbench.report.figures import repeat_sentences, speed_sentences
+from cxrbench.run.overhead import sentence as overhead_sentence
 
 
 def status_line(name: str, status: dict[str, Any] | None, width: int = 10) -> str:
@@ -156,7 +157,8 @@ HEADER = (
 def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     """The table; the accuracy verdicts, each naming what it is about (the framework's effect from paired seeds
     first, then the trained models of one seed, then how to estimate the framework's effect); the steady-state speed
-    sentences; the spread across repeats; a warning per disturbed measurement (* in the table)."""
+    sentences (repeats, sweep and harness overhead when measured) and what explains them; the spread across repeats;
+    a warning per disturbed measurement (* in the table)."""
     rows = [HEADER, *summary_rows(run, comparison)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -165,7 +167,9 @@ def summary_table(run: dict[str, Any], comparison: dict[str, Any]) -> str:
     baseline = run.get("baseline") if run.get("baseline") in backends else next(iter(backends), None)
     if baseline is not None:
         lines += speed_sentences({name: result.get("throughput") for name, result in backends.items()}, baseline)
-    lines += repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + explain.summary_lines(run)
+    overhead = [overhead_sentence(name, result.get("harness_overhead")) for name, result in backends.items()]
+    lines += repeat_sentences(run.get("repeats")) + sweep_lines(run.get("sweep")) + [o for o in overhead if o]
+    lines += explain.summary_lines(run)
     return "\n".join(lines + warnings(backends))
 
 

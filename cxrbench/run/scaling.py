@@ -64,7 +64,12 @@ def size_for_counts(settings: Settings, train_images: int, total_images: int, co
             f"epoch need {needed} training images (the data has {train_images}): lower train.max_steps or "
             "train.batch_size, or use fewer GPUs"
         )
-    share = train_images / total_images  # the splits keep their proportions as the phantom grows
+    return grow_phantom(settings, needed, train_images, total_images)
+
+
+def grow_phantom(settings: Settings, needed: int, train_images: int, total_images: int) -> Settings:
+    """Phantom settings whose training split holds about ``needed`` images (the splits keep their proportions)."""
+    share = train_images / total_images
     grown = math.ceil(needed / share * 1.02)  # 2 % head room: splits are drawn by patient
     return settings.replace(**{"data.phantom_images": max(grown, settings.data.phantom_images + 1)})
 

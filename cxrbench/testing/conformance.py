@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from cxrbench.backend import numerics_record
-from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo
+from cxrbench.backend.api import BackendInfo, CamResult, EpochRecord, ExportInfo, IdiomaticLoop
 from cxrbench.backend.canonical import densenet_spec, init_canonical
 from cxrbench.backend.profiling import INPUT_REGION, PEAK_FIRST_SIZE, PROFILE_REGION, PeakFlops
 from cxrbench.backend.recorder import Recorder
@@ -54,6 +54,8 @@ from cxrbench.suite import Settings
 SIZES = (32, 64)
 DEFAULT_ARCH = "densenet-tiny"
 REPEAT_ATOL = 1e-6
+#: Steps of a backend's idiomatic loop in the kit (it cycles a few in-memory batches).
+IDIOMATIC_STEPS = 8
 CAM_ATOL = 1e-4
 #: Frameworks whose import would make discovery slow (plus the backend's own framework).
 HEAVY_MODULES = frozenset(FRAMEWORKS)
@@ -624,6 +626,23 @@ def test_profiler_traces_more_steps_of_the_trained_loop(kit: KitOptions, backend
     result = step_profile.analyse(trace.events, classifier, steps.profiled)
     assert sum(result["categories_ms"].values()) == pytest.approx(result["step_ms"], rel=1e-6)
     assert result["categories_ms"]["conv_forward"] > 0 and result["categories_ms"]["conv_backward"] > 0
+
+
+def test_idiomatic_loop_runs(kit: KitOptions, backend: Backend):
+    """Optional hook, the yardstick of the harness-overhead benchmark: when a backend answers it, the loop's steps
+    give finite losses that change from step to step (batches and weights move), and it says what it runs."""
+    settings = kit.settings()
+    loop = backend.plugins.hook.cxrbench_idiomatic_loop(
+        settings=settings, weights=random_canonical(settings.model.block_config, seed=21)
+    )
+    if loop is None:
+        pytest.skip(f"backend {backend.name!r} implements no cxrbench_idiomatic_loop (optional)")
+    assert isinstance(loop, IdiomaticLoop) and loop.description
+    assert all(isinstance(n, int) and n > 0 for n in loop.threads.values()), loop.threads
+    losses = [float(np.asarray(loop.step())) for _ in range(IDIOMATIC_STEPS)]
+    loop.sync()
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses), losses
+    assert len(set(losses)) > 1, f"every step gave the same loss {losses[0]}: nothing moves"
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -97,6 +97,14 @@ def cxrbench_gather(payload):
 
 
 @hookimpl
+def cxrbench_idiomatic_loop(settings, weights):
+    _require_framework()
+    from cxrbench_jax import idiomatic
+
+    return idiomatic.loop(settings, weights)
+
+
+@hookimpl
 def cxrbench_predict(model, images, settings):
     from cxrbench_jax import infer
 

@@ -104,6 +104,17 @@ def cxrbench_gather(payload):
 
 
 @hookimpl
+def cxrbench_idiomatic_loop(settings, weights):
+    from cxrbench_keras import determinism
+
+    determinism.prepare_environment(settings.numerics)  # as for the backend's model: before TensorFlow's import
+    from cxrbench_keras import idiomatic
+
+    determinism.apply(settings.numerics)
+    return idiomatic.loop(settings, weights)
+
+
+@hookimpl
 def cxrbench_predict(model, images, settings):
     from cxrbench_keras.infer import predict
 

@@ -51,7 +51,7 @@ def to_canonical(kind: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(canonical.BN_PARTS, arrays))  # gamma, beta, moving_mean, moving_variance
 
 
-def _from_canonical(kind: str, prefix: str, weights) -> list[np.ndarray]:
+def from_canonical(kind: str, prefix: str, weights) -> list[np.ndarray]:
     if kind == "conv":
         return [weights[f"{prefix}.weight"].transpose(2, 3, 1, 0)]
     if kind == "dense":
@@ -83,4 +83,4 @@ def set_weights(network, weights, block_config: tuple[int, ...], origin: str = "
     """Load a canonical dict; a missing or misshapen tensor raises WeightsError naming it."""
     canonical.validate(weights, block_config, origin)
     for layer, prefix, kind in _mapped_layers(network):
-        layer.set_weights([np.asarray(a, dtype=np.float32) for a in _from_canonical(kind, prefix, weights)])
+        layer.set_weights([np.asarray(a, dtype=np.float32) for a in from_canonical(kind, prefix, weights)])

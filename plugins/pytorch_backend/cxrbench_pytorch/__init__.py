@@ -108,6 +108,13 @@ def cxrbench_gather(payload):
 
 
 @hookimpl
+def cxrbench_idiomatic_loop(settings, weights):
+    from cxrbench_pytorch import idiomatic
+
+    return idiomatic.loop(settings, weights)
+
+
+@hookimpl
 def cxrbench_predict(model, images, settings):
     from cxrbench_pytorch import infer
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from cxrbench.backend import (
+    NUM_CLASSES,
+    BackendError,
     Batch,
     EpochOutcome,
+    IdiomaticLoop,
     PreparedData,
     Recorder,
     Settings,
@@ -29,7 +32,7 @@ from cxrbench.backend import (
     train_epoch,
     validation_loss,
 )
-from cxrbench_numpy_example.network import classify, pooled_features
+from cxrbench_numpy_example.network import classify, feature_map, pooled_features
 
 TRAINED = ("classifier.weight", "classifier.bias")
 
@@ -65,6 +68,16 @@ class Adam:
             params[name] -= np.float32(lr) * m_hat / (np.sqrt(v_hat) + self.epsilon)
 
 
+def probe_gradients(
+    weights: dict[str, np.ndarray], pooled: np.ndarray, labels: np.ndarray
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean BCE of the classifier on pooled features, and its gradients."""
+    logits = classify(weights, pooled)
+    loss = float(bce_with_logits(logits, labels).mean())
+    d_logits = (sigmoid(logits) - labels) / np.float32(labels.size)
+    return loss, {"classifier.weight": d_logits.T @ pooled, "classifier.bias": d_logits.sum(axis=0)}
+
+
 class LinearProbeLoop:
     """The :class:`cxrbench.backend.training.EpochLoop` of the numpy backend."""
 
@@ -77,11 +90,7 @@ class LinearProbeLoop:
 
     def _loss_and_grads(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         weights = self.model.weights
-        pooled = pooled_features(weights, self.model.block_config, images)
-        logits = classify(weights, pooled)
-        loss = float(bce_with_logits(logits, labels).mean())
-        d_logits = (sigmoid(logits) - labels) / np.float32(labels.size)
-        return loss, {"classifier.weight": d_logits.T @ pooled, "classifier.bias": d_logits.sum(axis=0)}
+        return probe_gradients(weights, pooled_features(weights, self.model.block_config, images), labels)
 
     def train_epoch(self, epoch: int, lr: float) -> EpochOutcome:
         """The core's helper runs the epoch (timing, progress, losses); this loop supplies one step."""
@@ -147,4 +156,40 @@ def describe(model, settings: Settings, layout: str) -> dict[str, Any]:
         input_pipeline="plain iteration",
         versions={"numpy": np.__version__, **{pool["internal_api"]: pool["version"] for pool in blas}},
         framework={"trained": "classifier only (linear probe)"},
+    )
+
+
+def idiomatic_loop(settings: Settings, weights: dict[str, np.ndarray]) -> IdiomaticLoop:
+    """The same probe as a numpy user writes it: normalised float arrays made in memory, forward, gradient, Adam;
+    no batches from the core, no recorder. BLAS gets the core's thread budget, as in training."""
+    if settings.numerics.precision != "fp32":
+        raise BackendError(f"numerics.precision = {settings.numerics.precision!r}: numpy computes in fp32 only")
+    threads = thread_budget(settings.numerics)["intra_op"]
+    threadpool_limits(threads, user_api="blas")  # for the rest of this (benchmark) process
+    block_config, train = settings.model.block_config, settings.train
+    params = {name: np.array(value, dtype=np.float32) for name, value in weights.items()}
+    adam = Adam(settings, {k: params[k] for k in TRAINED})
+    rng = np.random.default_rng(settings.run.seed)
+    size = settings.data.image_size
+    batches = [
+        (
+            rng.standard_normal((train.batch_size, 3, size, size), dtype=np.float32),
+            (rng.random((train.batch_size, NUM_CLASSES)) < 0.3).astype(np.float32),
+        )
+        for _ in range(4)
+    ]
+    steps = [0]
+
+    def step() -> float:
+        images, labels = batches[steps[0] % len(batches)]
+        steps[0] += 1
+        loss, grads = probe_gradients(params, feature_map(params, block_config, images).mean(axis=(2, 3)), labels)
+        adam.step(params, grads, train.learning_rate)
+        return loss
+
+    return IdiomaticLoop(
+        step=step,
+        sync=lambda: None,
+        description=f"numpy linear probe on DenseNet{tuple(block_config)} features, 4 in-memory batches, Adam",
+        threads={"intra_op": threads, "inter_op": 1},
     )
