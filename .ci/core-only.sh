@@ -11,13 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/lib.sh
+trap 'status=$?; [[ $status -eq 0 ]] || stage_end "FAILED (exit $status)"' EXIT
 
 PYTHON="${PYTHON:-python}"
 unset PYTHONPATH  # the venv sees what is installed in it, nothing else
 uv=("$PYTHON" -m uv)
 
 stage "core: venv (uv, cached by the pyproject files)"
-key="$(cat pyproject.toml tests/example_plugin/pyproject.toml <("$PYTHON" -VV) <("${uv[@]}" --version) | sha256sum)"
+key="$(cat pyproject.toml tests/example_plugin/pyproject.toml .ci/core-only.sh <("$PYTHON" -VV) <("${uv[@]}" --version) | sha256sum)"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/cxrbench-ci"
 venv="$cache/core-venv-${key:0:16}"
 mkdir -p "$cache"
@@ -25,7 +26,7 @@ exec 9>"$cache/core-venv.lock"
 flock 9  # one CI run at a time uses the cached venv
 if [[ ! -x "$venv/bin/python" ]]; then
   rm -rf "$cache"/core-venv-*/  # venvs of other pyproject files
-  "${uv[@]}" venv --quiet --python "$("$PYTHON" -c 'import sys; print(sys.executable)')" "$venv"
+  "${uv[@]}" venv --quiet --seed --python "$("$PYTHON" -c 'import sys; print(sys.executable)')" "$venv"
 fi
 py="$venv/bin/python"
 # Always: the editable install must point at this checkout; the example backend comes later, in step 3.

@@ -4,13 +4,12 @@
 import json
 import re
 
-from helpers_report import make_fake_run
-
 from cxrbench.report import verdicts
 from cxrbench.report.load import load_run
 from cxrbench.report.render import write_report
 from cxrbench.run.progress import summary_table
 from cxrbench.run.schema import validate
+from helpers.fake_run import make_fake_run
 
 SCOPE = "(two trained models, this test set, training seed 0 fixed)"
 #: make_fake_run's stage seconds: pytorch 2 + 60 + 5 + 3 = 70 s, keras 2 + 100 + 5 + 3 = 110 s per repeat.
