@@ -13,7 +13,7 @@ from cxrbench import __version__
 from cxrbench.errors import CxrError, StorageError, is_storage_fault, storage_error
 from cxrbench.suite import ARCHITECTURES
 
-#: Exit statuses (README "Exit status"): 128 + SIGPIPE, as a shell reports a pipeline reader that closed early.
+#: Exit statuses (docs/faults.md, "Exit status"): 128 + SIGPIPE, as a shell reports a pipeline reader that closed early.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 

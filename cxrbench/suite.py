@@ -107,7 +107,7 @@ class NumericsSettings:
     inter_op_threads: int = field(default=0, metadata={"min": 0})
     loader_workers: int = field(default=0, metadata={"min": 0})
     pin_memory: bool = True
-    #: Ask each framework for run-to-run identical numbers where it can give them (slower; see README).
+    #: Ask each framework for run-to-run identical numbers where it can give them (slower; see docs/measurement.md).
     deterministic: bool = False
 
 

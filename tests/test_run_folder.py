@@ -18,6 +18,7 @@ import pytest
 from cxrbench.files import read_json
 from cxrbench.report.load import load_run
 from cxrbench.run import folder as run_folder
+from cxrbench.run.cluster import JOBS_DIR
 from cxrbench.run.schema import load_schema
 from helpers.fake_run import make_fake_run
 from helpers.tiny_run import TINY_RUN
@@ -130,17 +131,43 @@ def test_schema_json_states_the_schema_version_of_run_folder():
     assert f"schema_version {run_folder.SCHEMA_VERSION}" in schema["title"]
 
 
-def test_the_readme_describes_every_file_of_the_run_folder():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index("reports/<timestamp>-<suite>/") :]
+def test_the_runs_page_describes_every_file_and_folder_of_the_run_folder():
+    page = (ROOT / "docs" / "runs.md").read_text(encoding="utf-8")
+    block = page[page.index("reports/<timestamp>-<suite>/") :]
     block = block[: block.index("```")]
-    described = re.findall(r"[\w*/-]+\.(?:jsonl|json|npz|npy|onnx|txt|html|csv|lock|tfevents\.\*)", block)
+    # a file inside <backend>/ or tensorboard/<backend>/ is described by its name after the placeholder
+    found = re.findall(r"[\w*/.-]+\.(?:jsonl|json|npz|npy|onnx|txt|html|csv|lock|tfevents\.\*)", block)
+    described = [pattern.lstrip("/") for pattern in found]
+    files = (
+        *run_folder.RUN_FILES,
+        *run_folder.BACKEND_FILES,
+        run_folder.CROP_BOXES_CSV,
+        run_folder.IMPORTED_INIT,
+        run_folder.INIT_ONNX,
+        run_folder.LOCK_FILE,
+        run_folder.SWEEP_CSV,
+        run_folder.TENSORBOARD_EVENTS,
+        run_folder.RANKS_JSON,
+        run_folder.OVERHEAD_JSON,
+        run_folder.IDIOMATIC_JSON,
+    )
     missing = [
         name
-        for name in (*run_folder.RUN_FILES, *run_folder.BACKEND_FILES, run_folder.CROP_BOXES_CSV)
-        if not any(fnmatch.fnmatch(name, pattern) for pattern in described)
+        for name in files
+        if not any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(Path(name).name, pattern) for pattern in described)
     ]
     assert not missing
+    folders = (
+        run_folder.PROFILE_DIR,
+        run_folder.REPEATS_DIR,
+        run_folder.OVERHEAD_DIR,
+        run_folder.SWEEP_DIR,
+        run_folder.TENSORBOARD_DIR,
+        JOBS_DIR,
+        run_folder.gpus_folder(Path(), "", 2, 1).name.replace("2", "<N>"),
+        run_folder.nodes_folder(Path(), "", 2, 1).name.replace("2", "<N>"),
+    )
+    assert [name for name in folders if f"{name}/" not in block] == []
 
 
 def test_writer_and_reader_take_a_backend_summary_from_the_same_files(tmp_path):
