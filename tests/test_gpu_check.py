@@ -269,3 +269,15 @@ def test_dry_run_without_tensorflow_passes_pytorch_and_jax_and_skips_keras(tmp_p
     assert set(returned) <= set(tools.gpu_check.OUT_FILES) and len(returned) <= 8
     assert all(path.is_file() and path.stat().st_size < 16 * 2**20 for path in out.iterdir())
     assert {"gpu-check.log", "oversized-run.json", "sweep-run.json", "sweep-comparison.json"} <= set(returned)
+
+
+def test_metadata_seen_only_from_the_checkout_is_not_an_installation(tools, tmp_path, monkeypatch):
+    """A build leaves ``<name>.egg-info`` in the checkout, visible through the current folder only: the check's probes,
+    started elsewhere, could not import the package, so the check must expose it (CI's fresh clone showed this)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "demo_dist.egg-info").mkdir(parents=True)
+    (checkout / "demo_dist.egg-info" / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: demo-dist\nVersion: 1.0\n")
+    monkeypatch.syspath_prepend(str(checkout))
+    assert not tools.tree_site.installed("demo-dist", checkout)
+    assert tools.tree_site.installed("demo-dist", tmp_path / "elsewhere")
+    assert not tools.tree_site.installed("no-such-distribution", checkout)

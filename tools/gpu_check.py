@@ -215,10 +215,10 @@ def expose_tree(site: Path) -> tuple[list[str], list[str]]:
         sys.path.insert(0, str(REPO))  # read FIRST_PARTY_BACKENDS from this checkout
     from cxrbench.plugins import FIRST_PARTY_BACKENDS
 
-    folders = [] if tree_site.installed("cxrbench") else ["."]
+    folders = [] if tree_site.installed("cxrbench", REPO) else ["."]
     for backend in FIRST_PARTY_BACKENDS.values():
         wanted = not backend.example and not _frameworks_missing(backend.frameworks)
-        if wanted and not tree_site.installed(backend.distribution):
+        if wanted and not tree_site.installed(backend.distribution, REPO):
             folders.append(backend.folder)
     distributions = [tree_site.read(REPO / folder) for folder in folders]
     return (tree_site.expose(distributions, site) if distributions else []), [d.name for d in distributions]

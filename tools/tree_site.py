@@ -41,12 +41,16 @@ def read(folder: Path) -> TreeDistribution:
     return TreeDistribution(folder.resolve(), project["name"], project["version"], groups)
 
 
-def installed(name: str) -> bool:
+def installed(name: str, checkout: Path) -> bool:
+    """Whether ``name`` is installed for every process, not only seen from the checkout: a build leaves
+    ``<name>.egg-info`` in the checkout, which ``importlib.metadata`` finds through the current folder while a child
+    started elsewhere (a probe, a worker) cannot import the package."""
     try:
-        importlib.metadata.distribution(name)
+        found = importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         return False
-    return True
+    location = Path(found.locate_file("")).resolve()
+    return not (location == checkout.resolve() or checkout.resolve() in location.parents)
 
 
 def write_record(site: Path, distribution: TreeDistribution) -> Path:
