@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from cxrbench.deploy.limits import MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_BYTES, MAX_PIXELS, MAX_QUEUE
 from cxrbench.results import TABLES  # light: pandas is imported only when a table is made
-
-#: Default limits: pixels of one picture (a 6000 x 6000 radiograph is 36 M; NIH's are 1024 x 1024), upload bytes.
-MAX_PIXELS, MAX_BYTES = 50_000_000, 32 * 1024 * 1024
-#: The service's batching and queue defaults: ``predict``'s batch size, a wait short next to one DenseNet-121 call
-#: (tens of ms and more on a CPU), and room for four full batches.
-MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_QUEUE = 16, 5.0, 64
 
 
 def _predict(args: argparse.Namespace) -> int:

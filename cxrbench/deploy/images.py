@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxrbench.data.images import decode_gray
-from cxrbench.deploy.cli import MAX_PIXELS
+from cxrbench.deploy.limits import MAX_PIXELS
 from cxrbench.errors import CxrError, DataError, first_line
 
 _DICOM_MAGIC_OFFSET = 128

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbench.deploy.cli import MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_PIXELS
+from cxrbench.deploy.limits import MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_PIXELS
 from cxrbench.errors import CxrError
 from cxrbench.suite import ARCHITECTURES, ExportSettings
 

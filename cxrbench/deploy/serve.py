@@ -27,7 +27,7 @@ from cxrbench.cam.files import overlay_png
 from cxrbench.deploy import images
 from cxrbench.deploy.auth import BearerAuth, Tokens, check_exposure, is_loopback, load_tokens
 from cxrbench.deploy.batching import Batcher, QueueFull, Scored, Stopped
-from cxrbench.deploy.cli import MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_BYTES, MAX_PIXELS, MAX_QUEUE
+from cxrbench.deploy.limits import MAX_BATCH, MAX_BATCH_DELAY_MS, MAX_BYTES, MAX_PIXELS, MAX_QUEUE
 from cxrbench.deploy.model import ScoringModel, sigmoid, top_classes
 from cxrbench.deploy.telemetry import AccessLog, ServiceMetrics, configure_logging, log_event
 from cxrbench.errors import CxrError, first_line

@@ -35,6 +35,7 @@ from cxrbench.metrics import step_profile
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.report import verdicts
 from cxrbench.run import cluster, environments, keep, repeats, scaling, sweep, tracking
+from cxrbench.run.child import stop_process
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
     CROP_BOXES_CSV,
@@ -63,8 +64,6 @@ from cxrbench.suite import Settings
 
 #: Images of the test split every backend's initial model is evaluated on (equivalence check).
 EQUIVALENCE_IMAGES = 8
-#: Seconds a worker gets to stop after SIGTERM before it is killed.
-STOP_GRACE_S = 15.0
 POLL_S = 0.5
 #: Worker stages of a scaling sweep point (speed only).
 SWEEP_STAGES = sweep.SWEEP_STAGES
@@ -247,17 +246,6 @@ def resume_run(run_dir: Path, argv: list[str], monitor_interval: float = 1.0) ->
     run.update(status="running", finished=None, error=None)
     run.setdefault("resumed", []).append({"at": now_iso(), "argv": argv})
     return Orchestrator(run_dir, run, plugins, monitor_interval, index)
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    """SIGTERM (a worker records "interrupted"), then SIGKILL after a grace period."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 class Orchestrator:
