@@ -78,7 +78,7 @@ def test_speed_ratio_reads_at_a_glance(fake_run, report):
     keras_speed, torch_speed = (format_number(t["train_images_per_s"]) for t in (keras_tp, torch_tp))
     expected = (
         f"keras {ratio:.2f}x pytorch in training [{low:.2f}, {high:.2f}] "
-        f"(steady state, {keras_speed} vs {torch_speed} img/s)"
+        f"(steady state, one process each, {keras_speed} vs {torch_speed} img/s)"
     )
     assert expected in report
     assert "keras spends 100 s before its first step, pytorch 1.2 s" in report

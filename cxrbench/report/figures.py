@@ -133,11 +133,12 @@ def _no_steady(name: str, throughput: dict[str, Any], phase: str, what: str) -> 
 def steady_ratio(
     name: str, baseline: str, value: dict[str, Any], base: dict[str, Any], phase: str, key: str, what: str
 ) -> str | None:
-    """ "keras 0.93x pytorch in training [0.88, 0.97] (steady state, 24.1 vs 25.9 img/s)", or why there is none
-    (no steady state; a measurement the noise guard marked disturbed).
+    """ "keras 0.93x pytorch in training [0.88, 0.97] (steady state, one process each, 24.1 vs 25.9 img/s)", or why
+    there is none (no steady state; a measurement the noise guard marked disturbed).
 
     The interval is a seeded bootstrap over both backends' window rates
-    (:func:`cxrbench.backend.timing.ratio_interval`).
+    (:func:`cxrbench.backend.timing.ratio_interval`): the spread of two processes' windows, not of fresh processes,
+    which differ more (the sentence says so; the repeats give the spread across processes).
     """
     if key not in value or key not in base:  # not measured (stage not run): nothing to say
         return None
@@ -158,7 +159,7 @@ def steady_ratio(
     )
     spread = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
     return (
-        f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, "
+        f"{name} {value[key] / base[key]:.2f}x {baseline} {what}{spread} (steady state, one process each, "
         f"{format_number(value[key])} vs {format_number(base[key])} img/s)"
     )
 

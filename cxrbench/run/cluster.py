@@ -22,7 +22,6 @@ in ``--launched`` mode; the head machine's name comes from submitit's job enviro
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import psutil
 
 from cxrbench.errors import CxrError
 from cxrbench.files import read_json
-from cxrbench.machine import devices
+from cxrbench.run.child import worker_env
 from cxrbench.run.folder import LOG_TXT, RUN_JSON, now_iso
 from cxrbench.run.store import BackendStatus, record_end
 
@@ -245,7 +244,7 @@ def run_cell(run_dir: Path, cell: Cell) -> dict[str, str]:
         folder.mkdir(parents=True, exist_ok=True)
         command = [call.python, "-u", *_launcher(run_dir, cell, call, environment.hostnames[0])]
         command += ["-m", "cxrbench.run.worker", *call.args, *(["--launched"] if cell.nodes > 1 else [])]
-        env = {**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"}
+        env = worker_env()
         if first_task:
             with open(folder / LOG_TXT, "a", encoding="utf-8") as log:
                 log.write(f"=== cxrbench worker {call.backend} started {now_iso()} in job {environment.job_id}\n")

@@ -10,7 +10,6 @@ and still writes ``run.json``, ``comparison.json`` and the report.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
@@ -29,13 +28,12 @@ from cxrbench.data.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
 from cxrbench.files import read_json, save_npy, write_json, write_text
-from cxrbench.machine import devices
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.metrics import step_profile
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
 from cxrbench.report import verdicts
 from cxrbench.run import cluster, environments, keep, repeats, scaling, sweep, tracking
-from cxrbench.run.child import stop_process
+from cxrbench.run.child import start_process, stop_process
 from cxrbench.run.comparison import write_comparison
 from cxrbench.run.folder import (
     CROP_BOXES_CSV,
@@ -382,14 +380,7 @@ class Orchestrator:
                 else self._worker_command(name, gpus, folder, stages, extra or [])
             )
             # The worker holds the folder's lock with us: a resumed run waits until an orphaned worker has stopped.
-            process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"},
-                pass_fds=(self.lock.fd,) if self.lock.fd is not None else (),
-            )
+            process = start_process(command, log, pass_fds=(self.lock.fd,) if self.lock.fd is not None else ())
             try:
                 returncode = self._wait(name, process, folder)
             except KeyboardInterrupt:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,10 +40,9 @@ from cxrbench.backend import timing
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import SuiteError
 from cxrbench.files import read_json, write_json
-from cxrbench.machine import devices
 from cxrbench.machine.budget import usable_cores
 from cxrbench.machine.monitor.noise import OTHERS_CPU_SHARE_LIMIT, others_cpu_share
-from cxrbench.run.child import stop_process
+from cxrbench.run.child import start_process, stop_process
 from cxrbench.run.folder import (
     IDIOMATIC_JSON,
     LOG_TXT,
@@ -123,13 +121,7 @@ def run_process(command: list[str], log: Path) -> Process:
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as out:
-        process = subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **devices.WORKER_ENV, "PYTHONUNBUFFERED": "1"},
-        )
+        process = start_process(command, out)
         try:
             returncode = process.wait()
         except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -215,44 +216,46 @@ def _load_predictions(run_dir: Path, name: str, repeat: int) -> dict[str, Any] |
     return load_npz(path) if path.is_file() else None
 
 
-def _auroc_pairs(run_dir, name_a, name_b, seeds, excluded):
-    """Each paired seed's logits of a and of b on the test images; a seed whose files are missing or were not
-    scored on the same images is moved to ``excluded``, saying so."""
+def _seed_pairs(seeds, names, load, same, key, missing_what, differs_what, excluded):
+    """Each paired seed's ``key`` of the two backends ``names``, as ``load(name, repeat)`` gives them; a seed where
+    either is missing, or not measured on the same items as the two backends and the first kept seed (``same``), is
+    moved to ``excluded``, saying why. Returns the kept seeds, their pairs and the first kept seed's record."""
     kept, pairs, reference = [], [], None
     for entry in seeds:
-        fa, fb = (_load_predictions(run_dir, name, entry["repeat"]) for name in (name_a, name_b))
-        missing = [name for name, f in ((name_a, fa), (name_b, fb)) if f is None]
+        a, b = (load(name, entry["repeat"]) for name in names)
+        missing = [name for name, found in zip(names, (a, b)) if found is None]
         if missing:
-            reason = "; ".join(f"{name} repeat {entry['repeat']} has no {PREDICTIONS_NPZ}" for name in missing)
-        elif not same_test_images(fa, fb) or (reference is not None and not same_test_images(reference, fa)):
-            reason = f"repeat {entry['repeat']} was not evaluated on the same test images"
+            reason = "; ".join(f"{name} repeat {entry['repeat']} has no {missing_what}" for name in missing)
+        elif not same(a, b) or (reference is not None and not same(reference, a)):
+            reason = f"repeat {entry['repeat']} was not {differs_what}"
         else:
-            reference = reference if reference is not None else fa
+            reference = reference if reference is not None else a
             kept.append(entry)
-            pairs.append((fa["logits"], fb["logits"]))
+            pairs.append((a[key], b[key]))
             continue
         excluded.append({**entry, "reason": reason})
     return kept, pairs, reference
+
+
+def _auroc_pairs(run_dir, name_a, name_b, seeds, excluded):
+    """Each paired seed's logits of a and of b on the test images (seeds without them, or on other images, out)."""
+    return _seed_pairs(
+        seeds, (name_a, name_b), partial(_load_predictions, run_dir), same_test_images, "logits", PREDICTIONS_NPZ,
+        "evaluated on the same test images", excluded,
+    )  # fmt: skip
 
 
 def _localisation_pairs(run_dir, name_a, name_b, seeds, excluded):
     """Each paired seed's best IoBB per true box of a and of b; seeds without a per-box record (CAM stage not run)
     or scored on other boxes are moved to ``excluded``."""
-    kept, pairs, reference = [], [], None
-    for entry in seeds:
-        ra, rb = (box_overlaps(repeat_folder(run_dir, name, entry["repeat"])) for name in (name_a, name_b))
-        missing = [name for name, r in ((name_a, ra), (name_b, rb)) if r is None]
-        if missing:
-            reason = "; ".join(f"{name} repeat {entry['repeat']} has no per-box localisation" for name in missing)
-        elif not same_boxes(ra, rb) or (reference is not None and not same_boxes(reference, ra)):
-            reason = f"repeat {entry['repeat']} was not scored on the same true boxes"
-        else:
-            reference = reference if reference is not None else ra
-            kept.append(entry)
-            pairs.append((ra["iobb"], rb["iobb"]))
-            continue
-        excluded.append({**entry, "reason": reason})
-    return kept, pairs, reference
+
+    def load(name, repeat):
+        return box_overlaps(repeat_folder(run_dir, name, repeat))
+
+    return _seed_pairs(
+        seeds, (name_a, name_b), load, same_boxes, "iobb", "per-box localisation",
+        "scored on the same true boxes", excluded,
+    )  # fmt: skip
 
 
 def paired_comparison(
