@@ -37,11 +37,12 @@ POINTS = (
 )
 
 
-def cxrbench(*args: str, wait: bool = True):
+def cxrbench(*args: str, wait: bool = True, env: dict[str, str] | None = None):
     command = [sys.executable, "-m", "cxrbench", "run", *args]
+    env = {**os.environ, **(env or {})}
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_LIMIT_S)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=RUN_LIMIT_S, env=env)
 
 
 def slurm_answers() -> str | None:
@@ -79,8 +80,15 @@ def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
         pytest.skip(reason)
     out = tmp_path / "run"
     args = ["--executor", "slurm", "--array-parallelism", "1", "--job-time-min", "10", "--out", str(out)]
+    # Workers wait before training while the hold file exists (tests/helpers/hold_training.py), so the job is
+    # cancelled while its first backend surely runs; Slurm's jobs inherit this environment.
+    hold = tmp_path / "hold"
+    hold.touch()
+    tests = str(Path(__file__).parent)
+    env = {"CXRBENCH_TEST_HOLD": str(hold), "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     started = time.monotonic()
-    process = cxrbench(*args, "--backend", "numpy", "--backend", "pytorch", *SPEED_ONLY, *SWEEP, wait=False)
+    backends = ["--backend", "numpy", "--backend", "pytorch", "--plugin", "helpers.hold_training"]
+    process = cxrbench(*args, *backends, *SPEED_ONLY, *SWEEP, wait=False, env=env)
     deadline = time.monotonic() + 120
     while not ((out / RUN_JSON).exists() and json.loads((out / RUN_JSON).read_text())["executor"]["jobs"]):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() else ""
@@ -90,22 +98,21 @@ def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
     assert len({job.split("_")[0] for [job] in jobs.values()}) == 1
     # Cancel the first cell's job while it runs (one cell at a time: the others wait behind it). A pending array
     # task cancelled before it starts leaves no accounting record in Slurm 22.05, so submitit could not see it end.
-    # The cell's backends run one after the other: cancelled once pytorch runs, numpy (seconds) has completed.
     (cancelled,) = jobs["main"]
-    status = out / "pytorch" / STATUS_JSON
+    status = out / "numpy" / STATUS_JSON
     while not (status.exists() and json.loads(status.read_text())["status"] == "running"):
         assert process.poll() is None and time.monotonic() < deadline + RUN_LIMIT_S, "the first cell never started"
         time.sleep(0.5)
     subprocess.run(["scancel", cancelled], check=True, timeout=30)
+    hold.unlink()  # the other cells train at once
     output, _ = process.communicate(timeout=RUN_LIMIT_S)
     print(f"first submission: {time.monotonic() - started:.0f} s\n{output[-1500:]}")
     assert process.returncode == 1, output[-3000:]
 
     run = json.loads((out / RUN_JSON).read_text())
-    assert run["backends"]["numpy"]["status"] == "completed"
-    failed = run["backends"]["pytorch"]
-    assert failed["status"] == "failed" and f"slurm job {cancelled} ended CANCELLED" in failed["error"]
     for backend in ("numpy", "pytorch"):
+        failed = run["backends"][backend]
+        assert failed["status"] == "failed" and f"slurm job {cancelled} ended CANCELLED" in failed["error"]
         for point in POINTS:
             assert cell_status(run, point, backend)["status"] == "completed"
     for point in POINTS:  # the backends of a cell ran in its one job, one after the other
@@ -114,7 +121,7 @@ def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
         first, second = (json.loads((f / STATUS_JSON).read_text()) for f in folders)
         assert first["finished"] <= second["started"]
 
-    resumed = cxrbench("--resume", str(out))
+    resumed = cxrbench("--resume", str(out), env=env)
     print(f"resume: {resumed.stderr[-800:]}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = json.loads((out / RUN_JSON).read_text())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -228,6 +229,9 @@ def settle(cell: Cell, kind: str, job_id: str, state: str, normal: bool) -> None
 
 # -- the job's side: one task per machine -------------------------------------------------------------------
 
+#: How a worker stopped by a signal ends: its own "interrupted" status (130), or killed outright.
+STOPPED_CODES = (130, -signal.SIGTERM, -signal.SIGKILL)
+
 
 def run_cell(run_dir: Path, cell: Cell) -> dict[str, str]:
     """The job: every backend of the cell, one after another, on this job's machine(s). Task 0 records how each
@@ -252,7 +256,11 @@ def run_cell(run_dir: Path, cell: Cell) -> dict[str, str]:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             outcome[call.backend] = record_end(folder, call.backend, code)["status"]
         else:  # the other machines' output goes to this task's own submitit log
-            subprocess.call(command, stdout=sys.stdout, stderr=subprocess.STDOUT, env=env)
+            code = subprocess.call(command, stdout=sys.stdout, stderr=subprocess.STDOUT, env=env)
+        if code in STOPPED_CODES:
+            # Slurm is ending the job (scancel, time limit, preemption): submitit lets this task live on after the
+            # SIGTERM that stopped the worker, but no backend may start on machines being taken away.
+            break
     return outcome
 
 
