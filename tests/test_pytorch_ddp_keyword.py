@@ -12,7 +12,7 @@ import pytest
 
 from helpers.backends import require
 
-require("pytorch")
+pytestmark = require("pytorch")
 
 import torch  # noqa: E402
 import torch.distributed as dist
