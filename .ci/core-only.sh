@@ -30,7 +30,9 @@ if [[ ! -x "$venv/bin/python" ]]; then
 fi
 py="$venv/bin/python"
 # Always: the editable install must point at this checkout; the example backend comes later, in step 3.
-"${uv[@]}" pip install --quiet --python "$py" -e ".[test]"
+# --compile-bytecode: uv writes no .pyc by default, and without them every process of the stage compiled numpy,
+# scipy, matplotlib and scikit-learn again (4.4 s against 1.8 s to import them; seconds once the .pyc exist).
+"${uv[@]}" pip install --quiet --compile-bytecode --python "$py" -e ".[test]"
 "${uv[@]}" pip uninstall --quiet --python "$py" cxrbench-numpy-example 2>/dev/null || true
 
 stage "core: no framework installed, none imported"
@@ -56,7 +58,7 @@ run_serial_tests core-bare-serial "$py" --stage core -m serial "$@"
 "$py" .ci/tests_report.py declared "$ARTIFACTS"/junit/core-bare*.xml
 
 stage "core: tests needing the example backend"
-"${uv[@]}" pip install --quiet --python "$py" -e tests/example_plugin
+"${uv[@]}" pip install --quiet --compile-bytecode --python "$py" -e tests/example_plugin
 run_parallel_tests core-example "$py" --stage core -m "backends and not serial" "$@"
 run_serial_tests core-example-serial "$py" --stage core -m "backends and serial" "$@"
 stage_end

@@ -2,6 +2,11 @@
 # Each stage's wall time goes to $CI_TIMES (one "name<TAB>seconds<TAB>status" line per stage); .ci/run prints them
 # at the end of its output, with the slowest tests.
 
+# Python may write bytecode: this machine's image sets PYTHONDONTWRITEBYTECODE, so every process (each `cxrbench run`,
+# worker and pytest session) would compile cxrbench, the plugins and the tests again, and pytest would rewrite the
+# assertions of every test module again in every session. __pycache__ is ignored by git.
+unset PYTHONDONTWRITEBYTECODE
+
 export ARTIFACTS="${ARTIFACTS:-$PWD/artifacts}"
 export CI_TIMES="${CI_TIMES:-$ARTIFACTS/stage-times.tsv}"
 #: pytest-xdist workers for the tests that may share the machine (CI's machine has 2 cores).

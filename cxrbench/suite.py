@@ -144,6 +144,10 @@ class RunSettings:
     #: Machines one training run spans, each with ``gpus`` GPUs (or one CPU rank when ``gpus`` = 0); above 1 the
     #: ranks are started by each framework's own launcher (docs/multi-node.md), never by cxrbench.
     nodes: int = field(default=1, metadata={"min": 1})
+    #: Launched JAX ranks: seconds without a heartbeat after which the coordination service counts a peer process
+    #: as dead and stops the others (``jax.distributed.initialize(heartbeat_timeout_seconds=...)``; 100 is JAX's
+    #: default). TensorFlow and torch ranks notice a dead peer's closed connection within seconds on their own.
+    heartbeat_timeout_s: int = field(default=100, metadata={"min": 1})
     #: Tolerance (max abs logit difference) of the cross-backend equivalence check.
     equivalence_atol: float = field(default=1e-4, metadata={"min": 0.0})
     #: Stop after this stage: "train" skips evaluation, CAM and export (throughput suites).

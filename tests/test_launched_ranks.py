@@ -5,9 +5,9 @@ processes through ``jax.distributed`` with gloo CPU collectives: each run joins 
 replicas (asserted by the framework's own spread or by construction of the data-parallel step), trains what one
 process trains on the concatenated batch (weights compared with a single-process worker at twice the batch and the
 linearly scaled learning rate), and writes its results once (rank 0's folder; the other rank's private folder is
-gone). Killing one torchrun agent makes the other exit non-zero instead of hanging; a world of the wrong size is
-refused in one line. Every process runs under a time limit; ports are picked by the OS (bind to port 0) for the
-launchers' own arguments.
+gone). Killing one rank after its first epoch (a torchrun agent, a TensorFlow worker, a JAX process) makes the other
+exit non-zero instead of hanging; a world of the wrong size is refused in one line. Every process runs under a time
+limit; ports are picked by the OS (bind to port 0) for the launchers' own arguments.
 
 These tests start several processes that use every core: they are marked ``serial`` (never beside another test).
 """
@@ -230,14 +230,16 @@ def test_two_jax_processes_with_gloo_collectives_train_as_one_process(tmp_path):
 
 
 def kill_one_and_wait_for_the_other(tmp_path: Path, backend: str, commands, envs, limit_s: float) -> int:
-    """Start two ranks training for long, SIGKILL the second's process once training runs, and return the first's
-    exit status (the test fails if it is still running after ``limit_s``)."""
+    """Start two ranks training for long, SIGKILL the second's process once the first epoch has ended (rank 0's
+    status says epoch 2: collectives have run), and return the first's exit status (the test fails if it is still
+    running after ``limit_s``). Not "step 2": that lasts from an epoch's end to the next epoch's start, a few
+    milliseconds that a poll every half second would mostly miss (the kill would land after training)."""
     run_dir = tmp_path / "run"
     logs = [tmp_path / f"rank-{i}.log" for i in range(2)]
     ranks = [start(command, log, env) for command, log, env in zip(commands, logs, envs)]
     status = run_dir / backend / STATUS_JSON
     deadline = time.monotonic() + PROCESS_LIMIT_S
-    while (json.loads(status.read_text()).get("progress") or {}).get("step", 0) < 2 if status.exists() else True:
+    while (json.loads(status.read_text()).get("progress") or {}).get("epoch", 0) < 2 if status.exists() else True:
         assert time.monotonic() < deadline and all(r.poll() is None for r in ranks), logs[0].read_text()[-2000:]
         time.sleep(0.5)
     ranks[1].kill()  # the process only: a torchrun agent's rank notices its parent is gone and stops
@@ -263,15 +265,17 @@ def test_killing_one_torchrun_agent_ends_the_other_instead_of_hanging(tmp_path):
 @pytest.mark.slow
 @pytest.mark.backends("jax")
 def test_killing_one_jax_process_ends_the_other_instead_of_hanging(tmp_path):
-    """The coordination service notices the dead process (heartbeats) and aborts the other (exit 134 here)."""
-    run_dir = prepare(tmp_path / "run", "jax", **LONG)
+    """The coordination service notices the dead process (no heartbeat for run.heartbeat_timeout_s) and aborts the
+    other (exit 134 here; JAX's default of 100 s would keep the test waiting that long)."""
+    run_dir = prepare(tmp_path / "run", "jax", **LONG, **{"run.heartbeat_timeout_s": 10})
     command = [sys.executable, *worker_args(run_dir, "jax", "--launched", "--stages", "train")]
     coordinator = f"127.0.0.1:{free_port()}"
     envs = [
         {"JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(rank)}
         for rank in (0, 1)
     ]
-    kill_one_and_wait_for_the_other(tmp_path, "jax", [command, command], envs, limit_s=200)
+    kill_one_and_wait_for_the_other(tmp_path, "jax", [command, command], envs, limit_s=60)  # JAX's default: 100 s
+    assert "heartbeat timeout" in (tmp_path / "rank-0.log").read_text()
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ def join(settings: Settings) -> World:
         for name, variable in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
         if variable in os.environ
     }
+    arguments["heartbeat_timeout_seconds"] = settings.run.heartbeat_timeout_s
     if settings.run.gpus:  # one process per machine drives all its GPUs (Slurm's default would be one per task)
         arguments["local_device_ids"] = list(range(settings.run.gpus))
     launcher = _launcher()
