@@ -11,7 +11,9 @@ what to install, everywhere else:
 * ``@pytest.mark.serial``: the test must not share the machine (a timing bound, a measurement, a deliberate CPU
   hog). CI runs the other tests two at a time (pytest-xdist), then these alone; every benchmark is serial.
 * The ``smoke_run`` fixture: the smoke suite run once per session (tests/helpers/smoke_run.py), for every test that
-  reads a whole run's results; tests using it need its backends (marked here) and share one xdist worker.
+  reads a whole run's results; tests using it need its backends and carry the ``smoke_run`` mark (both added here),
+  so CI runs them first, alone (``-m smoke_run``), and share one xdist worker elsewhere.
+* Under pytest-xdist each worker keeps to its own share of the cores (:func:`_keep_to_this_workers_cores`).
 """
 
 import os
@@ -68,7 +70,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _keep_to_this_workers_cores() -> None:
+    """An xdist worker runs on its own share of the usable cores (gw0 the first, gw1 the second on 2 cores).
+
+    Every process a test starts inherits the affinity mask, and torch's, TensorFlow's and XLA's thread pools and
+    cxrbench's thread budget (cxrbench.machine.budget) all size themselves to it: two tests side by side then run
+    one thread per core instead of two threads each spinning on the same two cores, which made a 2-thread torch
+    training several times slower.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not (worker and count and hasattr(os, "sched_setaffinity")):
+        return
+    cores, index, count = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    if count <= len(cores):
+        os.sched_setaffinity(0, cores[index::count])
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _keep_to_this_workers_cores()
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         # A shell's background job (`cmd &`, as many CI runners start steps) begins with SIGINT ignored and passes
         # that on to every child, which then cannot be interrupted: the Ctrl-C tests need it as from a terminal.
@@ -93,6 +112,7 @@ def _is_xdist_controller(config: pytest.Config) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "smoke_run" in item.fixturenames:
+            item.add_marker(pytest.mark.smoke_run)
             item.add_marker(pytest.mark.backends(*SMOKE_BACKENDS))
             item.add_marker(pytest.mark.xdist_group("smoke-run"))
         if "benchmark" in item.fixturenames:
