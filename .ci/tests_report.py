@@ -5,8 +5,10 @@
                                        stage's --stage deselected, i.e. the core stage's tests); print the counts
     summary --times TSV JUNIT...       the wall time of every stage, the tests per run and the slowest tests
 
-A test "ran" in a run unless it was skipped there for a backend it needs ("needs the X backend: pip install ...",
-helpers/backends.py); a test skipped for another reason (no GPU, run as root) ran: that is its outcome here.
+A test "ran" in a run unless it was skipped there for a backend it needs: a skip that names a backend's install line
+("needs the X backend: pip install ...", helpers/backends.py, or any "pip install -e plugins/..."), since CI's full
+stage has every backend. A test skipped for another reason (no GPU, run as root) ran: that is its outcome here, and
+`once` lists every test that was skipped wherever it ran, with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKEND_SKIP = re.compile(r"needs the \w+ backend: pip install")
+BACKEND_SKIP = re.compile(r"needs the \w+ backend: pip install|pip install -e plugins/")
 IMPORT_SKIP = re.compile(r"could not import|No module named")
 SLOWEST = 30
 
@@ -77,15 +79,15 @@ def declared(files: list[Path]) -> int:
 
 def once(deselected: Path, files: list[Path]) -> int:
     cases = [c for f in files for c in read_cases(f)]
-    runs = {}
+    runs: dict[str, list[Case]] = {}
     for case in cases:
         if ran(case):
-            runs.setdefault(case.test, []).append(case.run)
+            runs.setdefault(case.test, []).append(case)
     universe = set(runs) | {c.test for c in cases if c.test.count("::")}
     universe |= {junit_name(line.strip()) for line in deselected.read_text().splitlines() if line.strip()}
     never = sorted(t for t in universe if t not in runs)
     twice = sorted(t for t, where in runs.items() if len(where) > 1)
-    counts = Counter(where[0] for where in runs.values())
+    counts = Counter(where[0].run for where in runs.values())
     width = max(map(len, counts), default=0)
     verdict = "each ran in exactly one of these runs" if not never and not twice else "NOT each ran exactly once"
     print(f"   {len(universe)} tests, {verdict}; the tests each run ran:")
@@ -94,7 +96,10 @@ def once(deselected: Path, files: list[Path]) -> int:
     for test in never:
         print(f"   NEVER RAN: {test} (skipped for a backend everywhere, or deselected by both stages)")
     for test in twice:
-        print(f"   RAN TWICE: {test} in {', '.join(runs[test])}")
+        print(f"   RAN TWICE: {test} in {', '.join(c.run for c in runs[test])}")
+    for test, where in sorted(runs.items()):
+        if all(c.outcome == "skipped" for c in where):
+            print(f"   skipped wherever it ran: {test} ({where[0].message.strip()})")
     return 1 if never or twice else 0
 
 

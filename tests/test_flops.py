@@ -6,7 +6,6 @@ import pytest
 from cxrbench.backend.profiling import PEAK_MIN_CALL_S, measure_matmul_peak
 from cxrbench.machine.peaks import datasheet_peak, matmul_precision
 from cxrbench.metrics import flops
-from helpers.backends import missing
 
 DENSENET121 = (6, 12, 24, 16)
 
@@ -23,7 +22,7 @@ def test_densenet121_at_224_px_is_the_published_2_83_g_multiply_adds():
     assert flops.forward_macs(DENSENET121, 64) == pytest.approx(counted["forward_macs"] * (64 / 224) ** 2, rel=0.02)
 
 
-@pytest.mark.skipif(missing("pytorch") is not None, reason="needs torch (pip install -e plugins/pytorch_backend)")
+@pytest.mark.backends("pytorch")  # torch's own FLOP counter is the independent reference (CI's full stage)
 @pytest.mark.parametrize("arch, size", [(DENSENET121, 224), ((2, 2, 2, 2), 96)])
 def test_the_count_matches_torchs_flop_counter_forward_and_backward(arch, size):
     import torch
