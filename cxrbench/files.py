@@ -74,6 +74,18 @@ def atomic_output(path: Path, check=None) -> Iterator[Path]:
         raise
 
 
+def remove_orphaned_temporaries(folder: Path, recursive: bool = True) -> list[Path]:
+    """Remove what :func:`atomic_output` left under ``folder`` when its writer was killed mid-write (SIGKILL or a lost
+    machine: no ``finally`` ran), and return it. Only for a folder no live process writes into any more."""
+    found = sorted((folder.rglob if recursive else folder.glob)(".*.tmp*"))
+    for leftover in found:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return found
+
+
 def _remove_temporaries(tmp: Path) -> None:
     """The temporary file and any sibling a writer derived from its name (external data, side files)."""
     for leftover in tmp.parent.glob(f"{tmp.name}*"):

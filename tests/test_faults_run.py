@@ -175,9 +175,16 @@ def test_a_killed_run_is_reported_interrupted_and_resumes_from_its_last_stage(tm
     page = (run_dir / "index.html").read_text()
     assert "says running, but no cxrbench run holds" in page and "interrupted" in page
 
+    # A kill in the middle of an atomic write leaves its temporary file (the one above sometimes does): one of the
+    # backend's and one of the orchestrator's, as a SIGKILL leaves them.
+    partial = [run_dir / "numpy" / ".history.json.k1113d.tmp.json", run_dir / ".run.json.k1113d.tmp.json"]
+    for path in partial:
+        path.write_text('{"epoch": ')
     code, err = finish(start("run", "--resume", str(run_dir)))
     assert code == 0, err
     assert "note: took over the lock" in err and "which is no longer running" in err
+    for path in partial:
+        assert f"note: removed {path}, a partial write its killed process left" in err
     assert (
         f"note: numpy was interrupted during stage {status['stage']} (process {status['pid']} is gone); "
         "resuming it from its last completed stage" in err

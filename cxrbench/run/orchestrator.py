@@ -27,7 +27,7 @@ from cxrbench.data import crop
 from cxrbench.data.classes import CLASS_ORDER_NAME, CLASSES
 from cxrbench.data.prepared import count_batches
 from cxrbench.errors import BackendError, CxrError, StorageError, first_line, is_storage_fault, storage_error
-from cxrbench.files import read_json, save_npy, write_json, write_text
+from cxrbench.files import read_json, remove_orphaned_temporaries, save_npy, write_json, write_text
 from cxrbench.machine.env import capture, gpu_inventory
 from cxrbench.metrics import step_profile
 from cxrbench.plugins import Plugins, load_plugins, missing_backend_message, no_backend_message, require_answer
@@ -564,6 +564,7 @@ class Orchestrator:
         try:
             if note:
                 self.progress.message(f"note: {note}")
+                self._remove_orphaned_temporaries(self.run_dir, recursive=False)  # the killed run's own files
             return self._prepare_locked() if self.prepare_only else self._execute_locked()
         finally:
             self.lock.release()
@@ -622,6 +623,12 @@ class Orchestrator:
                     f"note: {name} was interrupted during stage {stage} (process "
                     f"{status.data.get('pid')} is gone); resuming it from its last completed stage"
                 )
+                self._remove_orphaned_temporaries(self.run_dir / name)
+
+    def _remove_orphaned_temporaries(self, folder: Path, recursive: bool = True) -> None:
+        """A process killed mid-write leaves its temporary file (never a partial file under a final name)."""
+        for leftover in remove_orphaned_temporaries(folder, recursive):
+            self.progress.message(f"note: removed {leftover}, a partial write its killed process left")
 
     def _record_failure(self, exc: Exception) -> None:
         """run.json says ``failed`` with the error; files already written stay, and ``--resume`` goes on from them."""
