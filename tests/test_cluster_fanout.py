@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from cxrbench.cli import main
@@ -104,6 +105,12 @@ def test_a_sweep_as_a_slurm_job_array_cancel_and_resume(tmp_path):
         assert process.poll() is None and time.monotonic() < deadline + RUN_LIMIT_S, "the first cell never started"
         time.sleep(0.5)
     subprocess.run(["scancel", cancelled], check=True, timeout=30)
+    # The hold stays until the cancel has reached the held worker (scancel returns before Slurm signals the job):
+    # released at once, the tiny training could end first and the cell would complete despite the cancel.
+    worker = json.loads(status.read_text())["pid"]
+    while json.loads(status.read_text())["status"] == "running" and psutil.pid_exists(worker):
+        assert time.monotonic() < deadline + RUN_LIMIT_S, "the cancel never reached the first cell's worker"
+        time.sleep(0.2)
     hold.unlink()  # the other cells train at once
     output, _ = process.communicate(timeout=RUN_LIMIT_S)
     print(f"first submission: {time.monotonic() - started:.0f} s\n{output[-1500:]}")

@@ -13,6 +13,7 @@ from cxrbench.backend.recorder import Recorder
 from cxrbench.backend.training import EpochOutcome
 from cxrbench.errors import BackendError
 from cxrbench.run import stages
+from cxrbench.run.worker import Interrupted
 from cxrbench.suite import Settings
 
 STEPS_PER_EPOCH = 8
@@ -92,7 +93,7 @@ class FakeBackend:
         return True
 
     def cxrbench_peak_flops(self, settings):
-        if isinstance(self.peak, Exception):
+        if isinstance(self.peak, BaseException):
             raise self.peak
         return self.peak
 
@@ -184,6 +185,21 @@ def test_the_ceiling_stage_records_the_measured_rate_or_why_not(tmp_path):
     stages.ceiling(ctx)
     ceiling = json.loads((tmp_path / "ceiling.json").read_text())
     assert ceiling["measured"] is None and ceiling["reason"] == "no device"
+
+
+@pytest.mark.parametrize(
+    "stage, backend",
+    [
+        ("ceiling", FakeBackend(peak=Interrupted("stopped by signal SIGTERM"))),
+        ("profile", FakeBackend(FakeProfiler(), refuse=Interrupted("stopped by signal SIGTERM"))),
+    ],
+)
+def test_a_stop_request_inside_a_best_effort_stage_stops_the_worker(tmp_path, stage, backend):
+    """The worker's SIGTERM handler raises Interrupted wherever its main thread is. The stages that turn a failure
+    into a missing figure must let it through: swallowed, a cancelled Slurm job's worker trained on."""
+    ctx, _ = context(tmp_path, backend)
+    with pytest.raises(Interrupted):
+        getattr(stages, stage)(ctx)
 
 
 def test_a_trace_without_any_operation_is_no_profile_rather_than_all_overhead(tmp_path):

@@ -46,8 +46,10 @@ PHASES = {
 }
 
 
-class Interrupted(Exception):
-    """SIGTERM from the parent (Ctrl-C in the orchestrator)."""
+class Interrupted(BaseException):
+    """SIGTERM: from the parent (Ctrl-C in the orchestrator), a scheduler ending the job, or the worker itself when
+    its parent is gone. A BaseException, like KeyboardInterrupt: the handlers that turn a failure into a missing
+    figure (``except Exception`` around the ceiling, the profiler, a tracker) must never swallow a stop."""
 
 
 def one_line(exc: BaseException) -> str:
