@@ -78,17 +78,17 @@ def remove_orphaned_temporaries(folder: Path, recursive: bool = True) -> list[Pa
     """Remove what :func:`atomic_output` left under ``folder`` when its writer was killed mid-write (SIGKILL or a lost
     machine: no ``finally`` ran), and return it. Only for a folder no live process writes into any more."""
     found = sorted((folder.rglob if recursive else folder.glob)(".*.tmp*"))
-    for leftover in found:
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    _delete(found)
     return found
 
 
 def _remove_temporaries(tmp: Path) -> None:
     """The temporary file and any sibling a writer derived from its name (external data, side files)."""
-    for leftover in tmp.parent.glob(f"{tmp.name}*"):
+    _delete(tmp.parent.glob(f"{tmp.name}*"))
+
+
+def _delete(paths) -> None:
+    for leftover in paths:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
