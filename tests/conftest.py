@@ -12,7 +12,7 @@ what to install, everywhere else:
   hog). CI runs the other tests two at a time (pytest-xdist), then these alone; every benchmark is serial.
 * The ``smoke_run`` fixture: the smoke suite run once per session (tests/helpers/smoke_run.py), for every test that
   reads a whole run's results; tests using it need its backends and carry the ``smoke_run`` mark (both added here),
-  so CI runs them first, alone (``-m smoke_run``), and share one xdist worker elsewhere.
+  so CI runs them alone in a stage of their own (``-m smoke_run``), and they share one xdist worker elsewhere.
 * Under pytest-xdist each worker keeps to its own share of the cores (:func:`_keep_to_this_workers_cores`).
 """
 
